@@ -1,0 +1,312 @@
+"""Calibration: observe the float model on probe images and build a QuantPlan.
+
+Notation (DESIGN.md §3-§5): ``T`` bits, ``F`` fractional bits per partition, ``Fx`` input
+data formats, ``Fw`` coefficient formats, ``S[i] = max_j Fw[i,j] + Fx[j]`` the exact-sum
+format, ``A`` accumulator bits, ``Facc[i] = min(S[i], A - 1 - ceil(log2 max|acc_i|))``.
+
+Pass 1 collects per-channel max|x|, min, max and (for percentile methods) exponent
+histograms at every requantization point, plus each conv/linear's pre-activation range
+(the accumulator). Pass 2 runs only when a tensor uses ``mse``: squared error of the five
+candidate F's per channel. Observers are tensor ops on the model's device.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from .formats import fake_quantize
+from .ir import (FLOAT_RULES, QUANT_POINTS, Concat, Conv, FloatOp, Graph, Input, Linear, apply_act,
+                 pre_activation)
+from .plan import (AffineFormats, Formats, LayerPlan, PlanError, QuantConfig, QuantPlan,
+                   propagate_formats)
+from .ranges import (EXP_LO, MSE_CANDIDATES, F_from_histogram, F_from_maxabs, affine_params,
+                     ceil_log2, exponent_histogram, mse_candidates, parse_method)
+
+__all__ = ["calibrate", "weight_formats", "bias_formats", "sum_format", "CalibrationError", "progress"]
+
+
+class CalibrationError(ValueError):
+    """Empty data, NaN/Inf activations, or a config the model cannot take."""
+
+
+def progress(it, desc: str, enabled: bool = True, total: int | None = None):
+    if not enabled:
+        return it
+    from tqdm.auto import tqdm
+    return tqdm(it, desc=desc, total=total, leave=False, dynamic_ncols=True)
+
+
+def _partitions(w: torch.Tensor, mode: str, groups: int) -> tuple[torch.Tensor, tuple[int, ...]]:
+    """View the weight as (n_partitions, elements) for a granularity; returns grid shape."""
+    N = w.shape[0]
+    if mode == "4D":
+        return w.reshape(1, -1), ()
+    if mode == "3D" or w.dim() == 2:
+        return w.reshape(N, -1), (N,)
+    Mg = w.shape[1]
+    return w.reshape(N * Mg, -1), (N, Mg)
+
+
+def _F_for_rows(rows: torch.Tensor, T: int, method: str, rounding: str) -> torch.Tensor:
+    """F per row of a (partitions, elements) float tensor."""
+    m = parse_method(method)
+    amax = rows.abs().amax(dim=1)
+    F0 = F_from_maxabs(amax, T)
+    if m.kind == "maxabs":
+        return F0
+    if m.kind == "percentile":
+        groups = torch.arange(rows.shape[0], device=rows.device).unsqueeze(1).expand_as(rows)
+        return F_from_histogram(exponent_histogram(rows, groups, rows.shape[0]), T, m.p)
+    # mse: best of F0 .. F0+4, ties to the smaller F (larger range)
+    cands = mse_candidates(F0)
+    errs = torch.stack([((fake_quantize(rows, cands[:, k:k + 1], T, rounding)[0] - rows) ** 2).sum(dim=1)
+                        for k in range(MSE_CANDIDATES)], dim=1)
+    return cands.gather(1, errs.argmin(dim=1, keepdim=True)).squeeze(1)
+
+
+def weight_formats(w: torch.Tensor, T: int, mode: str, method: str, groups: int = 1,
+                   rounding: str = "half_up") -> Formats | AffineFormats:
+    """Coefficient formats of one layer.
+
+    >>> f = weight_formats(torch.tensor([[[[0.5, -0.2]]], [[[3.0, 1.0]]]]), 8, "3D", "maxabs")
+    >>> f.F, f.shape
+    ((8, 5), (2,))
+    """
+    rows, shape = _partitions(w.detach().double(), mode, groups)
+    if parse_method(method).kind == "affine":
+        mu, sigma = affine_params(rows.amin(dim=1), rows.amax(dim=1), T)
+        return AffineFormats(T, mode, tuple(mu.tolist()), tuple(sigma.tolist()), shape)
+    F = _F_for_rows(rows, T, method, rounding)
+    return Formats(T, mode, tuple(int(v) for v in F.tolist()), shape)
+
+
+def bias_formats(b: torch.Tensor, T: int) -> Formats:
+    """One maxabs format per output channel (paper: biases in their own 8 bits)."""
+    F = F_from_maxabs(b.detach().double().abs(), T)
+    return Formats(T, "3D", tuple(int(v) for v in F.tolist()), (b.numel(),))
+
+
+@dataclass
+class _Stats:
+    """Per-channel running statistics of one tensor."""
+    amax: torch.Tensor | None = None
+    vmin: torch.Tensor | None = None
+    vmax: torch.Tensor | None = None
+    hist: torch.Tensor | None = None
+    sqerr: torch.Tensor | None = None
+    cands: torch.Tensor | None = None
+    count: int = 0
+
+
+def _per_channel(x: torch.Tensor) -> torch.Tensor:
+    """(C, elements) view of a batch (channels on dim 1; a 2-D tensor has features)."""
+    return x.detach().transpose(0, 1).reshape(x.shape[1], -1)
+
+
+def _observe(st: _Stats, x: torch.Tensor, want_hist: bool) -> None:
+    c = _per_channel(x)
+    amax, vmin, vmax = c.abs().amax(dim=1), c.amin(dim=1), c.amax(dim=1)
+    if st.amax is None:
+        st.amax, st.vmin, st.vmax = amax, vmin, vmax
+    else:
+        st.amax, st.vmin, st.vmax = (torch.maximum(st.amax, amax), torch.minimum(st.vmin, vmin),
+                                     torch.maximum(st.vmax, vmax))
+    if want_hist:
+        groups = torch.arange(c.shape[0], device=c.device).unsqueeze(1).expand_as(c)
+        h = exponent_histogram(c, groups, c.shape[0])
+        st.hist = h if st.hist is None else st.hist + h
+    st.count += c.shape[1]
+
+
+def _forward_observed(graph: Graph, x: torch.Tensor, on_tensor, on_acc) -> None:
+    env = {graph.input: x}
+    on_tensor(graph.input, x)
+    for n in graph.nodes:
+        if isinstance(n, Input):
+            continue
+        args = [env[i] for i in n.inputs]
+        if isinstance(n, (Conv, Linear)):
+            pre = pre_activation(n, *args)
+            on_acc(n.name, pre)
+            y = apply_act(pre, n.act)
+        else:
+            y = FLOAT_RULES[type(n)](n, *args)
+        env[n.name] = y
+        if isinstance(n, QUANT_POINTS):
+            on_tensor(n.name, y)
+
+
+def _data_F(st: _Stats, T: int, mode: str, method: str) -> torch.Tensor:
+    m = parse_method(method)
+    amax = st.amax if mode == "3D" else st.amax.max().reshape(1)
+    if m.kind == "percentile":
+        hist = st.hist if mode == "3D" else st.hist.sum(dim=0, keepdim=True)
+        return F_from_histogram(hist, T, m.p)
+    return F_from_maxabs(amax, T)
+
+
+def calibrate(graph: Graph, loader, config: QuantConfig, model_name: str = "model",
+              device: str | torch.device = "cpu", show_progress: bool = True) -> QuantPlan:
+    """Run the float graph over ``loader`` (yielding ``(images, labels)`` or images) and
+    choose every format of the plan.
+
+    >>> plan = calibrate(graph, [(torch.randn(8, 1, 8, 8), None)], QuantConfig())  # doctest: +SKIP
+    """
+    device = torch.device(device)
+    cfgs = {n.name: config.for_layer(n.name) for n in graph.nodes}
+    for p in config.unmatched_patterns([n.name for n in graph.nodes]):
+        raise PlanError(f"config override {p!r} matches no layer; layers are: "
+                        + ", ".join(n.name for n in graph.layers()))
+    qpoints = [n for n in graph.nodes if isinstance(n, QUANT_POINTS)]
+    stats = {n.name: _Stats() for n in qpoints}
+    acc = {n.name: _Stats() for n in graph.layers()}
+    hist_for = {n.name for n in qpoints if parse_method(cfgs[n.name].effective_data_method).kind == "percentile"}
+
+    def check(name, t):
+        if not torch.isfinite(t).all():
+            raise CalibrationError(f"layer '{name}' produced NaN or Inf on the calibration images; "
+                                   "check the weights and the preprocessing")
+
+    def on_tensor(name, t):
+        check(name, t)
+        if cfgs[name].data_bits is not None:
+            _observe(stats[name], t, name in hist_for)
+
+    def on_acc(name, t):
+        check(name, t)
+        _observe(acc[name], t, False)
+
+    batches = 0
+    with torch.no_grad():
+        for batch in progress(loader, "calibrate", show_progress):
+            x = (batch[0] if isinstance(batch, (tuple, list)) else batch).to(device=device, dtype=torch.float32)
+            if x.numel() == 0:
+                continue
+            _forward_observed(graph, x, on_tensor, on_acc)
+            batches += 1
+    if batches == 0:
+        raise CalibrationError("no calibration images: the calibration set is empty")
+
+    tensors: dict[str, Formats | AffineFormats] = {}
+    mse_names = []
+    for n in qpoints:
+        cfg, st = cfgs[n.name], stats[n.name]
+        if cfg.data_bits is None or st.amax is None:
+            continue
+        method = cfg.effective_data_method
+        T, mode = cfg.data_bits, cfg.data_mode
+        shape = (st.amax.numel(),) if mode == "3D" else ()
+        if parse_method(method).kind == "affine":
+            vmin, vmax = (st.vmin, st.vmax) if mode == "3D" else (st.vmin.min().reshape(1), st.vmax.max().reshape(1))
+            mu, sigma = affine_params(vmin, vmax, T)
+            tensors[n.name] = AffineFormats(T, mode, tuple(mu.tolist()), tuple(sigma.tolist()), shape)
+            continue
+        F = _data_F(st, T, mode, method)
+        if parse_method(method).kind == "mse":
+            st.cands = mse_candidates(F)
+            st.sqerr = torch.zeros(st.cands.shape, dtype=torch.float64, device=F.device)
+            mse_names.append(n.name)
+        tensors[n.name] = Formats(T, mode, tuple(int(v) for v in F.tolist()), shape)
+
+    if mse_names:
+        _mse_pass(graph, loader, cfgs, stats, mse_names, config.rounding, device, show_progress)
+        for name in mse_names:
+            st = stats[name]
+            F = st.cands.gather(1, st.sqerr.argmin(dim=1, keepdim=True)).squeeze(1)
+            f = tensors[name]
+            tensors[name] = Formats(f.T, f.granularity, tuple(int(v) for v in F.tolist()), f.shape)
+
+    _concat_keeps_formats(graph, cfgs, tensors)
+    return _build_plan(graph, config, cfgs, tensors, acc, model_name)
+
+
+def _mse_pass(graph, loader, cfgs, stats, names, rounding, device, show_progress) -> None:
+    wanted = set(names)
+
+    def on_tensor(name, t):
+        if name not in wanted:
+            return
+        st, cfg = stats[name], cfgs[name]
+        c = _per_channel(t).double()
+        for k in range(MSE_CANDIDATES):
+            F = st.cands[:, k:k + 1]
+            if cfg.data_mode == "3D":
+                e = ((fake_quantize(c, F, cfg.data_bits, rounding)[0] - c) ** 2).sum(dim=1)
+            else:
+                e = ((fake_quantize(c, F[0, 0], cfg.data_bits, rounding)[0] - c) ** 2).sum().reshape(1)
+            st.sqerr[:, k] += e
+
+    with torch.no_grad():
+        for batch in progress(loader, "calibrate (mse)", show_progress):
+            x = (batch[0] if isinstance(batch, (tuple, list)) else batch).to(device=device, dtype=torch.float32)
+            _forward_observed(graph, x, on_tensor, lambda *a: None)
+
+
+def _concat_keeps_formats(graph, cfgs, tensors) -> None:
+    """With per-channel (3D) data, a concat keeps each input's own channel formats."""
+    derived = None
+    for n in graph.nodes:
+        if isinstance(n, Concat) and n.name in tensors and cfgs[n.name].data_mode == "3D" \
+                and isinstance(tensors[n.name], Formats):
+            derived = propagate_formats(graph, tensors)
+            parts = [derived[i][1] for i in n.inputs]
+            if all(p is not None for p in parts):
+                C = [graph.shapes[i][0] for i in n.inputs]
+                F = torch.cat([p.expand(c) if p.dim() == 0 else p for p, c in zip(parts, C)])
+                f = tensors[n.name]
+                tensors[n.name] = Formats(f.T, f.granularity, tuple(int(v) for v in F.tolist()), f.shape)
+
+
+def sum_format(weight_F: torch.Tensor, Fx: torch.Tensor, weight_shape, groups: int) -> torch.Tensor:
+    """``S[i] = max_j Fw[i,j] + Fx[j]`` over the input channels j of kernel i's group."""
+    N, Mg = weight_shape[0], weight_shape[1]
+    Fw = weight_F.reshape(-1, 1) if weight_F.dim() == 1 else weight_F
+    Fw = Fw.expand(N, Mg) if weight_F.dim() != 0 else weight_F.expand(N, Mg)
+    if Fx.dim() == 0:
+        Fxg = Fx.expand(N, Mg)
+    else:
+        per_group = N // groups
+        g = torch.arange(N) // per_group
+        Fxg = Fx.reshape(groups, Mg)[g]
+    return (Fw + Fxg).amax(dim=1)
+
+
+def _build_plan(graph, config, cfgs, tensors, acc, model_name) -> QuantPlan:
+    fmts = propagate_formats(graph, tensors)
+    layers: dict[str, LayerPlan] = {}
+    notes: list[str] = []
+    for n in graph.layers():
+        cfg = cfgs[n.name]
+        lnotes = []
+        groups = n.groups if isinstance(n, Conv) else 1
+        mode = cfg.coeff_mode
+        if mode == "2D" and isinstance(n, Linear):
+            mode = "3D"
+            lnotes.append("2D asked on a fully connected layer: 3D (per output neuron) used")
+        elif mode == "2D" and n.weight.shape[1] == 1:
+            lnotes.append("depthwise conv: 2D and 3D coincide")
+        if cfg.coeff_bits is None:
+            layers[n.name] = LayerPlan(n.name, None, None, notes=tuple(lnotes))
+            continue
+        wf = weight_formats(n.weight, cfg.coeff_bits, mode, cfg.method, groups, config.rounding)
+        bf = bias_formats(n.bias, cfg.bias_bits) if n.bias is not None else None
+        T_in, Fx = fmts[n.inputs[0]]
+        acc_F = None
+        A = None
+        if isinstance(wf, Formats) and Fx is not None and n.name in tensors:
+            A = cfg.acc_bits
+            S = sum_format(wf.F_tensor(), Fx, n.weight.shape, groups)
+            st = acc[n.name]
+            amax = st.amax.double() if st.amax is not None else torch.zeros(S.shape, dtype=torch.float64)
+            Facc = torch.minimum(S, (A - 1) - ceil_log2(amax.cpu()).clamp(min=EXP_LO - 1))
+            acc_F = tuple(int(v) for v in Facc.tolist())
+            if any(a < s for a, s in zip(acc_F, S.tolist())):
+                lnotes.append(f"accumulator range needs more than A={A} bits at the exact-sum format: "
+                              "partial sums are rounded into the accumulator")
+        layers[n.name] = LayerPlan(n.name, wf, bf, A, acc_F, cfg.acc_overflow, tuple(lnotes))
+    float_ops = tuple(n.name for n in graph.nodes if isinstance(n, FloatOp))
+    if float_ops:
+        notes.append("ops with no integer rule run in float between quantizers: " + ", ".join(float_ops))
+    return QuantPlan(model_name, config, tensors, layers, float_ops, tuple(notes))
+

@@ -1,0 +1,250 @@
+"""Fixed-point formats Q(T, F), rounding and saturation (DESIGN.md §2).
+
+Notation used throughout fixq:
+
+- ``T``  total bits of a signed two's complement word, 2..32
+- ``F``  fractional bits, any integer (negative: step > 1; above T-1: range < 1)
+- ``I``  integer bits, ``I = T - 1 - F``
+- ``q``  integer code in ``[qmin, qmax] = [-2**(T-1), 2**(T-1) - 1]``; value ``q * 2**-F``
+- rounding ``half_up`` = floor(v + 1/2) (DSP default), ``nearest_even``, ``floor``
+- saturation ``saturate`` clamps to ``[qmin, qmax]``; ``wrap`` is two's complement overflow
+
+Everything here is a pure function of tensors (torch, float or integer dtype) or Python
+ints. ``F`` may be a tensor broadcastable against the data: one format per partition.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+__all__ = [
+    "ROUNDINGS",
+    "OVERFLOWS",
+    "QFormat",
+    "check_bits",
+    "check_rounding",
+    "round_values",
+    "round_shift",
+    "round_shift_int",
+    "saturate",
+    "quantize_codes",
+    "fake_quantize",
+    "exp2",
+    "quantize_scalar",
+    "round_div",
+]
+
+ROUNDINGS = ("half_up", "nearest_even", "floor")
+OVERFLOWS = ("saturate", "wrap")
+MIN_BITS, MAX_BITS = 2, 32
+
+
+def check_bits(T: int, what: str = "bit width") -> int:
+    """Validate a word length; raise ValueError naming ``what`` otherwise."""
+    if isinstance(T, bool) or not isinstance(T, int) or not (MIN_BITS <= T <= MAX_BITS):
+        raise ValueError(f"{what} must be an integer from {MIN_BITS} to {MAX_BITS}, got {T!r}")
+    return T
+
+
+def check_rounding(rounding: str) -> str:
+    if rounding not in ROUNDINGS:
+        raise ValueError(f"rounding must be one of {', '.join(ROUNDINGS)}, got {rounding!r}")
+    return rounding
+
+
+@dataclass(frozen=True)
+class QFormat:
+    """One fixed-point format ``Q(T, F)``.
+
+    >>> q = QFormat(8, 5)
+    >>> (q.I, q.qmin, q.qmax, q.step)
+    (2, -128, 127, 0.03125)
+    """
+
+    T: int
+    F: int
+
+    def __post_init__(self) -> None:
+        check_bits(self.T, "total bits T")
+        if isinstance(self.F, bool) or not isinstance(self.F, int):
+            raise ValueError(f"fractional bits F must be an integer, got {self.F!r}")
+
+    @property
+    def I(self) -> int:  # noqa: E743 - the paper's name
+        return self.T - 1 - self.F
+
+    @property
+    def qmin(self) -> int:
+        return -(1 << (self.T - 1))
+
+    @property
+    def qmax(self) -> int:
+        return (1 << (self.T - 1)) - 1
+
+    @property
+    def step(self) -> float:
+        return 2.0 ** -self.F
+
+    @property
+    def min_value(self) -> float:
+        return self.qmin * self.step
+
+    @property
+    def max_value(self) -> float:
+        return self.qmax * self.step
+
+    def __str__(self) -> str:
+        return f"Q({self.T},{self.F})"
+
+
+def exp2(F, like: torch.Tensor) -> torch.Tensor:
+    """``2**F`` as a tensor of ``like``'s dtype/device (exact for integer F)."""
+    F = torch.as_tensor(F, device=like.device)
+    return torch.ldexp(torch.ones((), dtype=like.dtype, device=like.device), F.to(torch.int32))
+
+
+def round_values(v: torch.Tensor, rounding: str = "half_up") -> torch.Tensor:
+    """Round a float tensor to integers with the given mode (floating result)."""
+    if rounding == "half_up":
+        return torch.floor(v + 0.5)
+    if rounding == "nearest_even":
+        return torch.round(v)  # torch.round is round-half-to-even
+    if rounding == "floor":
+        return torch.floor(v)
+    raise ValueError(f"rounding must be one of {', '.join(ROUNDINGS)}, got {rounding!r}")
+
+
+def round_shift_int(a: int, s: int, rounding: str = "half_up") -> int:
+    """Integer ``a * 2**-s`` rounded (s > 0) or exactly shifted left (s <= 0).
+
+    >>> round_shift_int(5, 1), round_shift_int(-5, 1), round_shift_int(3, -2)
+    (3, -2, 12)
+    """
+    if s <= 0:
+        return a << (-s)
+    if rounding == "half_up":
+        return (a + (1 << (s - 1))) >> s
+    if rounding == "floor":
+        return a >> s
+    if rounding == "nearest_even":
+        q = a >> s
+        r = a - (q << s)
+        half = 1 << (s - 1)
+        return q + (1 if (r > half or (r == half and q & 1)) else 0)
+    raise ValueError(f"rounding must be one of {', '.join(ROUNDINGS)}, got {rounding!r}")
+
+
+def round_shift(a: torch.Tensor, s, rounding: str = "half_up") -> torch.Tensor:
+    """Integer tensor ``a * 2**-s``: rounded arithmetic right shift where s > 0, exact left
+    shift where s <= 0. ``s`` broadcasts against ``a`` (one shift per partition).
+
+    This is what the integer engine and the C runtime do; the float formula
+    ``round_values(a * 2**-s)`` gives the same integers (property-tested).
+    """
+    s = torch.as_tensor(s, dtype=torch.int64, device=a.device)
+    a = a.to(torch.int64)
+    right = torch.clamp(s, min=0)
+    left = torch.clamp(-s, min=0)
+    shifted_left = a << left
+    if rounding == "half_up":
+        half = torch.where(right > 0, torch.ones_like(right) << torch.clamp(right - 1, min=0), 0)
+        out = (a + half) >> right
+    elif rounding == "floor":
+        out = a >> right
+    elif rounding == "nearest_even":
+        q = a >> right
+        r = a - (q << right)
+        half = torch.where(right > 0, torch.ones_like(right) << torch.clamp(right - 1, min=0), 0)
+        up = (r > half) | ((r == half) & (right > 0) & ((q & 1) == 1))
+        out = q + up.to(torch.int64)
+    else:
+        raise ValueError(f"rounding must be one of {', '.join(ROUNDINGS)}, got {rounding!r}")
+    return torch.where(s > 0, out, shifted_left)
+
+
+def saturate(q: torch.Tensor, T, overflow: str = "saturate") -> tuple[torch.Tensor, torch.Tensor]:
+    """Bring integer-valued ``q`` into ``T`` bits. Returns ``(q, events)`` where ``events``
+    is a 0-d tensor counting the elements that were out of range.
+
+    Works on float tensors holding integers (simulation) and on int64 tensors (engine).
+    ``T`` may be a tensor (one word length per partition).
+    """
+    T = torch.as_tensor(T, device=q.device)
+    if q.is_floating_point():
+        hi = torch.ldexp(torch.ones((), dtype=q.dtype, device=q.device), (T - 1).to(torch.int32)) - 1
+    else:
+        hi = (torch.ones((), dtype=torch.int64, device=q.device) << (T - 1).to(torch.int64)) - 1
+    lo = -hi - 1
+    out_of_range = (q > hi) | (q < lo)
+    events = out_of_range.sum()
+    if overflow == "saturate":
+        return torch.minimum(torch.maximum(q, lo), hi), events
+    if overflow == "wrap":
+        span = 2 * (hi + 1)
+        return torch.remainder(q - lo, span) + lo, events
+    raise ValueError(f"overflow must be one of {', '.join(OVERFLOWS)}, got {overflow!r}")
+
+
+def quantize_codes(x: torch.Tensor, F, T, rounding: str = "half_up",
+                   overflow: str = "saturate") -> tuple[torch.Tensor, torch.Tensor]:
+    """Float ``x`` to integer codes ``sat(round(x * 2**F))`` (same dtype as x).
+
+    >>> quantize_codes(torch.tensor([0.3, 5.0, -5.0]), 4, 8)[0]
+    tensor([  5.,  80., -80.])
+    """
+    v = torch.ldexp(x, torch.as_tensor(F, device=x.device).to(torch.int32))
+    return saturate(round_values(v, rounding), T, overflow)
+
+
+def fake_quantize(x: torch.Tensor, F, T, rounding: str = "half_up",
+                  overflow: str = "saturate") -> tuple[torch.Tensor, torch.Tensor]:
+    """``quantize(x) = sat(round(x * 2**F)) * 2**-F`` (DESIGN §2); returns values and
+    the number of saturation events.
+
+    >>> fake_quantize(torch.tensor([0.3, 9.0]), 4, 8)[0]
+    tensor([0.3125, 7.9375])
+    """
+    q, events = quantize_codes(x, F, T, rounding, overflow)
+    return torch.ldexp(q, -torch.as_tensor(F, device=x.device).to(torch.int32)), events
+
+
+def quantize_scalar(v: float, F: int, rounding: str = "half_up") -> int:
+    """Exact integer code of a Python float at F fractional bits (no float rounding).
+
+    >>> quantize_scalar(6.0, -2), quantize_scalar(0.1, 4), quantize_scalar(-0.09375, 4, "nearest_even")
+    (2, 2, -2)
+    """
+    from fractions import Fraction
+    fr = Fraction(v) * (Fraction(2) ** F)
+    return _round_fraction(fr, rounding)
+
+
+def _round_fraction(fr, rounding: str) -> int:
+    import math
+    if rounding == "floor":
+        return math.floor(fr)
+    if rounding == "half_up":
+        return math.floor(fr + fr.__class__(1, 2))
+    if rounding == "nearest_even":
+        return round(fr)  # Fraction.__round__ rounds half to even
+    raise ValueError(f"rounding must be one of {', '.join(ROUNDINGS)}, got {rounding!r}")
+
+
+def round_div(n: torch.Tensor, d: torch.Tensor, rounding: str = "half_up") -> torch.Tensor:
+    """Integer ``n / d`` (d > 0) rounded with the model's rounding mode, in integers only.
+
+    >>> round_div(torch.tensor([5, -5, 7, 6]), torch.tensor(2))
+    tensor([ 3, -2,  4,  3])
+    """
+    n = n.to(torch.int64)
+    d = torch.as_tensor(d, dtype=torch.int64, device=n.device)
+    q = torch.div(n, d, rounding_mode="floor")
+    r = n - q * d
+    if rounding == "floor":
+        return q
+    if rounding == "half_up":
+        return q + (2 * r >= d).to(torch.int64)
+    if rounding == "nearest_even":
+        return q + ((2 * r > d) | ((2 * r == d) & (q % 2 == 1))).to(torch.int64)
+    raise ValueError(f"rounding must be one of {', '.join(ROUNDINGS)}, got {rounding!r}")

@@ -1,0 +1,205 @@
+"""fixq's graph IR: a topologically ordered list of typed op nodes (DESIGN.md §1, §5).
+
+Each node names its tensor inputs; weights live on the node. Simulation, integer engine
+and C export each keep one registry keyed on these node classes, and a test checks the
+registries cover the same op set. ``run_float`` is the reference float interpreter that
+capture is checked against.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Callable
+
+import torch
+import torch.nn.functional as Fn
+
+__all__ = [
+    "Node", "Input", "Conv", "Linear", "Add", "Concat", "MaxPool", "AvgPool",
+    "AdaptiveAvgPool", "Clamp", "Pad", "Slice", "Flatten", "FloatOp", "Graph",
+    "FLOAT_RULES", "run_float", "apply_act", "pre_activation", "QUANT_POINTS",
+]
+
+
+@dataclass
+class Node:
+    name: str
+    inputs: tuple[str, ...]
+
+    @property
+    def kind(self) -> str:
+        return type(self).__name__.lower()
+
+
+@dataclass
+class Input(Node):
+    shape: tuple[int, ...] = ()
+
+
+@dataclass
+class Conv(Node):
+    """2D convolution; ``act`` is a fused clamp ``(lo, hi)`` (ReLU: ``(0, None)``)."""
+    weight: torch.Tensor = None
+    bias: torch.Tensor | None = None
+    stride: tuple[int, int] = (1, 1)
+    padding: tuple[int, int] = (0, 0)
+    dilation: tuple[int, int] = (1, 1)
+    groups: int = 1
+    act: tuple[float | None, float | None] | None = None
+
+
+@dataclass
+class Linear(Node):
+    weight: torch.Tensor = None
+    bias: torch.Tensor | None = None
+    act: tuple[float | None, float | None] | None = None
+
+
+@dataclass
+class Add(Node):
+    act: tuple[float | None, float | None] | None = None
+
+
+@dataclass
+class Concat(Node):
+    dim: int = 1
+
+
+@dataclass
+class MaxPool(Node):
+    kernel: tuple[int, int] = (2, 2)
+    stride: tuple[int, int] = (2, 2)
+    padding: tuple[int, int] = (0, 0)
+    dilation: tuple[int, int] = (1, 1)
+    ceil_mode: bool = False
+
+
+@dataclass
+class AvgPool(Node):
+    kernel: tuple[int, int] = (2, 2)
+    stride: tuple[int, int] = (2, 2)
+    padding: tuple[int, int] = (0, 0)
+    ceil_mode: bool = False
+    count_include_pad: bool = True
+
+
+@dataclass
+class AdaptiveAvgPool(Node):
+    output_size: tuple[int, int] = (1, 1)
+
+
+@dataclass
+class Clamp(Node):
+    """Standalone ReLU / ReLU6 / hardtanh: ``clamp(x, lo, hi)`` (None = unbounded)."""
+    lo: float | None = 0.0
+    hi: float | None = None
+
+
+@dataclass
+class Pad(Node):
+    """Zero padding in ``torch.nn.functional.pad`` order (last dim first): spatial or channel."""
+    pads: tuple[int, ...] = ()
+
+
+@dataclass
+class Slice(Node):
+    """``x[index]`` with one ``(start, stop, step)`` per leading dim."""
+    index: tuple[tuple[int | None, int | None, int | None], ...] = ()
+
+
+@dataclass
+class Flatten(Node):
+    pass
+
+
+@dataclass
+class FloatOp(Node):
+    """An op with no integer rule (sigmoid, softmax, LRN...): runs in float in simulation."""
+    op: str = ""
+    fn: Callable[..., torch.Tensor] | None = None
+
+
+# Ops whose output gets its own data format (a requantization point).
+QUANT_POINTS = (Input, Conv, Linear, Add, Concat, AvgPool, AdaptiveAvgPool, FloatOp)
+
+
+@dataclass
+class Graph:
+    nodes: list[Node]
+    input: str
+    output: str
+    shapes: dict[str, tuple[int, ...]] = field(default_factory=dict)
+    notes: list[str] = field(default_factory=list)
+
+    def node(self, name: str) -> Node:
+        for n in self.nodes:
+            if n.name == name:
+                return n
+        raise KeyError(f"no layer named {name!r}; layers: {', '.join(n.name for n in self.nodes)}")
+
+    def users(self) -> dict[str, list[str]]:
+        out: dict[str, list[str]] = {n.name: [] for n in self.nodes}
+        for n in self.nodes:
+            for i in n.inputs:
+                out[i].append(n.name)
+        out[self.output].append("<output>")
+        return out
+
+    def layers(self) -> list[Node]:
+        """Conv and linear nodes, in execution order."""
+        return [n for n in self.nodes if isinstance(n, (Conv, Linear))]
+
+
+def apply_act(y: torch.Tensor, act) -> torch.Tensor:
+    if act is None:
+        return y
+    lo, hi = act
+    return torch.clamp(y, min=lo, max=hi)
+
+
+def _slice(x, node):
+    return x[tuple(slice(*s) for s in node.index)]
+
+
+def pre_activation(n: Conv | Linear, x: torch.Tensor, weight=None, bias="same") -> torch.Tensor:
+    """Conv/linear output before the fused activation (the accumulator, in float)."""
+    w = (n.weight if weight is None else weight).to(x.dtype)
+    b = n.bias if isinstance(bias, str) else bias
+    b = None if b is None else b.to(x.dtype)
+    if isinstance(n, Conv):
+        return Fn.conv2d(x, w, b, n.stride, n.padding, n.dilation, n.groups)
+    return Fn.linear(x, w, b)
+
+
+FLOAT_RULES: dict[type, Callable] = {
+    Input: lambda n, x: x,
+    Conv: lambda n, x: apply_act(pre_activation(n, x), n.act),
+    Linear: lambda n, x: apply_act(pre_activation(n, x), n.act),
+    Add: lambda n, a, b: apply_act(a + b, n.act),
+    Concat: lambda n, *xs: torch.cat(xs, dim=n.dim),
+    MaxPool: lambda n, x: Fn.max_pool2d(x, n.kernel, n.stride, n.padding, n.dilation, n.ceil_mode),
+    AvgPool: lambda n, x: Fn.avg_pool2d(x, n.kernel, n.stride, n.padding, n.ceil_mode, n.count_include_pad),
+    AdaptiveAvgPool: lambda n, x: Fn.adaptive_avg_pool2d(x, n.output_size),
+    Clamp: lambda n, x: torch.clamp(x, min=n.lo, max=n.hi),
+    Pad: lambda n, x: Fn.pad(x, n.pads),
+    Slice: lambda n, x: _slice(x, n),
+    Flatten: lambda n, x: torch.flatten(x, 1),
+    FloatOp: lambda n, *xs: n.fn(*xs),
+}
+
+
+def run_float(graph: Graph, x: torch.Tensor, keep: bool = False):
+    """Run the captured graph in float; returns the output, or every node's output when
+    ``keep`` is set (a dict name -> tensor)."""
+    env: dict[str, torch.Tensor] = {graph.input: x}
+    users = graph.users()
+    remaining = {k: len(v) for k, v in users.items()}
+    for n in graph.nodes:
+        if isinstance(n, Input):
+            continue
+        env[n.name] = FLOAT_RULES[type(n)](n, *(env[i] for i in n.inputs))
+        if not keep:
+            for i in n.inputs:
+                remaining[i] -= 1
+                if remaining[i] == 0 and i != graph.output:
+                    del env[i]
+    return env if keep else env[graph.output]

@@ -1,0 +1,298 @@
+"""QuantConfig (what the user asks for) and QuantPlan (what calibration decided).
+
+Notation: ``T`` bits, ``F`` fractional bits per partition, ``A`` accumulator bits,
+``S[i]`` the exact-sum format of output channel i (``max_j Fw[i,j] + Fx[j]``) and
+``Facc[i]`` the accumulator format (DESIGN.md §5). ``None`` bits mean floating point
+(``flp``), as in the paper's ``<8b,flp>`` rows.
+
+The plan is the one JSON-serialisable object that flows through fixq: graph + float
+weights + plan reproduce the quantized model exactly.
+"""
+from __future__ import annotations
+
+import fnmatch
+import json
+from dataclasses import asdict, dataclass, field, fields, replace
+from pathlib import Path
+
+import torch
+
+from .formats import OVERFLOWS, check_bits, check_rounding
+from .ir import Clamp, Concat, Flatten, Graph, MaxPool, Pad, Slice
+from .ranges import parse_method
+
+__all__ = ["LayerConfig", "QuantConfig", "Formats", "AffineFormats", "LayerPlan", "QuantPlan",
+           "COEFF_MODES", "DATA_MODES", "load_config", "propagate_formats", "PlanError"]
+
+COEFF_MODES = ("4D", "3D", "2D")
+DATA_MODES = ("4D", "3D")
+PLAN_VERSION = 1
+
+
+class PlanError(ValueError):
+    """A config or plan that cannot be used as asked."""
+
+
+def _bits_or_flp(v, what: str) -> int | None:
+    if v is None or (isinstance(v, str) and v.lower() in ("flp", "float", "none")):
+        return None
+    try:
+        return check_bits(int(v), what)
+    except (TypeError, ValueError) as e:
+        raise PlanError(str(e) if isinstance(e, ValueError) else f"{what}: {e}") from None
+
+
+@dataclass(frozen=True)
+class LayerConfig:
+    """Quantization settings of one layer (or the defaults for all)."""
+
+    coeff_bits: int | None = 8
+    coeff_mode: str = "3D"
+    data_bits: int | None = 8
+    data_mode: str = "4D"
+    bias_bits: int = 8
+    acc_bits: int = 32
+    acc_overflow: str = "saturate"
+    method: str = "maxabs"
+    data_method: str | None = None  # None: same as ``method``
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "coeff_bits", _bits_or_flp(self.coeff_bits, "coefficient bits"))
+        object.__setattr__(self, "data_bits", _bits_or_flp(self.data_bits, "data bits"))
+        check_bits(int(self.bias_bits), "bias bits")
+        check_bits(int(self.acc_bits), "accumulator bits")
+        mode = str(self.coeff_mode).upper()
+        if mode not in COEFF_MODES:
+            raise PlanError(f"coefficient mode must be one of {', '.join(COEFF_MODES)}, got {self.coeff_mode!r}")
+        object.__setattr__(self, "coeff_mode", mode)
+        dmode = str(self.data_mode).upper()
+        if dmode not in DATA_MODES:
+            raise PlanError(f"data mode must be one of {', '.join(DATA_MODES)}, got {self.data_mode!r}")
+        object.__setattr__(self, "data_mode", dmode)
+        if self.acc_overflow not in OVERFLOWS:
+            raise PlanError(f"accumulator overflow must be one of {', '.join(OVERFLOWS)}")
+        try:
+            object.__setattr__(self, "method", str(parse_method(self.method)))
+            if self.data_method is not None:
+                object.__setattr__(self, "data_method", str(parse_method(self.data_method)))
+        except ValueError as e:
+            raise PlanError(str(e)) from None
+
+    @property
+    def effective_data_method(self) -> str:
+        return self.data_method or self.method
+
+
+_LAYER_KEYS = {f.name for f in fields(LayerConfig)}
+
+
+@dataclass(frozen=True)
+class QuantConfig:
+    """Defaults plus ordered per-layer overrides ``(glob pattern, {field: value})``.
+
+    >>> cfg = QuantConfig(LayerConfig(coeff_bits=8), overrides=(("layer3.*", {"coeff_bits": 4}),))
+    >>> cfg.for_layer("layer3.0.conv1").coeff_bits, cfg.for_layer("conv1").coeff_bits
+    (4, 8)
+    """
+
+    default: LayerConfig = field(default_factory=LayerConfig)
+    rounding: str = "half_up"
+    overrides: tuple[tuple[str, dict], ...] = ()
+
+    def __post_init__(self) -> None:
+        try:
+            check_rounding(self.rounding)
+        except ValueError as e:
+            raise PlanError(str(e)) from None
+        for pattern, kv in self.overrides:
+            bad = set(kv) - _LAYER_KEYS
+            if bad:
+                raise PlanError(f"override for {pattern!r} has unknown keys {sorted(bad)}; "
+                                f"allowed: {sorted(_LAYER_KEYS)}")
+            replace(self.default, **kv)  # validates values early
+
+    def for_layer(self, name: str) -> LayerConfig:
+        cfg = self.default
+        for pattern, kv in self.overrides:
+            if fnmatch.fnmatchcase(name, pattern):
+                cfg = replace(cfg, **kv)
+        return cfg
+
+    def unmatched_patterns(self, names) -> list[str]:
+        return [p for p, _ in self.overrides if not any(fnmatch.fnmatchcase(n, p) for n in names)]
+
+    def to_json(self) -> dict:
+        return {"default": asdict(self.default), "rounding": self.rounding,
+                "overrides": [[p, kv] for p, kv in self.overrides]}
+
+    @staticmethod
+    def from_json(d: dict) -> "QuantConfig":
+        return QuantConfig(LayerConfig(**d["default"]), d["rounding"],
+                           tuple((p, dict(kv)) for p, kv in d.get("overrides", [])))
+
+
+def load_config(path: str | Path, base: QuantConfig) -> QuantConfig:
+    """Read per-layer overrides from YAML or JSON: ``{layer-name-or-glob: {field: value}}``."""
+    p = Path(path)
+    if not p.is_file():
+        raise PlanError(f"config file {path} does not exist")
+    text = p.read_text()
+    if p.suffix.lower() == ".json":
+        data = json.loads(text)
+    else:
+        import yaml
+        data = yaml.safe_load(text)
+    if not isinstance(data, dict):
+        raise PlanError(f"config file {path} must map layer names (globs allowed) to settings")
+    data = data.get("layers", data)
+    return replace(base, overrides=base.overrides + tuple((str(k), dict(v or {})) for k, v in data.items()))
+
+
+@dataclass(frozen=True)
+class Formats:
+    """Power-of-two formats of one tensor: bits ``T``, granularity, one ``F`` per partition.
+
+    ``shape`` is the partition grid: ``()`` for 4D, ``(N,)`` for 3D (or per data
+    channel), ``(N, M/groups)`` for 2D."""
+
+    T: int
+    granularity: str
+    F: tuple[int, ...]
+    shape: tuple[int, ...] = ()
+
+    def F_tensor(self, device=None) -> torch.Tensor:
+        return torch.tensor(self.F, dtype=torch.int64, device=device).reshape(self.shape)
+
+
+@dataclass(frozen=True)
+class AffineFormats:
+    """Paper eqs. 4-5 (TensorFlow-style) per partition: not a power of two."""
+
+    T: int
+    granularity: str
+    mu: tuple[float, ...]
+    sigma: tuple[float, ...]
+    shape: tuple[int, ...] = ()
+
+
+def _fmt_json(f):
+    if f is None:
+        return None
+    d = asdict(f)
+    d["kind"] = "affine" if isinstance(f, AffineFormats) else "pow2"
+    return d
+
+
+def _fmt_load(d):
+    if d is None:
+        return None
+    d = dict(d)
+    kind = d.pop("kind", "pow2")
+    cls = AffineFormats if kind == "affine" else Formats
+    return cls(**{k: tuple(v) if isinstance(v, list) else v for k, v in d.items()})
+
+
+@dataclass(frozen=True)
+class LayerPlan:
+    """Conv/linear decisions: coefficient, bias and accumulator formats (None = flp)."""
+
+    name: str
+    weight: Formats | AffineFormats | None
+    bias: Formats | None
+    acc_bits: int | None = None
+    acc_F: tuple[int, ...] | None = None
+    acc_overflow: str = "saturate"
+    notes: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True)
+class QuantPlan:
+    """Everything needed, with the float weights, to reproduce the quantized model."""
+
+    model: str
+    config: QuantConfig
+    tensors: dict[str, Formats | AffineFormats]
+    layers: dict[str, LayerPlan]
+    float_ops: tuple[str, ...] = ()
+    notes: tuple[str, ...] = ()
+    version: int = PLAN_VERSION
+
+    @property
+    def rounding(self) -> str:
+        return self.config.rounding
+
+    @property
+    def is_affine(self) -> bool:
+        return any(isinstance(f, AffineFormats) for f in self.tensors.values()) or any(
+            isinstance(lp.weight, AffineFormats) for lp in self.layers.values())
+
+    def to_json(self) -> dict:
+        return {
+            "version": self.version, "model": self.model, "config": self.config.to_json(),
+            "tensors": {k: _fmt_json(v) for k, v in self.tensors.items()},
+            "layers": {k: {**asdict(v), "weight": _fmt_json(v.weight), "bias": _fmt_json(v.bias)}
+                       for k, v in self.layers.items()},
+            "float_ops": list(self.float_ops), "notes": list(self.notes),
+        }
+
+    @staticmethod
+    def from_json(d: dict) -> "QuantPlan":
+        if d.get("version") != PLAN_VERSION:
+            raise PlanError(f"plan version {d.get('version')!r} is not supported (expected {PLAN_VERSION})")
+        layers = {}
+        for k, v in d["layers"].items():
+            layers[k] = LayerPlan(v["name"], _fmt_load(v["weight"]), _fmt_load(v["bias"]), v["acc_bits"],
+                                  None if v["acc_F"] is None else tuple(v["acc_F"]), v["acc_overflow"],
+                                  tuple(v.get("notes", ())))
+        return QuantPlan(d["model"], QuantConfig.from_json(d["config"]),
+                         {k: _fmt_load(v) for k, v in d["tensors"].items()}, layers,
+                         tuple(d.get("float_ops", ())), tuple(d.get("notes", ())))
+
+    def save(self, path: str | Path) -> None:
+        Path(path).write_text(json.dumps(self.to_json(), indent=1))
+
+    @staticmethod
+    def load(path: str | Path) -> "QuantPlan":
+        p = Path(path)
+        if not p.is_file():
+            raise PlanError(f"plan file {path} does not exist")
+        try:
+            return QuantPlan.from_json(json.loads(p.read_text()))
+        except (KeyError, TypeError, json.JSONDecodeError) as e:
+            raise PlanError(f"{path} is not a fixq plan: {e}") from None
+
+
+def propagate_formats(graph: Graph, tensors: dict[str, Formats]) -> dict[str, tuple[int | None, torch.Tensor | None]]:
+    """Data format ``(T, F)`` of every node's output: quantization points from the plan,
+    the rest derived (max pool, clamp, pad, slice, flatten keep their input's format).
+    F is a 0-d tensor (4D) or one entry per channel/feature; ``(None, None)`` is float."""
+    out: dict[str, tuple[int | None, torch.Tensor | None]] = {}
+    for n in graph.nodes:
+        if n.name in tensors:
+            f = tensors[n.name]
+            out[n.name] = (f.T, f.F_tensor()) if isinstance(f, Formats) else (f.T, None)
+            continue
+        if not n.inputs:
+            out[n.name] = (None, None)
+            continue
+        T, F = out[n.inputs[0]]
+        if F is None or F.dim() == 0 or isinstance(n, (Clamp, MaxPool)):
+            out[n.name] = (T, F)
+        elif isinstance(n, Flatten):
+            hw = 1
+            for s in graph.shapes[n.inputs[0]][1:]:
+                hw *= s
+            out[n.name] = (T, F.repeat_interleave(hw))
+        elif isinstance(n, Slice):
+            ch = n.index[1] if len(n.index) > 1 else (None, None, None)
+            out[n.name] = (T, F[slice(*ch)])
+        elif isinstance(n, Pad):
+            pads = list(n.pads) + [0] * (6 - len(n.pads))
+            before, after = pads[4], pads[5]
+            fill = int(F.min())  # padded channels are zeros: any format holds them exactly
+            out[n.name] = (T, torch.cat([F.new_full((before,), fill), F, F.new_full((after,), fill)]))
+        elif isinstance(n, Concat):
+            raise PlanError(f"concat '{n.name}' has no format in the plan")
+        else:
+            out[n.name] = (T, F)
+    return out

@@ -1,0 +1,232 @@
+"""Fake-quant simulation of graph + plan (DESIGN.md §5-§6).
+
+Notation: tensors hold real values ``q * 2**-F``; ``T``/``F`` data formats, ``Fw``
+coefficients, ``Fb`` biases, ``S[i]`` exact-sum format, ``A``/``Facc`` accumulator,
+rounding and saturation as in :mod:`fixq.formats`.
+
+``exact=True`` computes in float64: every product and sum of integer multiples of
+``2**-S`` is exact there, so the outputs equal the integer engine bit for bit. The fast
+mode computes the same formulas in float32 (large sums may round differently).
+"""
+from __future__ import annotations
+
+from typing import Callable
+
+import torch
+
+from .calibrate import sum_format
+from .formats import fake_quantize, quantize_scalar, round_values
+from .ir import (FLOAT_RULES, AdaptiveAvgPool, Add, AvgPool, Clamp, Concat, Conv, Flatten, FloatOp,
+                 Graph, Input, Linear, MaxPool, Pad, Slice, apply_act, pre_activation)
+from .plan import AffineFormats, Formats, QuantPlan, propagate_formats
+from .pooling import pool_divisors, window_sum
+from .ranges import affine_quantize
+
+__all__ = ["Simulator", "SIM_RULES"]
+
+EXACT_LIMIT = 2.0 ** 52  # float64 integers beyond this are no longer exact
+
+
+def _bc(F: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    """Broadcast a per-channel vector (or 0-d) over an (N, C, ...) tensor."""
+    if F.dim() == 0:
+        return F
+    return F.reshape(1, -1, *([1] * (like.dim() - 2)))
+
+
+def _clamp_codes(act, F: torch.Tensor, rounding: str):
+    """Activation bounds as codes on the grid F (per channel), exact from the floats."""
+    lo, hi = act
+    Fl = F.reshape(-1).tolist()
+    lo_q = None if lo is None else torch.tensor([quantize_scalar(lo, f, rounding) for f in Fl], dtype=torch.float64)
+    hi_q = None if hi is None else torch.tensor([quantize_scalar(hi, f, rounding) for f in Fl], dtype=torch.float64)
+    return lo_q, hi_q
+
+
+class Simulator:
+    """Run the quantized model described by ``plan`` on float inputs.
+
+    >>> sim = Simulator(graph, plan, exact=True)       # doctest: +SKIP
+    >>> logits = sim(images)                           # dequantized outputs
+    >>> sim.saturations()                              # per-layer saturation events
+    """
+
+    def __init__(self, graph: Graph, plan: QuantPlan, exact: bool = False,
+                 device: str | torch.device = "cpu"):
+        self.graph, self.plan = graph, plan
+        self.exact = exact
+        self.dtype = torch.float64 if exact else torch.float32
+        self.device = torch.device(device)
+        self.rounding = plan.rounding
+        self.formats = propagate_formats(graph, {k: v for k, v in plan.tensors.items()})
+        self._sat: dict[str, dict[str, torch.Tensor]] = {}
+        self._prep: dict[str, dict] = {}
+        self.exact_violations = 0
+        for n in graph.nodes:
+            if isinstance(n, (Conv, Linear)):
+                self._prep[n.name] = self._prepare_layer(n)
+
+    # ---- precomputation ----------------------------------------------------------------
+    def _t(self, v) -> torch.Tensor:
+        return v.to(device=self.device, dtype=self.dtype)
+
+    def _prepare_layer(self, n) -> dict:
+        lp = self.plan.layers.get(n.name)
+        w, b = n.weight.double(), None if n.bias is None else n.bias.double()
+        out = {"weight": self._t(w), "bias": None if b is None else self._t(b), "acc": None}
+        if lp is None or lp.weight is None:
+            return out
+        wf = lp.weight
+        view = (-1,) + (1,) * (w.dim() - 1) if len(wf.shape) == 1 else (
+            (wf.shape[0], wf.shape[1]) + (1,) * (w.dim() - 2) if len(wf.shape) == 2 else ())
+        if isinstance(wf, AffineFormats):
+            mu = torch.tensor(wf.mu, dtype=torch.float64).reshape(view)
+            sigma = torch.tensor(wf.sigma, dtype=torch.float64).reshape(view)
+            out["weight"] = self._t(affine_quantize(w, mu, sigma, wf.T, self.rounding))
+        else:
+            out["weight"] = self._t(fake_quantize(w, wf.F_tensor().reshape(view), wf.T, self.rounding)[0])
+        if b is not None and lp.bias is not None:
+            bq = fake_quantize(b, lp.bias.F_tensor(), lp.bias.T, self.rounding)[0]
+            if lp.acc_F is not None:
+                S = sum_format(wf.F_tensor(), self.formats[n.inputs[0]][1], n.weight.shape,
+                               n.groups if isinstance(n, Conv) else 1)
+                bq = torch.ldexp(round_values(torch.ldexp(bq, S.to(torch.int32)), self.rounding),
+                                 -S.to(torch.int32))
+            out["bias"] = self._t(bq)
+        if lp.acc_F is not None:
+            Facc = torch.tensor(lp.acc_F, dtype=torch.int64)
+            out["acc"] = (Facc.to(self.device), lp.acc_bits, lp.acc_overflow)
+        return out
+
+    # ---- helpers used by the rules --------------------------------------------------
+    def count(self, name: str, what: str, events: torch.Tensor) -> None:
+        d = self._sat.setdefault(name, {})
+        d[what] = d[what] + events if what in d else events
+
+    def requant(self, name: str, v: torch.Tensor) -> torch.Tensor:
+        """Quantize a node's output to its data format (identity where data is flp)."""
+        f = self.plan.tensors.get(name)
+        if f is None:
+            return v
+        if isinstance(f, AffineFormats):
+            mu = _bc(torch.tensor(f.mu, dtype=v.dtype, device=v.device).reshape(f.shape), v)
+            sigma = _bc(torch.tensor(f.sigma, dtype=v.dtype, device=v.device).reshape(f.shape), v)
+            return affine_quantize(v, mu, sigma, f.T, self.rounding)
+        y, ev = fake_quantize(v, _bc(self.formats[name][1].to(v.device), v), f.T, self.rounding)
+        self.count(name, "data", ev)
+        return y
+
+    def check_exact(self, v: torch.Tensor, F: torch.Tensor) -> None:
+        if self.exact and bool((torch.ldexp(v.abs(), _bc(F, v).to(torch.int32)) > EXACT_LIMIT).any()):
+            self.exact_violations += 1
+
+    def saturations(self) -> dict[str, dict[str, int]]:
+        return {k: {w: int(c) for w, c in d.items()} for k, d in self._sat.items()}
+
+    def reset_counts(self) -> None:
+        self._sat.clear()
+
+    # ---- running ---------------------------------------------------------------------
+    @torch.no_grad()
+    def run(self, x: torch.Tensor, keep: bool = False):
+        env = {self.graph.input: self.requant(self.graph.input, self._t(x))}
+        for n in self.graph.nodes:
+            if isinstance(n, Input):
+                continue
+            env[n.name] = SIM_RULES[type(n)](self, n, *(env[i] for i in n.inputs))
+        return env if keep else env[self.graph.output]
+
+    __call__ = run
+
+
+def _sim_layer(sim: Simulator, n, x):
+    p = sim._prep[n.name]
+    y = pre_activation(n, x, p["weight"], p["bias"])
+    if p["acc"] is not None:
+        Facc, A, overflow = p["acc"]
+        sim.check_exact(y, Facc)
+        y, ev = fake_quantize(y, _bc(Facc, y), A, sim.rounding, overflow)
+        sim.count(n.name, "acc", ev)
+        if n.act is not None:
+            lo, hi = _act_bounds(sim, n.name, n.act, Facc, y)
+            y = torch.clamp(y, min=lo, max=hi)
+    else:
+        y = apply_act(y, n.act)
+    return sim.requant(n.name, y)
+
+
+def _act_bounds(sim: Simulator, name: str, act, F: torch.Tensor, like: torch.Tensor):
+    """Clamp bounds of ``act`` as values on the grid F (0-d or per channel), cached per node."""
+    key = ("act", name, like.dim())
+    if key not in sim._prep:
+        Fv = (F.expand(like.shape[1]) if F.dim() == 0 else F).cpu()
+        codes = _clamp_codes(act, Fv, sim.rounding)
+        sim._prep[key] = tuple(None if c is None else _bc(sim._t(torch.ldexp(c, -Fv.to(torch.int32))), like)
+                               for c in codes)
+    return sim._prep[key]
+
+
+def _sim_add(sim: Simulator, n: Add, a, b):
+    y = a + b
+    Fa, Fb = sim.formats[n.inputs[0]][1], sim.formats[n.inputs[1]][1]
+    if n.act is not None and Fa is not None and Fb is not None and n.name in sim.plan.tensors:
+        lo, hi = _act_bounds(sim, n.name, n.act, torch.maximum(Fa, Fb), y)
+        y = torch.clamp(y, min=lo, max=hi)
+    else:
+        y = apply_act(y, n.act)
+    return sim.requant(n.name, y)
+
+
+def _sim_avg(sim: Simulator, n, x):
+    fx = sim.formats[n.inputs[0]][1]
+    if fx is None or not isinstance(sim.plan.tensors.get(n.name), Formats):
+        return sim.requant(n.name, FLOAT_RULES[type(n)](n, x))
+    K = pool_divisors(n, tuple(x.shape[-2:])).to(device=x.device, dtype=x.dtype)
+    return sim.requant(n.name, window_sum(n, x) / K)
+
+
+def _sim_clamp(sim: Simulator, n: Clamp, x):
+    F = sim.formats[n.inputs[0]][1]
+    if F is None:
+        return FLOAT_RULES[Clamp](n, x)
+    lo, hi = _act_bounds(sim, n.name, (n.lo, n.hi), F, x)
+    return torch.clamp(x, min=lo, max=hi)
+
+
+def _sim_concat(sim: Simulator, n: Concat, *xs):
+    if n.name not in sim.plan.tensors:
+        return torch.cat(xs, dim=1)
+    out, c0 = [], 0
+    f = sim.plan.tensors[n.name]
+    F = sim.formats[n.name][1]
+    for x in xs:
+        c = x.shape[1]
+        if isinstance(f, AffineFormats) or F.dim() == 0:
+            out.append(sim.requant(n.name, x) if isinstance(f, AffineFormats) else
+                       _requant_to(sim, n.name, x, F, f.T))
+        else:
+            out.append(_requant_to(sim, n.name, x, F[c0:c0 + c], f.T))
+        c0 += c
+    return torch.cat(out, dim=1)
+
+
+def _requant_to(sim, name, x, F, T):
+    y, ev = fake_quantize(x, _bc(F.to(x.device), x), T, sim.rounding)
+    sim.count(name, "data", ev)
+    return y
+
+
+SIM_RULES: dict[type, Callable] = {
+    Conv: _sim_layer,
+    Linear: _sim_layer,
+    Add: _sim_add,
+    Concat: _sim_concat,
+    AvgPool: _sim_avg,
+    AdaptiveAvgPool: _sim_avg,
+    Clamp: _sim_clamp,
+    MaxPool: lambda sim, n, x: FLOAT_RULES[MaxPool](n, x),
+    Pad: lambda sim, n, x: FLOAT_RULES[Pad](n, x),
+    Slice: lambda sim, n, x: FLOAT_RULES[Slice](n, x),
+    Flatten: lambda sim, n, x: FLOAT_RULES[Flatten](n, x),
+    FloatOp: lambda sim, n, *xs: sim.requant(n.name, FLOAT_RULES[FloatOp](n, *xs)),
+}
