@@ -98,12 +98,6 @@ class QFormat:
         return f"Q({self.T},{self.F})"
 
 
-def exp2(F, like: torch.Tensor) -> torch.Tensor:
-    """``2**F`` as a tensor of ``like``'s dtype/device (exact for integer F)."""
-    F = torch.as_tensor(F, device=like.device)
-    return torch.ldexp(torch.ones((), dtype=like.dtype, device=like.device), F.to(torch.int32))
-
-
 def round_values(v: torch.Tensor, rounding: str = "half_up") -> torch.Tensor:
     """Round a float tensor to integers with the given mode (floating result)."""
     if rounding == "half_up":
@@ -163,6 +157,16 @@ def round_shift(a: torch.Tensor, s, rounding: str = "half_up") -> torch.Tensor:
     return torch.where(s > 0, out, shifted_left)
 
 
+def _limits(T, q: torch.Tensor):
+    """``(lo, hi)`` of T-bit codes: Python ints for one T, tensors for per-partition T."""
+    if isinstance(T, int):
+        hi = (1 << (T - 1)) - 1
+        return -hi - 1, hi
+    T = torch.as_tensor(T, device=q.device, dtype=torch.int64)
+    hi = (torch.ones_like(T) << (T - 1)) - 1
+    return (-hi - 1).to(q.dtype), hi.to(q.dtype)
+
+
 def saturate(q: torch.Tensor, T, overflow: str = "saturate") -> tuple[torch.Tensor, torch.Tensor]:
     """Bring integer-valued ``q`` into ``T`` bits. Returns ``(q, events)`` where ``events``
     is a 0-d tensor counting the elements that were out of range.
@@ -170,20 +174,22 @@ def saturate(q: torch.Tensor, T, overflow: str = "saturate") -> tuple[torch.Tens
     Works on float tensors holding integers (simulation) and on int64 tensors (engine).
     ``T`` may be a tensor (one word length per partition).
     """
-    T = torch.as_tensor(T, device=q.device)
-    if q.is_floating_point():
-        hi = torch.ldexp(torch.ones((), dtype=q.dtype, device=q.device), (T - 1).to(torch.int32)) - 1
-    else:
-        hi = (torch.ones((), dtype=torch.int64, device=q.device) << (T - 1).to(torch.int64)) - 1
-    lo = -hi - 1
-    out_of_range = (q > hi) | (q < lo)
-    events = out_of_range.sum()
+    lo, hi = _limits(T, q)
     if overflow == "saturate":
-        return torch.minimum(torch.maximum(q, lo), hi), events
+        out = torch.clamp(q, lo, hi) if isinstance(lo, int) else torch.minimum(torch.maximum(q, lo), hi)
+        return out, torch.count_nonzero(out != q)
     if overflow == "wrap":
+        events = torch.count_nonzero((q > hi) | (q < lo))
         span = 2 * (hi + 1)
         return torch.remainder(q - lo, span) + lo, events
     raise ValueError(f"overflow must be one of {', '.join(OVERFLOWS)}, got {overflow!r}")
+
+
+def exp2(F, like: torch.Tensor) -> torch.Tensor:
+    """``2**F`` (F integer, scalar or per-partition) as a tensor of ``like``'s dtype and
+    device; exact in float32/float64 for the exponents fixed point uses."""
+    F = torch.as_tensor(F, device=like.device)
+    return torch.pow(2.0, F.to(like.dtype))
 
 
 def quantize_codes(x: torch.Tensor, F, T, rounding: str = "half_up",
@@ -193,8 +199,7 @@ def quantize_codes(x: torch.Tensor, F, T, rounding: str = "half_up",
     >>> quantize_codes(torch.tensor([0.3, 5.0, -5.0]), 4, 8)[0]
     tensor([  5.,  80., -80.])
     """
-    v = torch.ldexp(x, torch.as_tensor(F, device=x.device).to(torch.int32))
-    return saturate(round_values(v, rounding), T, overflow)
+    return saturate(round_values(x * exp2(F, x), rounding), T, overflow)
 
 
 def fake_quantize(x: torch.Tensor, F, T, rounding: str = "half_up",
@@ -205,8 +210,9 @@ def fake_quantize(x: torch.Tensor, F, T, rounding: str = "half_up",
     >>> fake_quantize(torch.tensor([0.3, 9.0]), 4, 8)[0]
     tensor([0.3125, 7.9375])
     """
-    q, events = quantize_codes(x, F, T, rounding, overflow)
-    return torch.ldexp(q, -torch.as_tensor(F, device=x.device).to(torch.int32)), events
+    s = exp2(F, x)
+    q, events = saturate(round_values(x * s, rounding), T, overflow)
+    return q / s, events
 
 
 def quantize_scalar(v: float, F: int, rounding: str = "half_up") -> int:

@@ -1,0 +1,23 @@
+"""fixq: fixed-point quantization of trained CNNs (dynamic fixed point, hybrid 4D/3D/2D
+partitions, exact simulation) for DSPs, FPGAs and MCUs.
+
+The public flow, in Python::
+
+    from fixq import build_model, capture, calibrate, QuantConfig, LayerConfig, Simulator
+    model, _ = build_model("lenet-digits")
+    graph = capture(model, example_batch)
+    plan = calibrate(graph, calib_batches, QuantConfig(LayerConfig(coeff_bits=8, coeff_mode="3D")))
+    logits = Simulator(graph, plan, exact=True)(images)
+"""
+from .calibrate import calibrate
+from .complexity import analyze
+from .formats import QFormat
+from .graph import capture
+from .pipeline import open_session, run_config
+from .plan import LayerConfig, QuantConfig, QuantPlan
+from .simulate import Simulator
+from .zoo import build_model
+
+__all__ = ["QFormat", "capture", "calibrate", "analyze", "QuantConfig", "LayerConfig", "QuantPlan",
+           "Simulator", "build_model", "open_session", "run_config"]
+__version__ = "0.1.0"

@@ -1,0 +1,156 @@
+"""The ``fixq`` command: argument parsing and error handling (commands live in commands.py).
+
+Exit codes: 0 success, 2 bad usage or input (one line, with a hint), 1 internal error.
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+
+__all__ = ["main", "build_parser", "UsageError"]
+
+
+class UsageError(ValueError):
+    """Bad command-line input; printed as one line, exit code 2."""
+
+
+def _csv(v: str) -> list[str]:
+    return [x.strip() for x in v.split(",") if x.strip()]
+
+
+def _floats(v: str) -> tuple[float, ...]:
+    try:
+        return tuple(float(x) for x in _csv(v))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated numbers, got {v!r}") from None
+
+
+def _shape(v: str) -> tuple[int, ...]:
+    try:
+        s = tuple(int(x) for x in v.lower().replace("x", ",").split(",") if x)
+    except ValueError:
+        s = ()
+    if len(s) != 3 or min(s) <= 0:
+        raise argparse.ArgumentTypeError(f"--input-shape wants C,H,W (e.g. 3,32,32), got {v!r}")
+    return s
+
+
+def _add_model(p: argparse.ArgumentParser, data: bool = True) -> None:
+    g = p.add_argument_group("model")
+    g.add_argument("--model", required=True, help="zoo name (see `fixq models`), file.py:function or package.module:function")
+    g.add_argument("--weights", help="state dict file (keys may be prefixed 'module.'); 'torchvision' downloads")
+    g.add_argument("--input-shape", type=_shape, help="C,H,W; required for a model outside the zoo")
+    if not data:
+        return
+    d = p.add_argument_group("data (ImageFolder layout: DIR/<class>/<image>)")
+    d.add_argument("--calib", required=True, help="folder of calibration images")
+    d.add_argument("--calib-size", type=int, default=512, help="calibration images drawn with --seed (default 512)")
+    d.add_argument("--eval", required=True, dest="eval_dir", help="folder of evaluation images")
+    d.add_argument("--eval-size", type=int, help="evaluation images (default: all not used for calibration)")
+    d.add_argument("--seed", type=int, default=0)
+    d.add_argument("--preprocess", help="preset: imagenet, cifar10, digits, mnist, efficientnet-lite, googlenet")
+    d.add_argument("--resize", type=int)
+    d.add_argument("--crop", type=int)
+    d.add_argument("--mean", type=_floats)
+    d.add_argument("--std", type=_floats)
+    d.add_argument("--grayscale", action="store_true", default=None)
+    r = p.add_argument_group("run")
+    r.add_argument("--device", default="cpu", help="cpu or cuda")
+    r.add_argument("--batch-size", type=int, default=128)
+    r.add_argument("--workers", type=int, default=0, help="image decoding processes")
+
+
+def _add_quant(p: argparse.ArgumentParser, multi: bool = False) -> None:
+    g = p.add_argument_group("quantization" + (" (comma-separated lists form the grid)" if multi else ""))
+    t = str if multi else None
+    g.add_argument("--coeff-bits", type=t, default="8", help="coefficient bits, or flp")
+    g.add_argument("--data-bits", type=t, default="8", help="data (activation) bits, or flp")
+    g.add_argument("--coeff-mode", type=t, default="3D", help="4D (per layer), 3D (per kernel), 2D (per filter)")
+    g.add_argument("--data-mode", type=t, default="4D", help="4D (per tensor) or 3D (per channel)")
+    g.add_argument("--method", type=t, default="maxabs", help="maxabs, percentile:P, mse or affine")
+    g.add_argument("--bias-bits", type=int, default=8)
+    g.add_argument("--acc-bits", type=int, default=32)
+    g.add_argument("--acc-overflow", default="saturate", choices=["saturate", "wrap"])
+    g.add_argument("--rounding", default="half_up", choices=["half_up", "nearest_even", "floor"])
+    g.add_argument("--config", help="YAML/JSON of per-layer overrides {layer-glob: {coeff_bits: 4, ...}}")
+    g.add_argument("--exact", action="store_true", help="float64 simulation, bit-exact with the integer engine")
+
+
+def _add_output(p: argparse.ArgumentParser, out_required: bool = True) -> None:
+    p.add_argument("--out", required=out_required, help="output folder")
+    p.add_argument("--quiet", action="store_true", help="no progress bars, only the final table")
+    p.add_argument("--json", action="store_true", help="print the report as JSON on stdout")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(prog="fixq", description="Fixed-point (dynamic, hybrid 4D/3D/2D) quantization "
+                                 "of trained CNNs for DSPs, FPGAs and MCUs, with exact reports.")
+    sub = ap.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    p = sub.add_parser("quantize", help="calibrate, plan, simulate and evaluate one configuration")
+    _add_model(p)
+    _add_quant(p)
+    p.add_argument("--save-logits", help="write the fixed-point outputs on the eval images (.npy, eval order)")
+    _add_output(p)
+
+    p = sub.add_parser("sweep", help="evaluate a grid of configurations sharing one float evaluation")
+    _add_model(p)
+    _add_quant(p, multi=True)
+    _add_output(p)
+
+    p = sub.add_parser("models", help="list zoo models, their input size, preprocessing and weights")
+    p.add_argument("--json", action="store_true")
+
+    p = sub.add_parser("demo", help="the whole flow on the bundled LeNet and scikit-learn digits (no network)")
+    p.add_argument("--out", default="fixq-demo", help="output folder (default ./fixq-demo)")
+    p.add_argument("--quiet", action="store_true")
+    p.add_argument("--json", action="store_true")
+
+    p = sub.add_parser("analyze", help="MACs, relative complexity and storage per layer")
+    _add_model(p, data=False)
+    p.add_argument("--plan", help="plan.json whose formats to cost (default: float)")
+    p.add_argument("--preprocess", help="preset for the input size of a user model")
+    p.add_argument("--out", help="write the table as JSON")
+    p.add_argument("--json", action="store_true")
+    return ap
+
+
+ERROR_HINTS = {
+    "ModelError": "see `fixq models`",
+    "DataError": "folders must hold DIR/<class>/<image> files",
+    "PlanError": "see `fixq quantize --help`",
+    "CaptureError": "see README 'Bring your own model'",
+    "UnsupportedOpError": "see README 'Bring your own model'",
+    "CalibrationError": "check the weights, the data and the preprocessing",
+}
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    try:
+        args = parser.parse_args(argv)
+    except SystemExit as e:  # argparse prints its own message; usage errors are code 2
+        return int(e.code or 0)
+    from . import commands
+    try:
+        return commands.dispatch(args) or 0
+    except (ValueError, FileNotFoundError) as e:
+        name = type(e).__name__
+        hint = ERROR_HINTS.get(name, "")
+        print(f"fixq: error: {e}" + (f" (hint: {hint})" if hint else ""), file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("fixq: interrupted", file=sys.stderr)
+        return 130
+    except Exception as e:  # internal error: short message, traceback only on request
+        import os
+        import traceback
+        if os.environ.get("FIXQ_DEBUG"):
+            traceback.print_exc()
+        print(f"fixq: internal error: {type(e).__name__}: {e} (set FIXQ_DEBUG=1 for the traceback; "
+              "please report it)", file=sys.stderr)
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,256 @@
+"""Implementations of the ``fixq`` subcommands (argument parsing is in cli.py)."""
+from __future__ import annotations
+
+import itertools
+import json
+import time
+from dataclasses import asdict, replace
+from pathlib import Path
+
+import torch
+
+from .complexity import analyze
+from .graph import capture
+from .pipeline import Session, layer_table, open_session, run_config
+from .plan import LayerConfig, PlanError, QuantConfig, QuantPlan, load_config
+from .report import (complexity_markdown, layers_markdown, results_table, write_json)
+from .zoo import PRESETS, ZOO, Preprocess, build_model, with_overrides
+
+__all__ = ["dispatch", "resolve_preprocess", "make_config"]
+
+
+def _say(args, *msg) -> None:
+    if not getattr(args, "quiet", False) and not getattr(args, "json", False):
+        print(*msg)
+
+
+def resolve_preprocess(args) -> tuple[Preprocess, tuple[int, ...] | None]:
+    entry = ZOO.get(args.model)
+    shape = getattr(args, "input_shape", None)
+    if entry is None and not args.model.lower().endswith(".onnx") and shape is None:
+        if ":" in args.model:
+            raise PlanError(f"--input-shape C,H,W is required for a model outside the zoo ({args.model})")
+    name = getattr(args, "preprocess", None)
+    if name is not None and name not in PRESETS:
+        raise PlanError(f"unknown --preprocess {name!r}; presets: {', '.join(PRESETS)}")
+    if entry is not None and name is None:
+        pre = PRESETS[entry.preprocess]
+    else:
+        pre = PRESETS[name or "imagenet"]
+        if shape is not None and name is None:
+            pre = replace(pre, resize=shape[1], crop=shape[1], grayscale=shape[0] == 1,
+                          mean=pre.mean[:1] * shape[0] if shape[0] == 1 else pre.mean,
+                          std=pre.std[:1] * shape[0] if shape[0] == 1 else pre.std)
+    pre = with_overrides(pre, resize=getattr(args, "resize", None), crop=getattr(args, "crop", None),
+                         mean=getattr(args, "mean", None), std=getattr(args, "std", None),
+                         grayscale=getattr(args, "grayscale", None))
+    return pre, shape
+
+
+def make_config(coeff_bits="8", data_bits="8", coeff_mode="3D", data_mode="4D", method="maxabs",
+                bias_bits=8, acc_bits=32, acc_overflow="saturate", rounding="half_up",
+                config_file: str | None = None) -> QuantConfig:
+    cfg = QuantConfig(LayerConfig(coeff_bits=coeff_bits, data_bits=data_bits, coeff_mode=coeff_mode,
+                                  data_mode=data_mode, method=method, bias_bits=bias_bits,
+                                  acc_bits=acc_bits, acc_overflow=acc_overflow), rounding)
+    return load_config(config_file, cfg) if config_file else cfg
+
+
+def _device(name: str) -> str:
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise PlanError("--device cuda asked but no CUDA GPU is visible to PyTorch; use --device cpu")
+    if not (name == "cpu" or name.startswith("cuda")):
+        raise PlanError(f"--device must be cpu or cuda, got {name!r}")
+    return name
+
+
+def _session(args) -> Session:
+    pre, shape = resolve_preprocess(args)
+    for k in ("calib_size", "eval_size", "batch_size"):
+        v = getattr(args, k, None)
+        if v is not None and v <= 0:
+            raise PlanError(f"--{k.replace('_', '-')} must be positive, got {v}")
+    return open_session(args.model, args.calib, args.eval_dir, args.weights, args.calib_size, args.eval_size,
+                        args.seed, pre, shape, args.batch_size, args.workers, _device(args.device),
+                        show_progress=not (args.quiet or args.json))
+
+
+def _float_row(session: Session) -> dict:
+    cost = analyze(session.graph).to_json()["total"]
+    return {"top1": session.float_top1, "top5": session.float_top5, "rel_complexity_mmacs": cost["rel_complexity_mmacs"]}
+
+
+def _header(session: Session, extra: str = "") -> str:
+    im = session.images
+    return (f"# fixq report: {session.model_name}\n\n{time.strftime('%Y-%m-%d %H:%M:%S')}{extra}\n\n"
+            f"Calibration: {im['n_calib']} images from `{im['calib_dir']}`; evaluation: {im['n_eval']} images "
+            f"from `{im['eval_dir']}` (seed {im['seed']}"
+            f"{', disjoint subsets of one folder' if im['same_folder'] else ''}; lists in images.json).\n"
+            f"Preprocessing: {asdict(session.preprocess)}\n")
+
+
+def _common_report(session: Session) -> dict:
+    im = {k: v for k, v in session.images.items() if k not in ("eval_files", "calib_files")}
+    return {"model": session.model_name, "n_eval": session.images["n_eval"], "images": im,
+            "preprocess": asdict(session.preprocess),
+            "float": {"top1_error": session.float_top1, "top5_error": session.float_top5},
+            "complexity_float": analyze(session.graph).to_json()["total"], "timings": session.timings}
+
+
+def cmd_quantize(args) -> int:
+    config = make_config(args.coeff_bits, args.data_bits, args.coeff_mode, args.data_mode, args.method,
+                         args.bias_bits, args.acc_bits, args.acc_overflow, args.rounding, args.config)
+    session = _session(args)
+    run = run_config(session, config, exact=args.exact)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    run.plan.save(out / "plan.json")
+    row = run.row(session)
+    layers = layer_table(session, run)
+    cost = analyze(session.graph, run.plan).to_json()
+    report = {**_common_report(session), "config": {**config.to_json(), "exact": args.exact,
+                                                    "device": args.device, "batch_size": args.batch_size,
+                                                    "calib_size": args.calib_size, "eval_size": args.eval_size,
+                                                    "seed": args.seed, "weights": args.weights},
+              "quant": {"top1_error": run.result.top1_error, "top5_error": run.result.top5_error},
+              "agreement_top1": run.result.agreement_top1, "row": row, "layers": layers,
+              "sqnr_images": run.result.sqnr_images, "complexity": cost,
+              "float_ops": list(run.plan.float_ops), "notes": list(run.plan.notes)}
+    write_json(out / "report.json", report)
+    write_json(out / "images.json", {"calib_files": session.images["calib_files"],
+                                     "eval_files": session.images["eval_files"]})
+    if args.save_logits:
+        import numpy as np
+        np.save(args.save_logits, run.result.logits.numpy())
+    table = results_table([row], _float_row(session))
+    md = (_header(session) + "\n## Accuracy\n\n" + table + "\n\n## Layers\n\nSQNR measured on the first "
+          f"{run.result.sqnr_images} evaluation images.\n\n" + layers_markdown(layers) +
+          "\n\n## Complexity and storage\n\n" + complexity_markdown(cost) + "\n")
+    if run.plan.notes:
+        md += "\n## Notes\n\n" + "\n".join(f"- {x}" for x in run.plan.notes) + "\n"
+    (out / "report.md").write_text(md)
+    if args.json:
+        print(json.dumps({k: v for k, v in report.items() if k != "layers"}, default=str))
+    else:
+        print(table)
+        _say(args, f"\nplan, report.json and report.md written to {out}/")
+    return 0
+
+
+def _grid(args) -> list[dict]:
+    keys = ["coeff_bits", "data_bits", "coeff_mode", "data_mode", "method"]
+    vals = [_split(getattr(args, k)) for k in keys]
+    return [dict(zip(keys, combo)) for combo in itertools.product(*vals)]
+
+
+def _split(v) -> list[str]:
+    return [x.strip() for x in str(v).split(",") if x.strip()]
+
+
+def cmd_sweep(args) -> int:
+    grid = _grid(args)
+    configs = [make_config(g["coeff_bits"], g["data_bits"], g["coeff_mode"], g["data_mode"], g["method"],
+                           args.bias_bits, args.acc_bits, args.acc_overflow, args.rounding, args.config)
+               for g in grid]
+    session = _session(args)
+    rows = []
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    for i, cfg in enumerate(configs):
+        run = run_config(session, cfg, exact=args.exact)
+        row = run.row(session)
+        rows.append(row)
+        run.plan.save(out / f"plan-{i:02d}.json")
+        _say(args, f"[{i + 1}/{len(configs)}] {row['format']} {row['coeff_mode']}/{row['data_mode']} "
+                   f"{row['method']}: top-1 error {row['quant_top1_error']:.2f}%")
+    report = {**_common_report(session), "config": {"grid": grid, "rounding": args.rounding,
+                                                    "acc_bits": args.acc_bits, "bias_bits": args.bias_bits,
+                                                    "exact": args.exact, "seed": args.seed},
+              "rows": rows}
+    write_json(out / "report.json", report)
+    write_json(out / "images.json", {"calib_files": session.images["calib_files"],
+                                     "eval_files": session.images["eval_files"]})
+    table = results_table(rows, _float_row(session))
+    (out / "report.md").write_text(_header(session) + "\n## Sweep\n\n" + table + "\n")
+    if args.json:
+        print(json.dumps(report, default=str))
+    else:
+        print(table)
+        _say(args, f"\nreport.json, report.md and one plan per row written to {out}/")
+    return 0
+
+
+def cmd_models(args) -> int:
+    rows = []
+    for e in ZOO.values():
+        p = PRESETS[e.preprocess]
+        rows.append({"name": e.name, "input": "x".join(map(str, p.input_shape(e.input_hw))),
+                     "preprocess": e.preprocess, "weights": e.weights})
+    if args.json:
+        print(json.dumps(rows))
+        return 0
+    from .report import markdown_table
+    print(markdown_table(["model", "input CxHxW", "preprocess", "weights"],
+                         [[r["name"], r["input"], r["preprocess"], r["weights"]] for r in rows]))
+    print("\nAny other model: --model path/to/file.py:function (or package.module:function) --input-shape C,H,W")
+    return 0
+
+
+def cmd_demo(args) -> int:
+    from .digits import export_digits
+    out = Path(args.out)
+    data = export_digits(out / "data" / "digits-test", "test")
+    session = open_session("lenet-digits", str(data), str(data), calib_size=100, seed=0,
+                           show_progress=not (args.quiet or args.json))
+    rows, runs = [], []
+    for cb in ("8", "4"):
+        for mode in ("4D", "3D", "2D"):
+            run = run_config(session, make_config(coeff_bits=cb, coeff_mode=mode))
+            rows.append(run.row(session))
+            runs.append(run)
+    best = runs[1]
+    best.plan.save(out / "plan.json")
+    report = {**_common_report(session), "rows": rows, "config": {"grid": "coeff 8,4 x 4D,3D,2D; data 8b 4D"},
+              "layers": layer_table(session, best)}
+    write_json(out / "report.json", report)
+    table = results_table(rows, _float_row(session))
+    (out / "report.md").write_text(_header(session) + "\n## Demo: LeNet on scikit-learn digits\n\n" + table +
+                                   "\n\n## Layers (<8b,8b> 3D)\n\n" + layers_markdown(report["layers"]) + "\n")
+    if args.json:
+        print(json.dumps(report, default=str))
+        return 0
+    print(f"fixq demo: LeNet on {session.images['n_eval']} held-out scikit-learn digits "
+          f"(calibration on {session.images['n_calib']} others)\n")
+    print(table)
+    print(f"\nReport: {out / 'report.md'} (JSON: {out / 'report.json'}; <8b,8b> 3D plan: {out / 'plan.json'})")
+    return 0
+
+
+def cmd_analyze(args) -> int:
+    pre, shape = resolve_preprocess(args)
+    model, entry = build_model(args.model, args.weights)
+    if shape is None:
+        shape = pre.input_shape(entry.input_hw if entry else None)
+    graph = capture(model, torch.zeros(1, *shape), check=False)
+    plan = QuantPlan.load(args.plan) if args.plan else None
+    if plan is not None:
+        missing = [n.name for n in graph.layers() if n.name not in plan.layers]
+        if missing:
+            raise PlanError(f"plan {args.plan} does not belong to {args.model}: no entry for layer '{missing[0]}'")
+    cost = analyze(graph, plan).to_json()
+    cost["model"], cost["input_shape"] = args.model, list(shape)
+    if args.out:
+        write_json(args.out, cost)
+    if args.json:
+        print(json.dumps(cost))
+    else:
+        print(complexity_markdown(cost))
+    return 0
+
+
+COMMANDS = {"quantize": cmd_quantize, "sweep": cmd_sweep, "models": cmd_models, "demo": cmd_demo,
+            "analyze": cmd_analyze}
+
+
+def dispatch(args) -> int:
+    return COMMANDS[args.command](args)

@@ -1,0 +1,199 @@
+"""Datasets (ImageFolder layout) and evaluation: top-1/top-5 error float vs fixed point,
+top-1 agreement, per-layer SQNR and saturation counts."""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from .calibrate import progress
+from .ir import QUANT_POINTS, Graph, run_float
+from .zoo import Preprocess
+
+__all__ = ["DataError", "ImageSet", "load_images", "select_subsets", "Split", "topk_errors",
+           "float_logits", "EvalResult", "evaluate_quant", "batches"]
+
+IMG_EXT = {".jpg", ".jpeg", ".png", ".bmp", ".ppm", ".pgm", ".tif", ".tiff", ".webp"}
+
+
+class DataError(ValueError):
+    """Missing or empty data folders, unreadable images."""
+
+
+@dataclass(frozen=True)
+class ImageSet:
+    """An ImageFolder-layout folder: ``root/<class>/<image>``; classes in sorted order."""
+
+    root: Path
+    files: tuple[str, ...]       # relative paths, sorted by class then name
+    labels: tuple[int, ...]
+    classes: tuple[str, ...]
+
+    @staticmethod
+    def scan(root: str | Path) -> "ImageSet":
+        r = Path(root)
+        if not r.is_dir():
+            raise DataError(f"data folder {root} does not exist (expected root/<class>/<image> files)")
+        classes = sorted(d.name for d in r.iterdir() if d.is_dir())
+        files, labels = [], []
+        for i, c in enumerate(classes):
+            for f in sorted((r / c).iterdir()):
+                if f.suffix.lower() in IMG_EXT:
+                    files.append(f"{c}/{f.name}")
+                    labels.append(i)
+        if not files:
+            raise DataError(f"data folder {root} holds no images: expected ImageFolder layout "
+                            "root/<class>/<image>.jpg (class folders in sorted order = class index)")
+        return ImageSet(r, tuple(files), tuple(labels), tuple(classes))
+
+    def __len__(self) -> int:
+        return len(self.files)
+
+
+@dataclass(frozen=True)
+class Split:
+    calib: tuple[int, ...]
+    eval: tuple[int, ...]
+    seed: int
+    same_folder: bool
+
+
+def select_subsets(calib: ImageSet, evalset: ImageSet, calib_size: int | None,
+                   eval_size: int | None, seed: int = 0) -> Split:
+    """Seeded subsets; when both name the same folder they are disjoint.
+
+    Evaluation indices are returned sorted, so outputs come in folder order."""
+    same = calib.root.resolve() == evalset.root.resolve()
+    g = torch.Generator().manual_seed(seed)
+    pc = torch.randperm(len(calib), generator=g).tolist()
+    nc = len(calib) if calib_size is None else min(calib_size, len(calib))
+    if nc <= 0:
+        raise DataError("calibration size must be at least 1")
+    c = pc[:nc]
+    if same:
+        rest = pc[nc:]
+        if not rest:
+            raise DataError(f"--calib and --eval name the same folder and calibration takes all "
+                            f"{len(calib)} images: lower --calib-size so some are left to evaluate")
+        e = rest if eval_size is None else rest[:eval_size]
+    else:
+        pe = torch.randperm(len(evalset), generator=torch.Generator().manual_seed(seed + 1)).tolist()
+        e = pe if eval_size is None else pe[:eval_size]
+    if not e:
+        raise DataError("evaluation size must be at least 1")
+    return Split(tuple(sorted(c)), tuple(sorted(e)), seed, same)
+
+
+def _transform(pre: Preprocess):
+    from torchvision import transforms as T
+    steps = []
+    if pre.grayscale:
+        steps.append(T.Grayscale(1))
+    if pre.resize:
+        steps.append(T.Resize(pre.resize, interpolation=T.InterpolationMode.BILINEAR))
+    if pre.crop:
+        steps.append(T.CenterCrop(pre.crop))
+    steps += [T.ToTensor(), T.Normalize(pre.mean, pre.std)]
+    return T.Compose(steps)
+
+
+class _Files(torch.utils.data.Dataset):
+    def __init__(self, s: ImageSet, idx, pre: Preprocess):
+        self.s, self.idx, self.tf = s, list(idx), _transform(pre)
+
+    def __len__(self):
+        return len(self.idx)
+
+    def __getitem__(self, k):
+        from PIL import Image
+        i = self.idx[k]
+        path = self.s.root / self.s.files[i]
+        try:
+            with Image.open(path) as im:
+                img = im.convert("RGB")
+        except OSError as e:
+            raise DataError(f"cannot read image {path}: {e}") from None
+        return self.tf(img), self.s.labels[i]
+
+
+def load_images(s: ImageSet, idx, pre: Preprocess, workers: int = 0, batch_size: int = 64,
+                show_progress: bool = True, desc: str = "load images") -> tuple[torch.Tensor, torch.Tensor]:
+    """Decode and preprocess the chosen images into one in-memory tensor (N, C, H, W)."""
+    loader = torch.utils.data.DataLoader(_Files(s, idx, pre), batch_size=batch_size,
+                                         num_workers=workers, shuffle=False)
+    xs, ys = [], []
+    for x, y in progress(loader, desc, show_progress):
+        xs.append(x)
+        ys.append(y)
+    if not xs:
+        raise DataError(f"no images selected from {s.root}")
+    return torch.cat(xs), torch.cat(ys)
+
+
+def batches(x: torch.Tensor, y: torch.Tensor | None, batch_size: int):
+    for i in range(0, x.shape[0], batch_size):
+        yield x[i:i + batch_size], None if y is None else y[i:i + batch_size]
+
+
+def topk_errors(logits: torch.Tensor, labels: torch.Tensor) -> tuple[float, float]:
+    """Top-1 and top-5 error in percent."""
+    k = min(5, logits.shape[1])
+    top = logits.topk(k, dim=1).indices
+    hit1 = (top[:, 0] == labels).float().mean().item()
+    hit5 = (top == labels[:, None]).any(dim=1).float().mean().item()
+    return 100.0 * (1 - hit1), 100.0 * (1 - hit5)
+
+
+@torch.no_grad()
+def float_logits(graph: Graph, x: torch.Tensor, batch_size: int = 128, device="cpu",
+                 show_progress: bool = True) -> torch.Tensor:
+    out = []
+    n = (x.shape[0] + batch_size - 1) // batch_size
+    for xb, _ in progress(batches(x, None, batch_size), "float eval", show_progress, total=n):
+        out.append(run_float(graph, xb.to(device)).float().cpu())
+    return torch.cat(out)
+
+
+@dataclass
+class EvalResult:
+    top1_error: float
+    top5_error: float
+    agreement_top1: float
+    logits: torch.Tensor
+    sqnr_db: dict[str, float] = field(default_factory=dict)
+    saturations: dict[str, dict[str, int]] = field(default_factory=dict)
+    sqnr_images: int = 0
+
+
+@torch.no_grad()
+def evaluate_quant(sim, x: torch.Tensor, y: torch.Tensor, ref_logits: torch.Tensor,
+                   batch_size: int = 128, sqnr_images: int = 256, show_progress: bool = True) -> EvalResult:
+    """Run the simulator over the eval tensors; SQNR of every requantized tensor vs float is
+    measured on the first ``sqnr_images`` images (float intermediates are recomputed there)."""
+    graph = sim.graph
+    sim.reset_counts()
+    points = [n.name for n in graph.nodes if isinstance(n, QUANT_POINTS)]
+    sig = {p: 0.0 for p in points}
+    noise = {p: 0.0 for p in points}
+    out, seen = [], 0
+    n = (x.shape[0] + batch_size - 1) // batch_size
+    for xb, _ in progress(batches(x, None, batch_size), "fixed-point eval", show_progress, total=n):
+        xb = xb.to(sim.device)
+        if seen < sqnr_images:
+            q_env = sim.run(xb, keep=True)
+            f_env = run_float(graph, xb.float(), keep=True)
+            for p in points:
+                f = f_env[p].double()
+                sig[p] += float((f * f).sum())
+                noise[p] += float(((q_env[p].double() - f) ** 2).sum())
+            out.append(q_env[graph.output].float().cpu())
+            seen += xb.shape[0]
+        else:
+            out.append(sim.run(xb).float().cpu())
+    logits = torch.cat(out)
+    t1, t5 = topk_errors(logits, y)
+    agree = 100.0 * (logits.argmax(1) == ref_logits.argmax(1)).float().mean().item()
+    sqnr = {p: (float("inf") if noise[p] == 0 else 10.0 * torch.log10(torch.tensor(sig[p] / noise[p])).item())
+            for p in points if sig[p] > 0}
+    return EvalResult(t1, t5, agree, logits, sqnr, sim.saturations(), min(seen, x.shape[0]))

@@ -1,0 +1,172 @@
+"""The end-to-end flow shared by the ``fixq`` command and the Python API:
+load model + data once, then calibrate -> plan -> simulate -> evaluate per config."""
+from __future__ import annotations
+
+import hashlib
+import time
+from dataclasses import dataclass, field
+
+import torch
+
+from .calibrate import calibrate
+from .complexity import analyze
+from .evaluate import (EvalResult, ImageSet, batches, evaluate_quant, float_logits, load_images,
+                       select_subsets, topk_errors)
+from .graph import capture
+from .ir import Graph
+from .plan import Formats, QuantConfig, QuantPlan, propagate_formats
+from .simulate import Simulator
+from .zoo import PRESETS, Preprocess, build_model
+
+__all__ = ["Session", "open_session", "RunResult", "run_config", "layer_table"]
+
+
+@dataclass
+class Session:
+    """A captured model with its calibration/evaluation tensors and float reference."""
+
+    model_name: str
+    graph: Graph
+    preprocess: Preprocess
+    calib_x: torch.Tensor
+    eval_x: torch.Tensor
+    eval_y: torch.Tensor
+    float_logits: torch.Tensor
+    float_top1: float
+    float_top5: float
+    images: dict
+    device: torch.device
+    batch_size: int = 128
+    show_progress: bool = True
+    timings: dict = field(default_factory=dict)
+
+
+def _digest(names) -> str:
+    return hashlib.sha1("\n".join(names).encode()).hexdigest()[:16]
+
+
+def open_session(model: str, calib: str, eval_dir: str, weights: str | None = None,
+                 calib_size: int | None = 512, eval_size: int | None = None, seed: int = 0,
+                 preprocess: Preprocess | None = None, input_shape: tuple[int, ...] | None = None,
+                 batch_size: int = 128, workers: int = 0, device: str = "cpu",
+                 show_progress: bool = True, module: torch.nn.Module | None = None) -> Session:
+    """Build/load the model, pick disjoint seeded image subsets, decode them, capture the
+    graph and run the float reference once.
+
+    >>> s = open_session("cifar10-resnet20", "cifar10-test", "cifar10-test",
+    ...                  weights="resnet20.th", calib_size=512)      # doctest: +SKIP
+    """
+    t0 = time.time()
+    if module is None:
+        net, entry = build_model(model, weights)
+    else:
+        net, entry = module.eval(), None
+    if preprocess is None:
+        if entry is None:
+            raise ValueError(f"model {model!r} is not in the zoo: give --preprocess (imagenet, cifar10, "
+                             "digits, mnist...) and --input-shape")
+        preprocess = PRESETS[entry.preprocess]
+    cset, eset = ImageSet.scan(calib), ImageSet.scan(eval_dir)
+    split = select_subsets(cset, eset, calib_size, eval_size, seed)
+    xc, _ = load_images(cset, split.calib, preprocess, workers, show_progress=show_progress,
+                        desc="load calibration images")
+    xe, ye = load_images(eset, split.eval, preprocess, workers, show_progress=show_progress,
+                         desc="load evaluation images")
+    if input_shape is not None and tuple(xc.shape[1:]) != tuple(input_shape):
+        raise ValueError(f"images preprocess to {tuple(xc.shape[1:])} but --input-shape is "
+                         f"{tuple(input_shape)}: adjust --resize/--crop/--grayscale")
+    dev = torch.device(device)
+    net = net.to(dev)
+    graph = capture(net, xc[:2].to(dev))
+    t1 = time.time()
+    fl = float_logits(graph, xe, batch_size, dev, show_progress)
+    if fl.shape[1] <= int(ye.max()):
+        raise ValueError(f"the model has {fl.shape[1]} outputs but the evaluation folder has "
+                         f"{int(ye.max()) + 1} classes")
+    t1e, t5e = topk_errors(fl, ye)
+    calib_files = [cset.files[i] for i in split.calib]
+    eval_files = [eset.files[i] for i in split.eval]
+    images = {"calib_dir": str(cset.root), "eval_dir": str(eset.root), "seed": seed,
+              "same_folder": split.same_folder, "n_calib": len(calib_files), "n_eval": len(eval_files),
+              "calib_files": calib_files, "eval_files_sha1": _digest(eval_files), "eval_files": eval_files}
+    return Session(model, graph, preprocess, xc, xe, ye, fl, t1e, t5e, images, dev, batch_size,
+                   show_progress, {"load_s": t1 - t0, "float_eval_s": time.time() - t1})
+
+
+@dataclass
+class RunResult:
+    config: QuantConfig
+    plan: QuantPlan
+    result: EvalResult
+    exact: bool
+    seconds: float
+
+    def row(self, session: Session) -> dict:
+        d = self.config.default
+        cost = analyze(session.graph, self.plan).to_json()["total"]
+        return {"format": f"<{_b(d.coeff_bits)},{_b(d.data_bits)}>", "coeff_mode": d.coeff_mode,
+                "data_mode": d.data_mode, "method": d.method, "rounding": self.config.rounding,
+                "acc_bits": d.acc_bits, "float_top1_error": session.float_top1,
+                "float_top5_error": session.float_top5, "quant_top1_error": self.result.top1_error,
+                "quant_top5_error": self.result.top5_error, "agreement_top1": self.result.agreement_top1,
+                "rel_complexity_mmacs": cost["rel_complexity_mmacs"], "storage_bytes": cost["storage_bytes"],
+                "seconds": self.seconds}
+
+
+def _b(bits) -> str:
+    return "flp" if bits is None else f"{bits}b"
+
+
+def run_config(session: Session, config: QuantConfig, exact: bool = False,
+               plan: QuantPlan | None = None) -> RunResult:
+    """Calibrate (unless a plan is given), simulate and evaluate one configuration."""
+    t0 = time.time()
+    if plan is None:
+        plan = calibrate(session.graph, batches(session.calib_x, None, session.batch_size), config,
+                         session.model_name, session.device, session.show_progress)
+    sim = Simulator(session.graph, plan, exact=exact, device=session.device)
+    res = evaluate_quant(sim, session.eval_x, session.eval_y, session.float_logits,
+                         session.batch_size, show_progress=session.show_progress)
+    return RunResult(config, plan, res, exact, time.time() - t0)
+
+
+def layer_table(session: Session, run: RunResult) -> list[dict]:
+    """Per-layer rows for report.json: shapes, formats, SQNR, saturation counts."""
+    g, plan = session.graph, run.plan
+    fmts = propagate_formats(g, plan.tensors)
+    cost = {c.name: c for c in analyze(g, plan).layers}
+    rows = []
+    for n in g.nodes:
+        if n.name not in run.result.sqnr_db and n.name not in plan.layers:
+            continue
+        lp = plan.layers.get(n.name)
+        f = plan.tensors.get(n.name)
+        row = {"name": n.name, "kind": n.kind,
+               "input_shape": list(g.shapes.get(n.inputs[0], ())) if n.inputs else [],
+               "output_shape": list(g.shapes.get(n.name, ())),
+               "data_format": None if f is None else _fmt_summary(f),
+               "sqnr_db": run.result.sqnr_db.get(n.name),
+               "saturations": run.result.saturations.get(n.name, {})}
+        if lp is not None:
+            row.update({"weight_shape": list(n.weight.shape),
+                        "coeff_format": None if lp.weight is None else _fmt_summary(lp.weight),
+                        "bias_format": None if lp.bias is None else _fmt_summary(lp.bias),
+                        "acc_format": None if lp.acc_F is None else
+                        {"A": lp.acc_bits, "F_min": min(lp.acc_F), "F_max": max(lp.acc_F),
+                         "overflow": lp.acc_overflow},
+                        "input_format": None if fmts[n.inputs[0]][0] is None else f"{fmts[n.inputs[0]][0]}b",
+                        "macs": cost[n.name].macs, "rel_complexity_mmacs": cost[n.name].rel_complexity_mmacs,
+                        "notes": list(lp.notes)})
+        rows.append(row)
+    return rows
+
+
+def _fmt_summary(f) -> dict:
+    parts = f.F if isinstance(f, Formats) else f.mu
+    d = {"T": f.T, "granularity": f.granularity, "partitions": len(parts)}
+    if isinstance(f, Formats):
+        d.update({"F_min": min(f.F), "F_max": max(f.F)})
+    else:
+        d["affine"] = True
+    return d
+
