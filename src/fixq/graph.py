@@ -351,7 +351,8 @@ def _fold_bn(nodes: list[Node], bns, users) -> list[Node]:
             rename[n.name] = src
         else:  # standalone BN: a depthwise 1x1 conv is exact and already supported
             C = scale.numel()
-            out.append(Conv(n.name, (src,), weight=scale.float().reshape(C, 1, 1, 1), bias=shift.float(),
+            dt = bn.running_var.dtype
+            out.append(Conv(n.name, (src,), weight=scale.to(dt).reshape(C, 1, 1, 1), bias=shift.to(dt),
                             groups=C))
     return out, rename
 
@@ -423,7 +424,8 @@ def capture(model: nn.Module, example: torch.Tensor, check: bool = True) -> Grap
         ref_t = ref[0] if isinstance(ref, (tuple, list)) else ref
         diff = (env[output] - ref_t).abs().max().item()
         scale = max(1.0, ref_t.abs().max().item())
-        if not diff <= 1e-4 * scale:
+        # a wrong rule gives O(1) relative errors; float32 reordering noise stays far below this
+        if not diff <= 1e-3 * scale:
             raise CaptureError(f"captured graph differs from the model by {diff:.3g} (max abs); "
                                "please report this model")
     return graph

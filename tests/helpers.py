@@ -1,0 +1,50 @@
+"""Small models and a calibrate-and-simulate helper shared by tests."""
+from __future__ import annotations
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as Fn
+
+from fixq.calibrate import calibrate
+from fixq.graph import capture
+from fixq.plan import LayerConfig, QuantConfig
+
+from conftest import set_bn_stats
+
+
+class DepthwiseNet(nn.Module):
+    """MobileNet-style block: conv, depthwise conv + ReLU6, pointwise, residual, pools, concat."""
+
+    def __init__(self):
+        super().__init__()
+        self.stem = nn.Conv2d(3, 8, 3, 2, 1)
+        self.bn0 = nn.BatchNorm2d(8)
+        self.dw = nn.Conv2d(8, 8, 3, 1, 1, groups=8, bias=False)
+        self.bn1 = nn.BatchNorm2d(8)
+        self.pw = nn.Conv2d(8, 8, 1)
+        self.grp = nn.Conv2d(16, 8, 3, 1, 2, dilation=2, groups=2)
+        self.fc = nn.Linear(8 * 2 * 2, 5)
+
+    def forward(self, x):
+        x = Fn.relu6(self.bn0(self.stem(x)))
+        y = Fn.relu6(self.bn1(self.dw(x)))
+        y = self.pw(y) + x
+        z = torch.cat([y, Fn.max_pool2d(x, 3, 1, 1)], dim=1)
+        z = Fn.relu(self.grp(z))
+        z = Fn.avg_pool2d(z, 2)
+        z = Fn.adaptive_avg_pool2d(z, (2, 2))
+        return self.fc(torch.flatten(z, 1))
+
+
+def make_graph(model, shape, seed=0):
+    torch.manual_seed(seed)
+    set_bn_stats(model, torch.randn(16, *shape))
+    x = torch.randn(2, *shape)
+    return capture(model, x)
+
+
+def plan_for(graph, shape, n=32, seed=1, **cfg):
+    torch.manual_seed(seed)
+    rounding = cfg.pop("rounding", "half_up")
+    x = torch.randn(n, *shape)
+    return calibrate(graph, [(x, None)], QuantConfig(LayerConfig(**cfg), rounding), show_progress=False)

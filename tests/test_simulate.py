@@ -1,0 +1,113 @@
+import pytest
+import torch
+import torch.nn as nn
+
+from fixq.formats import exp2
+from fixq.ir import run_float
+from fixq.plan import QuantPlan, propagate_formats
+from fixq.simulate import Simulator
+from fixq.zoo import CifarResNet, LeNet
+
+from helpers import DepthwiseNet, make_graph, plan_for
+
+SHAPE = (3, 16, 16)
+
+
+@pytest.mark.parametrize("coeff_mode", ["4D", "3D", "2D"])
+@pytest.mark.parametrize("data_mode", ["4D", "3D"])
+@pytest.mark.parametrize("rounding", ["half_up", "nearest_even", "floor"])
+def test_exact_outputs_on_format_grid(coeff_mode, data_mode, rounding):
+    g = make_graph(DepthwiseNet(), SHAPE)
+    plan = plan_for(g, SHAPE, coeff_mode=coeff_mode, data_mode=data_mode, rounding=rounding)
+    sim = Simulator(g, plan, exact=True)
+    env = sim.run(torch.randn(4, *SHAPE), keep=True)
+    fmts = propagate_formats(g, plan.tensors)
+    for name, v in env.items():
+        T, F = fmts[name]
+        codes = v * exp2(F, v).reshape(-1, *([1] * (v.dim() - 2))) if F.dim() else v * exp2(F, v)
+        assert torch.equal(codes, torch.round(codes)), name          # integer multiples of 2**-F
+        assert codes.abs().max() <= 2 ** (T - 1), name               # inside T bits
+    assert sim.exact_violations == 0
+
+
+def test_4d_3d_2d_identical_when_partitions_share_one_range():
+    conv = nn.Conv2d(4, 6, 3, padding=1)
+    with torch.no_grad():
+        w = torch.rand(6, 4, 3, 3) * 0.9
+        w[:, :, 0, 0] = 1.7  # every 2D filter (hence every kernel) has max |w| = 1.7
+        conv.weight.copy_(w)
+    m = nn.Sequential(conv, nn.ReLU())
+    g = make_graph(m, (4, 8, 8))
+    x = torch.randn(3, 4, 8, 8)
+    outs = [Simulator(g, plan_for(g, (4, 8, 8), coeff_mode=mode, coeff_bits=4), exact=True)(x)
+            for mode in ("4D", "3D", "2D")]
+    assert torch.equal(outs[0], outs[1]) and torch.equal(outs[1], outs[2])
+
+
+def test_2d_beats_4d_with_an_outlier_filter():
+    torch.manual_seed(0)
+    conv = nn.Conv2d(8, 8, 3, padding=1, bias=False)
+    with torch.no_grad():
+        conv.weight.mul_(0.1)
+        conv.weight[0, 0, 1, 1] = 5.0  # paper Fig. 3: one outlier ruins the 4D format
+    g = make_graph(nn.Sequential(conv), (8, 8, 8))
+    x = torch.randn(16, 8, 8, 8)
+    ref = run_float(g, x)
+    err = {m: (Simulator(g, plan_for(g, (8, 8, 8), coeff_mode=m, coeff_bits=4), exact=True)(x) - ref).pow(2).mean()
+           for m in ("4D", "3D", "2D")}
+    assert err["2D"] < err["3D"] < err["4D"]
+
+
+def test_fast_mode_close_to_exact_and_mismatch_rate_small():
+    g = make_graph(DepthwiseNet(), SHAPE)
+    plan = plan_for(g, SHAPE, coeff_mode="2D", data_mode="3D")
+    x = torch.randn(16, *SHAPE)
+    e, f = Simulator(g, plan, exact=True)(x), Simulator(g, plan)(x)
+    mismatch = (e.float() != f).float().mean().item()
+    assert mismatch <= 0.01
+    assert (e.float() - f).abs().max() <= 2 * 2.0 ** -min(plan.tensors[g.output].F)
+
+
+def test_plan_json_round_trip_reproduces_outputs(tmp_path):
+    g = make_graph(DepthwiseNet(), SHAPE)
+    plan = plan_for(g, SHAPE, coeff_mode="2D", data_mode="3D", method="percentile:99.9")
+    plan.save(tmp_path / "plan.json")
+    loaded = QuantPlan.load(tmp_path / "plan.json")
+    assert loaded == plan
+    x = torch.randn(4, *SHAPE)
+    assert torch.equal(Simulator(g, plan, exact=True)(x), Simulator(g, loaded, exact=True)(x))
+
+
+@pytest.mark.parametrize("method", ["maxabs", "percentile:99.99", "mse", "affine"])
+def test_every_method_runs_and_stays_close(method):
+    g = make_graph(CifarResNet(20), (3, 32, 32))
+    plan = plan_for(g, (3, 32, 32), method=method)
+    x = torch.randn(8, 3, 32, 32)
+    q, f = Simulator(g, plan, exact=True)(x), run_float(g, x)
+    sqnr = 10 * torch.log10(f.pow(2).sum() / (q - f).pow(2).sum())
+    assert sqnr > 10, (method, float(sqnr))
+    assert plan.is_affine == (method == "affine")
+
+
+def test_flp_sides_and_bits_matter():
+    g = make_graph(LeNet(8), (1, 8, 8))
+    x = torch.randn(8, 1, 8, 8)
+    ref = run_float(g, x)
+    full = Simulator(g, plan_for(g, (1, 8, 8), coeff_bits=None, data_bits=None), exact=True)(x)
+    assert torch.allclose(full.float(), ref, atol=1e-5)  # <flp,flp> is the float model
+    coeff_only = plan_for(g, (1, 8, 8), coeff_bits=8, data_bits=None)
+    assert not coeff_only.tensors and all(lp.acc_F is None for lp in coeff_only.layers.values())
+    e8 = (Simulator(g, coeff_only, exact=True)(x) - ref).abs().mean()
+    e4 = (Simulator(g, plan_for(g, (1, 8, 8), coeff_bits=4, data_bits=None), exact=True)(x) - ref).abs().mean()
+    assert 0 < e8 < e4
+
+
+def test_narrow_accumulator_saturates_and_counts():
+    g = make_graph(LeNet(8), (1, 8, 8))
+    x = torch.randn(8, 1, 8, 8) * 4
+    plan = plan_for(g, (1, 8, 8), acc_bits=12)
+    sim = Simulator(g, plan, exact=True)
+    sim(x)
+    assert any(v.get("acc", 0) > 0 for v in sim.saturations().values())
+    wrap = Simulator(g, plan_for(g, (1, 8, 8), acc_bits=12, acc_overflow="wrap"), exact=True)
+    assert not torch.equal(wrap(x), sim(x))
