@@ -111,3 +111,38 @@ def test_narrow_accumulator_saturates_and_counts():
     assert any(v.get("acc", 0) > 0 for v in sim.saturations().values())
     wrap = Simulator(g, plan_for(g, (1, 8, 8), acc_bits=12, acc_overflow="wrap"), exact=True)
     assert not torch.equal(wrap(x), sim(x))
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_cuda_exact_equals_cpu_exact_and_fast_close():
+    g = make_graph(DepthwiseNet(), SHAPE)
+    plan = plan_for(g, SHAPE, coeff_mode="2D", data_mode="3D")
+    x = torch.randn(64, *SHAPE)
+    cpu = Simulator(g, plan, exact=True)(x)
+    gpu = Simulator(g, plan, exact=True, device="cuda")(x).cpu()
+    assert torch.equal(cpu, gpu)
+    fast = Simulator(g, plan, device="cuda")(x).cpu()
+    assert (fast.double() != cpu).double().mean() <= 0.01
+
+
+def test_nan_activation_names_the_layer():
+    from fixq.calibrate import CalibrationError
+    g = make_graph(LeNet(8), (1, 8, 8))
+    from fixq.calibrate import calibrate
+    from fixq.plan import QuantConfig
+    g.node("conv1").weight.mul_(1e10)
+    x = torch.full((4, 1, 8, 8), 1e30)  # finite input, conv1 overflows float32
+    with pytest.raises(CalibrationError, match="layer 'conv1' produced NaN or Inf"):
+        calibrate(g, [(x, None)], QuantConfig(), show_progress=False)
+    x = torch.randn(4, 1, 8, 8)
+    x[0, 0, 0, 0] = float("nan")
+    with pytest.raises(CalibrationError, match="images contain NaN"):
+        calibrate(g, [(x, None)], QuantConfig(), show_progress=False)
+
+
+def test_empty_calibration_set_is_refused():
+    from fixq.calibrate import CalibrationError, calibrate
+    from fixq.plan import QuantConfig
+    g = make_graph(LeNet(8), (1, 8, 8))
+    with pytest.raises(CalibrationError, match="empty"):
+        calibrate(g, [], QuantConfig(), show_progress=False)

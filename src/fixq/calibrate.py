@@ -105,18 +105,22 @@ def _per_channel(x: torch.Tensor) -> torch.Tensor:
 
 
 def _observe(st: _Stats, x: torch.Tensor, want_hist: bool) -> None:
-    c = _per_channel(x)
-    amax, vmin, vmax = c.abs().amax(dim=1), c.amin(dim=1), c.amax(dim=1)
+    # two reductions over the non-channel dims, no copy: max|x| = max(max, -min)
+    dims = [d for d in range(x.dim()) if d != 1]
+    vmin, vmax = torch.aminmax(x.detach(), dim=dims[0]) if len(dims) == 1 else (
+        x.detach().amin(dim=dims), x.detach().amax(dim=dims))
+    amax = torch.maximum(vmax, -vmin)
     if st.amax is None:
         st.amax, st.vmin, st.vmax = amax, vmin, vmax
     else:
         st.amax, st.vmin, st.vmax = (torch.maximum(st.amax, amax), torch.minimum(st.vmin, vmin),
                                      torch.maximum(st.vmax, vmax))
     if want_hist:
+        c = _per_channel(x)
         groups = torch.arange(c.shape[0], device=c.device).unsqueeze(1).expand_as(c)
         h = exponent_histogram(c, groups, c.shape[0])
         st.hist = h if st.hist is None else st.hist + h
-    st.count += c.shape[1]
+    st.count += x.numel() // x.shape[1]
 
 
 def _forward_observed(graph: Graph, x: torch.Tensor, on_tensor, on_acc) -> None:
@@ -163,18 +167,11 @@ def calibrate(graph: Graph, loader, config: QuantConfig, model_name: str = "mode
     acc = {n.name: _Stats() for n in graph.layers()}
     hist_for = {n.name for n in qpoints if parse_method(cfgs[n.name].effective_data_method).kind == "percentile"}
 
-    def check(name, t):
-        if not torch.isfinite(t).all():
-            raise CalibrationError(f"layer '{name}' produced NaN or Inf on the calibration images; "
-                                   "check the weights and the preprocessing")
-
     def on_tensor(name, t):
-        check(name, t)
         if cfgs[name].data_bits is not None:
             _observe(stats[name], t, name in hist_for)
 
     def on_acc(name, t):
-        check(name, t)
         _observe(acc[name], t, False)
 
     batches = 0
@@ -187,6 +184,14 @@ def calibrate(graph: Graph, loader, config: QuantConfig, model_name: str = "mode
             batches += 1
     if batches == 0:
         raise CalibrationError("no calibration images: the calibration set is empty")
+    # NaN/Inf propagate through min/max, so the per-channel statistics reveal them
+    for n in graph.nodes:
+        st = acc.get(n.name) or stats.get(n.name)
+        if st is not None and st.amax is not None and not bool(torch.isfinite(st.amax).all()):
+            if isinstance(n, Input):
+                raise CalibrationError("the calibration images contain NaN or Inf after preprocessing")
+            raise CalibrationError(f"layer '{n.name}' produced NaN or Inf on the calibration images; "
+                                   "check the weights and the preprocessing")
 
     tensors: dict[str, Formats | AffineFormats] = {}
     mse_names = []

@@ -211,7 +211,11 @@ def fake_quantize(x: torch.Tensor, F, T, rounding: str = "half_up",
     tensor([0.3125, 7.9375])
     """
     s = exp2(F, x)
-    q, events = saturate(round_values(x * s, rounding), T, overflow)
+    if rounding == "half_up":  # floor(x*s + 1/2) in one fused pass
+        v = torch.floor(torch.addcmul(torch.full((), 0.5, dtype=x.dtype, device=x.device), x, s))
+    else:
+        v = round_values(x * s, rounding)
+    q, events = saturate(v, T, overflow)
     return q / s, events
 
 

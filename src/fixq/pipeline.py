@@ -39,6 +39,7 @@ class Session:
     batch_size: int = 128
     show_progress: bool = True
     timings: dict = field(default_factory=dict)
+    weights: str | None = None
 
 
 def _digest(names) -> str:
@@ -90,7 +91,7 @@ def open_session(model: str, calib: str, eval_dir: str, weights: str | None = No
               "same_folder": split.same_folder, "n_calib": len(calib_files), "n_eval": len(eval_files),
               "calib_files": calib_files, "eval_files_sha1": _digest(eval_files), "eval_files": eval_files}
     return Session(model, graph, preprocess, xc, xe, ye, fl, t1e, t5e, images, dev, batch_size,
-                   show_progress, {"load_s": t1 - t0, "float_eval_s": time.time() - t1})
+                   show_progress, {"load_s": t1 - t0, "float_eval_s": time.time() - t1}, weights)
 
 
 @dataclass

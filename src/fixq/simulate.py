@@ -72,7 +72,9 @@ class Simulator:
 
     def _prepare_layer(self, n) -> dict:
         lp = self.plan.layers.get(n.name)
-        w, b = n.weight.double(), None if n.bias is None else n.bias.double()
+        # plan-time arithmetic on the CPU; the prepared tensors then move to the device
+        w = n.weight.detach().double().cpu()
+        b = None if n.bias is None else n.bias.detach().double().cpu()
         out = {"weight": self._t(w), "bias": None if b is None else self._t(b), "acc": None}
         if lp is None or lp.weight is None:
             return out
