@@ -110,6 +110,7 @@ def main() -> None:
     ap.add_argument("--shared", default=str(Path(__file__).resolve().parents[2] / "shared"))
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--eval-size", type=int)
+    ap.add_argument("--workers", type=int, default=0)
     ap.add_argument("--no-torch-ao", action="store_true")
     ap.add_argument("--out", default=str(Path(__file__).parent / "results"))
     args = ap.parse_args()
@@ -118,7 +119,8 @@ def main() -> None:
     t_start = time.time()
     session = open_session(args.model, str(shared / data), str(shared / data),
                            weights=str(shared / weights) if weights else None, calib_size=nc,
-                           eval_size=args.eval_size or ne, seed=0, batch_size=256, device=args.device,
+                           eval_size=args.eval_size or ne, seed=0, batch_size=256, workers=args.workers,
+                           device=args.device,
                            show_progress=False)
     fcost = analyze(session.graph).to_json()["total"]["rel_complexity_mmacs"]
     rows = [["<flp,flp>", "-", "float", session.float_top1, session.float_top5, 100.0, fcost,
