@@ -69,6 +69,9 @@ def main() -> None:
     ap.add_argument("--out", default=str(Path(__file__).parent / "results"))
     args = ap.parse_args()
     dev = torch.device(args.device)
+    if dev.type == "cuda":
+        from fixq.pipeline import strict_float32
+        strict_float32()
     rows, out = [], {}
     for name in args.models.split(","):
         torch.manual_seed(0)

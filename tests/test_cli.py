@@ -124,3 +124,32 @@ def test_mismatched_cifar_weights_name_first_key(capsys, tmp_path, digits_dir):
     code, _, err = run(capsys, "quantize", "--model", "cifar10-resnet20", "--weights", w, "--calib", digits_dir,
                        "--eval", digits_dir, "--out", tmp_path / "o", "--quiet")
     assert code == 2 and "key 'layer1.3.conv1.weight'" in err
+
+
+def test_plots_and_html_report(capsys, tmp_path, digits_dir):
+    out = tmp_path / "q"
+    code, _, _ = run(capsys, "quantize", "--model", "lenet-digits", "--calib", digits_dir, "--calib-size", 32,
+                     "--eval", digits_dir, "--eval-size", 32, "--quiet", "--out", out)
+    assert code == 0
+    for png in ("sqnr.png", "fig3_ranges.png"):
+        data = (out / png).read_bytes()
+        assert data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) > 5000
+    code, stdout, _ = run(capsys, "report", out)
+    page = (out / "report.html").read_text()
+    assert code == 0 and page.count("data:image/png;base64,") == 2 and "conv1" in page
+    code, _, err = run(capsys, "report", tmp_path / "nothing")
+    assert code == 2 and "no report.json" in err
+
+
+def test_sweep_writes_pareto_plot(capsys, tmp_path, digits_dir):
+    out = tmp_path / "s"
+    code, _, _ = run(capsys, "sweep", "--model", "lenet-digits", "--calib", digits_dir, "--calib-size", 16,
+                     "--eval", digits_dir, "--eval-size", 16, "--coeff-bits", "8,4", "--quiet", "--out", out)
+    assert code == 0 and (out / "pareto.png").stat().st_size > 5000
+    assert run(capsys, "report", out)[0] == 0
+
+
+def test_pareto_front_rule():
+    from fixq.plots import pareto_front
+    pts = [(40.0, 19.5), (20.0, 26.0), (40.0, 18.7), (20.0, 21.1), (120.0, 18.9)]
+    assert pareto_front(pts) == [3, 2]

@@ -106,6 +106,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--quiet", action="store_true")
     p.add_argument("--json", action="store_true")
 
+    p = sub.add_parser("report", help="render a run folder (quantize/sweep --out) as one HTML page")
+    p.add_argument("dir", help="folder holding report.json")
+    p.add_argument("--out", help="HTML file (default DIR/report.html)")
+
     p = sub.add_parser("analyze", help="MACs, relative complexity and storage per layer")
     _add_model(p, data=False)
     p.add_argument("--plan", help="plan.json whose formats to cost (default: float)")
@@ -122,6 +126,7 @@ ERROR_HINTS = {
     "CaptureError": "see README 'Bring your own model'",
     "UnsupportedOpError": "see README 'Bring your own model'",
     "CalibrationError": "check the weights, the data and the preprocessing",
+    "ReportError": "fixq report DIR wants a --out folder of quantize or sweep",
 }
 
 

@@ -122,9 +122,11 @@ def cmd_quantize(args) -> int:
     if args.save_logits:
         import numpy as np
         np.save(args.save_logits, run.result.logits.numpy())
+    _plots_for_run(session, layers, out, args.model)
     table = results_table([row], _float_row(session))
     md = (_header(session) + "\n## Accuracy\n\n" + table + "\n\n## Layers\n\nSQNR measured on the first "
           f"{run.result.sqnr_images} evaluation images.\n\n" + layers_markdown(layers) +
+          "\n\n![SQNR](sqnr.png)\n\n![coefficient ranges](fig3_ranges.png)" +
           "\n\n## Complexity and storage\n\n" + complexity_markdown(cost) + "\n")
     if run.plan.notes:
         md += "\n## Notes\n\n" + "\n".join(f"- {x}" for x in run.plan.notes) + "\n"
@@ -135,6 +137,26 @@ def cmd_quantize(args) -> int:
         print(table)
         _say(args, f"\nplan, report.json and report.md written to {out}/")
     return 0
+
+
+def outlier_layer(graph) -> str:
+    """The conv/linear layer whose largest coefficient stands furthest above its typical
+    filter maximum: where a single 4D format wastes the most range (paper Fig. 3)."""
+    best, name = -1.0, graph.layers()[0].name
+    for n in graph.layers():
+        w = n.weight.detach().abs().reshape(n.weight.shape[0], -1)
+        per = w.amax(dim=1)
+        ratio = float(per.max() / per.median().clamp_min(1e-12))
+        if ratio > best:
+            best, name = ratio, n.name
+    return name
+
+
+def _plots_for_run(session: Session, layers: list[dict], out: Path, model: str) -> None:
+    from .plots import plot_fig3, plot_sqnr
+    plot_sqnr(layers, out / "sqnr.png", f"{model}: per-layer SQNR")
+    name = outlier_layer(session.graph)
+    plot_fig3(session.graph.node(name).weight, name, out / "fig3_ranges.png")
 
 
 def _grid(args) -> list[dict]:
@@ -171,7 +193,9 @@ def cmd_sweep(args) -> int:
     write_json(out / "images.json", {"calib_files": session.images["calib_files"],
                                      "eval_files": session.images["eval_files"]})
     table = results_table(rows, _float_row(session))
-    (out / "report.md").write_text(_header(session) + "\n## Sweep\n\n" + table + "\n")
+    from .plots import plot_pareto
+    plot_pareto(rows, out / "pareto.png", session.float_top1, f"{args.model}: top-1 error vs complexity")
+    (out / "report.md").write_text(_header(session) + "\n## Sweep\n\n" + table + "\n\n![pareto](pareto.png)\n")
     if args.json:
         print(json.dumps(report, default=str))
     else:
@@ -248,7 +272,14 @@ def cmd_analyze(args) -> int:
     return 0
 
 
-COMMANDS = {"quantize": cmd_quantize, "sweep": cmd_sweep, "models": cmd_models, "demo": cmd_demo,
+def cmd_report(args) -> int:
+    from .html_report import render_html
+    path = render_html(args.dir, args.out)
+    print(f"wrote {path}")
+    return 0
+
+
+COMMANDS = {"report": cmd_report, "quantize": cmd_quantize, "sweep": cmd_sweep, "models": cmd_models, "demo": cmd_demo,
             "analyze": cmd_analyze}
 
 

@@ -18,7 +18,14 @@ from .plan import Formats, QuantConfig, QuantPlan, propagate_formats
 from .simulate import Simulator
 from .zoo import PRESETS, Preprocess, build_model
 
-__all__ = ["Session", "open_session", "RunResult", "run_config", "layer_table"]
+__all__ = ["Session", "open_session", "RunResult", "run_config", "layer_table", "strict_float32"]
+
+
+def strict_float32() -> None:
+    """CUDA convolutions and matmuls default to TF32 (10-bit mantissa) on Ampere and later;
+    a float reference and the fast simulation must be real float32."""
+    torch.backends.cudnn.allow_tf32 = False
+    torch.backends.cuda.matmul.allow_tf32 = False
 
 
 @dataclass
@@ -77,6 +84,8 @@ def open_session(model: str, calib: str, eval_dir: str, weights: str | None = No
         raise ValueError(f"images preprocess to {tuple(xc.shape[1:])} but --input-shape is "
                          f"{tuple(input_shape)}: adjust --resize/--crop/--grayscale")
     dev = torch.device(device)
+    if dev.type == "cuda":
+        strict_float32()
     net = net.to(dev)
     graph = capture(net, xc[:2].to(dev))
     t1 = time.time()

@@ -57,6 +57,9 @@ class Simulator:
         self.exact = exact
         self.dtype = torch.float64 if exact else torch.float32
         self.device = torch.device(device)
+        if self.device.type == "cuda":  # TF32 would round products the simulation relies on
+            torch.backends.cudnn.allow_tf32 = False
+            torch.backends.cuda.matmul.allow_tf32 = False
         self.rounding = plan.rounding
         self.formats = propagate_formats(graph, {k: v for k, v in plan.tensors.items()})
         self._sat: dict[str, dict[str, torch.Tensor]] = {}
