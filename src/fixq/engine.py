@@ -1,0 +1,294 @@
+"""The integer engine: graph + plan interpreted with integers only (DESIGN.md §5). This is
+fixq's executable specification; the float64 simulation and the generated C are tested
+against it bit for bit.
+
+Notation: codes ``q`` (int64) at fractional bits ``F``; ``T`` data bits; ``Fw``/``Fx``
+coefficient/input formats; ``S[i] = max_j Fw[i,j] + Fx[j]`` exact-sum format; ``A`` and
+``Facc`` accumulator; ``round_shift(a, s)`` rounds right for s > 0, shifts left for s <= 0;
+``sat_T`` saturates (or wraps) to T bits and counts events.
+
+Conv/linear, per output channel i:
+  1. ``sum = Σ_j (Σ_hw w_q[i,j] x_q[j]) << (S[i] - Fw[i,j] - Fx[j])``   (exact, wide)
+  2. ``acc = sat_A(round_shift(sum + round_shift(b_q, Fb - S), S - Facc))``
+  3. fused activation: clamp at the bounds' codes at Facc
+  4. ``y = sat_Ty(round_shift(acc, Facc - Fy))``
+Matrix products run in float64 only when the checked bound ``max|a| max|b| K < 2**53``
+makes every partial sum an exact integer; otherwise in int64 (or an overflow error).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+import torch.nn.functional as Fn
+
+from .calibrate import sum_format
+from .formats import quantize_codes, quantize_scalar, round_div, round_shift, saturate
+from .ir import (AdaptiveAvgPool, Add, AvgPool, Clamp, Concat, Conv, Flatten, FloatOp, Graph, Input,
+                 Linear, MaxPool, Pad, Slice)
+from .plan import AffineFormats, QuantPlan, propagate_formats
+from .pooling import adaptive_windows, pool_divisors
+
+__all__ = ["Engine", "EngineError", "ENGINE_RULES", "LayerInts", "compile_layer", "exact_matmul",
+           "pool_out_size"]
+
+EXACT = 2 ** 53
+INT64_SAFE = 2 ** 62
+
+
+class EngineError(ValueError):
+    """A plan or graph the integer engine (and the C export) cannot run."""
+
+
+@dataclass(frozen=True)
+class LayerInts:
+    """Integer tables of one conv/linear layer: what the engine and the C code execute."""
+
+    w: torch.Tensor          # int64 (N, Mg, kh, kw) codes at Fw
+    wshift: torch.Tensor     # int64 (N, Mg): S - Fw - Fx >= 0
+    bias: torch.Tensor       # int64 (N,): bias codes aligned to S
+    acc_shift: torch.Tensor  # int64 (N,): S - Facc >= 0
+    A: int
+    overflow: str
+    lo: torch.Tensor | None  # int64 (N,) activation bounds at Facc
+    hi: torch.Tensor | None
+    out_shift: torch.Tensor  # int64 (N,): Facc - Fy
+    Ty: int
+    S: torch.Tensor
+    Facc: torch.Tensor
+    Fy: torch.Tensor
+
+
+def _vec(F: torch.Tensor, n: int) -> torch.Tensor:
+    return F.expand(n).clone() if F.dim() == 0 else F.clone()
+
+
+def compile_layer(n: Conv | Linear, plan: QuantPlan, fmts, rounding: str) -> LayerInts:
+    lp = plan.layers[n.name]
+    groups = n.groups if isinstance(n, Conv) else 1
+    w = n.weight.detach().double().cpu()
+    w4 = w if w.dim() == 4 else w[:, :, None, None]
+    N, Mg = w4.shape[:2]
+    Tx, Fx = fmts[n.inputs[0]]
+    Fw = lp.weight.F_tensor()
+    Fw2 = (Fw.reshape(-1, 1) if Fw.dim() == 1 else Fw).expand(N, Mg) if Fw.dim() else Fw.expand(N, Mg)
+    Fxv = _vec(Fx, Mg * groups)
+    Fxg = Fxv.reshape(groups, Mg)[torch.arange(N) // (N // groups)]
+    S = sum_format(Fw, Fx, w4.shape, groups)
+    wq, _ = quantize_codes(w4, Fw2[:, :, None, None], lp.weight.T, rounding)
+    if n.bias is not None and lp.bias is not None:
+        bq, _ = quantize_codes(n.bias.detach().double().cpu(), lp.bias.F_tensor(), lp.bias.T, rounding)
+        bias = round_shift(bq.long(), lp.bias.F_tensor() - S, rounding)
+    else:
+        bias = torch.zeros(N, dtype=torch.int64)
+    Facc = torch.tensor(lp.acc_F, dtype=torch.int64)
+    Fy = _vec(fmts[n.name][1], N)
+    lo = hi = None
+    if n.act is not None:
+        a_lo, a_hi = n.act
+        lo = None if a_lo is None else torch.tensor([quantize_scalar(a_lo, int(f), rounding) for f in Facc])
+        hi = None if a_hi is None else torch.tensor([quantize_scalar(a_hi, int(f), rounding) for f in Facc])
+    return LayerInts(wq.long(), S[:, None] - Fw2 - Fxg, bias, S - Facc, lp.acc_bits, lp.acc_overflow, lo, hi,
+                     Facc - Fy, fmts[n.name][0], S, Facc, Fy)
+
+
+def exact_matmul(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """Integer ``a @ b`` (int64 in, int64 out), exact: float64 only under a checked bound."""
+    K = a.shape[-1]
+    bound = int(a.abs().max()) * int(b.abs().max()) * K if a.numel() and b.numel() else 0
+    if bound < EXACT:
+        return torch.matmul(a.double(), b.double()).long()
+    if bound >= INT64_SAFE:
+        raise EngineError(f"integer sum bound {bound:.3g} overflows int64; use fewer bits")
+    return torch.matmul(a, b)
+
+
+def pool_out_size(n: int, k: int, s: int, p: int, d: int, ceil: bool) -> int:
+    """Output length of a conv/pool window sweep, PyTorch's rule (ceil windows must start
+    inside the input or its left padding)."""
+    eff = d * (k - 1) + 1
+    num = n + 2 * p - eff
+    o = (-(-num // s) if ceil else num // s) + 1
+    if ceil and (o - 1) * s >= n + p:
+        o -= 1
+    return o
+
+
+def _windows(x, k, s, p, d, fill, ceil=False):
+    """(B, C, OH, OW, kh, kw) strided view of padded x."""
+    B, C, H, W = x.shape
+    oh, ow = (pool_out_size(H, k[0], s[0], p[0], d[0], ceil), pool_out_size(W, k[1], s[1], p[1], d[1], ceil))
+    rh = max(0, (oh - 1) * s[0] + d[0] * (k[0] - 1) + 1 - H - p[0])
+    rw = max(0, (ow - 1) * s[1] + d[1] * (k[1] - 1) + 1 - W - p[1])
+    xp = Fn.pad(x, (p[1], rw, p[0], rh), value=fill)
+    st = xp.stride()
+    return xp.as_strided((B, C, oh, ow, k[0], k[1]),
+                         (st[0], st[1], st[2] * s[0], st[3] * s[1], st[2] * d[0], st[3] * d[1]))
+
+
+def _bc(v: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    return v if v.dim() == 0 else v.reshape(1, -1, *([1] * (like.dim() - 2)))
+
+
+class Engine:
+    """Run a graph + plan on integer codes.
+
+    >>> eng = Engine(graph, plan)                     # doctest: +SKIP
+    >>> codes = eng.run(eng.quantize_input(images))   # int64 output codes
+    >>> eng.dequantize(codes)                         # == Simulator(graph, plan, exact=True)(images)
+    """
+
+    def __init__(self, graph: Graph, plan: QuantPlan):
+        if plan.is_affine:
+            raise EngineError("the plan uses affine (TensorFlow-style) formats: not powers of two, so the integer "
+                              "engine and the C export cannot run it; use maxabs, percentile:P or mse")
+        for n in graph.nodes:
+            if isinstance(n, FloatOp):
+                raise EngineError(f"node '{n.name}' ({n.op}) has no integer rule: the integer engine and the C "
+                                  "export cannot run it (the simulation runs it in float)")
+            if isinstance(n, (Conv, Linear)) and (plan.layers.get(n.name) is None or plan.layers[n.name].acc_F is None):
+                raise EngineError(f"layer '{n.name}' keeps coefficients or data in floating point (flp): the "
+                                  "integer engine needs fixed-point formats for every tensor")
+        if graph.input not in plan.tensors:
+            raise EngineError("the plan keeps the input in floating point: the integer engine needs data bits")
+        self.graph, self.plan, self.rounding = graph, plan, plan.rounding
+        self.fmts = propagate_formats(graph, plan.tensors)
+        self.layers = {n.name: compile_layer(n, plan, self.fmts, self.rounding) for n in graph.layers()}
+        self._sat: dict[str, dict[str, int]] = {}
+
+    # -- helpers ---------------------------------------------------------------------
+    def count(self, name: str, what: str, events) -> None:
+        d = self._sat.setdefault(name, {})
+        d[what] = d.get(what, 0) + int(events)
+
+    def saturations(self) -> dict[str, dict[str, int]]:
+        return {k: {w: c for w, c in d.items()} for k, d in self._sat.items()}
+
+    def reset_counts(self) -> None:
+        self._sat.clear()
+
+    def F(self, name: str) -> torch.Tensor:
+        return self.fmts[name][1]
+
+    def requant(self, name: str, q: torch.Tensor, F_in: torch.Tensor) -> torch.Tensor:
+        T, Fy = self.fmts[name]
+        y, ev = saturate(round_shift(q, _bc(F_in - Fy, q), self.rounding), T)
+        self.count(name, "data", ev)
+        return y
+
+    def quantize_input(self, x: torch.Tensor) -> torch.Tensor:
+        """Float images to input codes, exactly as the simulation does (counted)."""
+        T, F = self.fmts[self.graph.input]
+        q, ev = quantize_codes(x.double().cpu(), _bc(F, x), T, self.rounding)
+        self.count(self.graph.input, "data", ev)
+        return q.long()
+
+    def dequantize(self, q: torch.Tensor, name: str | None = None) -> torch.Tensor:
+        F = self.F(name or self.graph.output)
+        return q.double() * torch.pow(2.0, -_bc(F, q).double())
+
+    # -- running ---------------------------------------------------------------------
+    @torch.no_grad()
+    def run(self, q: torch.Tensor, keep: bool = False):
+        env = {self.graph.input: q.long()}
+        for n in self.graph.nodes:
+            if isinstance(n, Input):
+                continue
+            env[n.name] = ENGINE_RULES[type(n)](self, n, *(env[i] for i in n.inputs))
+        return env if keep else env[self.graph.output]
+
+
+def _eng_layer(eng: Engine, n, x):
+    L = eng.layers[n.name]
+    if isinstance(n, Conv):
+        B = x.shape[0]
+        g = n.groups
+        cols = _windows(x, tuple(L.w.shape[2:]), n.stride, n.padding, n.dilation, 0)
+        _, C, OH, OW, kh, kw = cols.shape
+        Mg = C // g
+        cols = cols.reshape(B, g, Mg, OH * OW, kh * kw).permute(0, 1, 2, 4, 3).reshape(B, g, Mg * kh * kw, OH * OW)
+        wsh = (L.w << L.wshift[:, :, None, None]).reshape(g, -1, Mg * kh * kw)
+        s = exact_matmul(wsh.unsqueeze(0), cols).reshape(B, -1, OH, OW)
+    else:
+        s = exact_matmul(x, (L.w[:, :, 0, 0] << L.wshift).t())
+    acc = round_shift(s + _bc(L.bias, s), _bc(L.acc_shift, s), eng.rounding)
+    acc, ev = saturate(acc, L.A, L.overflow)
+    eng.count(n.name, "acc", ev)
+    if L.lo is not None or L.hi is not None:
+        acc = torch.clamp(acc, min=None if L.lo is None else _bc(L.lo, acc), max=None if L.hi is None else _bc(L.hi, acc))
+    y, ev = saturate(round_shift(acc, _bc(L.out_shift, acc), eng.rounding), L.Ty)
+    eng.count(n.name, "data", ev)
+    return y
+
+
+def _clamp_codes(eng, act, F, C):
+    Fv = _vec(F, C)
+    lo = None if act[0] is None else torch.tensor([quantize_scalar(act[0], int(f), eng.rounding) for f in Fv])
+    hi = None if act[1] is None else torch.tensor([quantize_scalar(act[1], int(f), eng.rounding) for f in Fv])
+    return lo, hi
+
+
+def _eng_add(eng: Engine, n: Add, a, b):
+    Fa, Fb = eng.F(n.inputs[0]), eng.F(n.inputs[1])
+    Fm = torch.maximum(Fa, Fb)
+    s = (a << _bc(Fm - Fa, a)) + (b << _bc(Fm - Fb, b))
+    if n.act is not None:
+        lo, hi = _clamp_codes(eng, n.act, Fm, s.shape[1])
+        s = torch.clamp(s, min=None if lo is None else _bc(lo, s), max=None if hi is None else _bc(hi, s))
+    return eng.requant(n.name, s, Fm)
+
+
+def _eng_concat(eng: Engine, n: Concat, *xs):
+    T, Fy = eng.fmts[n.name]
+    out, c0 = [], 0
+    for i, x in zip(n.inputs, xs):
+        c = x.shape[1]
+        F_out = Fy if Fy.dim() == 0 else Fy[c0:c0 + c]
+        y, ev = saturate(round_shift(x, _bc(eng.F(i) - F_out, x), eng.rounding), T)
+        eng.count(n.name, "data", ev)
+        out.append(y)
+        c0 += c
+    return torch.cat(out, dim=1)
+
+
+def _eng_avg(eng: Engine, n, x):
+    Fx, (T, Fy) = eng.F(n.inputs[0]), eng.fmts[n.name]
+    if isinstance(n, AdaptiveAvgPool):
+        wh = adaptive_windows(x.shape[2], n.output_size[0])
+        ww = adaptive_windows(x.shape[3], n.output_size[1])
+        s = torch.stack([torch.stack([x[:, :, a:b, c:d].sum(dim=(2, 3)) for c, d in ww], -1) for a, b in wh], -2)
+    else:
+        s = _windows(x, n.kernel, n.stride, n.padding, (1, 1), 0, n.ceil_mode).sum(dim=(4, 5))
+    K = pool_divisors(n, tuple(x.shape[2:]))
+    sh = _bc(Fy - Fx, s)
+    num = s << torch.clamp(sh, min=0)
+    den = K << torch.clamp(-sh, min=0)
+    y, ev = saturate(round_div(num, den, eng.rounding), T)
+    eng.count(n.name, "data", ev)
+    return y
+
+
+def _eng_maxpool(eng: Engine, n: MaxPool, x):
+    fill = -(2 ** 62)
+    return _windows(x, n.kernel, n.stride, n.padding, n.dilation, fill, n.ceil_mode).amax(dim=(4, 5))
+
+
+def _eng_clamp(eng: Engine, n: Clamp, x):
+    lo, hi = _clamp_codes(eng, (n.lo, n.hi), eng.F(n.inputs[0]), x.shape[1])
+    return torch.clamp(x, min=None if lo is None else _bc(lo, x), max=None if hi is None else _bc(hi, x))
+
+
+ENGINE_RULES: dict[type, Callable] = {
+    Conv: _eng_layer,
+    Linear: _eng_layer,
+    Add: _eng_add,
+    Concat: _eng_concat,
+    AvgPool: _eng_avg,
+    AdaptiveAvgPool: _eng_avg,
+    MaxPool: _eng_maxpool,
+    Clamp: _eng_clamp,
+    Pad: lambda eng, n, x: Fn.pad(x, n.pads),
+    Slice: lambda eng, n, x: x[tuple(slice(*s) for s in n.index)],
+    Flatten: lambda eng, n, x: x.reshape(x.shape[0], -1),
+}
