@@ -23,7 +23,7 @@ from .plan import (AffineFormats, Formats, LayerPlan, PlanError, QuantConfig, Qu
 from .ranges import (EXP_LO, MSE_CANDIDATES, F_from_histogram, F_from_maxabs, affine_params,
                      ceil_log2, exponent_histogram, mse_candidates, parse_method)
 
-__all__ = ["calibrate", "weight_formats", "bias_formats", "sum_format", "CalibrationError", "progress"]
+__all__ = ["calibrate", "weight_formats", "bias_formats", "sum_format", "accumulator_F", "CalibrationError", "progress"]
 
 
 class CalibrationError(ValueError):
@@ -277,6 +277,12 @@ def sum_format(weight_F: torch.Tensor, Fx: torch.Tensor, weight_shape, groups: i
     return (Fw + Fxg).amax(dim=1)
 
 
+def accumulator_F(S: torch.Tensor, acc_I: torch.Tensor, A: int) -> tuple[int, ...]:
+    """``Facc = min(S, A - 1 - I_acc)``: the exact-sum format unless the calibrated range
+    needs more than A bits there (DESIGN §5)."""
+    return tuple(int(v) for v in torch.minimum(S, (A - 1) - acc_I).tolist())
+
+
 def _build_plan(graph, config, cfgs, tensors, acc, model_name) -> QuantPlan:
     fmts = propagate_formats(graph, tensors)
     layers: dict[str, LayerPlan] = {}
@@ -304,12 +310,13 @@ def _build_plan(graph, config, cfgs, tensors, acc, model_name) -> QuantPlan:
             S = sum_format(wf.F_tensor(), Fx, n.weight.shape, groups)
             st = acc[n.name]
             amax = st.amax.double() if st.amax is not None else torch.zeros(S.shape, dtype=torch.float64)
-            Facc = torch.minimum(S, (A - 1) - ceil_log2(amax.cpu()).clamp(min=EXP_LO - 1))
-            acc_F = tuple(int(v) for v in Facc.tolist())
+            acc_I = ceil_log2(amax.cpu()).clamp(min=EXP_LO - 1)
+            acc_F = accumulator_F(S, acc_I, A)
             if any(a < s for a, s in zip(acc_F, S.tolist())):
                 lnotes.append(f"accumulator range needs more than A={A} bits at the exact-sum format: "
                               "partial sums are rounded into the accumulator")
-        layers[n.name] = LayerPlan(n.name, wf, bf, A, acc_F, cfg.acc_overflow, tuple(lnotes))
+        layers[n.name] = LayerPlan(n.name, wf, bf, A, acc_F, cfg.acc_overflow, tuple(lnotes),
+                                   None if acc_F is None else tuple(int(v) for v in acc_I.tolist()))
     float_ops = tuple(n.name for n in graph.nodes if isinstance(n, FloatOp))
     if float_ops:
         notes.append("ops with no integer rule run in float between quantizers: " + ", ".join(float_ops))

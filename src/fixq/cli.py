@@ -106,6 +106,33 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--quiet", action="store_true")
     p.add_argument("--json", action="store_true")
 
+    p = sub.add_parser("export-c", help="write C99 code (integer tables + calls) and the runtime for a plan")
+    p.add_argument("--plan", required=True, help="plan.json of a quantize run")
+    p.add_argument("--model", help="default: the model named in the plan")
+    p.add_argument("--weights")
+    p.add_argument("--input-shape", type=_shape)
+    p.add_argument("--preprocess")
+    p.add_argument("--out", required=True, help="folder for the C sources")
+    p.add_argument("--no-build", action="store_true", help="do not run make")
+
+    p = sub.add_parser("run-c", help="run an exported C program on images, outputs like quantize --save-logits")
+    p.add_argument("cdir", help="folder written by export-c")
+    p.add_argument("--data", required=True, help="ImageFolder of images (sorted order)")
+    p.add_argument("--n", type=int, help="first N images")
+    p.add_argument("--images", help="images.json of a quantize run: use its eval_files, in that order")
+    p.add_argument("--out", required=True, help="logits .npy")
+
+    p = sub.add_parser("accumulators", help="per layer: accumulator bits for the exact sum and for bit-identical output")
+    p.add_argument("--plan", required=True)
+    p.add_argument("--model")
+    p.add_argument("--weights")
+    p.add_argument("--input-shape", type=_shape)
+    p.add_argument("--preprocess")
+    p.add_argument("--calib", required=True)
+    p.add_argument("--calib-size", type=int, default=256)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out", help="write the table as JSON")
+
     p = sub.add_parser("report", help="render a run folder (quantize/sweep --out) as one HTML page")
     p.add_argument("dir", help="folder holding report.json")
     p.add_argument("--out", help="HTML file (default DIR/report.html)")
@@ -127,6 +154,7 @@ ERROR_HINTS = {
     "UnsupportedOpError": "see README 'Bring your own model'",
     "CalibrationError": "check the weights, the data and the preprocessing",
     "ReportError": "fixq report DIR wants a --out folder of quantize or sweep",
+    "EngineError": "the integer engine and C export need power-of-two formats everywhere",
 }
 
 

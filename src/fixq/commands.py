@@ -284,4 +284,6 @@ COMMANDS = {"report": cmd_report, "quantize": cmd_quantize, "sweep": cmd_sweep, 
 
 
 def dispatch(args) -> int:
+    from .commands_int import cmd_accumulators, cmd_export_c, cmd_run_c
+    COMMANDS.update({"export-c": cmd_export_c, "run-c": cmd_run_c, "accumulators": cmd_accumulators})
     return COMMANDS[args.command](args)

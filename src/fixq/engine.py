@@ -31,7 +31,7 @@ from .plan import AffineFormats, QuantPlan, propagate_formats
 from .pooling import adaptive_windows, pool_divisors
 
 __all__ = ["Engine", "EngineError", "ENGINE_RULES", "LayerInts", "compile_layer", "exact_matmul",
-           "pool_out_size"]
+           "exact_sum", "layer_forward", "pool_out_size"]
 
 EXACT = 2 ** 53
 INT64_SAFE = 2 ** 62
@@ -200,7 +200,11 @@ class Engine:
 
 
 def _eng_layer(eng: Engine, n, x):
-    L = eng.layers[n.name]
+    return layer_forward(eng.layers[n.name], n, x, eng.rounding, lambda what, ev: eng.count(n.name, what, ev))
+
+
+def exact_sum(L: LayerInts, n, x: torch.Tensor) -> torch.Tensor:
+    """Step 1 of a conv/linear: the exact wide sum at S, bias included."""
     if isinstance(n, Conv):
         B = x.shape[0]
         g = n.groups
@@ -212,13 +216,19 @@ def _eng_layer(eng: Engine, n, x):
         s = exact_matmul(wsh.unsqueeze(0), cols).reshape(B, -1, OH, OW)
     else:
         s = exact_matmul(x, (L.w[:, :, 0, 0] << L.wshift).t())
-    acc = round_shift(s + _bc(L.bias, s), _bc(L.acc_shift, s), eng.rounding)
+    return s + _bc(L.bias, s)
+
+
+def layer_forward(L: LayerInts, n, x: torch.Tensor, rounding: str, count=lambda what, ev: None) -> torch.Tensor:
+    """Steps 1-4 of a conv/linear on integer codes (see the module docstring)."""
+    s = exact_sum(L, n, x)
+    acc = round_shift(s, _bc(L.acc_shift, s), rounding)
     acc, ev = saturate(acc, L.A, L.overflow)
-    eng.count(n.name, "acc", ev)
+    count("acc", ev)
     if L.lo is not None or L.hi is not None:
         acc = torch.clamp(acc, min=None if L.lo is None else _bc(L.lo, acc), max=None if L.hi is None else _bc(L.hi, acc))
-    y, ev = saturate(round_shift(acc, _bc(L.out_shift, acc), eng.rounding), L.Ty)
-    eng.count(n.name, "data", ev)
+    y, ev = saturate(round_shift(acc, _bc(L.out_shift, acc), rounding), L.Ty)
+    count("data", ev)
     return y
 
 

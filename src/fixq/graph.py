@@ -56,12 +56,15 @@ class _Lowering:
         self.nodes: list[Node] = []
         self.bns: dict[str, tuple[str, nn.Module]] = {}
         self.used_names: set[str] = set()
+        self.dep: set[str] = set()
         self.input: str | None = None
         self.output: str | None = None
 
     # ---- helpers -------------------------------------------------------------------
     def is_tensor(self, a) -> bool:
-        return isinstance(a, fx.Node) and isinstance(self.values.get(a.name), torch.Tensor)
+        """A runtime tensor: computed from the model input (parameters and anything computed
+        only from them are constants, folded through const())."""
+        return isinstance(a, fx.Node) and a.name in self.dep and isinstance(self.values.get(a.name), torch.Tensor)
 
     def const(self, a):
         """Concrete value of an argument (fx nodes resolved from the example run)."""
@@ -99,6 +102,10 @@ class _Lowering:
 
     # ---- lowering --------------------------------------------------------------------
     def lower(self) -> None:
+        self.dep = set()
+        for n in self.gm.graph.nodes:
+            if n.op == "placeholder" or any(a.name in self.dep for a in n.all_input_nodes):
+                self.dep.add(n.name)
         for n in self.gm.graph.nodes:
             if n.op == "placeholder":
                 if self.input is not None:
@@ -121,8 +128,8 @@ class _Lowering:
                 if not self.is_tensor(out):
                     raise CaptureError("the model output is not a tensor")
                 self.output = self.ref(out)
-            elif not isinstance(self.values.get(n.name), torch.Tensor):
-                continue  # shape arithmetic (x.size(0) ...), resolved by const()
+            elif not self.is_tensor(n):
+                continue  # constants and shape arithmetic (x.size(0) ...), resolved by const()
             elif n.op == "call_module":
                 self.lower_module(n, self.gm.get_submodule(n.target))
             elif n.op == "call_function":

@@ -203,6 +203,7 @@ class LayerPlan:
     acc_F: tuple[int, ...] | None = None
     acc_overflow: str = "saturate"
     notes: tuple[str, ...] = ()
+    acc_I: tuple[int, ...] | None = None  # calibrated ceil(log2 max|acc_i|) per output channel
 
 
 @dataclass(frozen=True)
@@ -243,7 +244,8 @@ class QuantPlan:
         for k, v in d["layers"].items():
             layers[k] = LayerPlan(v["name"], _fmt_load(v["weight"]), _fmt_load(v["bias"]), v["acc_bits"],
                                   None if v["acc_F"] is None else tuple(v["acc_F"]), v["acc_overflow"],
-                                  tuple(v.get("notes", ())))
+                                  tuple(v.get("notes", ())),
+                                  None if v.get("acc_I") is None else tuple(v["acc_I"]))
         return QuantPlan(d["model"], QuantConfig.from_json(d["config"]),
                          {k: _fmt_load(v) for k, v in d["tensors"].items()}, layers,
                          tuple(d.get("float_ops", ())), tuple(d.get("notes", ())))

@@ -1,0 +1,104 @@
+"""``fixq export-c``, ``fixq run-c`` and ``fixq accumulators``: the integer side."""
+from __future__ import annotations
+
+import json
+from dataclasses import asdict
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from .commands import _device, resolve_preprocess
+from .evaluate import ImageSet, DataError, load_images
+from .formats import quantize_codes
+from .graph import capture
+from .plan import PlanError, QuantPlan
+from .report import markdown_table, write_json
+from .zoo import Preprocess, build_model
+
+__all__ = ["cmd_export_c", "cmd_run_c", "cmd_accumulators"]
+
+
+def _plan_and_graph(args):
+    plan = QuantPlan.load(args.plan)
+    if not args.model:
+        args.model = plan.model
+    pre, shape = resolve_preprocess(args)
+    model, entry = build_model(args.model, args.weights)
+    if shape is None:
+        shape = pre.input_shape(entry.input_hw if entry else None)
+    graph = capture(model, torch.zeros(1, *shape))
+    missing = [n.name for n in graph.layers() if n.name not in plan.layers]
+    if missing:
+        raise PlanError(f"plan {args.plan} does not belong to {args.model}: no entry for layer '{missing[0]}'")
+    return plan, graph, pre
+
+
+def cmd_export_c(args) -> int:
+    from .export_c import export_c
+    from .export_c.run import build
+    plan, graph, pre = _plan_and_graph(args)
+    res = export_c(graph, plan, args.out, meta={"preprocess": asdict(pre), "weights": args.weights})
+    if not args.no_build:
+        build(res.out)
+    print(f"wrote {res.out}/ (model.c, model.h, fixq_rt.c, fixq_rt.h, main.c, Makefile): {res.n_calls} kernel calls, "
+          f"ROM {res.rom_bytes:,} bytes (weights and tables), RAM {res.ram_bytes:,} bytes (activation arena, "
+          f"{res.act_type})")
+    return 0
+
+
+def _images(args, pre: Preprocess):
+    s = ImageSet.scan(args.data)
+    if args.images:
+        listed = json.loads(Path(args.images).read_text()).get("eval_files")
+        if listed is None:
+            raise DataError(f"{args.images} has no eval_files list (use the images.json of a quantize run)")
+        pos = {f: i for i, f in enumerate(s.files)}
+        missing = [f for f in listed if f not in pos]
+        if missing:
+            raise DataError(f"image {missing[0]} from {args.images} is not in {args.data}")
+        idx = [pos[f] for f in listed]
+    else:
+        idx = list(range(len(s)))
+    if args.n is not None:
+        idx = idx[:args.n]
+    return load_images(s, idx, pre, show_progress=False)
+
+
+def cmd_run_c(args) -> int:
+    from .export_c import run_c_program
+    cdir = Path(args.cdir)
+    if not (cdir / "export.json").is_file():
+        raise DataError(f"{cdir} is not a fixq C export (no export.json): run `fixq export-c --out {cdir}` first")
+    info = json.loads((cdir / "export.json").read_text())
+    pre = Preprocess(**{k: tuple(v) if isinstance(v, list) else v for k, v in info["preprocess"].items()})
+    x, _ = _images(args, pre)
+    F_in = torch.tensor(info["input_F"])
+    F_in = F_in.reshape(1, -1, 1, 1) if F_in.numel() > 1 else F_in.reshape(())
+    codes, _ = quantize_codes(x.double(), F_in, info["input_T"], info["rounding"])
+    out, sat = run_c_program(cdir, codes.long())
+    F_out = torch.tensor(info["output_F"], dtype=torch.float64)
+    logits = out.double() * torch.pow(2.0, -(F_out if F_out.numel() > 1 else F_out.reshape(())))
+    np.save(args.out, logits.float().numpy())
+    print(f"ran {cdir / 'model'} on {out.shape[0]} images; outputs in {args.out}; saturations {sat}")
+    return 0
+
+
+def cmd_accumulators(args) -> int:
+    from .accumulators import accumulator_table
+    from .evaluate import select_subsets
+    plan, graph, pre = _plan_and_graph(args)
+    s = ImageSet.scan(args.calib)
+    split = select_subsets(s, s if args.calib_size < len(s) else s, args.calib_size, None, args.seed) \
+        if args.calib_size < len(s) else None
+    idx = split.calib if split else list(range(len(s)))
+    x, _ = load_images(s, idx, pre, show_progress=False)
+    rows = accumulator_table(graph, plan, x.to(_device("cpu")))
+    table = markdown_table(["layer", "S (sum F)", "calibrated I_acc", "A exact sum", "A bit-identical to A=32",
+                            "acc sat. at plan A"],
+                           [[r.name, f"{r.S_min}..{r.S_max}", r.acc_I_max, r.A_exact, r.A_identical,
+                             r.saturations_at_plan] for r in rows])
+    if args.out:
+        write_json(args.out, {"model": args.model, "n_calib": len(idx), "rows": [asdict(r) for r in rows]})
+    print(table)
+    return 0

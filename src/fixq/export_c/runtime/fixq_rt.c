@@ -1,0 +1,172 @@
+/* fixq runtime kernels; see fixq_rt.h for the notation. */
+#include "fixq_rt.h"
+
+int64_t fixq_asr(int64_t a, int s) {
+    /* floor division by 2^s without relying on >> of negative numbers */
+    if (s <= 0) return a;
+    if (s > 62) return a < 0 ? -1 : 0;
+    return a >= 0 ? (a >> s) : -(((-(a + 1)) >> s) + 1);
+}
+
+int64_t fixq_round_shift(int64_t a, int s, int rounding) {
+    if (s <= 0) return a * ((int64_t)1 << (-s));
+    if (rounding == FIXQ_FLOOR) return fixq_asr(a, s);
+    {
+        int64_t q = fixq_asr(a, s);
+        int64_t r = a - q * ((int64_t)1 << s); /* 0 <= r < 2^s */
+        int64_t half = (int64_t)1 << (s - 1);
+        if (rounding == FIXQ_HALF_UP) return q + (r >= half);
+        return q + (r > half || (r == half && (q & 1)));
+    }
+}
+
+int64_t fixq_round_div(int64_t n, int64_t d, int rounding) {
+    int64_t q = n / d, r;
+    if ((n % d) != 0 && n < 0) q -= 1; /* floor for d > 0 */
+    r = n - q * d;
+    if (rounding == FIXQ_FLOOR) return q;
+    if (rounding == FIXQ_HALF_UP) return q + (2 * r >= d);
+    return q + (2 * r > d || (2 * r == d && (q & 1)));
+}
+
+int64_t fixq_sat(int64_t v, int bits, int overflow, uint64_t *events) {
+    int64_t hi = ((int64_t)1 << (bits - 1)) - 1, lo = -hi - 1;
+    if (v >= lo && v <= hi) return v;
+    if (events) *events += 1;
+    if (overflow == FIXQ_WRAP) {
+        int64_t span = hi - lo + 1, m = (v - lo) % span;
+        return (m < 0 ? m + span : m) + lo;
+    }
+    return v > hi ? hi : lo;
+}
+
+void fixq_conv(const fixq_conv_t *p, const FIXQ_ACT_T *x, FIXQ_ACT_T *y, fixq_counts_t *c) {
+    int mg = p->cin / p->groups, ng = p->cout / p->groups;
+    int i, j, oy, ox, ky, kx;
+    for (i = 0; i < p->cout; i++) {
+        int g = i / ng;
+        const FIXQ_W_T *wi = p->weight + (size_t)i * mg * p->kh * p->kw;
+        for (oy = 0; oy < p->oh; oy++) {
+            for (ox = 0; ox < p->ow; ox++) {
+                int64_t sum = 0, acc;
+                for (j = 0; j < mg; j++) {
+                    const FIXQ_ACT_T *xj = x + (size_t)(g * mg + j) * p->h * p->w;
+                    const FIXQ_W_T *wij = wi + (size_t)j * p->kh * p->kw;
+                    int64_t part = 0; /* filter partial sum p[i,j], exact */
+                    for (ky = 0; ky < p->kh; ky++) {
+                        int iy = oy * p->sh - p->ph + ky * p->dh;
+                        if (iy < 0 || iy >= p->h) continue;
+                        for (kx = 0; kx < p->kw; kx++) {
+                            int ix = ox * p->sw - p->pw + kx * p->dw;
+                            if (ix < 0 || ix >= p->w) continue;
+                            part += (int64_t)wij[ky * p->kw + kx] * (int64_t)xj[iy * p->w + ix];
+                        }
+                    }
+                    sum += part * ((int64_t)1 << p->wshift[i * mg + j]); /* align to S exactly */
+                }
+                acc = fixq_round_shift(sum + p->bias[i], p->acc_shift[i], p->rounding);
+                acc = fixq_sat(acc, p->acc_bits, p->overflow, &c->acc);
+                if (p->lo && acc < p->lo[i]) acc = p->lo[i];
+                if (p->hi && acc > p->hi[i]) acc = p->hi[i];
+                acc = fixq_round_shift(acc, p->out_shift[i], p->rounding);
+                y[((size_t)i * p->oh + oy) * p->ow + ox] =
+                    (FIXQ_ACT_T)fixq_sat(acc, p->out_bits, FIXQ_SATURATE, &c->data);
+            }
+        }
+    }
+}
+
+void fixq_maxpool(const fixq_maxpool_t *p, const FIXQ_ACT_T *x, FIXQ_ACT_T *y) {
+    int ch, oy, ox, ky, kx;
+    for (ch = 0; ch < p->ch; ch++)
+        for (oy = 0; oy < p->oh; oy++)
+            for (ox = 0; ox < p->ow; ox++) {
+                int64_t m = INT64_MIN;
+                for (ky = 0; ky < p->kh; ky++) {
+                    int iy = oy * p->sh - p->ph + ky * p->dh;
+                    if (iy < 0 || iy >= p->h) continue;
+                    for (kx = 0; kx < p->kw; kx++) {
+                        int ix = ox * p->sw - p->pw + kx * p->dw;
+                        int64_t v;
+                        if (ix < 0 || ix >= p->w) continue;
+                        v = x[((size_t)ch * p->h + iy) * p->w + ix];
+                        if (v > m) m = v;
+                    }
+                }
+                y[((size_t)ch * p->oh + oy) * p->ow + ox] = (FIXQ_ACT_T)m;
+            }
+}
+
+void fixq_avgpool(const fixq_avgpool_t *p, const FIXQ_ACT_T *x, FIXQ_ACT_T *y, fixq_counts_t *c) {
+    int ch, oy, ox, iy, ix;
+    for (ch = 0; ch < p->ch; ch++) {
+        int sh = p->shift[ch];
+        for (oy = 0; oy < p->oh; oy++)
+            for (ox = 0; ox < p->ow; ox++) {
+                int64_t sum = 0, num, den;
+                for (iy = p->h0[oy]; iy < p->h1[oy]; iy++)
+                    for (ix = p->w0[ox]; ix < p->w1[ox]; ix++)
+                        sum += x[((size_t)ch * p->h + iy) * p->w + ix];
+                num = sh > 0 ? sum * ((int64_t)1 << sh) : sum;
+                den = (int64_t)p->div[oy * p->ow + ox] * (sh < 0 ? ((int64_t)1 << (-sh)) : 1);
+                y[((size_t)ch * p->oh + oy) * p->ow + ox] =
+                    (FIXQ_ACT_T)fixq_sat(fixq_round_div(num, den, p->rounding), p->out_bits, FIXQ_SATURATE, &c->data);
+            }
+    }
+}
+
+void fixq_add(const fixq_add_t *p, const FIXQ_ACT_T *a, const FIXQ_ACT_T *b, FIXQ_ACT_T *y, fixq_counts_t *c) {
+    int ch, k;
+    for (ch = 0; ch < p->ch; ch++)
+        for (k = 0; k < p->hw; k++) {
+            size_t o = (size_t)ch * p->hw + k;
+            int64_t s = (int64_t)a[o] * ((int64_t)1 << p->sa[ch]) + (int64_t)b[o] * ((int64_t)1 << p->sb[ch]);
+            if (p->lo && s < p->lo[ch]) s = p->lo[ch];
+            if (p->hi && s > p->hi[ch]) s = p->hi[ch];
+            y[o] = (FIXQ_ACT_T)fixq_sat(fixq_round_shift(s, p->out_shift[ch], p->rounding), p->out_bits,
+                                        FIXQ_SATURATE, &c->data);
+        }
+}
+
+void fixq_requant(int ch, int hw, const int8_t *shift, int out_bits, int rounding,
+                  const FIXQ_ACT_T *x, FIXQ_ACT_T *y, fixq_counts_t *c) {
+    int i, k;
+    for (i = 0; i < ch; i++)
+        for (k = 0; k < hw; k++) {
+            size_t o = (size_t)i * hw + k;
+            y[o] = (FIXQ_ACT_T)fixq_sat(fixq_round_shift(x[o], shift[i], rounding), out_bits, FIXQ_SATURATE, &c->data);
+        }
+}
+
+void fixq_clamp(int ch, int hw, const int64_t *lo, const int64_t *hi, const FIXQ_ACT_T *x, FIXQ_ACT_T *y) {
+    int i, k;
+    for (i = 0; i < ch; i++)
+        for (k = 0; k < hw; k++) {
+            size_t o = (size_t)i * hw + k;
+            int64_t v = x[o];
+            if (lo && v < lo[i]) v = lo[i];
+            if (hi && v > hi[i]) v = hi[i];
+            y[o] = (FIXQ_ACT_T)v;
+        }
+}
+
+void fixq_pad(int ch, int h, int w, int c0, int c1, int top, int bottom, int left, int right,
+              const FIXQ_ACT_T *x, FIXQ_ACT_T *y) {
+    int oc = ch + c0 + c1, oh = h + top + bottom, ow = w + left + right, i, r, k;
+    for (i = 0; i < oc; i++)
+        for (r = 0; r < oh; r++)
+            for (k = 0; k < ow; k++) {
+                int ic = i - c0, ir = r - top, ik = k - left;
+                int inside = ic >= 0 && ic < ch && ir >= 0 && ir < h && ik >= 0 && ik < w;
+                y[((size_t)i * oh + r) * ow + k] = inside ? x[((size_t)ic * h + ir) * w + ik] : 0;
+            }
+}
+
+void fixq_slice(int h, int w, int cs, int cst, int oc, int hs, int hst, int oh, int ws, int wst, int ow,
+                const FIXQ_ACT_T *x, FIXQ_ACT_T *y) {
+    int i, r, k;
+    for (i = 0; i < oc; i++)
+        for (r = 0; r < oh; r++)
+            for (k = 0; k < ow; k++)
+                y[((size_t)i * oh + r) * ow + k] = x[((size_t)(cs + i * cst) * h + hs + r * hst) * w + ws + k * wst];
+}
