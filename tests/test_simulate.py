@@ -146,3 +146,22 @@ def test_empty_calibration_set_is_refused():
     g = make_graph(LeNet(8), (1, 8, 8))
     with pytest.raises(CalibrationError, match="empty"):
         calibrate(g, [], QuantConfig(), show_progress=False)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize("rounding", ["half_up", "floor"])
+def test_cuda_fused_kernel_equals_torch_formula(rounding):
+    import fixq.fused as fused
+    g = make_graph(CifarResNet(20), (3, 32, 32))
+    plan = plan_for(g, (3, 32, 32), coeff_mode="2D", data_mode="3D", acc_bits=16, rounding=rounding)
+    x = torch.randn(32, 3, 32, 32, device="cuda") * 2
+    a = Simulator(g, plan, device="cuda")
+    ya = a(x)
+    fused.ENABLED = False
+    try:
+        b = Simulator(g, plan, device="cuda")
+        yb = b(x)
+    finally:
+        fused.ENABLED = True
+    assert torch.equal(ya, yb)
+    assert a.saturations() == b.saturations()

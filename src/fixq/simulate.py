@@ -16,6 +16,7 @@ import torch
 
 from .calibrate import sum_format
 from .formats import exp2, fake_quantize, quantize_scalar, round_values
+from .fused import fused_available, fused_fake_quantize
 from .ir import (FLOAT_RULES, AdaptiveAvgPool, Add, AvgPool, Clamp, Concat, Conv, Flatten, FloatOp,
                  Graph, Input, Linear, MaxPool, Pad, Slice, apply_act, pre_activation)
 from .plan import AffineFormats, Formats, QuantPlan, propagate_formats
@@ -132,18 +133,30 @@ class Simulator:
         d = self._sat.setdefault(name, {})
         d[what] = d[what] + events if what in d else events
 
-    def requant(self, name: str, v: torch.Tensor) -> torch.Tensor:
-        """Quantize a node's output to its data format (identity where data is flp)."""
+    def requant(self, name: str, v: torch.Tensor, relu: bool = False) -> torch.Tensor:
+        """Quantize a node's output to its data format (identity where data is flp).
+        ``relu`` applies a ReLU first (fused in one pass on CUDA)."""
         f = self.plan.tensors.get(name)
         if f is None:
-            return v
+            return torch.clamp(v, min=0) if relu else v
         if isinstance(f, AffineFormats):
             mu = _bc(torch.tensor(f.mu, dtype=v.dtype, device=v.device).reshape(f.shape), v)
             sigma = _bc(torch.tensor(f.sigma, dtype=v.dtype, device=v.device).reshape(f.shape), v)
-            return affine_quantize(v, mu, sigma, f.T, self.rounding)
-        y, ev = fake_quantize(v, _bc(self.formats[name][1].to(v.device), v), f.T, self.rounding)
+            return affine_quantize(torch.clamp(v, min=0) if relu else v, mu, sigma, f.T, self.rounding)
+        y, ev = self.fq(v, self.formats[name][1], f.T, relu=relu)
         self.count(name, "data", ev)
         return y
+
+    def fq(self, v: torch.Tensor, F: torch.Tensor, T: int, overflow: str = "saturate", relu: bool = False):
+        """fake_quantize with F per channel; one fused pass on CUDA in the fast mode."""
+        if not self.exact and overflow == "saturate" and fused_available(v, self.rounding):
+            key = ("scale", id(F))
+            if key not in self._prep:
+                self._prep[key] = (F, exp2(F.to(v.device), v))
+            return fused_fake_quantize(v, self._prep[key][1], T, self.rounding, relu)
+        if relu:
+            v = torch.clamp(v, min=0)
+        return fake_quantize(v, _bc(F.to(v.device), v), T, self.rounding, overflow)
 
     def check_exact(self, v: torch.Tensor, F: torch.Tensor) -> None:
         if self.exact and bool((v.abs() * exp2(_bc(F, v), v) > EXACT_LIMIT).any()):
@@ -171,18 +184,19 @@ class Simulator:
 def _sim_layer(sim: Simulator, n, x):
     p = sim._prep[n.name]
     y = pre_activation(n, x, p["weight"], p["bias"])
+    relu = n.act == (0.0, None)  # ReLU fuses into the requantization exactly
     if p["acc"] is not None:
         Facc, A, overflow = p["acc"]
         if not p["acc_identity"]:
             sim.check_exact(y, Facc)
-            y, ev = fake_quantize(y, _bc(Facc, y), A, sim.rounding, overflow)
+            y, ev = sim.fq(y, Facc, A, overflow)
             sim.count(n.name, "acc", ev)
-        if n.act is not None:
+        if n.act is not None and not relu:
             lo, hi = _act_bounds(sim, n.name, n.act, Facc, y)
             y = torch.clamp(y, min=lo, max=hi)
-    else:
+    elif not relu:
         y = apply_act(y, n.act)
-    return sim.requant(n.name, y)
+    return sim.requant(n.name, y, relu=relu)
 
 
 def _act_bounds(sim: Simulator, name: str, act, F: torch.Tensor, like: torch.Tensor):
