@@ -78,30 +78,17 @@ def torch_ao_rows(session, per_tensor: bool) -> dict:
 
 
 def throughput(session, plan, device, n=256, reps=3) -> dict:
+    from sim_throughput import rate
     x = session.eval_x[:n].to(device)
-    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
-
-    def rate(fn):
-        fn()
-        sync()
-        t = time.time()
-        for _ in range(reps):
-            fn()
-        sync()
-        return reps * n / (time.time() - t)
-
     g = session.graph
-    with torch.no_grad():
-        f32 = rate(lambda: run_float(g, x))
-        fast = rate(lambda: Simulator(g, plan, device=device)(x))
-        sim = Simulator(g, plan, device=device)
-        fast_warm = rate(lambda: sim(x))
-        ex = Simulator(g, plan, exact=True, device=device)
-        exact = rate(lambda: ex(x))
-        f64 = rate(lambda: run_float(g, x.double()))
-    return {"float32_img_s": f32, "fast_sim_img_s": fast_warm, "fast_sim_incl_setup_img_s": fast,
-            "exact_sim_img_s": exact, "float64_img_s": f64, "fast_over_float": fast_warm / f32,
-            "exact_over_float64": exact / f64, "batch": n}
+    sim = Simulator(g, plan, device=device)
+    ex = Simulator(g, plan, exact=True, device=device)
+    f32 = rate(lambda: run_float(g, x), n, device, reps)
+    fast = rate(lambda: sim(x), n, device, reps)
+    exact = rate(lambda: ex(x), n, device, reps)
+    f64 = rate(lambda: run_float(g, x.double()), n, device, reps)
+    return {"float32_img_s": f32, "fast_sim_img_s": fast, "exact_sim_img_s": exact, "float64_img_s": f64,
+            "fast_over_float": fast / f32, "exact_over_float64": exact / f64, "batch": n}
 
 
 def main() -> None:

@@ -23,18 +23,7 @@ from fixq.ir import run_float
 from fixq.plan import LayerConfig, QuantConfig
 from fixq.report import markdown_table
 from fixq.simulate import Simulator
-from fixq.zoo import build_model
-
-
-def _bn_stats(model, x):
-    for m in model.modules():
-        if isinstance(m, torch.nn.modules.batchnorm._BatchNorm):
-            m.reset_running_stats()
-            m.momentum = None
-    model.train()
-    with torch.no_grad():
-        model(x)
-    return model.eval()
+from fixq.zoo import build_model, set_bn_statistics
 
 
 def rate(fn, n, device, reps):
@@ -77,7 +66,7 @@ def main() -> None:
         torch.manual_seed(0)
         model, _ = build_model(name)
         x = torch.randn(args.batch, 3, args.hw, args.hw, device=dev)
-        model = _bn_stats(model.to(dev), x[:16])
+        model = set_bn_statistics(model.to(dev), x[:16])
         g = capture(model, x[:2])
         t0 = time.perf_counter()
         plan = calibrate(g, [(x, None)], QuantConfig(LayerConfig(coeff_mode="3D")), device=dev, show_progress=False)

@@ -19,7 +19,8 @@ import torch.nn as nn
 import torch.nn.functional as Fn
 
 __all__ = ["Preprocess", "PRESETS", "ZooEntry", "ZOO", "build_model", "load_weights",
-           "ModelError", "LeNet", "CifarResNet", "bundled_weights_path"]
+           "ModelError", "LeNet", "CifarResNet", "bundled_weights_path", "with_overrides",
+           "set_bn_statistics"]
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -285,3 +286,16 @@ def build_model(name: str, weights: str | None = None) -> tuple[nn.Module, ZooEn
 
 def with_overrides(p: Preprocess, **kw) -> Preprocess:
     return replace(p, **{k: v for k, v in kw.items() if v is not None})
+
+
+def set_bn_statistics(model: nn.Module, x: torch.Tensor) -> nn.Module:
+    """Give a randomly initialised model BatchNorm statistics measured on ``x`` (as a trained
+    net has), so deep random-weight nets keep O(1) activations in tests and benchmarks."""
+    for m in model.modules():
+        if isinstance(m, nn.modules.batchnorm._BatchNorm):
+            m.reset_running_stats()
+            m.momentum = None
+    model.train()
+    with torch.no_grad():
+        model(x)
+    return model.eval()
