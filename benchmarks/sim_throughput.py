@@ -55,6 +55,7 @@ def main() -> None:
     ap.add_argument("--batch", type=int, default=64)
     ap.add_argument("--hw", type=int, default=224)
     ap.add_argument("--reps", type=int, default=5)
+    ap.add_argument("--calib-batches", type=int, default=4, help="calibration set = this many batches")
     ap.add_argument("--out", default=str(Path(__file__).parent / "results"))
     args = ap.parse_args()
     dev = torch.device(args.device)
@@ -69,7 +70,8 @@ def main() -> None:
         model = set_bn_statistics(model.to(dev), x[:16])
         g = capture(model, x[:2])
         t0 = time.perf_counter()
-        plan = calibrate(g, [(x, None)], QuantConfig(LayerConfig(coeff_mode="3D")), device=dev, show_progress=False)
+        plan = calibrate(g, [(x, None)] * args.calib_batches, QuantConfig(LayerConfig(coeff_mode="3D")),
+                         device=dev, show_progress=False)
         if dev.type == "cuda":
             torch.cuda.synchronize()
         t_cal = time.perf_counter() - t0
@@ -83,7 +85,8 @@ def main() -> None:
             r["torch_fake_quant"] = rate(lambda: fq(x), args.batch, dev, args.reps)
         except Exception as e:  # the peer failing is a result, not a crash
             r["torch_fake_quant_error"] = f"{type(e).__name__}: {e}"
-        r["calibration_float_passes"] = t_cal * r["float32"] / args.batch
+        # calibration time over calib_batches batches, in units of one float pass over them
+        r["calibration_float_passes"] = t_cal * r["float32"] / (args.batch * args.calib_batches)
         out[name] = r
         rows.append([name, r["float32"], r["fast_sim"], r["fast_sim"] / r["float32"],
                      r.get("torch_fake_quant", float("nan")) / r["float32"], r["exact_sim"] / r["float64"],
@@ -93,7 +96,7 @@ def main() -> None:
     table = markdown_table(["model", "float32 img/s", "fast sim img/s", "fast/float", "torch fake-quant/float",
                             "exact/float64", "calibration [float passes]"], rows)
     text = (f"Command: `python benchmarks/sim_throughput.py --device {args.device} --models {args.models} "
-            f"--batch {args.batch}`; device: {dname}; torch {torch.__version__}; {time.strftime('%Y-%m-%d')}\n\n{table}\n")
+            f"--batch {args.batch} --hw {args.hw} --calib-batches {args.calib_batches}`; device: {dname}; torch {torch.__version__}; {time.strftime('%Y-%m-%d')}\n\n{table}\n")
     Path(args.out).mkdir(parents=True, exist_ok=True)
     (Path(args.out) / f"throughput_{dev.type}.json").write_text(json.dumps(out, indent=1))
     (Path(args.out) / f"throughput_{dev.type}.md").write_text(text)

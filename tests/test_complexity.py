@@ -4,7 +4,6 @@ import torch.nn as nn
 
 from fixq.complexity import analyze, mac_cost
 from fixq.graph import capture
-from fixq.plan import Formats, LayerPlan, QuantConfig, QuantPlan
 from fixq.zoo import build_model
 
 from helpers import make_graph, plan_for

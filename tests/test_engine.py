@@ -6,8 +6,6 @@ import pytest
 import torch
 
 from fixq.engine import Engine, EngineError, exact_matmul, pool_out_size
-from fixq.plan import LayerConfig, QuantConfig
-from fixq.calibrate import calibrate
 from fixq.simulate import Simulator
 from fixq.zoo import CifarResNet, LeNet, build_model
 

@@ -2,7 +2,7 @@ import math
 
 import pytest
 import torch
-from hypothesis import given, settings, strategies as st
+from hypothesis import given, strategies as st
 
 from fixq.formats import (QFormat, fake_quantize, quantize_codes, quantize_scalar, round_div, round_shift,
                           round_shift_int, round_values, saturate)

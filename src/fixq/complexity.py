@@ -12,7 +12,7 @@ from dataclasses import asdict, dataclass
 
 import torch
 
-from .ir import Conv, Graph, Linear
+from .ir import Conv, Graph
 from .plan import QuantPlan
 
 __all__ = ["mac_cost", "LayerCost", "NetworkCost", "analyze", "FLP_COST"]

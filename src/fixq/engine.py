@@ -27,7 +27,7 @@ from .calibrate import sum_format
 from .formats import quantize_codes, quantize_scalar, round_div, round_shift, saturate
 from .ir import (AdaptiveAvgPool, Add, AvgPool, Clamp, Concat, Conv, Flatten, FloatOp, Graph, Input,
                  Linear, MaxPool, Pad, Slice)
-from .plan import AffineFormats, QuantPlan, propagate_formats
+from .plan import QuantPlan, propagate_formats
 from .pooling import adaptive_windows, pool_divisors
 
 __all__ = ["Engine", "EngineError", "ENGINE_RULES", "LayerInts", "compile_layer", "exact_matmul",
