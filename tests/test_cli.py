@@ -153,3 +153,28 @@ def test_pareto_front_rule():
     from fixq.plots import pareto_front
     pts = [(40.0, 19.5), (20.0, 26.0), (40.0, 18.7), (20.0, 21.1), (120.0, 18.9)]
     assert pareto_front(pts) == [3, 2]
+
+
+def test_accumulators_command(capsys, tmp_path, digits_dir):
+    out = tmp_path / "q"
+    assert run(capsys, "quantize", "--model", "lenet-digits", "--calib", digits_dir, "--calib-size", 32,
+               "--eval", digits_dir, "--eval-size", 16, "--quiet", "--out", out)[0] == 0
+    code, stdout, _ = run(capsys, "accumulators", "--plan", out / "plan.json", "--calib", digits_dir,
+                          "--calib-size", 32, "--out", tmp_path / "acc.json")
+    rows = json.loads((tmp_path / "acc.json").read_text())["rows"]
+    assert code == 0 and "A bit-identical to A=32" in stdout
+    assert [r["name"] for r in rows] == ["conv1", "conv2", "fc1", "fc2"]
+    assert all(8 <= r["A_identical"] <= 32 and r["A_exact"] >= 2 for r in rows)
+
+
+def test_2d_on_linear_warns(capsys, tmp_path, digits_dir):
+    import warnings
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        main(["quantize", "--model", "lenet-digits", "--calib", str(digits_dir), "--calib-size", "16",
+              "--eval", str(digits_dir), "--eval-size", "8", "--coeff-mode", "2D", "--quiet",
+              "--out", str(tmp_path / "w")])
+    msgs = [str(w.message) for w in caught if "fully connected" in str(w.message)]
+    assert len(msgs) == 2 and "'fc1'" in msgs[0] and "'fc2'" in msgs[1]
+    plan = json.loads((tmp_path / "w" / "plan.json").read_text())
+    assert plan["layers"]["fc1"]["weight"]["granularity"] == "3D" and plan["layers"]["conv1"]["weight"]["granularity"] == "2D"

@@ -165,3 +165,20 @@ def test_cuda_fused_kernel_equals_torch_formula(rounding):
         fused.ENABLED = True
     assert torch.equal(ya, yb)
     assert a.saturations() == b.saturations()
+
+
+def test_data_mse_uses_a_second_pass_even_from_a_generator():
+    """Regression: calibration batches given as a one-shot generator must still reach the
+    mse pass (it used to see none and silently fall back to maxabs)."""
+    from fixq.calibrate import calibrate, observe, plan_from
+    from fixq.plan import LayerConfig, QuantConfig
+    g = make_graph(CifarResNet(20), (3, 32, 32))
+    x = torch.randn(32, 3, 32, 32)
+    x[0, 0, 0, 0] = 20.0  # an input outlier: mse trades it for resolution
+    gen = ((x[i:i + 8], None) for i in range(0, 32, 8))
+    cfg = QuantConfig(LayerConfig(method="mse", data_mode="3D"))
+    p_mse = calibrate(g, gen, cfg, show_progress=False)
+    obs = observe(g, [(x, None)], show_progress=False)
+    p_max = plan_from(obs, QuantConfig(LayerConfig(method="maxabs", data_mode="3D")))
+    assert p_mse.tensors[g.input].F[0] > p_max.tensors[g.input].F[0]
+    assert plan_from(obs, cfg) == p_mse  # one observation serves every configuration

@@ -11,6 +11,7 @@ candidate F's per channel. Observers are tensor ops on the model's device.
 """
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass
 
 import torch
@@ -23,7 +24,8 @@ from .plan import (AffineFormats, Formats, LayerPlan, PlanError, QuantConfig, Qu
 from .ranges import (EXP_LO, MSE_CANDIDATES, F_from_histogram, F_from_maxabs, affine_params,
                      ceil_log2, exponent_histogram, mse_candidates, parse_method)
 
-__all__ = ["calibrate", "weight_formats", "bias_formats", "sum_format", "accumulator_F", "CalibrationError", "progress"]
+__all__ = ["calibrate", "observe", "plan_from", "Observations", "needs_histograms",
+           "weight_formats", "bias_formats", "sum_format", "accumulator_F", "CalibrationError", "progress"]
 
 
 class CalibrationError(ValueError):
@@ -94,8 +96,6 @@ class _Stats:
     vmin: torch.Tensor | None = None
     vmax: torch.Tensor | None = None
     hist: torch.Tensor | None = None
-    sqerr: torch.Tensor | None = None
-    cands: torch.Tensor | None = None
     count: int = 0
 
 
@@ -150,40 +150,71 @@ def _data_F(st: _Stats, T: int, mode: str, method: str) -> torch.Tensor:
     return F_from_maxabs(amax, T)
 
 
-def calibrate(graph: Graph, loader, config: QuantConfig, model_name: str = "model",
-              device: str | torch.device = "cpu", show_progress: bool = True) -> QuantPlan:
-    """Run the float graph over ``loader`` (yielding ``(images, labels)`` or images) and
-    choose every format of the plan.
+@dataclass
+class Observations:
+    """Float statistics of every requantized tensor and every accumulator over the
+    calibration batches (pass 1), plus cached mse passes (pass 2). Plans for any number of
+    configurations are built from one of these (``plan_from``): a sweep calibrates once."""
 
-    >>> plan = calibrate(graph, [(torch.randn(8, 1, 8, 8), None)], QuantConfig())  # doctest: +SKIP
-    """
+    graph: Graph
+    batches: list
+    device: torch.device
+    stats: dict
+    acc: dict
+    histograms: bool
+    show_progress: bool = True
+    mse_cache: dict = None
+
+    def mse_F(self, requests: list[tuple[str, int, str]], rounding: str) -> dict:
+        """Best F per channel (3D) or tensor (4D) among F_maxabs..F_maxabs+4 by squared
+        error; one extra pass over the batches for every request not cached yet."""
+        self.mse_cache = self.mse_cache or {}
+        todo = [r for r in set(requests) if (r, rounding) not in self.mse_cache]
+        if todo:
+            cands = {r: mse_candidates(_data_F(self.stats[r[0]], r[1], r[2], "maxabs")) for r in todo}
+            err = {r: torch.zeros(c.shape, dtype=torch.float64, device=c.device) for r, c in cands.items()}
+            by_name: dict[str, list] = {}
+            for r in todo:
+                by_name.setdefault(r[0], []).append(r)
+
+            def on_tensor(name, t):
+                for r in by_name.get(name, ()):
+                    c = _per_channel(t).double()
+                    for k in range(MSE_CANDIDATES):
+                        F = cands[r][:, k:k + 1]
+                        if r[2] == "3D":
+                            e = ((fake_quantize(c, F, r[1], rounding)[0] - c) ** 2).sum(dim=1)
+                        else:
+                            e = ((fake_quantize(c, F[0, 0], r[1], rounding)[0] - c) ** 2).sum().reshape(1)
+                        err[r][:, k] += e
+
+            with torch.no_grad():
+                for x in progress(self.batches, "calibrate (mse)", self.show_progress):
+                    _forward_observed(self.graph, x, on_tensor, lambda *a: None)
+            for r in todo:
+                self.mse_cache[(r, rounding)] = cands[r].gather(1, err[r].argmin(dim=1, keepdim=True)).squeeze(1)
+        return {r: self.mse_cache[(r, rounding)] for r in requests}
+
+
+def observe(graph: Graph, loader, device: str | torch.device = "cpu", histograms: bool = False,
+            show_progress: bool = True) -> Observations:
+    """Pass 1 over the calibration data: per-channel max|x|, min, max (and exponent
+    histograms when ``histograms``) at every requantization point and accumulator."""
     device = torch.device(device)
-    cfgs = {n.name: config.for_layer(n.name) for n in graph.nodes}
-    for p in config.unmatched_patterns([n.name for n in graph.nodes]):
-        raise PlanError(f"config override {p!r} matches no layer; layers are: "
-                        + ", ".join(n.name for n in graph.layers()))
+    batches = []
+    for batch in loader:  # kept (as the loader yields them) for an mse pass
+        x = batch[0] if isinstance(batch, (tuple, list)) else batch
+        if x.numel():
+            batches.append(x.to(device=device, dtype=torch.float32))
+    if not batches:
+        raise CalibrationError("no calibration images: the calibration set is empty")
     qpoints = [n for n in graph.nodes if isinstance(n, QUANT_POINTS)]
     stats = {n.name: _Stats() for n in qpoints}
     acc = {n.name: _Stats() for n in graph.layers()}
-    hist_for = {n.name for n in qpoints if parse_method(cfgs[n.name].effective_data_method).kind == "percentile"}
-
-    def on_tensor(name, t):
-        if cfgs[name].data_bits is not None:
-            _observe(stats[name], t, name in hist_for)
-
-    def on_acc(name, t):
-        _observe(acc[name], t, False)
-
-    batches = 0
     with torch.no_grad():
-        for batch in progress(loader, "calibrate", show_progress):
-            x = (batch[0] if isinstance(batch, (tuple, list)) else batch).to(device=device, dtype=torch.float32)
-            if x.numel() == 0:
-                continue
-            _forward_observed(graph, x, on_tensor, on_acc)
-            batches += 1
-    if batches == 0:
-        raise CalibrationError("no calibration images: the calibration set is empty")
+        for x in progress(batches, "calibrate", show_progress):
+            _forward_observed(graph, x, lambda name, t: _observe(stats[name], t, histograms),
+                              lambda name, t: _observe(acc[name], t, False))
     # NaN/Inf propagate through min/max, so the per-channel statistics reveal them
     for n in graph.nodes:
         st = acc.get(n.name) or stats.get(n.name)
@@ -192,60 +223,60 @@ def calibrate(graph: Graph, loader, config: QuantConfig, model_name: str = "mode
                 raise CalibrationError("the calibration images contain NaN or Inf after preprocessing")
             raise CalibrationError(f"layer '{n.name}' produced NaN or Inf on the calibration images; "
                                    "check the weights and the preprocessing")
+    return Observations(graph, batches, device, stats, acc, histograms, show_progress)
 
+
+def needs_histograms(graph: Graph, configs) -> bool:
+    return any(parse_method(c.for_layer(n.name).effective_data_method).kind == "percentile"
+               for c in configs for n in graph.nodes)
+
+
+def calibrate(graph: Graph, loader, config: QuantConfig, model_name: str = "model",
+              device: str | torch.device = "cpu", show_progress: bool = True) -> QuantPlan:
+    """Run the float graph over ``loader`` (yielding ``(images, labels)`` or images) and
+    choose every format of the plan.
+
+    >>> plan = calibrate(graph, [(torch.randn(8, 1, 8, 8), None)], QuantConfig())  # doctest: +SKIP
+    """
+    obs = observe(graph, loader, device, needs_histograms(graph, [config]), show_progress)
+    return plan_from(obs, config, model_name)
+
+
+def plan_from(obs: Observations, config: QuantConfig, model_name: str = "model") -> QuantPlan:
+    """Choose every format of the plan for ``config`` from calibration statistics."""
+    graph = obs.graph
+    cfgs = {n.name: config.for_layer(n.name) for n in graph.nodes}
+    for p in config.unmatched_patterns([n.name for n in graph.nodes]):
+        raise PlanError(f"config override {p!r} matches no layer; layers are: "
+                        + ", ".join(n.name for n in graph.layers()))
+    if needs_histograms(graph, [config]) and not obs.histograms:
+        raise PlanError("a percentile method needs observe(..., histograms=True)")
     tensors: dict[str, Formats | AffineFormats] = {}
-    mse_names = []
-    for n in qpoints:
-        cfg, st = cfgs[n.name], stats[n.name]
+    mse = []
+    for n in graph.nodes:
+        if not isinstance(n, QUANT_POINTS):
+            continue
+        cfg, st = cfgs[n.name], obs.stats[n.name]
         if cfg.data_bits is None or st.amax is None:
             continue
-        method = cfg.effective_data_method
+        method = parse_method(cfg.effective_data_method)
         T, mode = cfg.data_bits, cfg.data_mode
         shape = (st.amax.numel(),) if mode == "3D" else ()
-        if parse_method(method).kind == "affine":
+        if method.kind == "affine":
             vmin, vmax = (st.vmin, st.vmax) if mode == "3D" else (st.vmin.min().reshape(1), st.vmax.max().reshape(1))
             mu, sigma = affine_params(vmin, vmax, T)
             tensors[n.name] = AffineFormats(T, mode, tuple(mu.tolist()), tuple(sigma.tolist()), shape)
             continue
-        F = _data_F(st, T, mode, method)
-        if parse_method(method).kind == "mse":
-            st.cands = mse_candidates(F)
-            st.sqerr = torch.zeros(st.cands.shape, dtype=torch.float64, device=F.device)
-            mse_names.append(n.name)
+        if method.kind == "mse":
+            mse.append((n.name, T, mode))
+            continue
+        F = _data_F(st, T, mode, str(method))
         tensors[n.name] = Formats(T, mode, tuple(int(v) for v in F.tolist()), shape)
-
-    if mse_names:
-        _mse_pass(graph, loader, cfgs, stats, mse_names, config.rounding, device, show_progress)
-        for name in mse_names:
-            st = stats[name]
-            F = st.cands.gather(1, st.sqerr.argmin(dim=1, keepdim=True)).squeeze(1)
-            f = tensors[name]
-            tensors[name] = Formats(f.T, f.granularity, tuple(int(v) for v in F.tolist()), f.shape)
-
-    _concat_keeps_formats(graph, cfgs, tensors)
-    return _build_plan(graph, config, cfgs, tensors, acc, model_name)
-
-
-def _mse_pass(graph, loader, cfgs, stats, names, rounding, device, show_progress) -> None:
-    wanted = set(names)
-
-    def on_tensor(name, t):
-        if name not in wanted:
-            return
-        st, cfg = stats[name], cfgs[name]
-        c = _per_channel(t).double()
-        for k in range(MSE_CANDIDATES):
-            F = st.cands[:, k:k + 1]
-            if cfg.data_mode == "3D":
-                e = ((fake_quantize(c, F, cfg.data_bits, rounding)[0] - c) ** 2).sum(dim=1)
-            else:
-                e = ((fake_quantize(c, F[0, 0], cfg.data_bits, rounding)[0] - c) ** 2).sum().reshape(1)
-            st.sqerr[:, k] += e
-
-    with torch.no_grad():
-        for batch in progress(loader, "calibrate (mse)", show_progress):
-            x = (batch[0] if isinstance(batch, (tuple, list)) else batch).to(device=device, dtype=torch.float32)
-            _forward_observed(graph, x, on_tensor, lambda *a: None)
+    for (name, T, mode), F in obs.mse_F(mse, config.rounding).items():
+        tensors[name] = Formats(T, mode, tuple(int(v) for v in F.tolist()), (F.numel(),) if mode == "3D" else ())
+    ordered = {n.name: tensors[n.name] for n in graph.nodes if n.name in tensors}
+    _concat_keeps_formats(graph, cfgs, ordered)
+    return _build_plan(graph, config, cfgs, ordered, obs.acc, model_name)
 
 
 def _concat_keeps_formats(graph, cfgs, tensors) -> None:
@@ -295,6 +326,8 @@ def _build_plan(graph, config, cfgs, tensors, acc, model_name) -> QuantPlan:
         if mode == "2D" and isinstance(n, Linear):
             mode = "3D"
             lnotes.append("2D asked on a fully connected layer: 3D (per output neuron) used")
+            warnings.warn(f"layer '{n.name}' is fully connected: 2D coefficient formats do not apply, "
+                          "3D (one format per output neuron) is used", stacklevel=2)
         elif mode == "2D" and n.weight.shape[1] == 1:
             lnotes.append("depthwise conv: 2D and 3D coincide")
         if cfg.coeff_bits is None:

@@ -175,6 +175,8 @@ def cmd_sweep(args) -> int:
                            args.bias_bits, args.acc_bits, args.acc_overflow, args.rounding, args.config)
                for g in grid]
     session = _session(args)
+    from .calibrate import needs_histograms
+    session.observations(needs_histograms(session.graph, configs))  # one calibration pass for the grid
     rows = []
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)

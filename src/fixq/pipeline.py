@@ -8,7 +8,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from .calibrate import calibrate
+from .calibrate import Observations, needs_histograms, observe, plan_from
 from .complexity import analyze
 from .evaluate import (EvalResult, ImageSet, batches, evaluate_quant, float_logits, load_images,
                        select_subsets, topk_errors)
@@ -47,6 +47,15 @@ class Session:
     show_progress: bool = True
     timings: dict = field(default_factory=dict)
     weights: str | None = None
+    _obs: Observations | None = None
+
+    def observations(self, histograms: bool = False) -> Observations:
+        """Calibration statistics, computed once per session (again only if histograms are
+        needed later and were not collected): every configuration shares them."""
+        if self._obs is None or (histograms and not self._obs.histograms):
+            self._obs = observe(self.graph, batches(self.calib_x, None, self.batch_size), self.device,
+                                histograms, self.show_progress)
+        return self._obs
 
 
 def _digest(names) -> str:
@@ -132,8 +141,8 @@ def run_config(session: Session, config: QuantConfig, exact: bool = False,
     """Calibrate (unless a plan is given), simulate and evaluate one configuration."""
     t0 = time.time()
     if plan is None:
-        plan = calibrate(session.graph, batches(session.calib_x, None, session.batch_size), config,
-                         session.model_name, session.device, session.show_progress)
+        obs = session.observations(needs_histograms(session.graph, [config]))
+        plan = plan_from(obs, config, session.model_name)
     sim = Simulator(session.graph, plan, exact=exact, device=session.device)
     res = evaluate_quant(sim, session.eval_x, session.eval_y, session.float_logits,
                          session.batch_size, show_progress=session.show_progress)
