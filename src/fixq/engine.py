@@ -24,7 +24,7 @@ import torch
 import torch.nn.functional as Fn
 
 from .calibrate import sum_format
-from .formats import quantize_codes, quantize_scalar, round_div, round_shift, saturate
+from .formats import bound_codes, per_channel, quantize_codes, round_div, round_shift, saturate
 from .ir import (AdaptiveAvgPool, Add, AvgPool, Clamp, Concat, Conv, Flatten, FloatOp, Graph, Input,
                  Linear, MaxPool, Pad, Slice)
 from .plan import QuantPlan, propagate_formats
@@ -60,10 +60,6 @@ class LayerInts:
     Fy: torch.Tensor
 
 
-def _vec(F: torch.Tensor, n: int) -> torch.Tensor:
-    return F.expand(n).clone() if F.dim() == 0 else F.clone()
-
-
 def compile_layer(n: Conv | Linear, plan: QuantPlan, fmts, rounding: str) -> LayerInts:
     lp = plan.layers[n.name]
     groups = n.groups if isinstance(n, Conv) else 1
@@ -73,7 +69,7 @@ def compile_layer(n: Conv | Linear, plan: QuantPlan, fmts, rounding: str) -> Lay
     Tx, Fx = fmts[n.inputs[0]]
     Fw = lp.weight.F_tensor()
     Fw2 = (Fw.reshape(-1, 1) if Fw.dim() == 1 else Fw).expand(N, Mg) if Fw.dim() else Fw.expand(N, Mg)
-    Fxv = _vec(Fx, Mg * groups)
+    Fxv = per_channel(Fx, Mg * groups)
     Fxg = Fxv.reshape(groups, Mg)[torch.arange(N) // (N // groups)]
     S = sum_format(Fw, Fx, w4.shape, groups)
     wq, _ = quantize_codes(w4, Fw2[:, :, None, None], lp.weight.T, rounding)
@@ -83,12 +79,8 @@ def compile_layer(n: Conv | Linear, plan: QuantPlan, fmts, rounding: str) -> Lay
     else:
         bias = torch.zeros(N, dtype=torch.int64)
     Facc = torch.tensor(lp.acc_F, dtype=torch.int64)
-    Fy = _vec(fmts[n.name][1], N)
-    lo = hi = None
-    if n.act is not None:
-        a_lo, a_hi = n.act
-        lo = None if a_lo is None else torch.tensor([quantize_scalar(a_lo, int(f), rounding) for f in Facc])
-        hi = None if a_hi is None else torch.tensor([quantize_scalar(a_hi, int(f), rounding) for f in Facc])
+    Fy = per_channel(fmts[n.name][1], N)
+    lo, hi = (None, None) if n.act is None else bound_codes(n.act, Facc, N, rounding)
     return LayerInts(wq.long(), S[:, None] - Fw2 - Fxg, bias, S - Facc, lp.acc_bits, lp.acc_overflow, lo, hi,
                      Facc - Fy, fmts[n.name][0], S, Facc, Fy)
 
@@ -232,19 +224,12 @@ def layer_forward(L: LayerInts, n, x: torch.Tensor, rounding: str, count=lambda 
     return y
 
 
-def _clamp_codes(eng, act, F, C):
-    Fv = _vec(F, C)
-    lo = None if act[0] is None else torch.tensor([quantize_scalar(act[0], int(f), eng.rounding) for f in Fv])
-    hi = None if act[1] is None else torch.tensor([quantize_scalar(act[1], int(f), eng.rounding) for f in Fv])
-    return lo, hi
-
-
 def _eng_add(eng: Engine, n: Add, a, b):
     Fa, Fb = eng.F(n.inputs[0]), eng.F(n.inputs[1])
     Fm = torch.maximum(Fa, Fb)
     s = (a << _bc(Fm - Fa, a)) + (b << _bc(Fm - Fb, b))
     if n.act is not None:
-        lo, hi = _clamp_codes(eng, n.act, Fm, s.shape[1])
+        lo, hi = bound_codes(n.act, Fm, s.shape[1], eng.rounding)
         s = torch.clamp(s, min=None if lo is None else _bc(lo, s), max=None if hi is None else _bc(hi, s))
     return eng.requant(n.name, s, Fm)
 
@@ -285,7 +270,7 @@ def _eng_maxpool(eng: Engine, n: MaxPool, x):
 
 
 def _eng_clamp(eng: Engine, n: Clamp, x):
-    lo, hi = _clamp_codes(eng, (n.lo, n.hi), eng.F(n.inputs[0]), x.shape[1])
+    lo, hi = bound_codes((n.lo, n.hi), eng.F(n.inputs[0]), x.shape[1], eng.rounding)
     return torch.clamp(x, min=None if lo is None else _bc(lo, x), max=None if hi is None else _bc(hi, x))
 
 

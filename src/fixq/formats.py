@@ -33,6 +33,8 @@ __all__ = [
     "exp2",
     "quantize_scalar",
     "round_div",
+    "per_channel",
+    "bound_codes",
 ]
 
 ROUNDINGS = ("half_up", "nearest_even", "floor")
@@ -258,3 +260,16 @@ def round_div(n: torch.Tensor, d: torch.Tensor, rounding: str = "half_up") -> to
     if rounding == "nearest_even":
         return q + ((2 * r > d) | ((2 * r == d) & (q % 2 == 1))).to(torch.int64)
     raise ValueError(f"rounding must be one of {', '.join(ROUNDINGS)}, got {rounding!r}")
+
+
+def per_channel(F: torch.Tensor, n: int) -> torch.Tensor:
+    """A format vector of length n: a 0-d F (one format) repeated, else F itself."""
+    return F.expand(n).clone() if F.dim() == 0 else F.clone()
+
+
+def bound_codes(act, F: torch.Tensor, n: int, rounding: str = "half_up"):
+    """Codes ``(lo, hi)`` (int64 per channel, or None) of clamp bounds ``act = (lo, hi)``
+    on the grid F (0-d or per channel), quantized exactly: ReLU6's 6 at F=4 is 96."""
+    Fv = per_channel(F, n).tolist()
+    return tuple(None if b is None else torch.tensor([quantize_scalar(b, int(f), rounding) for f in Fv],
+                                                     dtype=torch.int64) for b in act)

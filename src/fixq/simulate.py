@@ -15,7 +15,7 @@ from typing import Callable
 import torch
 
 from .calibrate import sum_format
-from .formats import exp2, fake_quantize, quantize_scalar, round_values
+from .formats import bound_codes, exp2, fake_quantize, per_channel, round_values
 from .fused import fused_available, fused_fake_quantize
 from .ir import (FLOAT_RULES, AdaptiveAvgPool, Add, AvgPool, Clamp, Concat, Conv, Flatten, FloatOp,
                  Graph, Input, Linear, MaxPool, Pad, Slice, apply_act, pre_activation)
@@ -33,15 +33,6 @@ def _bc(F: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
     if F.dim() == 0:
         return F
     return F.reshape(1, -1, *([1] * (like.dim() - 2)))
-
-
-def _clamp_codes(act, F: torch.Tensor, rounding: str):
-    """Activation bounds as codes on the grid F (per channel), exact from the floats."""
-    lo, hi = act
-    Fl = F.reshape(-1).tolist()
-    lo_q = None if lo is None else torch.tensor([quantize_scalar(lo, f, rounding) for f in Fl], dtype=torch.float64)
-    hi_q = None if hi is None else torch.tensor([quantize_scalar(hi, f, rounding) for f in Fl], dtype=torch.float64)
-    return lo_q, hi_q
 
 
 class Simulator:
@@ -203,9 +194,9 @@ def _act_bounds(sim: Simulator, name: str, act, F: torch.Tensor, like: torch.Ten
     """Clamp bounds of ``act`` as values on the grid F (0-d or per channel), cached per node."""
     key = ("act", name, like.dim())
     if key not in sim._prep:
-        Fv = (F.expand(like.shape[1]) if F.dim() == 0 else F).cpu()
-        codes = _clamp_codes(act, Fv, sim.rounding)
-        sim._prep[key] = tuple(None if c is None else _bc(sim._t(torch.ldexp(c, -Fv.to(torch.int32))), like)
+        Fv = per_channel(F.cpu(), like.shape[1])
+        codes = bound_codes(act, Fv, like.shape[1], sim.rounding)
+        sim._prep[key] = tuple(None if c is None else _bc(sim._t(c.double() * torch.pow(2.0, -Fv.double())), like)
                                for c in codes)
     return sim._prep[key]
 
@@ -238,26 +229,21 @@ def _sim_clamp(sim: Simulator, n: Clamp, x):
 
 
 def _sim_concat(sim: Simulator, n: Concat, *xs):
-    if n.name not in sim.plan.tensors:
+    f = sim.plan.tensors.get(n.name)
+    if f is None:
         return torch.cat(xs, dim=1)
     out, c0 = [], 0
-    f = sim.plan.tensors[n.name]
     F = sim.formats[n.name][1]
-    for x in xs:
+    for x in xs:  # each input requantized to its slice of the output format
         c = x.shape[1]
-        if isinstance(f, AffineFormats) or F.dim() == 0:
-            out.append(sim.requant(n.name, x) if isinstance(f, AffineFormats) else
-                       _requant_to(sim, n.name, x, F, f.T))
+        if isinstance(f, AffineFormats):
+            out.append(sim.requant(n.name, x))
         else:
-            out.append(_requant_to(sim, n.name, x, F[c0:c0 + c], f.T))
+            y, ev = sim.fq(x, F if F.dim() == 0 else F[c0:c0 + c], f.T)
+            sim.count(n.name, "data", ev)
+            out.append(y)
         c0 += c
     return torch.cat(out, dim=1)
-
-
-def _requant_to(sim, name, x, F, T):
-    y, ev = fake_quantize(x, _bc(F.to(x.device), x), T, sim.rounding)
-    sim.count(name, "data", ev)
-    return y
 
 
 SIM_RULES: dict[type, Callable] = {

@@ -16,7 +16,7 @@ from typing import Callable
 import torch
 
 from ..engine import Engine, EngineError, pool_out_size
-from ..formats import quantize_scalar
+from ..formats import bound_codes, per_channel
 from ..ir import (AdaptiveAvgPool, Add, AvgPool, Clamp, Concat, Conv, Flatten, Graph, Input, Linear,
                   MaxPool, Pad, Slice)
 from ..plan import QuantPlan
@@ -66,16 +66,9 @@ def _cid(name: str) -> str:
     return "".join(c if c.isalnum() else "_" for c in name)
 
 
-def _vec(F: torch.Tensor, n: int) -> torch.Tensor:
-    return F.expand(n) if F.dim() == 0 else F
-
-
 def _bounds(ctx: _Ctx, tag: str, act, F: torch.Tensor, C: int) -> tuple[str, str]:
-    Fv = _vec(F, C)
-    r = ctx.eng.rounding
-    lo = "NULL" if act[0] is None else ctx.array(f"lo_{tag}", "int64_t", [quantize_scalar(act[0], int(f), r) for f in Fv])
-    hi = "NULL" if act[1] is None else ctx.array(f"hi_{tag}", "int64_t", [quantize_scalar(act[1], int(f), r) for f in Fv])
-    return lo, hi
+    lo, hi = bound_codes(act, F, C, ctx.eng.rounding)
+    return tuple("NULL" if c is None else ctx.array(f"{k}_{tag}", "int64_t", c) for k, c in (("lo", lo), ("hi", hi)))
 
 
 def _emit_layer(ctx: _Ctx, n) -> str:
@@ -126,7 +119,7 @@ def _emit_avg(ctx: _Ctx, n) -> str:
     Fx = ctx.eng.F(n.inputs[0])
     arrs = [ctx.array(f"{k}_{t}", "int16_t", v) for k, v in (("h0", h0), ("h1", h1), ("w0", w0), ("w1", w1))]
     div = ctx.array(f"div_{t}", "int32_t", pool_divisors(n, (H, W)))
-    sh = ctx.array(f"sh_{t}", "int8_t", _vec(Fy - Fx, C) if (Fy - Fx).dim() == 0 else Fy - Fx)
+    sh = ctx.array(f"sh_{t}", "int8_t", per_channel(Fy - Fx, C))
     ctx.decls.append(f"static const fixq_avgpool_t P_{t} = {{{C}, {H}, {W}, {OH}, {OW}, {', '.join(arrs)}, {div}, "
                      f"{sh}, {T}, {ROUNDING_C[ctx.eng.rounding]}}};")
     return f"fixq_avgpool(&P_{t}, {ctx.buf(n.inputs[0])}, {ctx.buf(n.name)}, {ctx.counts(n)});"
@@ -138,12 +131,12 @@ def _emit_add(ctx: _Ctx, n: Add) -> str:
     for s in ctx.shape(n.name)[1:]:
         hw *= s
     t = _cid(n.name)
-    Fa, Fb = _vec(ctx.eng.F(n.inputs[0]), C), _vec(ctx.eng.F(n.inputs[1]), C)
+    Fa, Fb = per_channel(ctx.eng.F(n.inputs[0]), C), per_channel(ctx.eng.F(n.inputs[1]), C)
     Fm = torch.maximum(Fa, Fb)
     T, Fy = ctx.eng.fmts[n.name]
     lo, hi = ("NULL", "NULL") if n.act is None else _bounds(ctx, t, n.act, Fm, C)
     sa, sb = ctx.array(f"sa_{t}", "uint8_t", Fm - Fa), ctx.array(f"sb_{t}", "uint8_t", Fm - Fb)
-    os_ = ctx.array(f"os_{t}", "int8_t", Fm - _vec(Fy, C))
+    os_ = ctx.array(f"os_{t}", "int8_t", Fm - per_channel(Fy, C))
     ctx.decls.append(f"static const fixq_add_t A_{t} = {{{C}, {hw}, {sa}, {sb}, {lo}, {hi}, {os_}, {T}, "
                      f"{ROUNDING_C[ctx.eng.rounding]}}};")
     return f"fixq_add(&A_{t}, {ctx.buf(n.inputs[0])}, {ctx.buf(n.inputs[1])}, {ctx.buf(n.name)}, {ctx.counts(n)});"
@@ -151,11 +144,12 @@ def _emit_add(ctx: _Ctx, n: Add) -> str:
 
 def _emit_concat(ctx: _Ctx, n: Concat) -> str:
     T, Fy = ctx.eng.fmts[n.name]
+    Fy = per_channel(Fy, ctx.shape(n.name)[0])
     calls, c0 = [], 0
     for k, i in enumerate(n.inputs):
         C, H, W = ctx.shape(i)
-        Fo = _vec(Fy, c0 + C)[c0:c0 + C] if Fy.dim() else Fy.expand(C)
-        sh = ctx.array(f"sh_{_cid(n.name)}_{k}", "int8_t", _vec(ctx.eng.F(i), C) - Fo)
+        Fo = Fy[c0:c0 + C]
+        sh = ctx.array(f"sh_{_cid(n.name)}_{k}", "int8_t", per_channel(ctx.eng.F(i), C) - Fo)
         calls.append(f"fixq_requant({C}, {H * W}, {sh}, {T}, {ROUNDING_C[ctx.eng.rounding]}, {ctx.buf(i)}, "
                      f"{ctx.buf(n.name)} + {c0 * H * W}, {ctx.counts(n)});")
         c0 += C
