@@ -70,6 +70,10 @@ def test_resnet20_shared_weights(tmp_path):
     g = capture(m, torch.randn(2, 3, 32, 32))
     res, _ = c_vs_engine(g, plan_for(g, (3, 32, 32), coeff_mode="3D"), (3, 32, 32), tmp_path)
     assert res.act_type == "int8_t" and res.ram_bytes < 64 * 1024
+    n_w = sum(n.weight.numel() for n in g.layers())
+    n_ch = sum(n.weight.shape[0] for n in g.layers())
+    # int8 weights plus per-kernel tables (bias 8 B, shifts, bounds): no per-filter shift table in 3D
+    assert n_w <= res.rom_bytes <= n_w + 40 * n_ch
 
 
 class _Op(nn.Module):

@@ -81,13 +81,15 @@ def _emit_layer(ctx: _Ctx, n) -> str:
     else:
         geo = (L.w.shape[1], 1, 1, L.w.shape[0], 1, 1, 1, 1, 1, 0, 0, 1, 1, 1, 1)
     w = ctx.array(f"w_{t}", "FIXQ_W_T", L.w)
-    ws = ctx.array(f"ws_{t}", "uint8_t", L.wshift)
+    uniform = bool((L.wshift == L.wshift[:, :1]).all())  # 4D/3D formats, per-tensor data
+    ws = ctx.array(f"ws_{t}", "uint8_t", L.wshift[:, :1] if uniform else L.wshift)
+    ws_cols = 1 if uniform else L.wshift.shape[1]
     b = ctx.array(f"b_{t}", "int64_t", L.bias)
     accs = ctx.array(f"as_{t}", "uint8_t", L.acc_shift)
     lo = "NULL" if L.lo is None else ctx.array(f"lo_{t}", "int64_t", L.lo)
     hi = "NULL" if L.hi is None else ctx.array(f"hi_{t}", "int64_t", L.hi)
     os_ = ctx.array(f"os_{t}", "int8_t", L.out_shift)
-    ctx.decls.append(f"static const fixq_conv_t L_{t} = {{{', '.join(map(str, geo))}, {w}, {ws}, {b}, {accs}, "
+    ctx.decls.append(f"static const fixq_conv_t L_{t} = {{{', '.join(map(str, geo))}, {w}, {ws}, {ws_cols}, {b}, {accs}, "
                      f"{lo}, {hi}, {os_}, {L.A}, {L.Ty}, {OVERFLOW_C[L.overflow]}, {ROUNDING_C[ctx.eng.rounding]}}};")
     return f"fixq_conv(&L_{t}, {ctx.buf(n.inputs[0])}, {ctx.buf(n.name)}, {ctx.counts(n)});"
 

@@ -62,7 +62,7 @@ void fixq_conv(const fixq_conv_t *p, const FIXQ_ACT_T *x, FIXQ_ACT_T *y, fixq_co
                             part += (int64_t)wij[ky * p->kw + kx] * (int64_t)xj[iy * p->w + ix];
                         }
                     }
-                    sum += part * ((int64_t)1 << p->wshift[i * mg + j]); /* align to S exactly */
+                    sum += part * ((int64_t)1 << p->wshift[i * p->wshift_cols + (p->wshift_cols > 1 ? j : 0)]);
                 }
                 acc = fixq_round_shift(sum + p->bias[i], p->acc_shift[i], p->rounding);
                 acc = fixq_sat(acc, p->acc_bits, p->overflow, &c->acc);

@@ -24,7 +24,8 @@ int64_t fixq_sat(int64_t v, int bits, int overflow, uint64_t *events);
 typedef struct {
     int cin, h, w, cout, groups, kh, kw, sh, sw, ph, pw, dh, dw, oh, ow;
     const FIXQ_W_T *weight;   /* [cout][cin/groups][kh][kw] codes at Fw */
-    const uint8_t *wshift;    /* [cout][cin/groups]: S - Fw - Fx */
+    const uint8_t *wshift;    /* [cout][wshift_cols]: S - Fw - Fx */
+    int wshift_cols;          /* cin/groups (2D formats or per-channel data), or 1 per kernel */
     const int64_t *bias;      /* [cout]: bias codes aligned to S */
     const uint8_t *acc_shift; /* [cout]: S - Facc */
     const int64_t *lo, *hi;   /* [cout] activation bounds at Facc, or NULL */

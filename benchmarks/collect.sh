@@ -1,0 +1,23 @@
+#!/usr/bin/env bash
+# Assemble benchmarks/RESULTS.md from the analysis (results_intro.md) and the tables the
+# scripts wrote to benchmarks/results/.
+cd "$(dirname "$0")"
+{
+  cat results_intro.md
+  echo "## Paper Tables 2/5 shape: PTQ accuracy vs PyTorch's quantizer (issue 3)"; echo
+  for m in cifar10-resnet20 cifar10-resnet32 efficientnet-lite0; do
+    [ -f results/ptq_$m.md ] && { cat results/ptq_$m.md; echo; }
+  done
+  echo "The first GPU run (TF32 left on by PyTorch's default for the float reference and fast"
+  echo "simulation) is kept in \`results/gpu-tf32/\`; its CIFAR numbers agree with the CPU tables"
+  echo "above within 0.05 points on the fixq rows."; echo
+  echo "## Simulation speed (issue 2)"; echo
+  [ -f results/throughput_cuda.md ] && { cat results/throughput_cuda.md; echo; }
+  [ -f results/throughput_cpu.md ] && { cat results/throughput_cpu.md; echo; }
+  cat results_speed_notes.md 2>/dev/null; echo
+  echo "## Integer engine and generated C (issue 4)"; echo
+  [ -f results/engine_c.md ] && { cat results/engine_c.md; echo; }
+  echo "## Complexity: AlexNet in the paper's Table 1 and Table 2 form (issue 5)"; echo
+  cat results/complexity_alexnet.md
+} > RESULTS.md
+echo "wrote $(pwd)/RESULTS.md"
