@@ -82,42 +82,34 @@ class Simulator:
             out["weight"] = self._t(affine_quantize(w, mu, sigma, wf.T, self.rounding))
         else:
             out["weight"] = self._t(fake_quantize(w, wf.F_tensor().reshape(view), wf.T, self.rounding)[0])
+        groups = n.groups if isinstance(n, Conv) else 1
+        S = None if lp.acc_F is None else sum_format(wf.F_tensor(), self.formats[n.inputs[0]][1],
+                                                      n.weight.shape, groups)
         if b is not None and lp.bias is not None:
             bq = fake_quantize(b, lp.bias.F_tensor(), lp.bias.T, self.rounding)[0]
-            if lp.acc_F is not None:
-                S = sum_format(wf.F_tensor(), self.formats[n.inputs[0]][1], n.weight.shape,
-                               n.groups if isinstance(n, Conv) else 1)
-                bq = torch.ldexp(round_values(torch.ldexp(bq, S.to(torch.int32)), self.rounding),
-                                 -S.to(torch.int32))
+            if S is not None:  # aligned to the exact-sum format, as the engine does
+                bq = round_values(bq * exp2(S, bq), self.rounding) / exp2(S, bq)
             out["bias"] = self._t(bq)
-        if lp.acc_F is not None:
+        if S is not None:
             Facc = torch.tensor(lp.acc_F, dtype=torch.int64)
             out["acc"] = (Facc.to(self.device), lp.acc_bits, lp.acc_overflow)
-            out["acc_identity"] = self._acc_is_identity(n, lp, out, Facc)
+            out["acc_identity"] = bool((Facc == S).all()) and self._sum_fits(n, lp.acc_bits, out, S, groups)
         return out
 
-    def _acc_is_identity(self, n, lp, prep, Facc) -> bool:
-        """True when the accumulator step provably changes nothing: Facc = S for every
-        channel and the worst-case |sum| (all inputs at their largest code) fits in A bits.
-        The simulation then skips it; the engine always performs it."""
+    def _sum_fits(self, n, A: int, prep, S: torch.Tensor, groups: int) -> bool:
+        """Whether the worst-case |sum| (every input at its largest code) fits in A bits at S:
+        with Facc = S the accumulator step then provably changes nothing and the simulation
+        skips it (the engine always performs it)."""
         T_in, Fx = self.formats[n.inputs[0]]
-        wf = self.plan.layers[n.name].weight
-        S = sum_format(wf.F_tensor(), Fx, n.weight.shape, n.groups if isinstance(n, Conv) else 1)
-        if (Facc != S).any() or T_in is None:
-            return False
         w = prep["weight"].double().cpu().abs()
-        xmax = float(2 ** (T_in - 1))
-        N = w.shape[0]
-        Fxv = (Fx.expand(w.shape[1] * (n.groups if isinstance(n, Conv) else 1)) if Fx.dim() == 0 else Fx)
-        # |x| <= 2**(T-1) * 2**-Fx per input channel; the sum's code at S
-        groups = n.groups if isinstance(n, Conv) else 1
-        Mg = w.shape[1]
-        xlim = xmax * torch.pow(2.0, -Fxv.double()).reshape(groups, Mg)[torch.arange(N) // (N // groups)]
-        per_in = w.reshape(N, Mg, -1).sum(dim=2) * xlim
-        bound = per_in.sum(dim=1)
+        N, Mg = w.shape[0], w.shape[1]
+        # |x[j]| <= 2**(T-1) * 2**-Fx[j], input channels grouped as the kernels see them
+        xlim = 2.0 ** (T_in - 1) * torch.pow(2.0, -per_channel(Fx, Mg * groups).double())
+        xlim = xlim.reshape(groups, Mg)[torch.arange(N) // (N // groups)]
+        bound = (w.reshape(N, Mg, -1).sum(dim=2) * xlim).sum(dim=1)
         if prep["bias"] is not None:
             bound = bound + prep["bias"].double().cpu().abs()
-        return bool((bound * torch.pow(2.0, S.double()) < 2.0 ** (lp.acc_bits - 1) - 1).all())
+        return bool((bound * torch.pow(2.0, S.double()) < 2.0 ** (A - 1) - 1).all())
 
     # ---- helpers used by the rules --------------------------------------------------
     def count(self, name: str, what: str, events: torch.Tensor) -> None:
