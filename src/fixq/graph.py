@@ -211,7 +211,7 @@ class _Lowering:
         f = n.target
         args = n.args
         kw = n.kwargs
-        if f in _ADD or (f is operator.sub and False):
+        if f in _ADD:
             ts = self.tensor_args(n)
             if len(ts) != 2 or len(args) != 2:
                 raise self.unsupported(n, "add with a constant (only tensor + tensor has an integer rule)")
