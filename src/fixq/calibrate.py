@@ -25,7 +25,7 @@ from .ranges import (EXP_LO, MSE_CANDIDATES, F_from_histogram, F_from_maxabs, af
                      ceil_log2, exponent_histogram, mse_candidates, parse_method)
 
 __all__ = ["calibrate", "observe", "plan_from", "Observations", "needs_histograms",
-           "weight_formats", "bias_formats", "sum_format", "accumulator_F", "CalibrationError", "progress"]
+           "weight_formats", "bias_formats", "filter_formats", "sum_format", "accumulator_F", "CalibrationError", "progress"]
 
 
 class CalibrationError(ValueError):
@@ -294,17 +294,19 @@ def _concat_keeps_formats(graph, cfgs, tensors) -> None:
                 tensors[n.name] = Formats(f.T, f.granularity, tuple(int(v) for v in F.tolist()), f.shape)
 
 
-def sum_format(weight_F: torch.Tensor, Fx: torch.Tensor, weight_shape, groups: int) -> torch.Tensor:
-    """``S[i] = max_j Fw[i,j] + Fx[j]`` over the input channels j of kernel i's group."""
+def filter_formats(weight_F: torch.Tensor, Fx: torch.Tensor, weight_shape, groups: int):
+    """``(Fw, Fx)`` as ``(N, M/groups)`` grids: each 2D filter (i, j)'s coefficient format
+    and the format of the input channel it reads (kernel i sees only its group's inputs)."""
     N, Mg = weight_shape[0], weight_shape[1]
     Fw = weight_F.reshape(-1, 1) if weight_F.dim() == 1 else weight_F
-    Fw = Fw.expand(N, Mg) if weight_F.dim() != 0 else weight_F.expand(N, Mg)
-    if Fx.dim() == 0:
-        Fxg = Fx.expand(N, Mg)
-    else:
-        per_group = N // groups
-        g = torch.arange(N) // per_group
-        Fxg = Fx.reshape(groups, Mg)[g]
+    Fw = Fw.expand(N, Mg)
+    Fxv = Fx.expand(Mg * groups) if Fx.dim() == 0 else Fx
+    return Fw, Fxv.reshape(groups, Mg)[torch.arange(N) // (N // groups)]
+
+
+def sum_format(weight_F: torch.Tensor, Fx: torch.Tensor, weight_shape, groups: int) -> torch.Tensor:
+    """``S[i] = max_j Fw[i,j] + Fx[j]`` over the input channels j of kernel i's group."""
+    Fw, Fxg = filter_formats(weight_F, Fx, weight_shape, groups)
     return (Fw + Fxg).amax(dim=1)
 
 

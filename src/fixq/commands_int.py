@@ -89,9 +89,8 @@ def cmd_accumulators(args) -> int:
     from .evaluate import select_subsets
     plan, graph, pre = _plan_and_graph(args)
     s = ImageSet.scan(args.calib)
-    split = select_subsets(s, s if args.calib_size < len(s) else s, args.calib_size, None, args.seed) \
-        if args.calib_size < len(s) else None
-    idx = split.calib if split else list(range(len(s)))
+    idx = (select_subsets(s, s, args.calib_size, None, args.seed).calib if args.calib_size < len(s)
+           else list(range(len(s))))
     x, _ = load_images(s, idx, pre, show_progress=False)
     rows = accumulator_table(graph, plan, x.to(_device("cpu")))
     table = markdown_table(["layer", "S (sum F)", "calibrated I_acc", "A exact sum", "A bit-identical to A=32",

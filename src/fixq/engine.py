@@ -23,7 +23,7 @@ from typing import Callable
 import torch
 import torch.nn.functional as Fn
 
-from .calibrate import sum_format
+from .calibrate import filter_formats
 from .formats import bound_codes, per_channel, quantize_codes, round_div, round_shift, saturate
 from .ir import (AdaptiveAvgPool, Add, AvgPool, Clamp, Concat, Conv, Flatten, FloatOp, Graph, Input,
                  Linear, MaxPool, Pad, Slice)
@@ -68,10 +68,8 @@ def compile_layer(n: Conv | Linear, plan: QuantPlan, fmts, rounding: str) -> Lay
     N, Mg = w4.shape[:2]
     Tx, Fx = fmts[n.inputs[0]]
     Fw = lp.weight.F_tensor()
-    Fw2 = (Fw.reshape(-1, 1) if Fw.dim() == 1 else Fw).expand(N, Mg) if Fw.dim() else Fw.expand(N, Mg)
-    Fxv = per_channel(Fx, Mg * groups)
-    Fxg = Fxv.reshape(groups, Mg)[torch.arange(N) // (N // groups)]
-    S = sum_format(Fw, Fx, w4.shape, groups)
+    Fw2, Fxg = filter_formats(Fw, Fx, w4.shape, groups)
+    S = (Fw2 + Fxg).amax(dim=1)
     wq, _ = quantize_codes(w4, Fw2[:, :, None, None], lp.weight.T, rounding)
     if n.bias is not None and lp.bias is not None:
         bq, _ = quantize_codes(n.bias.detach().double().cpu(), lp.bias.F_tensor(), lp.bias.T, rounding)

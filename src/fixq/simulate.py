@@ -14,7 +14,7 @@ from typing import Callable
 
 import torch
 
-from .calibrate import sum_format
+from .calibrate import filter_formats, sum_format
 from .formats import bound_codes, exp2, fake_quantize, per_channel, round_values
 from .fused import fused_available, fused_fake_quantize
 from .ir import (FLOAT_RULES, AdaptiveAvgPool, Add, AvgPool, Clamp, Concat, Conv, Flatten, FloatOp,
@@ -103,9 +103,9 @@ class Simulator:
         T_in, Fx = self.formats[n.inputs[0]]
         w = prep["weight"].double().cpu().abs()
         N, Mg = w.shape[0], w.shape[1]
-        # |x[j]| <= 2**(T-1) * 2**-Fx[j], input channels grouped as the kernels see them
-        xlim = 2.0 ** (T_in - 1) * torch.pow(2.0, -per_channel(Fx, Mg * groups).double())
-        xlim = xlim.reshape(groups, Mg)[torch.arange(N) // (N // groups)]
+        # |x[j]| <= 2**(T-1) * 2**-Fx[j] for the input channel each filter reads
+        _, Fxg = filter_formats(torch.zeros(()), Fx, w.shape, groups)
+        xlim = 2.0 ** (T_in - 1) * torch.pow(2.0, -Fxg.double())
         bound = (w.reshape(N, Mg, -1).sum(dim=2) * xlim).sum(dim=1)
         if prep["bias"] is not None:
             bound = bound + prep["bias"].double().cpu().abs()
