@@ -44,7 +44,7 @@ def _partitions(w: torch.Tensor, mode: str, groups: int) -> tuple[torch.Tensor, 
     N = w.shape[0]
     if mode == "4D":
         return w.reshape(1, -1), ()
-    if mode == "3D" or w.dim() == 2:
+    if mode == "3D":
         return w.reshape(N, -1), (N,)
     Mg = w.shape[1]
     return w.reshape(N * Mg, -1), (N, Mg)
@@ -68,19 +68,36 @@ def _F_for_rows(rows: torch.Tensor, T: int, method: str, rounding: str) -> torch
 
 
 def weight_formats(w: torch.Tensor, T: int, mode: str, method: str, groups: int = 1,
-                   rounding: str = "half_up") -> Formats | AffineFormats:
-    """Coefficient formats of one layer.
+                   rounding: str = "half_up", bits: torch.Tensor | None = None) -> Formats | AffineFormats:
+    """Coefficient formats of one layer. ``bits`` (one word length per partition of
+    ``mode``'s grid, e.g. 8 or 4 per 2D filter) makes a mixed-precision layer; ``T`` is
+    then ignored.
 
     >>> f = weight_formats(torch.tensor([[[[0.5, -0.2]]], [[[3.0, 1.0]]]]), 8, "3D", "maxabs")
     >>> f.F, f.shape
     ((8, 5), (2,))
+    >>> weight_formats(torch.tensor([[[[0.5, -0.2]]], [[[3.0, 1.0]]]]), 8, "3D", "maxabs",
+    ...                bits=torch.tensor([8, 4])).F
+    (8, 1)
     """
     rows, shape = _partitions(w.detach().double(), mode, groups)
     if parse_method(method).kind == "affine":
+        if bits is not None:
+            raise PlanError("mixed precision needs power-of-two formats, not affine")
         mu, sigma = affine_params(rows.amin(dim=1), rows.amax(dim=1), T)
         return AffineFormats(T, mode, tuple(mu.tolist()), tuple(sigma.tolist()), shape)
-    F = _F_for_rows(rows, T, method, rounding)
-    return Formats(T, mode, tuple(int(v) for v in F.tolist()), shape)
+    if bits is None:
+        F = _F_for_rows(rows, T, method, rounding)
+        return Formats(T, mode, tuple(int(v) for v in F.tolist()), shape)
+    bits = torch.as_tensor(bits, dtype=torch.int64).reshape(-1)
+    if bits.numel() != rows.shape[0]:
+        raise PlanError(f"{bits.numel()} word lengths for {rows.shape[0]} {mode} partitions")
+    F = torch.zeros(rows.shape[0], dtype=torch.int64)
+    for t in sorted(set(bits.tolist())):
+        sel = bits == t
+        F[sel] = _F_for_rows(rows[sel], int(t), method, rounding).cpu()
+    Tp = tuple(int(v) for v in bits.tolist())
+    return Formats(max(Tp), mode, tuple(int(v) for v in F.tolist()), shape, Tp=None if len(set(Tp)) == 1 else Tp)
 
 
 def bias_formats(b: torch.Tensor, T: int) -> Formats:
@@ -242,8 +259,16 @@ def calibrate(graph: Graph, loader, config: QuantConfig, model_name: str = "mode
     return plan_from(obs, config, model_name)
 
 
-def plan_from(obs: Observations, config: QuantConfig, model_name: str = "model") -> QuantPlan:
-    """Choose every format of the plan for ``config`` from calibration statistics."""
+def plan_from(obs: Observations, config: QuantConfig, model_name: str = "model",
+              filter_bits: dict | None = None, kmeans: dict | None = None,
+              kmeans_bits: tuple[int, int] = (8, 4)) -> QuantPlan:
+    """Choose every format of the plan for ``config`` from calibration statistics.
+
+    ``filter_bits`` maps a layer to its coefficient word length per 2D filter, an int
+    tensor ``(N, M/groups)`` (mixed precision, :mod:`fixq.mixed`): those layers get 2D
+    formats with the given bits whatever the config's mode and bits say. ``kmeans`` maps
+    a layer to a :class:`fixq.kmeans.Clustering`: basis kernels at ``kmeans_bits[0]``,
+    residuals at ``kmeans_bits[1]``, both in the layer's coefficient mode."""
     graph = obs.graph
     cfgs = {n.name: config.for_layer(n.name) for n in graph.nodes}
     for p in config.unmatched_patterns([n.name for n in graph.nodes]):
@@ -276,7 +301,8 @@ def plan_from(obs: Observations, config: QuantConfig, model_name: str = "model")
         tensors[name] = Formats(T, mode, tuple(int(v) for v in F.tolist()), (F.numel(),) if mode == "3D" else ())
     ordered = {n.name: tensors[n.name] for n in graph.nodes if n.name in tensors}
     _concat_keeps_formats(graph, cfgs, ordered)
-    return _build_plan(graph, config, cfgs, ordered, obs.acc, model_name)
+    return _build_plan(graph, config, cfgs, ordered, obs.acc, model_name, filter_bits or {}, kmeans or {},
+                       kmeans_bits)
 
 
 def _concat_keeps_formats(graph, cfgs, tensors) -> None:
@@ -316,7 +342,7 @@ def accumulator_F(S: torch.Tensor, acc_I: torch.Tensor, A: int) -> tuple[int, ..
     return tuple(int(v) for v in torch.minimum(S, (A - 1) - acc_I).tolist())
 
 
-def _build_plan(graph, config, cfgs, tensors, acc, model_name) -> QuantPlan:
+def _build_plan(graph, config, cfgs, tensors, acc, model_name, filter_bits, kmeans, kmeans_bits) -> QuantPlan:
     fmts = propagate_formats(graph, tensors)
     layers: dict[str, LayerPlan] = {}
     notes: list[str] = []
@@ -325,24 +351,44 @@ def _build_plan(graph, config, cfgs, tensors, acc, model_name) -> QuantPlan:
         lnotes = []
         groups = n.groups if isinstance(n, Conv) else 1
         mode = cfg.coeff_mode
-        if mode == "2D" and isinstance(n, Linear):
+        bits = filter_bits.get(n.name)
+        if bits is not None:
+            mode = "2D"
+            bits = torch.as_tensor(bits, dtype=torch.int64)
+            if tuple(bits.shape) != tuple(n.weight.shape[:2]):
+                raise PlanError(f"layer '{n.name}': filter bits have shape {tuple(bits.shape)}, "
+                                f"the layer has {tuple(n.weight.shape[:2])} 2D filters")
+            lo = int((bits < bits.max()).sum())
+            lnotes.append(f"mixed precision: {lo} of {bits.numel()} 2D filters at {int(bits.min())}b")
+        elif mode == "2D" and isinstance(n, Linear):
             mode = "3D"
             lnotes.append("2D asked on a fully connected layer: 3D (per output neuron) used")
             warnings.warn(f"layer '{n.name}' is fully connected: 2D coefficient formats do not apply, "
                           "3D (one format per output neuron) is used", stacklevel=2)
         elif mode == "2D" and n.weight.shape[1] == 1:
             lnotes.append("depthwise conv: 2D and 3D coincide")
-        if cfg.coeff_bits is None:
+        if cfg.coeff_bits is None and bits is None:
             layers[n.name] = LayerPlan(n.name, None, None, notes=tuple(lnotes))
             continue
-        wf = weight_formats(n.weight, cfg.coeff_bits, mode, cfg.method, groups, config.rounding)
+        km = None
+        if n.name in kmeans:
+            from .kmeans import KMeansError, kmeans_layer
+            if groups != 1:
+                raise KMeansError(f"layer '{n.name}' is a grouped conv (groups={groups}): a shared basis kernel "
+                                  "would read every group's inputs; leave it out of the K-means layers")
+            km, wf = kmeans_layer(n.weight, kmeans[n.name], kmeans_bits[0], kmeans_bits[1], mode, cfg.method,
+                                  config.rounding)
+            lnotes.append(f"K-means: K={km.K} basis kernels at {kmeans_bits[0]}b + residuals at {kmeans_bits[1]}b")
+        else:
+            wf = weight_formats(n.weight, cfg.coeff_bits, mode, cfg.method, groups, config.rounding, bits)
         bf = bias_formats(n.bias, cfg.bias_bits) if n.bias is not None else None
         T_in, Fx = fmts[n.inputs[0]]
         acc_F = None
         A = None
         if isinstance(wf, Formats) and Fx is not None and n.name in tensors:
             A = cfg.acc_bits
-            S = sum_format(wf.F_tensor(), Fx, n.weight.shape, groups)
+            Fw = LayerPlan(n.name, wf, None, kmeans=km).coeff_F(*n.weight.shape[:2])
+            S = sum_format(Fw, Fx, n.weight.shape, groups)
             st = acc[n.name]
             amax = st.amax.double() if st.amax is not None else torch.zeros(S.shape, dtype=torch.float64)
             acc_I = ceil_log2(amax.cpu()).clamp(min=EXP_LO - 1)
@@ -351,7 +397,7 @@ def _build_plan(graph, config, cfgs, tensors, acc, model_name) -> QuantPlan:
                 lnotes.append(f"accumulator range needs more than A={A} bits at the exact-sum format: "
                               "partial sums are rounded into the accumulator")
         layers[n.name] = LayerPlan(n.name, wf, bf, A, acc_F, cfg.acc_overflow, tuple(lnotes),
-                                   None if acc_F is None else tuple(int(v) for v in acc_I.tolist()))
+                                   None if acc_F is None else tuple(int(v) for v in acc_I.tolist()), km)
     float_ops = tuple(n.name for n in graph.nodes if isinstance(n, FloatOp))
     if float_ops:
         notes.append("ops with no integer rule run in float between quantizers: " + ", ".join(float_ops))

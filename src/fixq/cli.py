@@ -98,6 +98,54 @@ def build_parser() -> argparse.ArgumentParser:
     _add_quant(p, multi=True)
     _add_output(p)
 
+    p = sub.add_parser("mixed", help="energy-based automatic 8/4-bit mixed precision per 2D filter (tuning loop)")
+    _add_model(p)
+    g = p.add_argument_group("mixed precision")
+    g.add_argument("--probe-size", type=int, default=64, help="calibration images for the filter energies")
+    t = g.add_mutually_exclusive_group()
+    t.add_argument("--target-drop", type=float, default=1.0, help="allowed top-1 points over float (default 1.0)")
+    t.add_argument("--target-error", type=float, help="absolute top-1 error target in percent")
+    g.add_argument("--base-bits", type=int, default=8)
+    g.add_argument("--low-bits", type=int, default=4)
+    g.add_argument("--exclude", default="first,last", help="layers kept at base bits: names, first, last or none")
+    g.add_argument("--trials", type=int, default=12, help="evaluations per strategy (f = 0 included)")
+    g.add_argument("--tune-size", type=int, help="evaluation images used for tuning (default half); the rest report")
+    g.add_argument("--sensitivity-size", type=int, default=256, help="tuning images for per-layer sensitivity")
+    g.add_argument("--strategy", default="both", choices=["both", "global", "per-layer"])
+    g.add_argument("--data-bits", default="8")
+    g.add_argument("--data-mode", default="4D")
+    g.add_argument("--method", default="maxabs", help="range method of coefficients (and data unless --data-method)")
+    g.add_argument("--data-method", help="range method of the data (default: --method)")
+    g.add_argument("--f0", type=float, default=0.05, help="first energy threshold tried (default 0.05)")
+    g.add_argument("--delta", type=float, default=0.05, help="first threshold step (default 0.05)")
+    g.add_argument("--bias-bits", type=int, default=8)
+    g.add_argument("--acc-bits", type=int, default=32)
+    g.add_argument("--rounding", default="half_up", choices=["half_up", "nearest_even", "floor"])
+    _add_output(p)
+
+    p = sub.add_parser("kmeans", help="K-means clustered kernels: 8-bit basis kernels plus 4-bit residuals")
+    _add_model(p)
+    g = p.add_argument_group("K-means")
+    g.add_argument("--layers", default="auto", help="auto (every conv/linear of groups 1) or name,name,...")
+    g.add_argument("--k", default="auto", help="auto (under the accuracy budget), N, or layer=K,...")
+    g.add_argument("--base-bits", type=int, default=8, help="basis kernel bits")
+    g.add_argument("--residual-bits", type=int, default=4)
+    g.add_argument("--exclude", default="first", help="layers never clustered with --layers auto (first, last, names)")
+    t = g.add_mutually_exclusive_group()
+    t.add_argument("--target-drop", type=float, default=2.0, help="allowed top-1 points over float (default 2.0)")
+    t.add_argument("--target-error", type=float, help="absolute top-1 error target in percent")
+    g.add_argument("--tune-size", type=int, help="evaluation images used for the K search (default half)")
+    g.add_argument("--sensitivity-size", type=int, default=256, help="tuning images per candidate K measurement")
+    g.add_argument("--restarts", type=int, default=4, help="k-means++ initialisations per clustering")
+    g.add_argument("--data-bits", default="8")
+    g.add_argument("--data-mode", default="4D")
+    g.add_argument("--method", default="maxabs", help="range method of coefficients (and data unless --data-method)")
+    g.add_argument("--data-method")
+    g.add_argument("--bias-bits", type=int, default=8)
+    g.add_argument("--acc-bits", type=int, default=32)
+    g.add_argument("--rounding", default="half_up", choices=["half_up", "nearest_even", "floor"])
+    _add_output(p)
+
     p = sub.add_parser("models", help="list zoo models, their input size, preprocessing and weights")
     p.add_argument("--json", action="store_true")
 
@@ -155,6 +203,8 @@ ERROR_HINTS = {
     "CalibrationError": "check the weights, the data and the preprocessing",
     "ReportError": "fixq report DIR wants a --out folder of quantize or sweep",
     "EngineError": "the integer engine and C export need power-of-two formats everywhere",
+    "MixedError": "see `fixq mixed --help`",
+    "KMeansError": "see `fixq kmeans --help`",
 }
 
 

@@ -287,5 +287,8 @@ COMMANDS = {"report": cmd_report, "quantize": cmd_quantize, "sweep": cmd_sweep, 
 
 def dispatch(args) -> int:
     from .commands_int import cmd_accumulators, cmd_export_c, cmd_run_c
-    COMMANDS.update({"export-c": cmd_export_c, "run-c": cmd_run_c, "accumulators": cmd_accumulators})
+    from .commands_kmeans import cmd_kmeans
+    from .commands_mixed import cmd_mixed
+    COMMANDS.update({"export-c": cmd_export_c, "run-c": cmd_run_c, "accumulators": cmd_accumulators,
+                     "mixed": cmd_mixed, "kmeans": cmd_kmeans})
     return COMMANDS[args.command](args)

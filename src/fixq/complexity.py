@@ -13,7 +13,8 @@ from dataclasses import asdict, dataclass
 import torch
 
 from .ir import Conv, Graph
-from .plan import QuantPlan
+from .kmeans import assign_bits
+from .plan import Formats, QuantPlan
 
 __all__ = ["mac_cost", "LayerCost", "NetworkCost", "analyze", "FLP_COST"]
 
@@ -120,11 +121,21 @@ def analyze(graph: Graph, plan: QuantPlan | None = None, coeff_bits: dict | None
         if coeff_bits is not None and n.name in coeff_bits:
             cb = torch.as_tensor(coeff_bits[n.name]).expand(N, Mg)
         elif lp is not None and lp.weight is not None:
-            cb = torch.full((N, Mg), lp.weight.T)
+            b = lp.weight.bits() if isinstance(lp.weight, Formats) else torch.tensor(lp.weight.T)
+            cb = (b.reshape(-1, 1) if b.dim() == 1 else b).expand(N, Mg)
         else:
             cb = None
         per_filter = P * H * W
-        if cb is None:
+        km = None if lp is None else lp.kmeans
+        if km is not None:  # K basis kernels at their bits + N residual kernels at theirs (DESIGN §7, §9)
+            gb = km.basis.bits()
+            gb = (gb.reshape(-1, 1) if gb.dim() == 1 else gb).expand(km.K, Mg)
+            costs = [mac_cost(int(c), d) for c in torch.cat([gb.reshape(-1), cb.reshape(-1)]).tolist()]
+            rel = float(sum(costs)) * per_filter
+            cstore = (int(gb.sum()) + int(cb.sum())) * H * W + N * assign_bits(km.K)
+            desc = (_n_partitions(km.basis) + _n_partitions(lp.weight)) * 8
+            label = f"K={km.K}: {_bits_label(gb)} basis + {_bits_label(cb)} residuals"
+        elif cb is None:
             rel = per_filter * N * Mg * mac_cost(None, d)
             cstore = N * Mg * H * W * 32
             desc = 0
@@ -133,12 +144,14 @@ def analyze(graph: Graph, plan: QuantPlan | None = None, coeff_bits: dict | None
             rel = float(costs.sum()) * per_filter
             cstore = int(cb.sum()) * H * W
             desc = (1 if lp is None else _n_partitions(lp.weight)) * 8
+        if km is None:
+            label = _bits_label(cb)
         if lp is not None and lp.bias is not None:
             bstore, desc = N * lp.bias.T, desc + N * 8
         else:
             bstore = N * 32 if n.bias is not None else 0
         out.append(LayerCost(n.name, n.kind, N, Mg, H, W, P, groups, P * H * W * Mg * N,
-                             _bits_label(cb), "flp" if d is None else f"{d}b", rel / 1e6, cstore, bstore, desc))
+                             label, "flp" if d is None else f"{d}b", rel / 1e6, cstore, bstore, desc))
     return NetworkCost(tuple(out))
 
 

@@ -8,7 +8,8 @@ coefficient/input formats; ``S[i] = max_j Fw[i,j] + Fx[j]`` exact-sum format; ``
 ``sat_T`` saturates (or wraps) to T bits and counts events.
 
 Conv/linear, per output channel i:
-  1. ``sum = Σ_j (Σ_hw w_q[i,j] x_q[j]) << (S[i] - Fw[i,j] - Fx[j])``   (exact, wide)
+  1. ``sum = Σ_j (Σ_hw w_q[i,j] x_q[j]) << (S[i] - Fw[i,j] - Fx[j])``   (exact, wide);
+     a K-means layer adds its basis map ``g[l(i)] << (S[i] - Sg[l(i)])`` (DESIGN §9)
   2. ``acc = sat_A(round_shift(sum + round_shift(b_q, Fb - S), S - Facc))``
   3. fused activation: clamp at the bounds' codes at Facc
   4. ``y = sat_Ty(round_shift(acc, Facc - Fy))``
@@ -30,7 +31,7 @@ from .ir import (AdaptiveAvgPool, Add, AvgPool, Clamp, Concat, Conv, Flatten, Fl
 from .plan import QuantPlan, propagate_formats
 from .pooling import adaptive_windows, pool_divisors
 
-__all__ = ["Engine", "EngineError", "ENGINE_RULES", "LayerInts", "compile_layer", "exact_matmul",
+__all__ = ["Engine", "EngineError", "ENGINE_RULES", "LayerInts", "BasisInts", "compile_layer", "exact_matmul",
            "exact_sum", "layer_forward", "pool_out_size"]
 
 EXACT = 2 ** 53
@@ -58,6 +59,17 @@ class LayerInts:
     S: torch.Tensor
     Facc: torch.Tensor
     Fy: torch.Tensor
+    basis: "BasisInts | None" = None
+
+
+@dataclass(frozen=True)
+class BasisInts:
+    """K-means basis kernels of a layer (DESIGN §9): ``Sg[k] = max_j Fg[k,j] + Fx[j]``."""
+
+    w: torch.Tensor          # int64 (K, Mg, kh, kw) codes at Fg
+    wshift: torch.Tensor     # int64 (K, Mg): Sg - Fg - Fx >= 0
+    assign: torch.Tensor     # int64 (N,): l(i)
+    align: torch.Tensor      # int64 (N,): S[i] - Sg[l(i)] >= 0
 
 
 def compile_layer(n: Conv | Linear, plan: QuantPlan, fmts, rounding: str) -> LayerInts:
@@ -67,10 +79,20 @@ def compile_layer(n: Conv | Linear, plan: QuantPlan, fmts, rounding: str) -> Lay
     w4 = w if w.dim() == 4 else w[:, :, None, None]
     N, Mg = w4.shape[:2]
     Tx, Fx = fmts[n.inputs[0]]
-    Fw = lp.weight.F_tensor()
-    Fw2, Fxg = filter_formats(Fw, Fx, w4.shape, groups)
-    S = (Fw2 + Fxg).amax(dim=1)
-    wq, _ = quantize_codes(w4, Fw2[:, :, None, None], lp.weight.T, rounding)
+    Fw2, Fxg = filter_formats(lp.weight.F_tensor(), Fx, w4.shape, groups)  # residual formats for K-means
+    S = (lp.coeff_F(N, Mg) + Fxg).amax(dim=1)
+    Tw2, _ = filter_formats(lp.weight.bits(), Fx, w4.shape, groups)  # mixed 8/4 bits per 2D filter
+    km, basis = lp.kmeans, None
+    if km is not None:
+        from .kmeans import basis_grid, residual_codes
+        wq = residual_codes(w4, km, lp.weight, rounding)
+        Fg = basis_grid(km, Mg)
+        Fxb = Fxg[:1].expand(km.K, Mg)  # groups == 1: every kernel reads every input channel
+        Sg = (Fg + Fxb).amax(dim=1)
+        a = km.assign_tensor()
+        basis = BasisInts(km.basis_tensor(w4.shape[1:]), Sg[:, None] - Fg - Fxb, a, S - Sg[a])
+    else:
+        wq, _ = quantize_codes(w4, Fw2[:, :, None, None], Tw2[:, :, None, None], rounding)
     if n.bias is not None and lp.bias is not None:
         bq, _ = quantize_codes(n.bias.detach().double().cpu(), lp.bias.F_tensor(), lp.bias.T, rounding)
         bias = round_shift(bq.long(), lp.bias.F_tensor() - S, rounding)
@@ -80,7 +102,7 @@ def compile_layer(n: Conv | Linear, plan: QuantPlan, fmts, rounding: str) -> Lay
     Fy = per_channel(fmts[n.name][1], N)
     lo, hi = (None, None) if n.act is None else bound_codes(n.act, Facc, N, rounding)
     return LayerInts(wq.long(), S[:, None] - Fw2 - Fxg, bias, S - Facc, lp.acc_bits, lp.acc_overflow, lo, hi,
-                     Facc - Fy, fmts[n.name][0], S, Facc, Fy)
+                     Facc - Fy, fmts[n.name][0], S, Facc, Fy, basis)
 
 
 def exact_matmul(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
@@ -193,19 +215,27 @@ def _eng_layer(eng: Engine, n, x):
     return layer_forward(eng.layers[n.name], n, x, eng.rounding, lambda what, ev: eng.count(n.name, what, ev))
 
 
-def exact_sum(L: LayerInts, n, x: torch.Tensor) -> torch.Tensor:
-    """Step 1 of a conv/linear: the exact wide sum at S, bias included."""
+def _sum(w: torch.Tensor, wshift: torch.Tensor, n, x: torch.Tensor) -> torch.Tensor:
+    """``Σ_j (Σ_hw w[i,j] x[j]) << wshift[i,j]`` for every output i, exactly."""
     if isinstance(n, Conv):
         B = x.shape[0]
         g = n.groups
-        cols = _windows(x, tuple(L.w.shape[2:]), n.stride, n.padding, n.dilation, 0)
+        cols = _windows(x, tuple(w.shape[2:]), n.stride, n.padding, n.dilation, 0)
         _, C, OH, OW, kh, kw = cols.shape
         Mg = C // g
         cols = cols.reshape(B, g, Mg, OH * OW, kh * kw).permute(0, 1, 2, 4, 3).reshape(B, g, Mg * kh * kw, OH * OW)
-        wsh = (L.w << L.wshift[:, :, None, None]).reshape(g, -1, Mg * kh * kw)
-        s = exact_matmul(wsh.unsqueeze(0), cols).reshape(B, -1, OH, OW)
-    else:
-        s = exact_matmul(x, (L.w[:, :, 0, 0] << L.wshift).t())
+        wsh = (w << wshift[:, :, None, None]).reshape(g, -1, Mg * kh * kw)
+        return exact_matmul(wsh.unsqueeze(0), cols).reshape(B, -1, OH, OW)
+    return exact_matmul(x, (w[:, :, 0, 0] << wshift).t())
+
+
+def exact_sum(L: LayerInts, n, x: torch.Tensor) -> torch.Tensor:
+    """Step 1 of a conv/linear: the exact wide sum at S, bias included. A K-means layer
+    adds its shared basis maps: ``sum_i += basis[l(i)] << (S[i] - Sg[l(i)])``."""
+    s = _sum(L.w, L.wshift, n, x)
+    if L.basis is not None:
+        b = _sum(L.basis.w, L.basis.wshift, n, x)[:, L.basis.assign]
+        s = s + (b << _bc(L.basis.align, b))
     return s + _bc(L.bias, s)
 
 

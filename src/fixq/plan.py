@@ -21,7 +21,8 @@ from .formats import OVERFLOWS, check_bits, check_rounding
 from .ir import Clamp, Concat, Flatten, Graph, MaxPool, Pad, Slice
 from .ranges import parse_method
 
-__all__ = ["LayerConfig", "QuantConfig", "Formats", "AffineFormats", "LayerPlan", "QuantPlan",
+__all__ = ["LayerConfig", "QuantConfig", "Formats", "AffineFormats", "LayerPlan", "QuantPlan", "KMeansPlan",
+           "filter_grid",
            "COEFF_MODES", "DATA_MODES", "load_config", "propagate_formats", "PlanError"]
 
 COEFF_MODES = ("4D", "3D", "2D")
@@ -153,15 +154,41 @@ class Formats:
     """Power-of-two formats of one tensor: bits ``T``, granularity, one ``F`` per partition.
 
     ``shape`` is the partition grid: ``()`` for 4D, ``(N,)`` for 3D (or per data
-    channel), ``(N, M/groups)`` for 2D."""
+    channel), ``(N, M/groups)`` for 2D. ``Tp`` gives one word length per partition when
+    they differ (mixed 8/4-bit coefficients per 2D filter); ``T`` is then the largest,
+    the storage word.
+
+    >>> Formats(8, "2D", (7, 4), (1, 2), Tp=(8, 4)).bits().tolist()
+    [[8, 4]]
+    """
 
     T: int
     granularity: str
     F: tuple[int, ...]
     shape: tuple[int, ...] = ()
+    Tp: tuple[int, ...] | None = None
+
+    def __post_init__(self) -> None:
+        if self.Tp is not None:
+            if len(self.Tp) != len(self.F):
+                raise PlanError(f"{len(self.Tp)} word lengths for {len(self.F)} partitions")
+            for t in self.Tp:
+                check_bits(int(t), "coefficient bits")
+            if max(self.Tp) != self.T:
+                raise PlanError(f"T={self.T} must be the largest per-partition word length {max(self.Tp)}")
 
     def F_tensor(self, device=None) -> torch.Tensor:
         return torch.tensor(self.F, dtype=torch.int64, device=device).reshape(self.shape)
+
+    def bits(self, device=None) -> torch.Tensor:
+        """Word length per partition, shaped like ``F_tensor()``."""
+        if self.Tp is None:
+            return torch.full(self.shape, self.T, dtype=torch.int64, device=device)
+        return torch.tensor(self.Tp, dtype=torch.int64, device=device).reshape(self.shape)
+
+    def T_arg(self):
+        """``T`` as the quantizers take it: an int, or a per-partition tensor when mixed."""
+        return self.T if self.Tp is None else self.bits()
 
 
 @dataclass(frozen=True)
@@ -193,6 +220,34 @@ def _fmt_load(d):
 
 
 @dataclass(frozen=True)
+class KMeansPlan:
+    """K-means clustered kernels of one layer (DESIGN §9): kernel i = basis ``G[l(i)]`` +
+    residual ``R_i``. The basis codes live in the plan (the float centres depend on the
+    clustering library); ``LayerPlan.weight`` holds the residuals' formats.
+
+    ``basis_codes`` are the K x (M/groups) x kh x kw basis coefficients as integer codes
+    at ``basis`` (formats per basis kernel, 3D, or per basis 2D filter, 2D)."""
+
+    K: int
+    assign: tuple[int, ...]
+    basis: Formats
+    basis_codes: tuple[int, ...]
+    seed: int = 0
+
+    def assign_tensor(self) -> torch.Tensor:
+        return torch.tensor(self.assign, dtype=torch.int64)
+
+    def basis_tensor(self, kernel_shape) -> torch.Tensor:
+        """int64 codes ``(K, M/groups, kh, kw)``."""
+        return torch.tensor(self.basis_codes, dtype=torch.int64).reshape(self.K, *kernel_shape)
+
+
+def filter_grid(F: torch.Tensor, N: int, Mg: int) -> torch.Tensor:
+    """A partition grid (``()``, ``(N,)`` or ``(N, Mg)``) expanded to one entry per 2D filter."""
+    return (F.reshape(-1, 1) if F.dim() == 1 else F).expand(N, Mg)
+
+
+@dataclass(frozen=True)
 class LayerPlan:
     """Conv/linear decisions: coefficient, bias and accumulator formats (None = flp)."""
 
@@ -204,6 +259,16 @@ class LayerPlan:
     acc_overflow: str = "saturate"
     notes: tuple[str, ...] = ()
     acc_I: tuple[int, ...] | None = None  # calibrated ceil(log2 max|acc_i|) per output channel
+    kmeans: KMeansPlan | None = None
+
+    def coeff_F(self, N: int, Mg: int) -> torch.Tensor:
+        """``Fw[i, j]``: the format each 2D filter's coefficients are exact at; for K-means
+        layers ``max(F_residual[i, j], F_basis[l(i), j])`` (basis + residual is exact there)."""
+        Fr = filter_grid(self.weight.F_tensor(), N, Mg)
+        if self.kmeans is None:
+            return Fr
+        Fg = filter_grid(self.kmeans.basis.F_tensor(), self.kmeans.K, Mg)[self.kmeans.assign_tensor()]
+        return torch.maximum(Fr, Fg)
 
 
 @dataclass(frozen=True)
@@ -231,7 +296,9 @@ class QuantPlan:
         return {
             "version": self.version, "model": self.model, "config": self.config.to_json(),
             "tensors": {k: _fmt_json(v) for k, v in self.tensors.items()},
-            "layers": {k: {**asdict(v), "weight": _fmt_json(v.weight), "bias": _fmt_json(v.bias)}
+            "layers": {k: {**asdict(v), "weight": _fmt_json(v.weight), "bias": _fmt_json(v.bias),
+                           "kmeans": None if v.kmeans is None else {**asdict(v.kmeans),
+                                                                    "basis": _fmt_json(v.kmeans.basis)}}
                        for k, v in self.layers.items()},
             "float_ops": list(self.float_ops), "notes": list(self.notes),
         }
@@ -245,7 +312,8 @@ class QuantPlan:
             layers[k] = LayerPlan(v["name"], _fmt_load(v["weight"]), _fmt_load(v["bias"]), v["acc_bits"],
                                   None if v["acc_F"] is None else tuple(v["acc_F"]), v["acc_overflow"],
                                   tuple(v.get("notes", ())),
-                                  None if v.get("acc_I") is None else tuple(v["acc_I"]))
+                                  None if v.get("acc_I") is None else tuple(v["acc_I"]),
+                                  _kmeans_load(v.get("kmeans")))
         return QuantPlan(d["model"], QuantConfig.from_json(d["config"]),
                          {k: _fmt_load(v) for k, v in d["tensors"].items()}, layers,
                          tuple(d.get("float_ops", ())), tuple(d.get("notes", ())))
@@ -262,6 +330,13 @@ class QuantPlan:
             return QuantPlan.from_json(json.loads(p.read_text()))
         except (KeyError, TypeError, json.JSONDecodeError) as e:
             raise PlanError(f"{path} is not a fixq plan: {e}") from None
+
+
+def _kmeans_load(d):
+    if d is None:
+        return None
+    return KMeansPlan(int(d["K"]), tuple(d["assign"]), _fmt_load(d["basis"]), tuple(d["basis_codes"]),
+                      int(d.get("seed", 0)))
 
 
 def propagate_formats(graph: Graph, tensors: dict[str, Formats]) -> dict[str, tuple[int | None, torch.Tensor | None]]:

@@ -17,6 +17,7 @@ import torch
 from .calibrate import filter_formats, sum_format
 from .formats import bound_codes, exp2, fake_quantize, per_channel, round_values
 from .fused import fused_available, fused_fake_quantize
+from .kmeans import effective_weight
 from .ir import (FLOAT_RULES, AdaptiveAvgPool, Add, AvgPool, Clamp, Concat, Conv, Flatten, FloatOp,
                  Graph, Input, Linear, MaxPool, Pad, Slice, apply_act, pre_activation)
 from .plan import AffineFormats, Formats, QuantPlan, propagate_formats
@@ -80,10 +81,13 @@ class Simulator:
             mu = torch.tensor(wf.mu, dtype=torch.float64).reshape(view)
             sigma = torch.tensor(wf.sigma, dtype=torch.float64).reshape(view)
             out["weight"] = self._t(affine_quantize(w, mu, sigma, wf.T, self.rounding))
+        elif lp.kmeans is not None:  # basis + residual: exact in float64 at coeff_F
+            out["weight"] = self._t(effective_weight(w, lp.kmeans, wf, self.rounding))
         else:
-            out["weight"] = self._t(fake_quantize(w, wf.F_tensor().reshape(view), wf.T, self.rounding)[0])
+            T = wf.T if wf.Tp is None else wf.bits().reshape(view)
+            out["weight"] = self._t(fake_quantize(w, wf.F_tensor().reshape(view), T, self.rounding)[0])
         groups = n.groups if isinstance(n, Conv) else 1
-        S = None if lp.acc_F is None else sum_format(wf.F_tensor(), self.formats[n.inputs[0]][1],
+        S = None if lp.acc_F is None else sum_format(lp.coeff_F(*w.shape[:2]), self.formats[n.inputs[0]][1],
                                                       n.weight.shape, groups)
         if b is not None and lp.bias is not None:
             bq = fake_quantize(b, lp.bias.F_tensor(), lp.bias.T, self.rounding)[0]

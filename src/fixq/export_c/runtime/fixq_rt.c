@@ -40,30 +40,47 @@ int64_t fixq_sat(int64_t v, int bits, int overflow, uint64_t *events) {
     return v > hi ? hi : lo;
 }
 
-void fixq_conv(const fixq_conv_t *p, const FIXQ_ACT_T *x, FIXQ_ACT_T *y, fixq_counts_t *c) {
+/* exact sum of output i at (oy, ox): sum_j (sum_hw w[i,j] x[j]) << wshift[i,j] */
+static int64_t conv_sum(const fixq_conv_t *p, const FIXQ_ACT_T *x, int i, int oy, int ox) {
     int mg = p->cin / p->groups, ng = p->cout / p->groups;
-    int i, j, oy, ox, ky, kx;
+    int g = i / ng, j, ky, kx;
+    const FIXQ_W_T *wi = p->weight + (size_t)i * mg * p->kh * p->kw;
+    int64_t sum = 0;
+    for (j = 0; j < mg; j++) {
+        const FIXQ_ACT_T *xj = x + (size_t)(g * mg + j) * p->h * p->w;
+        const FIXQ_W_T *wij = wi + (size_t)j * p->kh * p->kw;
+        int64_t part = 0; /* filter partial sum p[i,j], exact */
+        for (ky = 0; ky < p->kh; ky++) {
+            int iy = oy * p->sh - p->ph + ky * p->dh;
+            if (iy < 0 || iy >= p->h) continue;
+            for (kx = 0; kx < p->kw; kx++) {
+                int ix = ox * p->sw - p->pw + kx * p->dw;
+                if (ix < 0 || ix >= p->w) continue;
+                part += (int64_t)wij[ky * p->kw + kx] * (int64_t)xj[iy * p->w + ix];
+            }
+        }
+        sum += part * ((int64_t)1 << p->wshift[i * p->wshift_cols + (p->wshift_cols > 1 ? j : 0)]);
+    }
+    return sum;
+}
+
+void fixq_conv_sums(const fixq_conv_t *p, const FIXQ_ACT_T *x, int64_t *s) {
+    int i, oy, ox;
+    for (i = 0; i < p->cout; i++)
+        for (oy = 0; oy < p->oh; oy++)
+            for (ox = 0; ox < p->ow; ox++)
+                s[((size_t)i * p->oh + oy) * p->ow + ox] = conv_sum(p, x, i, oy, ox);
+}
+
+void fixq_conv(const fixq_conv_t *p, const FIXQ_ACT_T *x, FIXQ_ACT_T *y, fixq_counts_t *c) {
+    int i, oy, ox;
     for (i = 0; i < p->cout; i++) {
-        int g = i / ng;
-        const FIXQ_W_T *wi = p->weight + (size_t)i * mg * p->kh * p->kw;
         for (oy = 0; oy < p->oh; oy++) {
             for (ox = 0; ox < p->ow; ox++) {
-                int64_t sum = 0, acc;
-                for (j = 0; j < mg; j++) {
-                    const FIXQ_ACT_T *xj = x + (size_t)(g * mg + j) * p->h * p->w;
-                    const FIXQ_W_T *wij = wi + (size_t)j * p->kh * p->kw;
-                    int64_t part = 0; /* filter partial sum p[i,j], exact */
-                    for (ky = 0; ky < p->kh; ky++) {
-                        int iy = oy * p->sh - p->ph + ky * p->dh;
-                        if (iy < 0 || iy >= p->h) continue;
-                        for (kx = 0; kx < p->kw; kx++) {
-                            int ix = ox * p->sw - p->pw + kx * p->dw;
-                            if (ix < 0 || ix >= p->w) continue;
-                            part += (int64_t)wij[ky * p->kw + kx] * (int64_t)xj[iy * p->w + ix];
-                        }
-                    }
-                    sum += part * ((int64_t)1 << p->wshift[i * p->wshift_cols + (p->wshift_cols > 1 ? j : 0)]);
-                }
+                int64_t sum = conv_sum(p, x, i, oy, ox), acc;
+                if (p->basis) /* shared K-means basis map, aligned to S */
+                    sum += p->basis[((size_t)p->assign[i] * p->oh + oy) * p->ow + ox] *
+                           ((int64_t)1 << p->basis_shift[i]);
                 acc = fixq_round_shift(sum + p->bias[i], p->acc_shift[i], p->rounding);
                 acc = fixq_sat(acc, p->acc_bits, p->overflow, &c->acc);
                 if (p->lo && acc < p->lo[i]) acc = p->lo[i];

@@ -31,9 +31,15 @@ typedef struct {
     const int64_t *lo, *hi;   /* [cout] activation bounds at Facc, or NULL */
     const int8_t *out_shift;  /* [cout]: Facc - Fy */
     int acc_bits, out_bits, overflow, rounding;
+    /* K-means layers (DESIGN section 9), else NULL: sum[i] += basis[assign[i]] << basis_shift[i] */
+    const int64_t *basis;     /* [K][oh][ow] exact basis sums from fixq_conv_sums */
+    const int32_t *assign;    /* [cout]: l(i) */
+    const uint8_t *basis_shift; /* [cout]: S - Sg[l(i)] */
 } fixq_conv_t;
 /* conv and linear (a linear layer is a 1x1 conv on a 1x1 map) */
 void fixq_conv(const fixq_conv_t *p, const FIXQ_ACT_T *x, FIXQ_ACT_T *y, fixq_counts_t *c);
+/* the exact sums only (no bias, no rounding) into s[cout][oh][ow]: K-means basis maps */
+void fixq_conv_sums(const fixq_conv_t *p, const FIXQ_ACT_T *x, int64_t *s);
 
 typedef struct { int ch, h, w, kh, kw, sh, sw, ph, pw, dh, dw, oh, ow; } fixq_maxpool_t;
 void fixq_maxpool(const fixq_maxpool_t *p, const FIXQ_ACT_T *x, FIXQ_ACT_T *y);

@@ -1,0 +1,84 @@
+"""``fixq kmeans``: K-means clustered kernels, 8-bit basis + 4-bit residuals (paper §6, Tables 4, 6)."""
+from __future__ import annotations
+
+import json
+from dataclasses import replace
+from pathlib import Path
+
+from .commands import _common_report, _header, _say, _session, make_config
+from .kmeans_search import KMeansOptions, search_kmeans
+from .report import markdown_table, write_json
+
+__all__ = ["cmd_kmeans", "table4", "table6"]
+
+_H = ["plan", "top-1 err %", "top-5 err %", "layer complexity [M MACs]", "layer savings %", "network savings %"]
+
+
+def table4(res) -> str:
+    t = res.table4
+    rows = [[r["plan"], r["top1_error"], r["top5_error"], r["layer_rel_complexity_mmacs"], r["layer_savings_pct"],
+             r["network_savings_pct"]] for r in t["rows"]]
+    return markdown_table(_H, rows)
+
+
+def table6(res) -> str:
+    rows = [["<flp,flp>", res.float_top1_test, res.float_top5_test, "-", "-", "-"]]
+    rows += [[r["plan"], r["top1_error"], r["top5_error"], r["rel_complexity_mmacs"], "-", r["network_savings_pct"]]
+             for r in res.table6]
+    return markdown_table(["plan", "top-1 err %", "top-5 err %", "complexity [M MACs <8b,8b>]", "-",
+                           "network savings %"], rows)
+
+
+def cmd_kmeans(args) -> int:
+    opts = KMeansOptions(base_bits=args.base_bits, residual_bits=args.residual_bits, layers=args.layers, k=args.k,
+                         exclude=args.exclude, target_drop=None if args.target_error is not None else args.target_drop,
+                         target_error=args.target_error, tune_size=args.tune_size,
+                         sensitivity_size=args.sensitivity_size, restarts=args.restarts, seed=args.seed)
+    config = make_config(str(args.base_bits), args.data_bits, "2D", args.data_mode, args.method, args.bias_bits,
+                         args.acc_bits, "saturate", args.rounding)
+    if args.data_method:
+        config = replace(config, default=replace(config.default, data_method=args.data_method))
+    session = _session(args)
+    res = search_kmeans(session, config, opts)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    res.plan.save(out / "plan.json")
+    from .kmeans import layer_savings
+    N = {n.name: n.weight.shape[0] for n in session.graph.layers()}
+    layers = {n: {"k": K, "N": N[n], "layer_savings_pct": 100.0 * layer_savings(N[n], K, args.base_bits, args.residual_bits)}
+              for n, K in res.ks.items()}
+    final = res.table6[-1]
+    report = {**_common_report(session),
+              "float": {"top1_error": res.float_top1_test, "top5_error": res.float_top5_test,
+                        "top1_error_tune": res.float_top1_tune},
+              "quant": {"top1_error": final["top1_error"], "top5_error": final["top5_error"]},
+              "complexity": {"savings_pct": final["network_savings_pct"],
+                             "rel_complexity_mmacs": final["rel_complexity_mmacs"],
+                             "baseline": f"2D-HQ <{args.base_bits}b,{args.data_bits}b> everywhere"},
+              "layers": layers, "table4": res.table4, "table6": res.table6,
+              "target": {"top1_error": res.target, "drop": opts.target_drop, "absolute": opts.target_error,
+                         "measured_on": f"{res.n_tune} tuning images (disjoint from the {res.n_test} test images)"},
+              "k_search": {"noise": {n: {str(k): v for k, v in d.items()} for n, d in res.noise.items()},
+                           "trials": res.trials},
+              "n_tune": res.n_tune, "n_test": res.n_test, "timings": {**session.timings, **res.seconds},
+              "options": {k: v for k, v in vars(args).items() if k != "func"}}
+    write_json(out / "report.json", report)
+    write_json(out / "images.json", {"calib_files": session.images["calib_files"],
+                                     "eval_files": session.images["eval_files"]})
+    t4, t6 = table4(res), table6(res)
+    rec = res.table4["recovered_pct"]
+    rec_s = "plain <4b,8b> loses nothing on this layer" if rec is None else \
+        f"K-means recovers {rec:.0f}% of the top-1 error plain 2D-HQ <{args.residual_bits}b,8b> adds"
+    ks = ", ".join(f"{n}: K={K}" for n, K in res.ks.items()) or "none (no K met the target)"
+    md = (_header(session) + f"\n## K-means clustered kernels (basis {args.base_bits}b + residuals "
+          f"{args.residual_bits}b)\n\nTarget: top-1 error <= {res.target:.2f}% on {res.n_tune} tuning images; errors "
+          f"below are on the other {res.n_test} images.\n\n### Table 4 shape: layer `{res.table4['layer']}` "
+          f"(N={res.table4['N']}, K={res.table4['K']})\n\n{t4}\n\n{rec_s}.\n\n### Table 6 shape: network\n\n{t6}\n\n"
+          f"K per layer: {ks}.\n\nWall time: search {res.seconds['search_s']:.1f} s, total {res.seconds['total_s']:.1f} s.\n")
+    (out / "report.md").write_text(md)
+    if args.json:
+        print(json.dumps({k: v for k, v in report.items() if k != "k_search"}, default=str))
+    else:
+        print(f"Layer {res.table4['layer']} (N={res.table4['N']}, K={res.table4['K']}):\n{t4}\n{rec_s}.\n\nNetwork:\n{t6}")
+        _say(args, f"\nK per layer: {ks}\nplan.json, report.json and report.md written to {out}/")
+    return 0

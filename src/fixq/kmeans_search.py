@@ -1,0 +1,215 @@
+"""``fixq kmeans``: K chosen per layer under an accuracy budget, and the paper's Table 4
+(one layer) and Table 6 (network) comparisons (paper §6).
+
+Automatic K: for every eligible layer and candidate K (1, 2, 4, ... below N/2, where a
+4-bit residual still saves complexity) the output noise ``||logits - float||^2 /
+||float||^2`` with that layer alone clustered is measured on tuning images. A budget
+``beta`` gives each layer the smallest K whose noise is <= beta (or no clustering); the
+largest beta (by bisection over the measured noise values) whose whole-network plan meets
+the target top-1 error on the tuning images is kept. Reported errors come from the test
+images.
+"""
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+
+import torch
+
+from .calibrate import progress
+from .complexity import analyze
+from .ir import Conv, Graph
+from .kmeans import KMeansError, check_K, cluster_kernels, layer_savings
+from .mixed import eligible_layers
+from .pipeline import Session
+from .plan import QuantConfig, QuantPlan
+from .search import PlanBench, base_config, resolve_target
+
+__all__ = ["KMeansOptions", "KMeansResult", "kmeans_layers", "parse_k", "candidate_Ks", "search_kmeans"]
+
+
+@dataclass(frozen=True)
+class KMeansOptions:
+    base_bits: int = 8
+    residual_bits: int = 4
+    layers: str = "auto"            # "auto" or comma-separated names
+    k: str = "auto"                 # "auto", "N" or "layer=K,..."
+    exclude: str = "first"
+    target_drop: float | None = 2.0
+    target_error: float | None = None
+    tune_size: int | None = None
+    sensitivity_size: int = 256
+    restarts: int = 4
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        if self.residual_bits > self.base_bits:
+            raise KMeansError(f"--residual-bits ({self.residual_bits}) above --base-bits ({self.base_bits})")
+
+
+@dataclass(frozen=True)
+class KMeansResult:
+    float_top1_test: float
+    float_top5_test: float
+    float_top1_tune: float
+    target: float
+    n_tune: int
+    n_test: int
+    plan: QuantPlan
+    ks: dict                 # layer -> K of the final plan
+    table4: dict             # layer, K and rows
+    table6: list             # rows
+    noise: dict              # layer -> {K: output noise}
+    trials: list             # beta search
+    seconds: dict
+
+
+def kmeans_layers(graph: Graph, layers: str = "auto", exclude: str = "first") -> list[str]:
+    """Layers to cluster: ``auto`` = every conv/linear of groups 1 except ``exclude``."""
+    by = {n.name: n for n in graph.layers()}
+    if layers == "auto":
+        names = [n for n in eligible_layers(graph, exclude or "none")
+                 if not (isinstance(by[n], Conv) and by[n].groups != 1)]
+    else:
+        names = [s.strip() for s in layers.split(",") if s.strip()]
+        for s in names:
+            if s not in by:
+                raise KMeansError(f"--layers names {s!r}, which the model does not have; its conv/linear layers "
+                                  f"are: {', '.join(by)}")
+            if isinstance(by[s], Conv) and by[s].groups != 1:
+                raise KMeansError(f"layer '{s}' is a grouped/depthwise conv (groups={by[s].groups}): a shared "
+                                  "basis kernel would read every group's inputs; leave it out of --layers")
+    if not names:
+        raise KMeansError("no layer left to cluster")
+    return names
+
+
+def parse_k(spec: str, names: list[str], graph: Graph) -> dict | None:
+    """``auto`` -> None; ``N`` -> that K everywhere; ``layer=K,...`` -> per layer (others auto
+    is not allowed: give every clustered layer a K)."""
+    N = {n.name: n.weight.shape[0] for n in graph.layers()}
+    spec = str(spec).strip()
+    if spec == "auto":
+        return None
+    out = {}
+    try:
+        if "=" not in spec:
+            out = {n: int(spec) for n in names}
+        else:
+            for part in spec.split(","):
+                k, v = part.split("=")
+                out[k.strip()] = int(v)
+    except ValueError:
+        raise KMeansError(f"--k must be auto, a number or layer=K,... got {spec!r}") from None
+    for name, K in out.items():
+        if name not in N:
+            raise KMeansError(f"--k names layer {name!r}, which the model does not have")
+        check_K(K, N[name], f"layer '{name}'")
+    return out
+
+
+def candidate_Ks(N: int) -> list[int]:
+    """1, 2, 4, ... while K < N/2 (positive savings with residuals at half the base bits)."""
+    out, k = [], 1
+    while 2 * k < N:
+        out.append(k)
+        k *= 2
+    return out
+
+
+def search_kmeans(session: Session, config: QuantConfig, opts: KMeansOptions) -> KMeansResult:
+    """Cluster, choose K per layer (or take the given K), report Tables 4 and 6.
+
+    >>> res = search_kmeans(session, QuantConfig(), KMeansOptions(target_drop=2.0))   # doctest: +SKIP
+    """
+    t0 = time.time()
+    g = session.graph
+    names = kmeans_layers(g, opts.layers, opts.exclude)
+    given = parse_k(opts.k, names, g)
+    if given is not None:
+        names = [n for n in names if n in given] + [n for n in given if n not in names]
+    bench = PlanBench(session, base_config(config, opts.base_bits), opts.tune_size, opts.seed)
+    target = resolve_target(bench.float_tune, opts.target_drop, opts.target_error)
+    N = {n.name: n.weight.shape[0] for n in g.layers()}
+    cache: dict = {}
+
+    def clusters(name, K):
+        if (name, K) not in cache:
+            cache[(name, K)] = cluster_kernels(g.node(name).weight, K, opts.seed, opts.restarts, f"layer '{name}'")
+        return cache[(name, K)]
+
+    def plan_for(ks: dict, residual_bits: int | None = None) -> QuantPlan:
+        return bench.plan(kmeans={n: clusters(n, K) for n, K in ks.items()},
+                          kmeans_bits=(opts.base_bits, residual_bits or opts.residual_bits))
+
+    noise: dict = {}
+    trials: list = []
+    if given is None:
+        m = opts.sensitivity_size
+        jobs = [(n, K) for n in names for K in candidate_Ks(N[n])]
+        if not jobs:
+            raise KMeansError("no layer has enough kernels for K < N/2")
+        for n, K in progress(jobs, "K-means candidates", session.show_progress):
+            noise.setdefault(n, {})[K] = bench.output_noise(plan_for({n: K}), m)
+
+        def ks_for(beta: float) -> dict:
+            out = {}
+            for n, d in noise.items():
+                ok = [K for K in sorted(d) if d[K] <= beta]
+                if ok:
+                    out[n] = ok[0]
+            return out
+
+        betas = sorted({v for d in noise.values() for v in d.values()})
+        lo, hi, best = 0, len(betas) - 1, None
+        while lo <= hi:  # largest beta whose plan meets the target
+            mid = (lo + hi) // 2
+            ks = ks_for(betas[mid])
+            plan = plan_for(ks)
+            err = bench.measure(plan)[0]
+            c, sv = bench.cost(plan)
+            trials.append({"beta": betas[mid], "ks": ks, "top1_error": err, "rel_complexity_mmacs": c,
+                           "savings_pct": sv, "meets_target": err <= target})
+            if err <= target:
+                if best is None or sv > best[1]:
+                    best = (ks, sv)
+                lo = mid + 1
+            else:
+                hi = mid - 1
+        ks = best[0] if best else {}
+    else:
+        ks = given
+    plan = plan_for(ks) if ks else bench.base_plan
+    t_search = time.time() - t0
+
+    # Table 4: the most expensive clustered (or eligible) layer
+    costs = {c.name: c for c in analyze(g, bench.base_plan).layers}
+    layer = max(ks or {n: None for n in names}, key=lambda n: costs[n].macs)
+    K4 = ks.get(layer) or (max(candidate_Ks(N[layer])) if candidate_Ks(N[layer]) else 1)
+    rows4 = []
+
+    def row(label, p, layer_rel=None, layer_sav=None):
+        e1, e5, _ = bench.measure(p, "test")
+        c, sv = bench.cost(p)
+        lc = {x.name: x for x in analyze(g, p).layers}[layer]
+        base_l = costs[layer].rel_complexity_mmacs
+        return {"plan": label, "top1_error": e1, "top5_error": e5, "layer_rel_complexity_mmacs": lc.rel_complexity_mmacs,
+                "layer_savings_pct": 100.0 * (1 - lc.rel_complexity_mmacs / base_l), "network_savings_pct": sv,
+                "rel_complexity_mmacs": c}
+
+    layer_bits = {layer: torch.full(tuple(g.node(layer).weight.shape[:2]), opts.residual_bits, dtype=torch.int64)}
+    rows4.append(row(f"2D-HQ <{opts.base_bits}b,8b>", bench.base_plan))
+    rows4.append(row(f"2D-HQ <{opts.residual_bits}b,8b>", bench.plan(filter_bits=layer_bits)))
+    rows4.append(row(f"K-means K={K4}, <{opts.base_bits}b,8b> residuals", plan_for({layer: K4}, opts.base_bits)))
+    rows4.append(row(f"K-means K={K4}, <{opts.residual_bits}b,8b> residuals", plan_for({layer: K4})))
+    lost = rows4[1]["top1_error"] - rows4[0]["top1_error"]
+    recovered = None if lost <= 0 else 100.0 * (rows4[1]["top1_error"] - rows4[3]["top1_error"]) / lost
+    table4 = {"layer": layer, "N": N[layer], "K": K4, "rows": rows4, "recovered_pct": recovered,
+              "formula_layer_savings_pct": 100.0 * layer_savings(N[layer], K4, opts.base_bits, opts.residual_bits)}
+
+    all_low = {n: torch.full(tuple(g.node(n).weight.shape[:2]), opts.residual_bits, dtype=torch.int64) for n in names}
+    table6 = [row(f"2D-HQ <{opts.base_bits}b,8b>", bench.base_plan),
+              row(f"2D-HQ <{opts.residual_bits}b,8b> (clustered layers' set)", bench.plan(filter_bits=all_low)),
+              row(f"K-means <{opts.residual_bits}b,8b> residuals ({len(ks)} layers)", plan)]
+    return KMeansResult(*bench.float_test, bench.float_tune, target, bench.n_tune, bench.n_test, plan, ks, table4,
+                        table6, noise, trials, {"search_s": t_search, "total_s": time.time() - t0})

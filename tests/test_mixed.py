@@ -1,0 +1,175 @@
+"""Energy-based 8/4-bit mixed precision (issue #6): energies, threshold rule, tuner, plans
+that run bit-exactly in simulation, engine and C, and the errors users get."""
+import json
+import shutil
+
+import pytest
+import torch
+import torch.nn as nn
+import torch.nn.functional as Fn
+
+from fixq.calibrate import observe, plan_from
+from fixq.cli import main
+from fixq.complexity import analyze
+from fixq.engine import Engine
+from fixq.mixed import (MixedError, Trial, eligible_layers, filter_bits, filter_energies, low_precision_mask,
+                        tune_threshold)
+from fixq.plan import LayerConfig, QuantConfig, QuantPlan
+from fixq.simulate import Simulator
+
+from helpers import DepthwiseNet, make_graph
+
+
+class Small(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.a = nn.Conv2d(4, 6, 3, stride=2, padding=1)
+        self.b = nn.Conv2d(6, 4, 3, padding=2, dilation=2, groups=2)
+        self.fc = nn.Linear(4 * 4 * 4, 3)
+
+    def forward(self, x):
+        return self.fc(torch.flatten(Fn.relu(self.b(Fn.relu(self.a(x)))), 1))
+
+
+def brute_energy(conv: nn.Conv2d, x: torch.Tensor) -> torch.Tensor:
+    """Every partial map y_ij = F_ij * x_j materialised, squared and summed."""
+    N, Mg = conv.weight.shape[:2]
+    E = torch.zeros(N, Mg, dtype=torch.float64)
+    ng = N // conv.groups
+    for i in range(N):
+        for j in range(Mg):
+            xj = x[:, (i // ng) * Mg + j:(i // ng) * Mg + j + 1].double()
+            y = Fn.conv2d(xj, conv.weight[i:i + 1, j:j + 1].double(), None, conv.stride, conv.padding, conv.dilation)
+            E[i, j] = (y * y).sum()
+    return E
+
+
+def test_energies_equal_brute_force():
+    torch.manual_seed(0)
+    m = Small().eval()
+    g = make_graph(m, (4, 8, 8))
+    x = torch.randn(5, 4, 8, 8)
+    E = filter_energies(g, [x[:3], (x[3:], None)], show_progress=False)
+    with torch.no_grad():
+        h = Fn.relu(m.a(x))
+        flat = torch.flatten(Fn.relu(m.b(h)), 1)
+    torch.testing.assert_close(E["a"], brute_energy(m.a, x), rtol=1e-9, atol=0)
+    torch.testing.assert_close(E["b"], brute_energy(m.b, h), rtol=1e-6, atol=1e-9)
+    want_fc = (m.fc.weight.detach().double() ** 2) * (flat.double() ** 2).sum(dim=0)
+    torch.testing.assert_close(E["fc"], want_fc, rtol=1e-6, atol=1e-9)
+
+
+def test_threshold_rule_hand_example():
+    E = torch.tensor([[10.0, 1.0, 4.0], [0.0, 60.0, 25.0]])  # total 100; sorted 0,1,4,10,25,60
+    # cumulative shares: 0, .01, .05, .15, .40, 1.0
+    assert low_precision_mask(E, 0.0).sum() == 0
+    assert low_precision_mask(E, 0.05).tolist() == [[False, True, False], [True, False, False]]
+    assert low_precision_mask(E, 0.0501).tolist() == [[False, True, True], [True, False, False]]
+    assert low_precision_mask(E, 0.40).tolist() == [[True, True, True], [True, False, False]]
+    assert low_precision_mask(E, 1.0).all()
+    bits = filter_bits({"l": E}, 0.15, 8, 4)["l"]
+    assert bits.tolist() == [[8, 4, 4], [4, 8, 8]]
+    with pytest.raises(MixedError, match="threshold"):
+        low_precision_mask(E, 1.5)
+
+
+def test_tuner_never_returns_a_plan_missing_the_target():
+    # a non-monotone error curve: the tuner may only return trials that met the target
+    curve = lambda f: 10 + (3 if 0.07 < f < 0.09 else 0) + 8 * f  # noqa: E731
+    r = tune_threshold(lambda f: Trial(f, "global", curve(f), 100 - f, f, f, True), target=11.0, max_trials=20)
+    assert r.best is not None and r.best.top1_error <= 11.0 and r.best.meets_target
+    assert all(t.meets_target == (t.top1_error <= 11.0) for t in r.trials)
+    assert r.best.f == max(t.f for t in r.trials if t.meets_target)
+    assert len(r.trials) <= 20
+    none = tune_threshold(lambda f: Trial(f, "global", 20.0, 1, 0, 0, False), target=11.0)
+    assert none.best is None and len(none.trials) == 1
+
+
+def _plan_with_bits(g, x, bits, **cfg):
+    obs = observe(g, [(x, None)], show_progress=False)
+    return plan_from(obs, QuantConfig(LayerConfig(coeff_mode="2D", **cfg)), "t", filter_bits=bits)
+
+
+def test_mixed_plan_bit_exact_sim_engine_and_json_roundtrip(tmp_path):
+    g = make_graph(DepthwiseNet(), (3, 16, 16))
+    torch.manual_seed(2)
+    x = torch.randn(16, 3, 16, 16)
+    E = filter_energies(g, [x], show_progress=False)
+    bits = filter_bits({k: E[k] for k in ("pw", "grp", "fc")}, 0.3)
+    assert all((b == 4).any() and (b == 8).any() for b in bits.values())
+    plan = _plan_with_bits(g, x, bits, data_mode="3D", acc_bits=20)
+    w = plan.layers["grp"].weight
+    assert w.T == 8 and w.bits().tolist() == bits["grp"].tolist()
+    plan.save(tmp_path / "p.json")
+    assert QuantPlan.load(tmp_path / "p.json").to_json() == plan.to_json()
+    xt = torch.randn(6, 3, 16, 16) * 1.5
+    sim, eng = Simulator(g, plan, exact=True), Engine(g, plan)
+    assert torch.equal(eng.dequantize(eng.run(eng.quantize_input(xt))), sim(xt))
+    # the 4-bit filters really are 4-bit codes
+    L = eng.layers["grp"]
+    low = bits["grp"] == 4
+    assert int(L.w[low].abs().max()) <= 8 and int(L.w[~low].abs().max()) > 8
+    # complexity: each 2D filter costs its own bits
+    c = {r.name: r for r in analyze(g, plan).layers}
+    n4 = int(low.sum())
+    per = c["grp"].P * c["grp"].H * c["grp"].W
+    assert c["grp"].rel_complexity_mmacs == pytest.approx(per * (n4 * 0.5 + (low.numel() - n4)) / 1e6)
+
+
+@pytest.mark.skipif(shutil.which("cc") is None or shutil.which("make") is None, reason="needs cc and make")
+def test_mixed_plan_runs_in_c(tmp_path):
+    from test_export_c import c_vs_engine
+    g = make_graph(DepthwiseNet(), (3, 16, 16))
+    x = torch.randn(16, 3, 16, 16)
+    E = filter_energies(g, [x], show_progress=False)
+    plan = _plan_with_bits(g, x, filter_bits({k: E[k] for k in ("stem", "pw", "grp")}, 0.5))
+    c_vs_engine(g, plan, (3, 16, 16), tmp_path)
+
+
+def test_filter_bits_shape_is_checked():
+    g = make_graph(DepthwiseNet(), (3, 16, 16))
+    with pytest.raises(ValueError, match="layer 'pw'.*2D filters"):
+        _plan_with_bits(g, torch.randn(4, 3, 16, 16), {"pw": torch.full((3, 3), 4)})
+
+
+def test_bad_layers_and_empty_probe():
+    g = make_graph(DepthwiseNet(), (3, 16, 16))
+    assert eligible_layers(g) == ["dw", "pw", "grp"]
+    assert eligible_layers(g, "first,pw") == ["dw", "grp", "fc"]
+    with pytest.raises(MixedError, match="'nope'.*stem, dw, pw, grp, fc"):
+        eligible_layers(g, "first,nope")
+    with pytest.raises(MixedError, match="probe set is empty"):
+        filter_energies(g, [torch.zeros(0, 3, 16, 16)], show_progress=False)
+
+
+def _mixed(capsys, digits_dir, out, *extra):
+    argv = ["mixed", "--model", "lenet-digits", "--calib", str(digits_dir), "--calib-size", "64",
+            "--eval", str(digits_dir), "--eval-size", "300", "--out", str(out), "--quiet",
+            "--exclude", "none", *map(str, extra)]
+    code = main(argv)
+    return code, capsys.readouterr()
+
+
+def test_cli_mixed_meets_target_on_tuning_images(capsys, tmp_path, digits_dir):
+    code, cap = _mixed(capsys, digits_dir, tmp_path / "m", "--low-bits", 2, "--target-drop", 1.0, "--trials", 8)
+    assert code == 0, cap.err
+    rep = json.loads((tmp_path / "m" / "report.json").read_text())
+    assert {"float", "quant", "complexity", "low_precision_filters_pct", "trials"} <= set(rep)
+    best = [t for t in rep["trials"] if t["strategy"] == rep["strategy"] and t["meets_target"]]
+    assert best and all(t["top1_error"] <= rep["target"]["top1_error"] for t in best)
+    assert rep["complexity"]["savings_pct"] == max(t["savings_pct"] for t in best)
+    assert rep["complexity"]["savings_pct"] > 0 and 0 < rep["low_precision_filters_pct"]["overall"] < 100
+    assert "Conservative" in cap.out and "Aggressive" in cap.out
+    plan = QuantPlan.load(tmp_path / "m" / "plan.json")
+    assert any(lp.weight.Tp is not None for lp in plan.layers.values())
+
+
+@pytest.mark.parametrize("extra,msg", [
+    (["--target-error", "0"], "below the float model's own error"),
+    (["--probe-size", "0"], "probe set is empty"),
+    (["--exclude", "conv9"], "'conv9'"),
+    (["--low-bits", "8"], "must be below --base-bits"),
+])
+def test_cli_mixed_bad_input_exit_2(capsys, tmp_path, digits_dir, extra, msg):
+    code, cap = _mixed(capsys, digits_dir, tmp_path / "m", *extra)
+    assert code == 2 and msg in cap.err
