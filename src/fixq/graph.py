@@ -177,8 +177,30 @@ class _Lowering:
             self.emit(n, Pad, [x], pads=tuple(m.padding))
         elif isinstance(m, _FLOAT_MODULES):
             self.emit(n, FloatOp, self.tensor_args(n), op=type(m).__name__, fn=m)
+        elif _is_onnx2torch(m):
+            self.lower_onnx(n, m)
         else:
             raise self.unsupported(n, f"module {type(m).__name__} at '{n.target}'")
+
+    def lower_onnx(self, n: fx.Node, m: nn.Module) -> None:
+        """onnx2torch's own modules (kept as leaves when tracing an imported ONNX graph)."""
+        kind = type(m).__name__
+        ts = self.tensor_args(n)
+        if kind == "OnnxConcat":
+            if m.axis % self.values[n.name].dim() != 1:
+                raise self.unsupported(n, f"ONNX Concat along axis {m.axis} (only channels, axis=1)")
+            self.emit(n, Concat, ts, dim=1)
+        elif kind == "OnnxReshape" or kind == "OnnxFlatten":
+            self.flatten(n, ts[0])
+        elif kind.startswith("OnnxGlobalAveragePool"):
+            self.adaptive(n, ts[0], 1)
+        elif kind in ("OnnxSum", "OnnxBinaryMathOperation") and len(ts) == 2 and \
+                getattr(m, "math_op_function", torch.add) in (torch.add, operator.add) and len(n.args) == 2:
+            self.emit(n, Add, ts)
+        elif kind.startswith("OnnxSoftmax"):
+            self.emit(n, FloatOp, ts, op="Softmax", fn=m)
+        else:
+            raise self.unsupported(n, f"ONNX op converted to {kind} at '{n.target}'")
 
     def conv(self, n, x, weight, bias, stride, padding, dilation, groups) -> None:
         w = self.const(weight) if isinstance(weight, fx.Node) else weight
@@ -334,6 +356,18 @@ class _Lowering:
             raise self.unsupported(n, f"method .{m}()")
 
 
+def _is_onnx2torch(m: nn.Module) -> bool:
+    return type(m).__module__.startswith("onnx2torch.")
+
+
+class _Tracer(fx.Tracer):
+    """fx's tracer, with onnx2torch's converter modules as leaves (their forwards branch
+    on attributes; fixq lowers them by type)."""
+
+    def is_leaf_module(self, m: nn.Module, qualname: str) -> bool:
+        return _is_onnx2torch(m) or super().is_leaf_module(m, qualname)
+
+
 def capture(model: nn.Module, example: torch.Tensor, check: bool = True) -> Graph:
     """Trace ``model`` (put in eval mode) and lower it to a :class:`~fixq.ir.Graph`.
 
@@ -347,7 +381,7 @@ def capture(model: nn.Module, example: torch.Tensor, check: bool = True) -> Grap
             layer = name.rsplit(".", 1)[0]
             raise CaptureError(f"layer '{layer}' has NaN or Inf in '{name}': fix or retrain the weights")
     try:
-        gm = fx.symbolic_trace(model)
+        gm = fx.GraphModule(model, _Tracer().trace(model), type(model).__name__)
     except Exception as e:  # fx raises many types; all mean the same to the user
         raise CaptureError(f"torch.fx could not trace {type(model).__name__}: {e}. fixq needs a model "
                            f"without data-dependent control flow in forward().") from e
@@ -370,6 +404,7 @@ def capture(model: nn.Module, example: torch.Tensor, check: bool = True) -> Grap
     nodes, r2 = fuse_acts(nodes, users_of(nodes, output))
     output = r2.get(output, output)
     graph = Graph(nodes, low.input, output)
+    graph.notes = list(getattr(model, "fixq_notes", []))
     with torch.no_grad():
         env = run_float(graph, example, keep=True)
     graph.shapes = {k: tuple(v.shape[1:]) for k, v in env.items()}
