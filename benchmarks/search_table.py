@@ -43,8 +43,8 @@ def main() -> int:
     ap.add_argument("--shared", default=str(HERE.parent.parent / "shared"))
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--tag", default="", help="suffix of the results file")
-    ap.add_argument("extra", nargs="*", help="more fixq arguments (after --)")
-    a = ap.parse_args()
+    a, extra = ap.parse_known_args()  # everything after -- goes to fixq
+    a.extra = [e for e in extra if e != "--"]
     weights, data, ncal = MODELS[a.model]
     shared = Path(a.shared)
     out = HERE / "out" / f"{a.command}-{a.model}{a.tag}"
@@ -52,7 +52,7 @@ def main() -> int:
            "--calib-size", str(ncal), "--eval", str(shared / data), "--device", a.device, "--out", str(out),
            "--quiet", *a.extra]
     if weights:
-        cmd[5:5] = ["--weights", str(shared / weights)]
+        cmd[6:6] = ["--weights", str(shared / weights)]
     t0 = time.time()
     res = subprocess.run(cmd, capture_output=True, text=True)
     wall = time.time() - t0

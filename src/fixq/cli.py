@@ -163,6 +163,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, help="folder for the C sources")
     p.add_argument("--no-build", action="store_true", help="do not run make")
 
+    p = sub.add_parser("export-onnx", help="write a QDQ ONNX model for a plan and compare it with the simulation")
+    p.add_argument("--plan", required=True, help="plan.json of a quantize/mixed/kmeans run")
+    p.add_argument("--model", help="default: the model named in the plan")
+    p.add_argument("--weights")
+    p.add_argument("--input-shape", type=_shape)
+    p.add_argument("--preprocess")
+    p.add_argument("--out", required=True, help="the .onnx file to write")
+    p.add_argument("--data", help="ImageFolder to compare on (default: the plan run's evaluation folder)")
+    p.add_argument("--images", help="images.json of the run: its eval_files, in order (default: next to the plan)")
+    p.add_argument("--n", type=int, default=1000, help="first N images (default 1000)")
+
     p = sub.add_parser("run-c", help="run an exported C program on images, outputs like quantize --save-logits")
     p.add_argument("cdir", help="folder written by export-c")
     p.add_argument("--data", required=True, help="ImageFolder of images (sorted order)")
@@ -205,6 +216,8 @@ ERROR_HINTS = {
     "EngineError": "the integer engine and C export need power-of-two formats everywhere",
     "MixedError": "see `fixq mixed --help`",
     "KMeansError": "see `fixq kmeans --help`",
+    "OnnxImportError": "see README 'ONNX in / ONNX out'",
+    "QDQError": "see README 'ONNX in / ONNX out'",
 }
 
 

@@ -27,6 +27,11 @@ def _say(args, *msg) -> None:
 def resolve_preprocess(args) -> tuple[Preprocess, tuple[int, ...] | None]:
     entry = ZOO.get(args.model)
     shape = getattr(args, "input_shape", None)
+    if entry is None and args.model.lower().endswith(".onnx") and shape is None:
+        from .onnx_in import onnx_input_shape
+        shape = onnx_input_shape(args.model)
+        if shape is None:
+            raise PlanError(f"{args.model} has a dynamic input shape: give --input-shape C,H,W")
     if entry is None and not args.model.lower().endswith(".onnx") and shape is None:
         if ":" in args.model:
             raise PlanError(f"--input-shape C,H,W is required for a model outside the zoo ({args.model})")
@@ -38,7 +43,8 @@ def resolve_preprocess(args) -> tuple[Preprocess, tuple[int, ...] | None]:
     else:
         pre = PRESETS[name or "imagenet"]
         if shape is not None and name is None:
-            pre = replace(pre, resize=shape[1], crop=shape[1], grayscale=shape[0] == 1,
+            pre = replace(pre, resize=pre.resize if pre.crop == shape[1] else shape[1], crop=shape[1],
+                          grayscale=shape[0] == 1,
                           mean=pre.mean[:1] * shape[0] if shape[0] == 1 else pre.mean,
                           std=pre.std[:1] * shape[0] if shape[0] == 1 else pre.std)
     pre = with_overrides(pre, resize=getattr(args, "resize", None), crop=getattr(args, "crop", None),
@@ -254,7 +260,7 @@ def cmd_demo(args) -> int:
 
 def cmd_analyze(args) -> int:
     pre, shape = resolve_preprocess(args)
-    model, entry = build_model(args.model, args.weights)
+    model, entry = build_model(args.model, args.weights, shape)
     if shape is None:
         shape = pre.input_shape(entry.input_hw if entry else None)
     graph = capture(model, torch.zeros(1, *shape), check=False)
@@ -286,9 +292,9 @@ COMMANDS = {"report": cmd_report, "quantize": cmd_quantize, "sweep": cmd_sweep, 
 
 
 def dispatch(args) -> int:
-    from .commands_int import cmd_accumulators, cmd_export_c, cmd_run_c
+    from .commands_int import cmd_accumulators, cmd_export_c, cmd_export_onnx, cmd_run_c
     from .commands_kmeans import cmd_kmeans
     from .commands_mixed import cmd_mixed
     COMMANDS.update({"export-c": cmd_export_c, "run-c": cmd_run_c, "accumulators": cmd_accumulators,
-                     "mixed": cmd_mixed, "kmeans": cmd_kmeans})
+                     "mixed": cmd_mixed, "kmeans": cmd_kmeans, "export-onnx": cmd_export_onnx})
     return COMMANDS[args.command](args)

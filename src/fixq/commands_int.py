@@ -16,7 +16,7 @@ from .plan import PlanError, QuantPlan
 from .report import markdown_table, write_json
 from .zoo import Preprocess, build_model
 
-__all__ = ["cmd_export_c", "cmd_run_c", "cmd_accumulators"]
+__all__ = ["cmd_export_c", "cmd_run_c", "cmd_accumulators", "cmd_export_onnx"]
 
 
 def _plan_and_graph(args):
@@ -24,7 +24,7 @@ def _plan_and_graph(args):
     if not args.model:
         args.model = plan.model
     pre, shape = resolve_preprocess(args)
-    model, entry = build_model(args.model, args.weights)
+    model, entry = build_model(args.model, args.weights, shape)
     if shape is None:
         shape = pre.input_shape(entry.input_hw if entry else None)
     graph = capture(model, torch.zeros(1, *shape))
@@ -100,4 +100,30 @@ def cmd_accumulators(args) -> int:
     if args.out:
         write_json(args.out, {"model": args.model, "n_calib": len(idx), "rows": [asdict(r) for r in rows]})
     print(table)
+    return 0
+
+
+def cmd_export_onnx(args) -> int:
+    from .onnx_out import compare_qdq, export_qdq
+    plan, graph, pre = _plan_and_graph(args)
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    export_qdq(graph, plan, out)
+    plan_dir = Path(args.plan).parent
+    if args.data is None and (plan_dir / "report.json").is_file():
+        args.data = json.loads((plan_dir / "report.json").read_text()).get("images", {}).get("eval_dir")
+        if args.images is None and (plan_dir / "images.json").is_file():
+            args.images = str(plan_dir / "images.json")
+    msg = f"wrote {out} (QDQ, opset 13; passes onnx.checker)"
+    if args.data is None:
+        print(msg + "; no --data given: outputs not compared")
+        return 0
+    x, _ = _images(args, pre)
+    cmp = compare_qdq(out, graph, plan, x)
+    report = {"onnx": str(out), "plan": str(args.plan), "rounding": plan.rounding, **cmp}
+    write_json(out.with_suffix(".report.json"), report)
+    print(f"{msg}\nonnxruntime vs fixq simulation on {cmp['images']} images: top-1 agreement "
+          f"{cmp['agreement_top1_pct']:.2f}%, max output difference {cmp['max_diff_output_steps']:g} output steps "
+          f"({cmp['outputs_differing']} outputs differ)" + "".join(f"\n  - {r}" for r in cmp["reasons"]) +
+          f"\nreport: {out.with_suffix('.report.json')}")
     return 0

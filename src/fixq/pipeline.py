@@ -75,7 +75,7 @@ def open_session(model: str, calib: str, eval_dir: str, weights: str | None = No
     """
     t0 = time.time()
     if module is None:
-        net, entry = build_model(model, weights)
+        net, entry = build_model(model, weights, input_shape)
     else:
         net, entry = module.eval(), None
     if preprocess is None:

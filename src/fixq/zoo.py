@@ -254,14 +254,21 @@ def load_weights(model: nn.Module, path: str, name: str = "model") -> nn.Module:
     return model
 
 
-def build_model(name: str, weights: str | None = None) -> tuple[nn.Module, ZooEntry | None]:
-    """Build a zoo model (or a user model from ``file.py:fn``) and load its weights.
+def build_model(name: str, weights: str | None = None,
+                input_shape: tuple[int, ...] | None = None) -> tuple[nn.Module, ZooEntry | None]:
+    """Build a zoo model (or a user model from ``file.py:fn``, or an ``.onnx`` file) and
+    load its weights.
 
     >>> model, entry = build_model("lenet-digits")
     >>> entry.preprocess, entry.input_hw
     ('digits', 8)
     """
     entry = ZOO.get(name)
+    if entry is None and name.lower().endswith(".onnx"):
+        if weights:
+            raise ModelError("an ONNX file carries its own weights: drop --weights")
+        from .onnx_in import load_onnx
+        return load_onnx(name, input_shape), None
     if entry is None:
         if ":" not in name:
             close = [z for z in ZOO if name.lower() in z]
