@@ -18,6 +18,16 @@ cd "$(dirname "$0")"
   echo "## Integer engine and generated C (issue 4)"; echo
   [ -f results/engine_c.md ] && { cat results/engine_c.md; echo; }
   echo "## Complexity: AlexNet in the paper's Table 1 and Table 2 form (issue 5)"; echo
-  cat results/complexity_alexnet.md
+  cat results/complexity_alexnet.md; echo
+  echo "## Energy-based 8/4-bit mixed precision, paper Table 3 shape (issue 6)"; echo
+  for m in cifar10-resnet20 cifar10-resnet32 efficientnet-lite0; do
+    for f in results/mixed_$m*.md; do [ -f "$f" ] && { cat "$f"; echo; }; done
+  done
+  echo "## K-means clustered kernels, paper Tables 4 and 6 shape (issue 7)"; echo
+  for m in cifar10-resnet20 cifar10-resnet32 efficientnet-lite0; do
+    for f in results/kmeans_$m*.md; do [ -f "$f" ] && { cat "$f"; echo; }; done
+  done
+  echo "## ONNX in / QDQ ONNX out (issue 8)"; echo
+  [ -f results/onnx.md ] && cat results/onnx.md
 } > RESULTS.md
 echo "wrote $(pwd)/RESULTS.md"

@@ -61,7 +61,7 @@ def main() -> int:
         return res.returncode
     rep = json.loads((out / "report.json").read_text())
     md = (out / "report.md").read_text().split("\n## ", 1)[1]
-    shown = " ".join(c if " " not in c else f"'{c}'" for c in cmd[3:]).replace(str(shared), "../shared")
+    shown = " ".join(c if " " not in c else f"'{c}'" for c in cmd[4:]).replace(str(shared), "../shared")
     shown = shown.replace(str(out), f"benchmarks/out/{out.name}")
     text = (f"### {a.command}: {a.model}{a.tag}\n\nCommand: `python -m fixq {a.command} {shown}` "
             f"(via `python benchmarks/search_table.py {a.command} --model {a.model}"

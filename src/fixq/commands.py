@@ -92,7 +92,8 @@ def _header(session: Session, extra: str = "") -> str:
             f"Calibration: {im['n_calib']} images from `{im['calib_dir']}`; evaluation: {im['n_eval']} images "
             f"from `{im['eval_dir']}` (seed {im['seed']}"
             f"{', disjoint subsets of one folder' if im['same_folder'] else ''}; lists in images.json).\n"
-            f"Preprocessing: {asdict(session.preprocess)}\n")
+            f"Preprocessing: {asdict(session.preprocess)}\n"
+            + "".join(f"\nModel note: {x}\n" for x in session.graph.notes))
 
 
 def _common_report(session: Session) -> dict:
@@ -100,7 +101,8 @@ def _common_report(session: Session) -> dict:
     return {"model": session.model_name, "n_eval": session.images["n_eval"], "images": im,
             "preprocess": asdict(session.preprocess),
             "float": {"top1_error": session.float_top1, "top5_error": session.float_top5},
-            "complexity_float": analyze(session.graph).to_json()["total"], "timings": session.timings}
+            "complexity_float": analyze(session.graph).to_json()["total"], "timings": session.timings,
+            "model_notes": list(session.graph.notes)}
 
 
 def cmd_quantize(args) -> int:

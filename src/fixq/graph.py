@@ -65,7 +65,9 @@ class _Lowering:
     def is_tensor(self, a) -> bool:
         """A runtime tensor: computed from the model input (parameters and anything computed
         only from them are constants, folded through const())."""
-        return isinstance(a, fx.Node) and a.name in self.dep and isinstance(self.values.get(a.name), torch.Tensor)
+        v = self.values.get(a.name) if isinstance(a, fx.Node) else None
+        # integer tensors from the input are shape arithmetic (ONNX Shape/Gather/Concat): constants
+        return isinstance(v, torch.Tensor) and a.name in self.dep and v.is_floating_point()
 
     def const(self, a):
         """Concrete value of an argument (fx nodes resolved from the example run)."""
@@ -199,8 +201,37 @@ class _Lowering:
             self.emit(n, Add, ts)
         elif kind.startswith("OnnxSoftmax"):
             self.emit(n, FloatOp, ts, op="Softmax", fn=m)
+        elif kind == "OnnxSlice":
+            self.onnx_slice(n, ts[0], [self.const(a) for a in n.args[1:]])
+        elif kind in ("OnnxPadStatic", "OnnxPadDynamic"):
+            value = m.constant_value if kind == "OnnxPadStatic" else (self.const(n.args[2]) if len(n.args) > 2 else 0)
+            if m.mode != "constant" or float(value or 0.0) != 0.0:
+                raise self.unsupported(n, f"ONNX Pad mode={m.mode!r} value={value} (only zero padding)")
+            if kind == "OnnxPadStatic":
+                pads = list(m.pads)
+            else:
+                on = [int(v) for v in torch.as_tensor(self.const(n.args[1])).tolist()]
+                r = len(on) // 2
+                pads = [v for ax in reversed(range(r)) for v in (on[ax], on[ax + r])]
+            while pads and pads[-1] == 0 and pads[-2] == 0 and len(pads) > 2:
+                pads = pads[:-2]
+            self.emit(n, Pad, [ts[0]], pads=tuple(int(v) for v in pads))
         else:
             raise self.unsupported(n, f"ONNX op converted to {kind} at '{n.target}'")
+
+    def onnx_slice(self, n, x, consts) -> None:
+        shape = tuple(self.values[x.name].shape)
+        starts, ends = [int(v) for v in torch.as_tensor(consts[0]).tolist()], [int(v) for v in torch.as_tensor(consts[1]).tolist()]
+        axes = list(range(len(starts))) if len(consts) < 3 or consts[2] is None else \
+            [int(v) % len(shape) for v in torch.as_tensor(consts[2]).tolist()]
+        steps = [1] * len(starts) if len(consts) < 4 or consts[3] is None else [int(v) for v in torch.as_tensor(consts[3]).tolist()]
+        index = [(None, None, None)] * (max(axes) + 1)
+        for a, s0, e, st in zip(axes, starts, ends, steps):
+            if a == 0 or st <= 0:
+                raise self.unsupported(n, "ONNX Slice on the batch axis or with a negative step")
+            s0, e, _ = slice(s0, e, st).indices(shape[a])
+            index[a] = (s0, e, st)
+        self.emit(n, Slice, [x], index=tuple(index))
 
     def conv(self, n, x, weight, bias, stride, padding, dilation, groups) -> None:
         w = self.const(weight) if isinstance(weight, fx.Node) else weight

@@ -1,8 +1,8 @@
 """``fixq kmeans``: K chosen per layer under an accuracy budget, and the paper's Table 4
 (one layer) and Table 6 (network) comparisons (paper §6).
 
-Automatic K: for every eligible layer and candidate K (1, 2, 4, ... below N/2, where a
-4-bit residual still saves complexity) the output noise ``||logits - float||^2 /
+Automatic K: for every eligible layer and candidate K (1, 2, 4, ... up to N/4: at least
+25% layer savings with 4-bit residuals) the output noise ``||logits - float||^2 /
 ||float||^2`` with that layer alone clustered is measured on tuning images. A budget
 ``beta`` gives each layer the smallest K whose noise is <= beta (or no clustering); the
 largest beta (by bisection over the measured noise values) whose whole-network plan meets
@@ -109,9 +109,10 @@ def parse_k(spec: str, names: list[str], graph: Graph) -> dict | None:
 
 
 def candidate_Ks(N: int) -> list[int]:
-    """1, 2, 4, ... while K < N/2 (positive savings with residuals at half the base bits)."""
+    """1, 2, 4, ... up to N/4 (at least 25% layer savings with residuals at half the base
+    bits; larger K saves little and costs a clustering each), and always K < N/2."""
     out, k = [], 1
-    while 2 * k < N:
+    while 2 * k < N and k <= max(1, N // 4):
         out.append(k)
         k *= 2
     return out
@@ -182,9 +183,19 @@ def search_kmeans(session: Session, config: QuantConfig, opts: KMeansOptions) ->
     plan = plan_for(ks) if ks else bench.base_plan
     t_search = time.time() - t0
 
-    # Table 4: the most expensive clustered (or eligible) layer
+    # Table 4: the most expensive clustered (or eligible) layer; among equally expensive
+    # ones, the one whose plain low-bit version adds the most output noise
     costs = {c.name: c for c in analyze(g, bench.base_plan).layers}
-    layer = max(ks or {n: None for n in names}, key=lambda n: costs[n].macs)
+    pool = list(ks or names)
+    top = max(costs[n].macs for n in pool)
+    tied = [n for n in pool if costs[n].macs >= 0.99 * top]
+    if len(tied) > 1:  # equal cost (e.g. every ResNet-20 conv): the one plain 4 bits hurts most
+        m = opts.sensitivity_size
+        low = {n: bench.output_noise(bench.plan(filter_bits={
+            n: torch.full(tuple(g.node(n).weight.shape[:2]), opts.residual_bits, dtype=torch.int64)}), m) for n in tied}
+        layer = max(tied, key=lambda n: low[n])
+    else:
+        layer = tied[0]
     K4 = ks.get(layer) or (max(candidate_Ks(N[layer])) if candidate_Ks(N[layer]) else 1)
     rows4 = []
 
@@ -205,6 +216,7 @@ def search_kmeans(session: Session, config: QuantConfig, opts: KMeansOptions) ->
     lost = rows4[1]["top1_error"] - rows4[0]["top1_error"]
     recovered = None if lost <= 0 else 100.0 * (rows4[1]["top1_error"] - rows4[3]["top1_error"]) / lost
     table4 = {"layer": layer, "N": N[layer], "K": K4, "rows": rows4, "recovered_pct": recovered,
+              "tied_layers": tied, "plain_low_loss": lost,
               "formula_layer_savings_pct": 100.0 * layer_savings(N[layer], K4, opts.base_bits, opts.residual_bits)}
 
     all_low = {n: torch.full(tuple(g.node(n).weight.shape[:2]), opts.residual_bits, dtype=torch.int64) for n in names}
