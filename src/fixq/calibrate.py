@@ -19,7 +19,7 @@ import torch
 from .formats import fake_quantize
 from .ir import (FLOAT_RULES, QUANT_POINTS, Concat, Conv, FloatOp, Graph, Input, Linear, apply_act,
                  pre_activation)
-from .plan import (AffineFormats, Formats, LayerPlan, PlanError, QuantConfig, QuantPlan,
+from .plan import (AffineFormats, Formats, LayerPlan, PlanError, QuantConfig, QuantPlan, filter_grid,
                    propagate_formats)
 from .ranges import (EXP_LO, MSE_CANDIDATES, F_from_histogram, F_from_maxabs, affine_params,
                      ceil_log2, exponent_histogram, mse_candidates, parse_method)
@@ -324,8 +324,7 @@ def filter_formats(weight_F: torch.Tensor, Fx: torch.Tensor, weight_shape, group
     """``(Fw, Fx)`` as ``(N, M/groups)`` grids: each 2D filter (i, j)'s coefficient format
     and the format of the input channel it reads (kernel i sees only its group's inputs)."""
     N, Mg = weight_shape[0], weight_shape[1]
-    Fw = weight_F.reshape(-1, 1) if weight_F.dim() == 1 else weight_F
-    Fw = Fw.expand(N, Mg)
+    Fw = filter_grid(weight_F, N, Mg)
     Fxv = Fx.expand(Mg * groups) if Fx.dim() == 0 else Fx
     return Fw, Fxv.reshape(groups, Mg)[torch.arange(N) // (N // groups)]
 

@@ -82,6 +82,26 @@ def _add_output(p: argparse.ArgumentParser, out_required: bool = True) -> None:
     p.add_argument("--json", action="store_true", help="print the report as JSON on stdout")
 
 
+def _add_plan_model(p: argparse.ArgumentParser, plan_help: str) -> None:
+    """A plan and the model it belongs to (commands that act on a saved plan)."""
+    p.add_argument("--plan", required=True, help=plan_help)
+    p.add_argument("--model", help="default: the model named in the plan")
+    p.add_argument("--weights")
+    p.add_argument("--input-shape", type=_shape)
+    p.add_argument("--preprocess")
+
+
+def _add_search_quant(g) -> None:
+    """Formats shared by the plan searches (coefficients are 2D at the searched bits)."""
+    g.add_argument("--data-bits", default="8")
+    g.add_argument("--data-mode", default="4D")
+    g.add_argument("--method", default="maxabs", help="range method of coefficients (and data unless --data-method)")
+    g.add_argument("--data-method", help="range method of the data (default: --method)")
+    g.add_argument("--bias-bits", type=int, default=8)
+    g.add_argument("--acc-bits", type=int, default=32)
+    g.add_argument("--rounding", default="half_up", choices=["half_up", "nearest_even", "floor"])
+
+
 def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog="fixq", description="Fixed-point (dynamic, hybrid 4D/3D/2D) quantization "
                                  "of trained CNNs for DSPs, FPGAs and MCUs, with exact reports.")
@@ -112,15 +132,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--tune-size", type=int, help="evaluation images used for tuning (default half); the rest report")
     g.add_argument("--sensitivity-size", type=int, default=256, help="tuning images for per-layer sensitivity")
     g.add_argument("--strategy", default="both", choices=["both", "global", "per-layer"])
-    g.add_argument("--data-bits", default="8")
-    g.add_argument("--data-mode", default="4D")
-    g.add_argument("--method", default="maxabs", help="range method of coefficients (and data unless --data-method)")
-    g.add_argument("--data-method", help="range method of the data (default: --method)")
     g.add_argument("--f0", type=float, default=0.05, help="first energy threshold tried (default 0.05)")
     g.add_argument("--delta", type=float, default=0.05, help="first threshold step (default 0.05)")
-    g.add_argument("--bias-bits", type=int, default=8)
-    g.add_argument("--acc-bits", type=int, default=32)
-    g.add_argument("--rounding", default="half_up", choices=["half_up", "nearest_even", "floor"])
+    _add_search_quant(g)
     _add_output(p)
 
     p = sub.add_parser("kmeans", help="K-means clustered kernels: 8-bit basis kernels plus 4-bit residuals")
@@ -137,13 +151,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--tune-size", type=int, help="evaluation images used for the K search (default half)")
     g.add_argument("--sensitivity-size", type=int, default=256, help="tuning images per candidate K measurement")
     g.add_argument("--restarts", type=int, default=4, help="k-means++ initialisations per clustering")
-    g.add_argument("--data-bits", default="8")
-    g.add_argument("--data-mode", default="4D")
-    g.add_argument("--method", default="maxabs", help="range method of coefficients (and data unless --data-method)")
-    g.add_argument("--data-method")
-    g.add_argument("--bias-bits", type=int, default=8)
-    g.add_argument("--acc-bits", type=int, default=32)
-    g.add_argument("--rounding", default="half_up", choices=["half_up", "nearest_even", "floor"])
+    _add_search_quant(g)
     _add_output(p)
 
     p = sub.add_parser("models", help="list zoo models, their input size, preprocessing and weights")
@@ -155,20 +163,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true")
 
     p = sub.add_parser("export-c", help="write C99 code (integer tables + calls) and the runtime for a plan")
-    p.add_argument("--plan", required=True, help="plan.json of a quantize run")
-    p.add_argument("--model", help="default: the model named in the plan")
-    p.add_argument("--weights")
-    p.add_argument("--input-shape", type=_shape)
-    p.add_argument("--preprocess")
+    _add_plan_model(p, "plan.json of a quantize run")
     p.add_argument("--out", required=True, help="folder for the C sources")
     p.add_argument("--no-build", action="store_true", help="do not run make")
 
     p = sub.add_parser("export-onnx", help="write a QDQ ONNX model for a plan and compare it with the simulation")
-    p.add_argument("--plan", required=True, help="plan.json of a quantize/mixed/kmeans run")
-    p.add_argument("--model", help="default: the model named in the plan")
-    p.add_argument("--weights")
-    p.add_argument("--input-shape", type=_shape)
-    p.add_argument("--preprocess")
+    _add_plan_model(p, "plan.json of a quantize/mixed/kmeans run")
     p.add_argument("--out", required=True, help="the .onnx file to write")
     p.add_argument("--data", help="ImageFolder to compare on (default: the plan run's evaluation folder)")
     p.add_argument("--images", help="images.json of the run: its eval_files, in order (default: next to the plan)")
@@ -182,11 +182,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, help="logits .npy")
 
     p = sub.add_parser("accumulators", help="per layer: accumulator bits for the exact sum and for bit-identical output")
-    p.add_argument("--plan", required=True)
-    p.add_argument("--model")
-    p.add_argument("--weights")
-    p.add_argument("--input-shape", type=_shape)
-    p.add_argument("--preprocess")
+    _add_plan_model(p, "plan.json of a quantize run")
     p.add_argument("--calib", required=True)
     p.add_argument("--calib-size", type=int, default=256)
     p.add_argument("--seed", type=int, default=0)

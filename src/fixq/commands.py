@@ -16,7 +16,7 @@ from .plan import LayerConfig, PlanError, QuantConfig, QuantPlan, load_config
 from .report import (complexity_markdown, layers_markdown, results_table, write_json)
 from .zoo import PRESETS, ZOO, Preprocess, build_model, with_overrides
 
-__all__ = ["dispatch", "resolve_preprocess", "make_config"]
+__all__ = ["dispatch", "resolve_preprocess", "make_config", "search_config"]
 
 
 def _say(args, *msg) -> None:
@@ -60,6 +60,15 @@ def make_config(coeff_bits="8", data_bits="8", coeff_mode="3D", data_mode="4D", 
                                   data_mode=data_mode, method=method, bias_bits=bias_bits,
                                   acc_bits=acc_bits, acc_overflow=acc_overflow), rounding)
     return load_config(config_file, cfg) if config_file else cfg
+
+
+def search_config(args) -> QuantConfig:
+    """The 2D-HQ base config of ``fixq mixed`` / ``fixq kmeans`` from their shared options."""
+    config = make_config(str(args.base_bits), args.data_bits, "2D", args.data_mode, args.method, args.bias_bits,
+                         args.acc_bits, "saturate", args.rounding)
+    if args.data_method:
+        config = replace(config, default=replace(config.default, data_method=args.data_method))
+    return config
 
 
 def _device(name: str) -> str:

@@ -2,10 +2,9 @@
 from __future__ import annotations
 
 import json
-from dataclasses import replace
 from pathlib import Path
 
-from .commands import _common_report, _header, _say, _session, make_config
+from .commands import _common_report, _header, _say, _session, search_config
 from .kmeans_search import KMeansOptions, search_kmeans
 from .report import markdown_table, write_json
 
@@ -34,10 +33,7 @@ def cmd_kmeans(args) -> int:
                          exclude=args.exclude, target_drop=None if args.target_error is not None else args.target_drop,
                          target_error=args.target_error, tune_size=args.tune_size,
                          sensitivity_size=args.sensitivity_size, restarts=args.restarts, seed=args.seed)
-    config = make_config(str(args.base_bits), args.data_bits, "2D", args.data_mode, args.method, args.bias_bits,
-                         args.acc_bits, "saturate", args.rounding)
-    if args.data_method:
-        config = replace(config, default=replace(config.default, data_method=args.data_method))
+    config = search_config(args)
     session = _session(args)
     res = search_kmeans(session, config, opts)
     out = Path(args.out)

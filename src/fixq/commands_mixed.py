@@ -2,10 +2,9 @@
 from __future__ import annotations
 
 import json
-from dataclasses import replace
 from pathlib import Path
 
-from .commands import _common_report, _header, _say, _session, make_config
+from .commands import _common_report, _header, _say, _session, search_config
 from .mixed_search import MixedOptions, search_mixed
 from .report import markdown_table, write_json
 
@@ -35,10 +34,7 @@ def cmd_mixed(args) -> int:
                         sensitivity_size=args.sensitivity_size, exclude=args.exclude, trials=args.trials,
                         strategies=("global", "per-layer") if args.strategy == "both" else (args.strategy,),
                         seed=args.seed, f0=args.f0, delta=args.delta)
-    config = make_config(str(args.base_bits), args.data_bits, "2D", args.data_mode, args.method, args.bias_bits,
-                         args.acc_bits, "saturate", args.rounding)
-    if args.data_method:
-        config = replace(config, default=replace(config.default, data_method=args.data_method))
+    config = search_config(args)
     session = _session(args)
     res = search_mixed(session, config, opts)
     out = Path(args.out)

@@ -14,7 +14,7 @@ import torch
 
 from .ir import Conv, Graph
 from .kmeans import assign_bits
-from .plan import Formats, QuantPlan
+from .plan import Formats, QuantPlan, filter_grid
 
 __all__ = ["mac_cost", "LayerCost", "NetworkCost", "analyze", "FLP_COST"]
 
@@ -121,15 +121,13 @@ def analyze(graph: Graph, plan: QuantPlan | None = None, coeff_bits: dict | None
         if coeff_bits is not None and n.name in coeff_bits:
             cb = torch.as_tensor(coeff_bits[n.name]).expand(N, Mg)
         elif lp is not None and lp.weight is not None:
-            b = lp.weight.bits() if isinstance(lp.weight, Formats) else torch.tensor(lp.weight.T)
-            cb = (b.reshape(-1, 1) if b.dim() == 1 else b).expand(N, Mg)
+            cb = filter_grid(lp.weight.bits() if isinstance(lp.weight, Formats) else torch.tensor(lp.weight.T), N, Mg)
         else:
             cb = None
         per_filter = P * H * W
         km = None if lp is None else lp.kmeans
         if km is not None:  # K basis kernels at their bits + N residual kernels at theirs (DESIGN §7, §9)
-            gb = km.basis.bits()
-            gb = (gb.reshape(-1, 1) if gb.dim() == 1 else gb).expand(km.K, Mg)
+            gb = filter_grid(km.basis.bits(), km.K, Mg)
             costs = [mac_cost(int(c), d) for c in torch.cat([gb.reshape(-1), cb.reshape(-1)]).tolist()]
             rel = float(sum(costs)) * per_filter
             cstore = (int(gb.sum()) + int(cb.sum())) * H * W + N * assign_bits(km.K)

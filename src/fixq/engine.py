@@ -28,7 +28,7 @@ from .calibrate import filter_formats
 from .formats import bound_codes, per_channel, quantize_codes, round_div, round_shift, saturate
 from .ir import (AdaptiveAvgPool, Add, AvgPool, Clamp, Concat, Conv, Flatten, FloatOp, Graph, Input,
                  Linear, MaxPool, Pad, Slice)
-from .plan import QuantPlan, propagate_formats
+from .plan import QuantPlan, filter_grid, propagate_formats
 from .pooling import adaptive_windows, pool_divisors
 
 __all__ = ["Engine", "EngineError", "ENGINE_RULES", "LayerInts", "BasisInts", "compile_layer", "exact_matmul",
@@ -81,7 +81,7 @@ def compile_layer(n: Conv | Linear, plan: QuantPlan, fmts, rounding: str) -> Lay
     Tx, Fx = fmts[n.inputs[0]]
     Fw2, Fxg = filter_formats(lp.weight.F_tensor(), Fx, w4.shape, groups)  # residual formats for K-means
     S = (lp.coeff_F(N, Mg) + Fxg).amax(dim=1)
-    Tw2, _ = filter_formats(lp.weight.bits(), Fx, w4.shape, groups)  # mixed 8/4 bits per 2D filter
+    Tw2 = filter_grid(lp.weight.bits(), N, Mg)  # mixed 8/4 bits per 2D filter
     km, basis = lp.kmeans, None
     if km is not None:
         from .kmeans import basis_grid, residual_codes

@@ -25,6 +25,7 @@ import torch
 
 from .calibrate import filter_formats
 from .engine import EngineError, compile_layer
+from .formats import bound_codes
 from .ir import (AdaptiveAvgPool, Add, AvgPool, Clamp, Concat, Conv, Flatten, FloatOp, Graph, Input, Linear,
                  MaxPool, Pad, Slice)
 from .plan import AffineFormats, QuantPlan, propagate_formats
@@ -152,7 +153,6 @@ def _layer(b: _B, n, x: str) -> str:
 
 
 def _add(b: _B, n: Add, x: str, z: str) -> str:
-    from .formats import bound_codes
     y = b.node("Add", [x, z], n.name)
     if n.act is not None:
         Fm = torch.maximum(b.fmts[n.inputs[0]][1], b.fmts[n.inputs[1]][1])
@@ -163,20 +163,19 @@ def _add(b: _B, n: Add, x: str, z: str) -> str:
 
 
 def _clamp(b: _B, n: Clamp, x: str) -> str:
-    from .formats import bound_codes
     F = b.fmts[n.inputs[0]][1]
     C = b.graph.shapes[n.name][0]
     lo, hi = bound_codes((n.lo, n.hi), F, C, b.plan.rounding)
     return b.bounds(x, lo, hi, F if F.dim() else F.expand(C), C, len(b.graph.shapes[n.name]) + 1, n.name)
 
 
-def _pool_attrs(n, in_hw) -> dict:
+def _pool_attrs(n) -> dict:
     p = list(n.padding)
     return {"kernel_shape": list(n.kernel), "strides": list(n.stride), "pads": p + p, "ceil_mode": int(n.ceil_mode)}
 
 
 def _maxpool(b: _B, n: MaxPool, x: str) -> str:
-    return b.node("MaxPool", [x], n.name, dilations=list(n.dilation), **_pool_attrs(n, None))
+    return b.node("MaxPool", [x], n.name, dilations=list(n.dilation), **_pool_attrs(n))
 
 
 def _avgpool(b: _B, n, x: str) -> str:
@@ -190,7 +189,7 @@ def _avgpool(b: _B, n, x: str) -> str:
         else:
             raise QDQError(f"'{n.name}': adaptive average pool {H}x{W} -> {oh}x{ow} has uneven windows")
     else:
-        y = b.node("AveragePool", [x], n.name, count_include_pad=int(n.count_include_pad), **_pool_attrs(n, None))
+        y = b.node("AveragePool", [x], n.name, count_include_pad=int(n.count_include_pad), **_pool_attrs(n))
     return b.qdq(y, n.name)
 
 
