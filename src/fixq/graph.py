@@ -18,6 +18,7 @@ import torch.nn.functional as Fn
 
 from .ir import (AdaptiveAvgPool, Add, AvgPool, Clamp, Concat, Conv, Flatten, FloatOp,
                  Graph, Input, Linear, MaxPool, Node, Pad, Slice, run_float)
+from .graph_onnx import lower_onnx
 from .passes import fold_bn, fuse_acts, users_of
 
 __all__ = ["capture", "UnsupportedOpError", "CaptureError"]
@@ -180,58 +181,9 @@ class _Lowering:
         elif isinstance(m, _FLOAT_MODULES):
             self.emit(n, FloatOp, self.tensor_args(n), op=type(m).__name__, fn=m)
         elif _is_onnx2torch(m):
-            self.lower_onnx(n, m)
+            lower_onnx(self, n, m)
         else:
             raise self.unsupported(n, f"module {type(m).__name__} at '{n.target}'")
-
-    def lower_onnx(self, n: fx.Node, m: nn.Module) -> None:
-        """onnx2torch's own modules (kept as leaves when tracing an imported ONNX graph)."""
-        kind = type(m).__name__
-        ts = self.tensor_args(n)
-        if kind == "OnnxConcat":
-            if m.axis % self.values[n.name].dim() != 1:
-                raise self.unsupported(n, f"ONNX Concat along axis {m.axis} (only channels, axis=1)")
-            self.emit(n, Concat, ts, dim=1)
-        elif kind == "OnnxReshape" or kind == "OnnxFlatten":
-            self.flatten(n, ts[0])
-        elif kind.startswith("OnnxGlobalAveragePool"):
-            self.adaptive(n, ts[0], 1)
-        elif kind in ("OnnxSum", "OnnxBinaryMathOperation") and len(ts) == 2 and \
-                getattr(m, "math_op_function", torch.add) in (torch.add, operator.add) and len(n.args) == 2:
-            self.emit(n, Add, ts)
-        elif kind.startswith("OnnxSoftmax"):
-            self.emit(n, FloatOp, ts, op="Softmax", fn=m)
-        elif kind == "OnnxSlice":
-            self.onnx_slice(n, ts[0], [self.const(a) for a in n.args[1:]])
-        elif kind in ("OnnxPadStatic", "OnnxPadDynamic"):
-            value = m.constant_value if kind == "OnnxPadStatic" else (self.const(n.args[2]) if len(n.args) > 2 else 0)
-            if m.mode != "constant" or float(value or 0.0) != 0.0:
-                raise self.unsupported(n, f"ONNX Pad mode={m.mode!r} value={value} (only zero padding)")
-            if kind == "OnnxPadStatic":
-                pads = list(m.pads)
-            else:
-                on = [int(v) for v in torch.as_tensor(self.const(n.args[1])).tolist()]
-                r = len(on) // 2
-                pads = [v for ax in reversed(range(r)) for v in (on[ax], on[ax + r])]
-            while pads and pads[-1] == 0 and pads[-2] == 0 and len(pads) > 2:
-                pads = pads[:-2]
-            self.emit(n, Pad, [ts[0]], pads=tuple(int(v) for v in pads))
-        else:
-            raise self.unsupported(n, f"ONNX op converted to {kind} at '{n.target}'")
-
-    def onnx_slice(self, n, x, consts) -> None:
-        shape = tuple(self.values[x.name].shape)
-        starts, ends = [int(v) for v in torch.as_tensor(consts[0]).tolist()], [int(v) for v in torch.as_tensor(consts[1]).tolist()]
-        axes = list(range(len(starts))) if len(consts) < 3 or consts[2] is None else \
-            [int(v) % len(shape) for v in torch.as_tensor(consts[2]).tolist()]
-        steps = [1] * len(starts) if len(consts) < 4 or consts[3] is None else [int(v) for v in torch.as_tensor(consts[3]).tolist()]
-        index = [(None, None, None)] * (max(axes) + 1)
-        for a, s0, e, st in zip(axes, starts, ends, steps):
-            if a == 0 or st <= 0:
-                raise self.unsupported(n, "ONNX Slice on the batch axis or with a negative step")
-            s0, e, _ = slice(s0, e, st).indices(shape[a])
-            index[a] = (s0, e, st)
-        self.emit(n, Slice, [x], index=tuple(index))
 
     def conv(self, n, x, weight, bias, stride, padding, dilation, groups) -> None:
         w = self.const(weight) if isinstance(weight, fx.Node) else weight
