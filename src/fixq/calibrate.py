@@ -21,22 +21,16 @@ from .ir import (FLOAT_RULES, QUANT_POINTS, Concat, Conv, FloatOp, Graph, Input,
                  pre_activation)
 from .plan import (AffineFormats, Formats, LayerPlan, PlanError, QuantConfig, QuantPlan, filter_grid,
                    propagate_formats)
+from .progress import progress
 from .ranges import (EXP_LO, MSE_CANDIDATES, F_from_histogram, F_from_maxabs, affine_params,
                      ceil_log2, exponent_histogram, mse_candidates, parse_method)
 
 __all__ = ["calibrate", "observe", "plan_from", "Observations", "needs_histograms",
-           "weight_formats", "bias_formats", "filter_formats", "sum_format", "accumulator_F", "CalibrationError", "progress"]
+           "weight_formats", "bias_formats", "filter_formats", "sum_format", "accumulator_F", "CalibrationError"]
 
 
 class CalibrationError(ValueError):
     """Empty data, NaN/Inf activations, or a config the model cannot take."""
-
-
-def progress(it, desc: str, enabled: bool = True, total: int | None = None):
-    if not enabled:
-        return it
-    from tqdm.auto import tqdm
-    return tqdm(it, desc=desc, total=total, leave=False, dynamic_ncols=True)
 
 
 def _partitions(w: torch.Tensor, mode: str, groups: int) -> tuple[torch.Tensor, tuple[int, ...]]:

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import torch
 
-from .calibrate import progress
+from .progress import progress
 from .ir import QUANT_POINTS, Graph, run_float
 from .zoo import Preprocess
 

@@ -16,7 +16,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .calibrate import progress
+from .progress import progress
 from .complexity import analyze
 from .ir import Conv, Graph
 from .kmeans import KMeansError, check_K, cluster_kernels, layer_savings

@@ -17,7 +17,7 @@ from typing import Callable
 import torch
 import torch.nn.functional as Fn
 
-from .calibrate import progress
+from .progress import progress
 from .ir import FLOAT_RULES, Conv, Graph, Input, Linear, apply_act, pre_activation
 
 __all__ = ["MixedError", "filter_energies", "low_precision_mask", "filter_bits", "eligible_layers",

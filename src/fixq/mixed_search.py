@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from .calibrate import progress
+from .progress import progress
 from .mixed import (MixedError, Trial, TuneResult, eligible_layers, filter_bits, filter_energies,
                     layer_thresholds, tune_threshold)
 from .pipeline import Session
