@@ -1,6 +1,7 @@
 """K-means clustered kernels (issue #7): clustering, reconstruction, complexity, bit-exact
 simulation / engine / C, refusals and the command."""
 import json
+import math
 import shutil
 
 import pytest
@@ -122,6 +123,20 @@ def test_cli_kmeans_reports_tables(capsys, tmp_path, digits_dir):
         100 * (16 - 3) / 32)
     assert [r["plan"].split(" ")[0] for r in rep["table4"]["rows"]] == ["2D-HQ", "2D-HQ", "K-means", "K-means"]
     assert {"float", "quant", "complexity"} <= set(rep) and "Network" in cap.out
+    rows = rep["table4"]["rows"]
+    for r in rows + rep["table6"]:
+        assert r["logit_sqnr_db"] == pytest.approx(-10 * math.log10(r["logit_noise"]))
+    n8, n4, nk = rows[0]["logit_noise"], rows[1]["logit_noise"], rows[3]["logit_noise"]
+    assert n4 > n8  # 4-bit coefficients on conv2 add logit noise
+    assert rep["table4"]["noise_recovered_pct"] == pytest.approx(100 * (n4 - nk) / (n4 - n8))
+    assert "logit SQNR dB" in cap.out and "remove" in cap.out
+    sweep = {r["K"]: r for r in rep["table4"]["sweep"]}
+    assert set(sweep) == set(candidate_Ks(rep["table4"]["N"])) | {rep["table4"]["K"]}
+    assert sweep[rep["table4"]["K"]]["logit_noise"] == nk
+    for K, r in sweep.items():
+        assert r["layer_savings_pct"] == pytest.approx(100 * (0.5 * rep["table4"]["N"] - K) / rep["table4"]["N"])
+        assert r["noise_recovered_pct"] == pytest.approx(100 * (n4 - r["logit_noise"]) / (n4 - n8))
+    assert "candidate K" in (tmp_path / "k" / "report.md").read_text()
     plan = QuantPlan.load(tmp_path / "k" / "plan.json")
     assert plan.layers["conv2"].kmeans.K == 3 and plan.layers["fc1"].kmeans.K == 2
 

@@ -8,23 +8,33 @@ from .commands import _common_report, _header, _say, _session, search_config
 from .kmeans_search import KMeansOptions, search_kmeans
 from .report import markdown_table, write_json
 
-__all__ = ["cmd_kmeans", "table4", "table6"]
+__all__ = ["cmd_kmeans", "table4", "sweep_table", "table6"]
 
-_H = ["plan", "top-1 err %", "top-5 err %", "layer complexity [M MACs]", "layer savings %", "network savings %"]
+_H = ["plan", "top-1 err %", "top-5 err %", "logit SQNR dB", "layer complexity [M MACs]", "layer savings %",
+      "network savings %"]
 
 
 def table4(res) -> str:
     t = res.table4
-    rows = [[r["plan"], r["top1_error"], r["top5_error"], r["layer_rel_complexity_mmacs"], r["layer_savings_pct"],
-             r["network_savings_pct"]] for r in t["rows"]]
+    rows = [[r["plan"], r["top1_error"], r["top5_error"], r["logit_sqnr_db"], r["layer_rel_complexity_mmacs"],
+             r["layer_savings_pct"], r["network_savings_pct"]] for r in t["rows"]]
     return markdown_table(_H, rows)
+
+
+def sweep_table(res) -> str:
+    """Table 4's layer at every candidate K (4-bit residuals): recovery vs layer savings."""
+    rows = [[r["K"], r["top1_error"], r["logit_sqnr_db"], r["layer_savings_pct"],
+             "-" if r["top1_recovered_pct"] is None else r["top1_recovered_pct"],
+             "-" if r["noise_recovered_pct"] is None else r["noise_recovered_pct"]] for r in res.table4["sweep"]]
+    return markdown_table(["K", "top-1 err %", "logit SQNR dB", "layer savings %", "top-1 recovered %",
+                           "logit noise recovered %"], rows)
 
 
 def table6(res) -> str:
     rows = [["<flp,flp>", res.float_top1_test, res.float_top5_test, "-", "-", "-"]]
-    rows += [[r["plan"], r["top1_error"], r["top5_error"], r["rel_complexity_mmacs"], "-", r["network_savings_pct"]]
-             for r in res.table6]
-    return markdown_table(["plan", "top-1 err %", "top-5 err %", "complexity [M MACs <8b,8b>]", "-",
+    rows += [[r["plan"], r["top1_error"], r["top5_error"], r["logit_sqnr_db"], r["rel_complexity_mmacs"],
+              r["network_savings_pct"]] for r in res.table6]
+    return markdown_table(["plan", "top-1 err %", "top-5 err %", "logit SQNR dB", "complexity [M MACs <8b,8b>]",
                            "network savings %"], rows)
 
 
@@ -66,14 +76,21 @@ def cmd_kmeans(args) -> int:
     lost = res.table4["plain_low_loss"]
     if rec is None or lost < 0.2:
         rec_s = (f"plain 2D-HQ <{args.residual_bits}b,8b> changes the top-1 error by {lost:+.2f} points on this layer "
-                 "alone: below the noise of this test set, so no recovery ratio is meaningful")
+                 "alone: below the noise of this test set, so no top-1 recovery ratio is meaningful")
     else:
         rec_s = f"K-means recovers {rec:.0f}% of the {lost:.2f} top-1 points plain 2D-HQ <{args.residual_bits}b,8b> adds"
+    nrec = res.table4["noise_recovered_pct"]
+    if nrec is not None:
+        rec_s += (f"; of the logit noise (vs float, test images) plain <{args.residual_bits}b,8b> adds over "
+                  f"<{args.base_bits}b,8b>, K-means <{args.residual_bits}b,8b> residuals remove {nrec:.0f}%")
     ks = ", ".join(f"{n}: K={K}" for n, K in res.ks.items()) or "none (no K met the target)"
     md = (_header(session) + f"\n## K-means clustered kernels (basis {args.base_bits}b + residuals "
           f"{args.residual_bits}b)\n\nTarget: top-1 error <= {res.target:.2f}% on {res.n_tune} tuning images; errors "
           f"below are on the other {res.n_test} images.\n\n### Table 4 shape: layer `{res.table4['layer']}` "
-          f"(N={res.table4['N']}, K={res.table4['K']})\n\n{t4}\n\n{rec_s}.\n\n### Table 6 shape: network\n\n{t6}\n\n"
+          f"(N={res.table4['N']}, K={res.table4['K']})\n\n{t4}\n\n{rec_s}.\n\nThe same layer at every candidate K "
+          f"({args.residual_bits}-bit residuals; recovered = share of what plain <{args.residual_bits}b,8b> adds "
+          f"over <{args.base_bits}b,8b> that K-means removes):\n\n{sweep_table(res)}\n\n"
+          f"### Table 6 shape: network\n\n{t6}\n\n"
           f"K per layer: {ks}.\n\nWall time: search {res.seconds['search_s']:.1f} s, total {res.seconds['total_s']:.1f} s.\n")
     (out / "report.md").write_text(md)
     if args.json:

@@ -86,9 +86,12 @@ class PlanBench:
 
     def output_noise(self, plan: QuantPlan, limit: int) -> float:
         """``||logits - float||^2 / ||float||^2`` on the first ``limit`` tuning images."""
-        ref = self.parts["tune"][2][:limit].double()
-        lg = self.measure(plan, "tune", limit)[2].double()
-        return float(((lg - ref) ** 2).sum() / (ref ** 2).sum())
+        return self.logit_noise(self.measure(plan, "tune", limit)[2], "tune")
+
+    def logit_noise(self, logits: torch.Tensor, part: str = "test") -> float:
+        """``||logits - float||^2 / ||float||^2`` of logits measured on the first images of ``part``."""
+        ref = self.parts[part][2][:logits.shape[0]].double()
+        return float(((logits.double() - ref) ** 2).sum() / (ref ** 2).sum())
 
     def cost(self, plan: QuantPlan) -> tuple[float, float]:
         """``(complexity in M <8b,8b> MACs, savings % vs the all-base plan)``."""
