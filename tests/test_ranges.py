@@ -2,8 +2,8 @@ import pytest
 import torch
 from hypothesis import given, strategies as st
 
-from fixq.ranges import (F_from_histogram, F_from_maxabs, affine_params, affine_quantize, ceil_log2,
-                         exponent_histogram, parse_method)
+from fixq.ranges import (F_from_histogram, F_from_maxabs, F_from_percentile_rows, affine_params, affine_quantize,
+                         ceil_log2, exponent_histogram, parse_method)
 from fixq.calibrate import weight_formats
 
 
@@ -68,3 +68,17 @@ def test_parse_method_errors():
     for bad in ("minmax", "percentile:0", "percentile:101", "percentile:x"):
         with pytest.raises(ValueError):
             parse_method(bad)
+
+
+@pytest.mark.parametrize("n", [1, 2, 9, 25, 129, 130, 300])
+@pytest.mark.parametrize("p", [0.0, 10.0, 50.0, 90.0, 99.0, 99.99, 100.0])
+def test_percentile_rows_equal_the_histogram_rule(n, p):
+    g = torch.Generator().manual_seed(n)
+    rows = torch.randn(64, n, generator=g, dtype=torch.float64) * torch.exp2(torch.randint(-20, 8, (64, 1), generator=g))
+    rows[0] = 0.0                                   # all-zero partition
+    rows[1, : max(1, n // 2)] = 0.0                 # half zeros: the zero bin can win at low p
+    rows[2] = torch.exp2(torch.randint(-3, 3, (n,), generator=g)).double()  # exact powers of two
+    rows[3, 0] = 1e30                               # beyond EXP_HI: clamped bin
+    groups = torch.arange(64).unsqueeze(1).expand_as(rows)
+    want = F_from_histogram(exponent_histogram(rows, groups, 64), 8, p)
+    assert torch.equal(F_from_percentile_rows(rows, 8, p), want)

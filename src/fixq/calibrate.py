@@ -22,7 +22,7 @@ from .ir import (FLOAT_RULES, QUANT_POINTS, Concat, Conv, FloatOp, Graph, Input,
 from .plan import (AffineFormats, Formats, LayerPlan, PlanError, QuantConfig, QuantPlan, filter_grid,
                    propagate_formats)
 from .progress import progress
-from .ranges import (EXP_LO, MSE_CANDIDATES, F_from_histogram, F_from_maxabs, affine_params,
+from .ranges import (EXP_LO, MSE_CANDIDATES, F_from_histogram, F_from_maxabs, F_from_percentile_rows, affine_params,
                      ceil_log2, exponent_histogram, mse_candidates, parse_method)
 
 __all__ = ["calibrate", "observe", "plan_from", "Observations", "needs_histograms",
@@ -52,8 +52,7 @@ def _F_for_rows(rows: torch.Tensor, T: int, method: str, rounding: str) -> torch
     if m.kind == "maxabs":
         return F0
     if m.kind == "percentile":
-        groups = torch.arange(rows.shape[0], device=rows.device).unsqueeze(1).expand_as(rows)
-        return F_from_histogram(exponent_histogram(rows, groups, rows.shape[0]), T, m.p)
+        return F_from_percentile_rows(rows, T, m.p)
     # mse: best of F0 .. F0+4, ties to the smaller F (larger range)
     cands = mse_candidates(F0)
     errs = torch.stack([((fake_quantize(rows, cands[:, k:k + 1], T, rounding)[0] - rows) ** 2).sum(dim=1)
@@ -82,7 +81,7 @@ def weight_formats(w: torch.Tensor, T: int, mode: str, method: str, groups: int 
         return AffineFormats(T, mode, tuple(mu.tolist()), tuple(sigma.tolist()), shape)
     if bits is None:
         F = _F_for_rows(rows, T, method, rounding)
-        return Formats(T, mode, tuple(int(v) for v in F.tolist()), shape)
+        return Formats(T, mode, tuple(F.tolist()), shape)
     bits = torch.as_tensor(bits, dtype=torch.int64).reshape(-1)
     if bits.numel() != rows.shape[0]:
         raise PlanError(f"{bits.numel()} word lengths for {rows.shape[0]} {mode} partitions")

@@ -14,6 +14,7 @@ those exponents, so the same code serves weights (exact) and activations (stream
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
@@ -27,6 +28,7 @@ __all__ = [
     "EXP_LO",
     "EXP_HI",
     "exponent_histogram",
+    "F_from_percentile_rows",
     "F_from_maxabs",
     "F_from_histogram",
     "mse_candidates",
@@ -125,6 +127,34 @@ def F_from_histogram(hist: torch.Tensor, T: int, p: float) -> torch.Tensor:
     nonzero = hist[:, 1:].sum(dim=1) > 0
     all_zero_bin = idx == 0
     return torch.where(nonzero & ~all_zero_bin, F, torch.full_like(F, T - 1))
+
+
+def F_from_percentile_rows(rows: torch.Tensor, T: int, p: float) -> torch.Tensor:
+    """``F_from_histogram`` of each row's own exponent histogram, without building it when
+    rows are short (a 2D filter of a 1x1 conv is one coefficient: a million 130-bin
+    histograms would be built for nothing). The first bin whose count reaches
+    ``p% * n - 1e-9 n`` is the k-th smallest exponent bin, ``k = ceil(that)``.
+
+    >>> F_from_percentile_rows(torch.tensor([[0.5, -0.2, 3.0]]), 8, 99.99)
+    tensor([5])
+    """
+    check_bits(T)
+    n = rows.shape[1]
+    if n >= N_EXP_BINS:  # long rows: the histogram is the cheaper form
+        groups = torch.arange(rows.shape[0], device=rows.device).unsqueeze(1).expand_as(rows)
+        return F_from_histogram(exponent_histogram(rows, groups, rows.shape[0]), T, p)
+    a = rows.detach().abs()
+    e = ceil_log2(a).clamp(EXP_LO, EXP_HI) - EXP_LO + 1
+    b = torch.where(a > 0, e, torch.zeros_like(e)).sort(dim=1).values
+    thr = float(n) * (p / 100.0) - 1e-9 * float(n)  # the histogram's threshold, same float64 ops
+    k = math.ceil(thr)
+    if k <= 0:
+        idx = torch.zeros(rows.shape[0], dtype=torch.int64, device=rows.device)
+    else:
+        idx = b[:, min(k, n) - 1]
+    F = (T - 1) - (idx + EXP_LO - 1)
+    nonzero = (a > 0).any(dim=1)
+    return torch.where(nonzero & (idx != 0), F, torch.full_like(F, T - 1))
 
 
 def mse_candidates(F_maxabs: torch.Tensor) -> torch.Tensor:
