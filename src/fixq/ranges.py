@@ -10,7 +10,8 @@ Notation: ``T`` total bits, ``F`` fractional bits, ``I = T - 1 - F`` integer bit
 
 ``ceil(log2 m)`` is computed exactly from the float's exponent (``frexp``), never with a
 float ``log2`` that could round across an integer. The percentile uses a histogram of
-those exponents, so the same code serves weights (exact) and activations (streamed).
+those exponents, so the same rule serves weights (exact) and activations (streamed);
+short weight partitions take the same bin as an order statistic (``F_from_percentile_rows``).
 """
 from __future__ import annotations
 
