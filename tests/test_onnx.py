@@ -167,3 +167,17 @@ def test_cli_quantize_onnx_model_drops_trailing_softmax(tmp_path, capsys, digits
     assert any("Softmax" in n and "dropped" in n for n in rep["model_notes"])
     assert not rep["float_ops"]  # the softmax is gone, so the plan is all integer
     assert "Model note" in (out / "report.md").read_text()
+
+
+def test_constant_folding_runs_under_the_models_own_opset():
+    """Opset 11 Unsqueeze takes ``axes`` as an attribute (an input from opset 13 on): the
+    fold must run each node under the model's opset, as densenet121/inception_v2 need."""
+    from onnx import TensorProto, helper, numpy_helper
+    w = numpy_helper.from_array(np.arange(4, dtype=np.float32), "w")
+    nodes = [helper.make_node("Unsqueeze", ["w"], ["c"], axes=[0]), helper.make_node("Add", ["x", "c"], ["y"])]
+    g = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 4])],
+                          [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 4])], [w])
+    m = prepare_onnx(helper.make_model(g, opset_imports=[helper.make_opsetid("", 11)]))
+    assert [n.op_type for n in m.graph.node] == ["Add"]
+    c = {i.name: numpy_helper.to_array(i) for i in m.graph.initializer}["c"]
+    assert c.shape == (1, 4) and c.tolist() == [[0.0, 1.0, 2.0, 3.0]]

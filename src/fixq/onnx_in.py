@@ -59,6 +59,7 @@ def prepare_onnx(m):
     from onnx.reference import ReferenceEvaluator
     g = m.graph
     consts = {i.name: numpy_helper.to_array(i) for i in g.initializer}
+    opsets = {d.domain: d.version for d in m.opset_import}
     keep, rename = [], {}
     for n in g.node:
         for k, i in enumerate(n.input):
@@ -68,7 +69,11 @@ def prepare_onnx(m):
             rename[n.output[0]] = n.input[0]
             continue
         if n.input and all((not i) or i in consts for i in n.input):
-            outs = ReferenceEvaluator(n).run(None, {i: consts[i] for i in n.input if i})
+            # the model's own opsets: a bare node would run under the newest one (Unsqueeze's
+            # axes moved from attribute to input in opset 13)
+            sub = onnx.helper.make_graph([n], "fold", [onnx.helper.make_empty_tensor_value_info(i) for i in n.input if i],
+                                         [onnx.helper.make_empty_tensor_value_info(o) for o in n.output])
+            outs = ReferenceEvaluator(sub, opsets=opsets).run(None, {i: consts[i] for i in n.input if i})
             for o, v in zip(n.output, outs):
                 consts[o] = np.asarray(v)
             continue
