@@ -18,7 +18,7 @@ import torch.nn.functional as Fn
 
 from .ir import (AdaptiveAvgPool, Add, AvgPool, Clamp, Concat, Conv, Flatten, FloatOp,
                  Graph, Input, Linear, MaxPool, Node, Pad, Slice, run_float)
-from .graph_onnx import lower_onnx
+from .graph_onnx import is_onnx2torch, lower_onnx
 from .passes import fold_bn, fuse_acts, users_of
 
 __all__ = ["capture", "UnsupportedOpError", "CaptureError"]
@@ -180,7 +180,7 @@ class _Lowering:
             self.emit(n, Pad, [x], pads=tuple(m.padding))
         elif isinstance(m, _FLOAT_MODULES):
             self.emit(n, FloatOp, self.tensor_args(n), op=type(m).__name__, fn=m)
-        elif _is_onnx2torch(m):
+        elif is_onnx2torch(m):
             lower_onnx(self, n, m)
         else:
             raise self.unsupported(n, f"module {type(m).__name__} at '{n.target}'")
@@ -339,16 +339,12 @@ class _Lowering:
             raise self.unsupported(n, f"method .{m}()")
 
 
-def _is_onnx2torch(m: nn.Module) -> bool:
-    return type(m).__module__.startswith("onnx2torch.")
-
-
 class _Tracer(fx.Tracer):
     """fx's tracer, with onnx2torch's converter modules as leaves (their forwards branch
     on attributes; fixq lowers them by type)."""
 
     def is_leaf_module(self, m: nn.Module, qualname: str) -> bool:
-        return _is_onnx2torch(m) or super().is_leaf_module(m, qualname)
+        return is_onnx2torch(m) or super().is_leaf_module(m, qualname)
 
 
 def capture(model: nn.Module, example: torch.Tensor, check: bool = True) -> Graph:

@@ -10,7 +10,12 @@ import torch.nn as nn
 
 from .ir import Add, Concat, FloatOp, Pad, Slice
 
-__all__ = ["lower_onnx"]
+__all__ = ["is_onnx2torch", "lower_onnx"]
+
+
+def is_onnx2torch(m: nn.Module) -> bool:
+    """A module onnx2torch generated (fixq lowers these by type instead of tracing into them)."""
+    return type(m).__module__.startswith("onnx2torch.")
 
 
 def lower_onnx(low, n: fx.Node, m: nn.Module) -> None:
@@ -47,6 +52,7 @@ def lower_onnx(low, n: fx.Node, m: nn.Module) -> None:
         low.emit(n, Pad, [ts[0]], pads=tuple(int(v) for v in pads))
     else:
         raise low.unsupported(n, f"ONNX op converted to {kind} at '{n.target}'")
+
 
 def onnx_slice(low, n: fx.Node, x: fx.Node, consts) -> None:
     shape = tuple(low.values[x.name].shape)

@@ -200,7 +200,7 @@ def search_kmeans(session: Session, config: QuantConfig, opts: KMeansOptions) ->
     K4 = ks.get(layer) or (max(candidate_Ks(N[layer])) if candidate_Ks(N[layer]) else 1)
     rows4 = []
 
-    def row(label, p, layer_rel=None, layer_sav=None):
+    def row(label, p):
         e1, e5, logits = bench.measure(p, "test")
         noise = bench.logit_noise(logits, "test")
         c, sv = bench.cost(p)
@@ -217,14 +217,14 @@ def search_kmeans(session: Session, config: QuantConfig, opts: KMeansOptions) ->
     rows4.append(row(f"K-means K={K4}, <{opts.base_bits}b,8b> residuals", plan_for({layer: K4}, opts.base_bits)))
     rows4.append(row(f"K-means K={K4}, <{opts.residual_bits}b,8b> residuals", plan_for({layer: K4})))
     lost = rows4[1]["top1_error"] - rows4[0]["top1_error"]
-    recovered = None if lost <= 0 else 100.0 * (rows4[1]["top1_error"] - rows4[3]["top1_error"]) / lost
     # top-1 on one layer is often below the test set's noise; the logit noise is not
-    n8, n4, nk = (rows4[i]["logit_noise"] for i in (0, 1, 3))
-    noise_recovered = None if n4 <= n8 else 100.0 * (n4 - nk) / (n4 - n8)
+    n8, n4 = rows4[0]["logit_noise"], rows4[1]["logit_noise"]
 
     def recovery(r):  # share of what plain low bits add (top-1 points, logit noise) that r removes
         return (None if lost <= 0 else 100.0 * (rows4[1]["top1_error"] - r["top1_error"]) / lost,
                 None if n4 <= n8 else 100.0 * (n4 - r["logit_noise"]) / (n4 - n8))
+
+    recovered, noise_recovered = recovery(rows4[3])
 
     sweep = []  # the same layer at every candidate K: how recovery trades against layer savings
     for K in sorted(set(candidate_Ks(N[layer])) | {K4}):
@@ -233,8 +233,8 @@ def search_kmeans(session: Session, config: QuantConfig, opts: KMeansOptions) ->
         r["K"] = K
         r["top1_recovered_pct"], r["noise_recovered_pct"] = recovery(r)
         sweep.append(r)
-    table4 = {"layer": layer, "noise_recovered_pct": noise_recovered, "sweep": sweep, "N": N[layer], "K": K4, "rows": rows4, "recovered_pct": recovered,
-              "tied_layers": tied, "plain_low_loss": lost,
+    table4 = {"layer": layer, "N": N[layer], "K": K4, "rows": rows4, "recovered_pct": recovered,
+              "noise_recovered_pct": noise_recovered, "sweep": sweep, "tied_layers": tied, "plain_low_loss": lost,
               "formula_layer_savings_pct": 100.0 * layer_savings(N[layer], K4, opts.base_bits, opts.residual_bits)}
 
     all_low = {n: torch.full(tuple(g.node(n).weight.shape[:2]), opts.residual_bits, dtype=torch.int64) for n in names}

@@ -99,14 +99,25 @@ def F_from_maxabs(maxabs: torch.Tensor, T: int) -> torch.Tensor:
     return torch.where(maxabs > 0, F, torch.full_like(F, T - 1))
 
 
+def _exponent_bins(a: torch.Tensor) -> torch.Tensor:
+    """Histogram bin of each ``|x|``: ``ceil(log2|x|)`` clamped to the range, offset; 0 for zeros."""
+    e = ceil_log2(a).clamp(EXP_LO, EXP_HI) - EXP_LO + 1
+    return torch.where(a > 0, e, torch.zeros_like(e))
+
+
+def _F_from_bin(idx: torch.Tensor, nonzero: torch.Tensor, T: int) -> torch.Tensor:
+    """F of a partition whose percentile falls in exponent bin ``idx``; ``F = T - 1`` for
+    all-zero partitions and for a percentile in the zero bin."""
+    F = (T - 1) - (idx.to(torch.int64) + EXP_LO - 1)
+    return torch.where(nonzero & (idx != 0), F, torch.full_like(F, T - 1))
+
+
 def exponent_histogram(x: torch.Tensor, groups: torch.Tensor | None, n_groups: int) -> torch.Tensor:
     """Counts of ``ceil(log2|x|)`` per group: int64 ``(n_groups, N_EXP_BINS)``; bin 0 is zero.
 
     ``groups`` gives each element's partition index (same shape as x) or None for one group.
     """
-    a = x.detach().abs().reshape(-1)
-    e = ceil_log2(a).clamp(EXP_LO, EXP_HI) - EXP_LO + 1
-    b = torch.where(a > 0, e, torch.zeros_like(e))
+    b = _exponent_bins(x.detach().abs().reshape(-1))
     g = torch.zeros_like(b) if groups is None else groups.reshape(-1).to(torch.int64)
     flat = torch.bincount(g * N_EXP_BINS + b, minlength=n_groups * N_EXP_BINS)
     return flat.reshape(n_groups, N_EXP_BINS)
@@ -123,11 +134,7 @@ def F_from_histogram(hist: torch.Tensor, T: int, p: float) -> torch.Tensor:
     # first bin whose cumulative count reaches p% of the samples
     idx = (cdf < need - 1e-9 * total).sum(dim=1)
     idx = torch.clamp(idx, max=hist.shape[1] - 1)
-    I = idx.to(torch.int64) + EXP_LO - 1
-    F = (T - 1) - I
-    nonzero = hist[:, 1:].sum(dim=1) > 0
-    all_zero_bin = idx == 0
-    return torch.where(nonzero & ~all_zero_bin, F, torch.full_like(F, T - 1))
+    return _F_from_bin(idx, hist[:, 1:].sum(dim=1) > 0, T)
 
 
 def F_from_percentile_rows(rows: torch.Tensor, T: int, p: float) -> torch.Tensor:
@@ -145,17 +152,14 @@ def F_from_percentile_rows(rows: torch.Tensor, T: int, p: float) -> torch.Tensor
         groups = torch.arange(rows.shape[0], device=rows.device).unsqueeze(1).expand_as(rows)
         return F_from_histogram(exponent_histogram(rows, groups, rows.shape[0]), T, p)
     a = rows.detach().abs()
-    e = ceil_log2(a).clamp(EXP_LO, EXP_HI) - EXP_LO + 1
-    b = torch.where(a > 0, e, torch.zeros_like(e)).sort(dim=1).values
+    b = _exponent_bins(a).sort(dim=1).values
     thr = float(n) * (p / 100.0) - 1e-9 * float(n)  # the histogram's threshold, same float64 ops
     k = math.ceil(thr)
     if k <= 0:
         idx = torch.zeros(rows.shape[0], dtype=torch.int64, device=rows.device)
     else:
         idx = b[:, min(k, n) - 1]
-    F = (T - 1) - (idx + EXP_LO - 1)
-    nonzero = (a > 0).any(dim=1)
-    return torch.where(nonzero & (idx != 0), F, torch.full_like(F, T - 1))
+    return _F_from_bin(idx, (a > 0).any(dim=1), T)
 
 
 def mse_candidates(F_maxabs: torch.Tensor) -> torch.Tensor:
