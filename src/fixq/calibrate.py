@@ -16,9 +16,9 @@ from dataclasses import dataclass
 
 import torch
 
-from .formats import fake_quantize
+from .formats import Word, fake_quantize
 from .ir import (FLOAT_RULES, QUANT_POINTS, Concat, Conv, FloatOp, Graph, Input, Linear, apply_act,
-                 pre_activation)
+                 nonnegative_nodes, pre_activation)
 from .plan import (AffineFormats, Formats, LayerPlan, PlanError, QuantConfig, QuantPlan, filter_grid,
                    propagate_formats)
 from .progress import progress
@@ -151,13 +151,15 @@ def _forward_observed(graph: Graph, x: torch.Tensor, on_tensor, on_acc) -> None:
             on_tensor(n.name, y)
 
 
-def _data_F(st: _Stats, T: int, mode: str, method: str) -> torch.Tensor:
+def _data_F(st: _Stats, T: int, mode: str, method: str, signed: bool = True) -> torch.Tensor:
+    """F per channel (3D) or tensor (4D); an unsigned U(T,F) has T magnitude bits, one more
+    than Q(T,F): ``F = T - I`` instead of ``T - 1 - I``."""
     m = parse_method(method)
     amax = st.amax if mode == "3D" else st.amax.max().reshape(1)
     if m.kind == "percentile":
         hist = st.hist if mode == "3D" else st.hist.sum(dim=0, keepdim=True)
-        return F_from_histogram(hist, T, m.p)
-    return F_from_maxabs(amax, T)
+        return F_from_histogram(hist, T, m.p) + (0 if signed else 1)
+    return F_from_maxabs(amax, T) + (0 if signed else 1)
 
 
 @dataclass
@@ -175,13 +177,14 @@ class Observations:
     show_progress: bool = True
     mse_cache: dict = None
 
-    def mse_F(self, requests: list[tuple[str, int, str]], rounding: str) -> dict:
+    def mse_F(self, requests: list[tuple[str, int, str, bool]], rounding: str) -> dict:
         """Best F per channel (3D) or tensor (4D) among F_maxabs..F_maxabs+4 by squared
-        error; one extra pass over the batches for every request not cached yet."""
+        error; one extra pass over the batches for every request ``(name, T, mode, signed)``
+        not cached yet."""
         self.mse_cache = self.mse_cache or {}
         todo = [r for r in set(requests) if (r, rounding) not in self.mse_cache]
         if todo:
-            cands = {r: mse_candidates(_data_F(self.stats[r[0]], r[1], r[2], "maxabs")) for r in todo}
+            cands = {r: mse_candidates(_data_F(self.stats[r[0]], r[1], r[2], "maxabs", r[3])) for r in todo}
             err = {r: torch.zeros(c.shape, dtype=torch.float64, device=c.device) for r, c in cands.items()}
             by_name: dict[str, list] = {}
             for r in todo:
@@ -190,12 +193,13 @@ class Observations:
             def on_tensor(name, t):
                 for r in by_name.get(name, ()):
                     c = _per_channel(t).double()
+                    word = Word(r[1], r[3])
                     for k in range(MSE_CANDIDATES):
                         F = cands[r][:, k:k + 1]
                         if r[2] == "3D":
-                            e = ((fake_quantize(c, F, r[1], rounding)[0] - c) ** 2).sum(dim=1)
+                            e = ((fake_quantize(c, F, word, rounding)[0] - c) ** 2).sum(dim=1)
                         else:
-                            e = ((fake_quantize(c, F[0, 0], r[1], rounding)[0] - c) ** 2).sum().reshape(1)
+                            e = ((fake_quantize(c, F[0, 0], word, rounding)[0] - c) ** 2).sum().reshape(1)
                         err[r][:, k] += e
 
             with torch.no_grad():
@@ -271,6 +275,7 @@ def plan_from(obs: Observations, config: QuantConfig, model_name: str = "model",
         raise PlanError("a percentile method needs observe(..., histograms=True)")
     tensors: dict[str, Formats | AffineFormats] = {}
     mse = []
+    nonneg = nonnegative_nodes(graph)
     for n in graph.nodes:
         if not isinstance(n, QUANT_POINTS):
             continue
@@ -285,13 +290,15 @@ def plan_from(obs: Observations, config: QuantConfig, model_name: str = "model",
             mu, sigma = affine_params(vmin, vmax, T)
             tensors[n.name] = AffineFormats(T, mode, tuple(mu.tolist()), tuple(sigma.tolist()), shape)
             continue
+        signed = cfg.data_sign == "signed" or n.name not in nonneg
         if method.kind == "mse":
-            mse.append((n.name, T, mode))
+            mse.append((n.name, T, mode, signed))
             continue
-        F = _data_F(st, T, mode, str(method))
-        tensors[n.name] = Formats(T, mode, tuple(int(v) for v in F.tolist()), shape)
-    for (name, T, mode), F in obs.mse_F(mse, config.rounding).items():
-        tensors[name] = Formats(T, mode, tuple(int(v) for v in F.tolist()), (F.numel(),) if mode == "3D" else ())
+        F = _data_F(st, T, mode, str(method), signed)
+        tensors[n.name] = Formats(T, mode, tuple(int(v) for v in F.tolist()), shape, signed=signed)
+    for (name, T, mode, signed), F in obs.mse_F(mse, config.rounding).items():
+        tensors[name] = Formats(T, mode, tuple(int(v) for v in F.tolist()), (F.numel(),) if mode == "3D" else (),
+                                signed=signed)
     ordered = {n.name: tensors[n.name] for n in graph.nodes if n.name in tensors}
     _concat_keeps_formats(graph, cfgs, ordered)
     return _build_plan(graph, config, cfgs, ordered, obs.acc, model_name, filter_bits or {}, kmeans or {},
@@ -299,18 +306,21 @@ def plan_from(obs: Observations, config: QuantConfig, model_name: str = "model",
 
 
 def _concat_keeps_formats(graph, cfgs, tensors) -> None:
-    """With per-channel (3D) data, a concat keeps each input's own channel formats."""
+    """With per-channel (3D) data, a concat keeps each input's own channel formats (an
+    unsigned input's channels get ``F - 1`` in a signed concat: the same range)."""
     derived = None
     for n in graph.nodes:
         if isinstance(n, Concat) and n.name in tensors and cfgs[n.name].data_mode == "3D" \
                 and isinstance(tensors[n.name], Formats):
             derived = propagate_formats(graph, tensors)
-            parts = [derived[i][1] for i in n.inputs]
+            f = tensors[n.name]
+            parts = [None if derived[i][1] is None else
+                     derived[i][1] - (1 if f.signed and not derived[i][0].signed else 0) for i in n.inputs]
             if all(p is not None for p in parts):
                 C = [graph.shapes[i][0] for i in n.inputs]
                 F = torch.cat([p.expand(c) if p.dim() == 0 else p for p, c in zip(parts, C)])
-                f = tensors[n.name]
-                tensors[n.name] = Formats(f.T, f.granularity, tuple(int(v) for v in F.tolist()), f.shape)
+                tensors[n.name] = Formats(f.T, f.granularity, tuple(int(v) for v in F.tolist()), f.shape,
+                                          signed=f.signed)
 
 
 def filter_formats(weight_F: torch.Tensor, Fx: torch.Tensor, weight_shape, groups: int):

@@ -67,7 +67,13 @@ def _add_quant(p: argparse.ArgumentParser, multi: bool = False) -> None:
     g.add_argument("--data-bits", type=t, default="8", help="data (activation) bits, or flp")
     g.add_argument("--coeff-mode", type=t, default="3D", help="4D (per layer), 3D (per kernel), 2D (per filter)")
     g.add_argument("--data-mode", type=t, default="4D", help="4D (per tensor) or 3D (per channel)")
-    g.add_argument("--method", type=t, default="maxabs", help="maxabs, percentile:P, mse or affine")
+    g.add_argument("--method", type=t, default=None,
+                   help="range method of coefficients and data: maxabs (paper eq. 6), percentile:P, mse or affine "
+                        "(default: maxabs coefficients, mse data)")
+    g.add_argument("--data-method", default=None, help="range method of the data only (overrides --method)")
+    g.add_argument("--data-sign", default="auto", choices=["auto", "signed"],
+                   help="auto (default): unsigned U(T,F) data where the graph proves x >= 0 (after ReLU/ReLU6, "
+                        "pools of such tensors...); signed: Q(T,F) everywhere, as in the paper")
     g.add_argument("--bias-bits", type=int, default=8)
     g.add_argument("--acc-bits", type=int, default=32)
     g.add_argument("--acc-overflow", default="saturate", choices=["saturate", "wrap"])
@@ -95,8 +101,11 @@ def _add_search_quant(g) -> None:
     """Formats shared by the plan searches (coefficients are 2D at the searched bits)."""
     g.add_argument("--data-bits", default="8")
     g.add_argument("--data-mode", default="4D")
-    g.add_argument("--method", default="maxabs", help="range method of coefficients (and data unless --data-method)")
-    g.add_argument("--data-method", help="range method of the data (default: --method)")
+    g.add_argument("--method", default=None, help="range method of coefficients (and data unless --data-method); "
+                   "default: maxabs coefficients, mse data")
+    g.add_argument("--data-method", help="range method of the data (default: --method, else mse)")
+    g.add_argument("--data-sign", default="auto", choices=["auto", "signed"],
+                   help="auto (default): unsigned data where the graph proves x >= 0; signed: as in the paper")
     g.add_argument("--bias-bits", type=int, default=8)
     g.add_argument("--acc-bits", type=int, default=32)
     g.add_argument("--rounding", default="half_up", choices=["half_up", "nearest_even", "floor"])

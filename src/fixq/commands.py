@@ -53,22 +53,25 @@ def resolve_preprocess(args) -> tuple[Preprocess, tuple[int, ...] | None]:
     return pre, shape
 
 
-def make_config(coeff_bits="8", data_bits="8", coeff_mode="3D", data_mode="4D", method="maxabs",
+def make_config(coeff_bits="8", data_bits="8", coeff_mode="3D", data_mode="4D", method=None,
                 bias_bits=8, acc_bits=32, acc_overflow="saturate", rounding="half_up",
-                config_file: str | None = None) -> QuantConfig:
+                config_file: str | None = None, data_method: str | None = None,
+                data_sign: str = "auto") -> QuantConfig:
+    """The CLI's config: ``method`` names the range method of coefficients and data alike
+    (unless ``data_method``); neither given: the defaults of :class:`LayerConfig`."""
+    d = LayerConfig()
     cfg = QuantConfig(LayerConfig(coeff_bits=coeff_bits, data_bits=data_bits, coeff_mode=coeff_mode,
-                                  data_mode=data_mode, method=method, bias_bits=bias_bits,
-                                  acc_bits=acc_bits, acc_overflow=acc_overflow), rounding)
+                                  data_mode=data_mode, method=method or d.method,
+                                  data_method=data_method or method or d.data_method, data_sign=data_sign,
+                                  bias_bits=bias_bits, acc_bits=acc_bits, acc_overflow=acc_overflow), rounding)
     return load_config(config_file, cfg) if config_file else cfg
 
 
 def search_config(args) -> QuantConfig:
     """The 2D-HQ base config of ``fixq mixed`` / ``fixq kmeans`` from their shared options."""
-    config = make_config(str(args.base_bits), args.data_bits, "2D", args.data_mode, args.method, args.bias_bits,
-                         args.acc_bits, "saturate", args.rounding)
-    if args.data_method:
-        config = replace(config, default=replace(config.default, data_method=args.data_method))
-    return config
+    return make_config(str(args.base_bits), args.data_bits, "2D", args.data_mode, args.method, args.bias_bits,
+                       args.acc_bits, "saturate", args.rounding, data_method=args.data_method,
+                       data_sign=args.data_sign)
 
 
 def _device(name: str) -> str:
@@ -116,7 +119,8 @@ def _common_report(session: Session) -> dict:
 
 def cmd_quantize(args) -> int:
     config = make_config(args.coeff_bits, args.data_bits, args.coeff_mode, args.data_mode, args.method,
-                         args.bias_bits, args.acc_bits, args.acc_overflow, args.rounding, args.config)
+                         args.bias_bits, args.acc_bits, args.acc_overflow, args.rounding, args.config,
+                         args.data_method, args.data_sign)
     session = _session(args)
     run = run_config(session, config, exact=args.exact)
     out = Path(args.out)
@@ -178,7 +182,7 @@ def _plots_for_run(session: Session, layers: list[dict], out: Path, model: str) 
 
 def _grid(args) -> list[dict]:
     keys = ["coeff_bits", "data_bits", "coeff_mode", "data_mode", "method"]
-    vals = [_split(getattr(args, k)) for k in keys]
+    vals = [_split(getattr(args, k)) if getattr(args, k) is not None else [None] for k in keys]
     return [dict(zip(keys, combo)) for combo in itertools.product(*vals)]
 
 
@@ -189,7 +193,8 @@ def _split(v) -> list[str]:
 def cmd_sweep(args) -> int:
     grid = _grid(args)
     configs = [make_config(g["coeff_bits"], g["data_bits"], g["coeff_mode"], g["data_mode"], g["method"],
-                           args.bias_bits, args.acc_bits, args.acc_overflow, args.rounding, args.config)
+                           args.bias_bits, args.acc_bits, args.acc_overflow, args.rounding, args.config,
+                           args.data_method, args.data_sign)
                for g in grid]
     session = _session(args)
     from .calibrate import needs_histograms

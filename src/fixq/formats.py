@@ -6,6 +6,9 @@ Notation used throughout fixq:
 - ``F``  fractional bits, any integer (negative: step > 1; above T-1: range < 1)
 - ``I``  integer bits, ``I = T - 1 - F``
 - ``q``  integer code in ``[qmin, qmax] = [-2**(T-1), 2**(T-1) - 1]``; value ``q * 2**-F``
+- ``U(T, F)`` the unsigned data format (beyond the paper): codes ``[0, 2**T - 1]``, same value
+  rule; used for tensors that are non-negative by construction (a graph rule, never data).
+  A data word length with its signedness is a :class:`Word` (an ``int`` that knows it)
 - rounding ``half_up`` = floor(v + 1/2) (DSP default), ``nearest_even``, ``floor``
 - saturation ``saturate`` clamps to ``[qmin, qmax]``; ``wrap`` is two's complement overflow
 
@@ -35,6 +38,8 @@ __all__ = [
     "round_div",
     "per_channel",
     "bound_codes",
+    "Word",
+    "code_limits",
 ]
 
 ROUNDINGS = ("half_up", "nearest_even", "floor")
@@ -100,6 +105,46 @@ class QFormat:
         return f"Q({self.T},{self.F})"
 
 
+class Word(int):
+    """A data word length ``T`` and its signedness: ``Word(8)`` is Q(8, F) (codes -128..127),
+    ``Word(8, signed=False)`` is U(8, F) (codes 0..255). It is an ``int`` (the bit count), so
+    every bit-width computation keeps working; :func:`saturate` reads the signedness.
+
+    >>> w = Word(8, signed=False)
+    >>> (int(w), w.signed, str(w), code_limits(w))
+    (8, False, 'U8', (0, 255))
+    """
+
+    signed: bool
+
+    def __new__(cls, T: int, signed: bool = True):
+        w = super().__new__(cls, int(T))
+        w.signed = bool(signed)
+        return w
+
+    def __repr__(self) -> str:
+        return f"Word({int(self)}, signed={self.signed})"
+
+    def __str__(self) -> str:
+        return f"{'' if self.signed else 'U'}{int(self)}"
+
+    def __reduce__(self):
+        return (Word, (int(self), self.signed))
+
+
+def code_limits(T: int) -> tuple[int, int]:
+    """``(qmin, qmax)`` of a T-bit word: signed two's complement, or ``[0, 2**T - 1]`` for
+    an unsigned :class:`Word`.
+
+    >>> code_limits(8), code_limits(Word(4, signed=False))
+    ((-128, 127), (0, 15))
+    """
+    if not getattr(T, "signed", True):
+        return 0, (1 << int(T)) - 1
+    hi = (1 << (int(T) - 1)) - 1
+    return -hi - 1, hi
+
+
 def round_values(v: torch.Tensor, rounding: str = "half_up") -> torch.Tensor:
     """Round a float tensor to integers with the given mode (floating result)."""
     if rounding == "half_up":
@@ -162,8 +207,7 @@ def round_shift(a: torch.Tensor, s, rounding: str = "half_up") -> torch.Tensor:
 def _limits(T, q: torch.Tensor):
     """``(lo, hi)`` of T-bit codes: Python ints for one T, tensors for per-partition T."""
     if isinstance(T, int):
-        hi = (1 << (T - 1)) - 1
-        return -hi - 1, hi
+        return code_limits(T)
     T = torch.as_tensor(T, device=q.device, dtype=torch.int64)
     hi = (torch.ones_like(T) << (T - 1)) - 1
     return (-hi - 1).to(q.dtype), hi.to(q.dtype)
@@ -182,7 +226,7 @@ def saturate(q: torch.Tensor, T, overflow: str = "saturate") -> tuple[torch.Tens
         return out, torch.count_nonzero(out != q)
     if overflow == "wrap":
         events = torch.count_nonzero((q > hi) | (q < lo))
-        span = 2 * (hi + 1)
+        span = hi - lo + 1
         return torch.remainder(q - lo, span) + lo, events
     raise ValueError(f"overflow must be one of {', '.join(OVERFLOWS)}, got {overflow!r}")
 

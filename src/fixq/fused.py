@@ -12,6 +12,8 @@ from __future__ import annotations
 
 import torch
 
+from .formats import code_limits
+
 __all__ = ["fused_available", "fused_fake_quantize"]
 
 _KERNEL = None
@@ -71,8 +73,8 @@ def fused_fake_quantize(x: torch.Tensor, scale: torch.Tensor, T: int, rounding: 
     n = x.numel()
     C = x.shape[1] if x.dim() > 1 else 1
     inner = n // (x.shape[0] * C) if x.dim() > 1 else 1
-    qmax = float(2 ** (T - 1) - 1)
-    qmin = -qmax - 1
+    lo, hi = code_limits(T)  # T may be an unsigned Word: codes 0 .. 2**T - 1
+    qmin, qmax = float(lo), float(hi)
     per_ch = scale.numel() > 1
     s = scale.reshape(-1).contiguous().to(torch.float32)
     inv = 1.0 / s  # powers of two: exact

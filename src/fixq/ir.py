@@ -16,7 +16,7 @@ import torch.nn.functional as Fn
 __all__ = [
     "Node", "Input", "Conv", "Linear", "Add", "Concat", "MaxPool", "AvgPool",
     "AdaptiveAvgPool", "Clamp", "Pad", "Slice", "Flatten", "FloatOp", "Graph",
-    "FLOAT_RULES", "run_float", "apply_act", "pre_activation", "QUANT_POINTS",
+    "FLOAT_RULES", "run_float", "apply_act", "pre_activation", "QUANT_POINTS", "nonnegative_nodes",
 ]
 
 
@@ -203,3 +203,34 @@ def run_float(graph: Graph, x: torch.Tensor, keep: bool = False):
                 if remaining[i] == 0 and i != graph.output:
                     del env[i]
     return env if keep else env[graph.output]
+
+
+def _clamps_nonneg(act) -> bool:
+    return act is not None and act[0] is not None and act[0] >= 0
+
+
+def nonnegative_nodes(graph: Graph) -> set[str]:
+    """Nodes whose output is >= 0 by construction (a graph rule, never observed data):
+    conv/linear/add with a fused clamp at >= 0 (ReLU, ReLU6), a standalone clamp at >= 0,
+    and max/average pooling, zero padding, slicing, flattening, concat or add of such
+    tensors. Their data formats can be unsigned, ``U(T, F)`` (DESIGN.md §2).
+
+    >>> g = Graph([Input("x", ()), Clamp("r", ("x",)), MaxPool("p", ("r",)), Add("a", ("p", "x"))], "x", "a")
+    >>> sorted(nonnegative_nodes(g))
+    ['p', 'r']
+    """
+    out: set[str] = set()
+    for n in graph.nodes:
+        if isinstance(n, (Conv, Linear)):
+            ok = _clamps_nonneg(n.act)
+        elif isinstance(n, Add):
+            ok = _clamps_nonneg(n.act) or all(i in out for i in n.inputs)
+        elif isinstance(n, Clamp):
+            ok = (n.lo is not None and n.lo >= 0) or n.inputs[0] in out
+        elif isinstance(n, (MaxPool, AvgPool, AdaptiveAvgPool, Pad, Slice, Flatten, Concat)):
+            ok = all(i in out for i in n.inputs)
+        else:  # Input, FloatOp: unknown sign
+            ok = False
+        if ok:
+            out.add(n.name)
+    return out

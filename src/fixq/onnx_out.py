@@ -6,7 +6,8 @@ is ``2**-F`` with zero point 0. Patterns (all exact in real arithmetic):
 - data: ``DequantizeLinear(QuantizeLinear(x, 2**-F), 2**-F)`` on int8 for per-tensor
   (4D) formats. Per-channel (3D) data: ``Mul(2**F) -> Q/DQ(scale 1) -> Mul(2**-F)``
   (exact; runtimes fuse DQ-op-Q into QLinear kernels that take only scalar scales).
-  T < 8 inserts ``Clip(qmin, qmax)`` on the int8 codes. T > 8 is refused.
+  T < 8 inserts ``Clip(qmin, qmax)`` on the int8 codes. T > 8 is refused. Unsigned data
+  formats U(T,F) are uint8 Q/DQ with zero point 0.
 - coefficients: int8 codes -> ``DequantizeLinear`` (4D: one scale; 3D: per axis 0). 2D
   (per 2D filter) formats and mixed 8/4-bit filters: ``DequantizeLinear(codes, 1) *
   S2D`` where ``S2D[i, j] = 2**-F[i, j]`` (an initializer (N, M/groups, 1, 1)); 4-bit
@@ -25,7 +26,7 @@ import torch
 
 from .calibrate import filter_formats
 from .engine import EngineError, compile_layer
-from .formats import bound_codes
+from .formats import bound_codes, code_limits
 from .ir import (AdaptiveAvgPool, Add, AvgPool, Clamp, Concat, Conv, Flatten, FloatOp, Graph, Input, Linear,
                  MaxPool, Pad, Slice)
 from .plan import AffineFormats, QuantPlan, propagate_formats
@@ -80,11 +81,12 @@ class _B:
             scale = np.array(1.0, np.float32)
         else:
             scale = np.array(2.0 ** -int(F.reshape(-1)[0]), np.float32)
-        s, z = self.init(f"{name}_scale", scale), self.init(f"{name}_zp", np.array(0, np.int8))
+        code_t = np.int8 if getattr(T, "signed", True) else np.uint8  # U(T,F): uint8 codes, zero point 0
+        s, z = self.init(f"{name}_scale", scale), self.init(f"{name}_zp", np.array(0, code_t))
         q = self.node("QuantizeLinear", [x, s, z], f"{name}_q")
         if T < 8:
-            lo, hi = -(1 << (T - 1)), (1 << (T - 1)) - 1
-            q = self.node("Clip", [q, self.init("qmin", np.array(lo, np.int8)), self.init("qmax", np.array(hi, np.int8))],
+            lo, hi = code_limits(T)
+            q = self.node("Clip", [q, self.init("qmin", np.array(lo, code_t)), self.init("qmax", np.array(hi, code_t))],
                           f"{name}_clip")
         y = self.node("DequantizeLinear", [q, s, z], f"{name}_dq")
         if per_channel:

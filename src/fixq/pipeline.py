@@ -124,12 +124,19 @@ class RunResult:
         d = self.config.default
         cost = analyze(session.graph, self.plan).to_json()["total"]
         return {"format": f"<{_b(d.coeff_bits)},{_b(d.data_bits)}>", "coeff_mode": d.coeff_mode,
-                "data_mode": d.data_mode, "method": d.method, "rounding": self.config.rounding,
+                "data_mode": d.data_mode, "method": _method_label(d), "rounding": self.config.rounding,
                 "acc_bits": d.acc_bits, "float_top1_error": session.float_top1,
                 "float_top5_error": session.float_top5, "quant_top1_error": self.result.top1_error,
                 "quant_top5_error": self.result.top5_error, "agreement_top1": self.result.agreement_top1,
                 "rel_complexity_mmacs": cost["rel_complexity_mmacs"], "storage_bytes": cost["storage_bytes"],
                 "seconds": self.seconds}
+
+
+def _method_label(d) -> str:
+    """``maxabs`` when coefficients and data share a method, else ``maxabs/mse`` (coeff/data);
+    ``+signed`` when unsigned data formats were turned off."""
+    m = d.method if d.effective_data_method == d.method else f"{d.method}/{d.effective_data_method}"
+    return m + ("+signed" if d.data_sign == "signed" else "")
 
 
 def _b(bits) -> str:
@@ -185,6 +192,8 @@ def _fmt_summary(f) -> dict:
     d = {"T": f.T, "granularity": f.granularity, "partitions": len(parts)}
     if isinstance(f, Formats):
         d.update({"F_min": min(f.F), "F_max": max(f.F)})
+        if not f.signed:
+            d["signed"] = False
     else:
         d["affine"] = True
     return d

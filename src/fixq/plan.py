@@ -17,7 +17,7 @@ from pathlib import Path
 
 import torch
 
-from .formats import OVERFLOWS, check_bits, check_rounding
+from .formats import OVERFLOWS, Word, check_bits, check_rounding
 from .ir import Clamp, Concat, Flatten, Graph, MaxPool, Pad, Slice
 from .ranges import parse_method
 
@@ -27,6 +27,7 @@ __all__ = ["LayerConfig", "QuantConfig", "Formats", "AffineFormats", "LayerPlan"
 
 COEFF_MODES = ("4D", "3D", "2D")
 DATA_MODES = ("4D", "3D")
+DATA_SIGNS = ("auto", "signed")
 PLAN_VERSION = 1
 
 
@@ -45,7 +46,16 @@ def _bits_or_flp(v, what: str) -> int | None:
 
 @dataclass(frozen=True)
 class LayerConfig:
-    """Quantization settings of one layer (or the defaults for all)."""
+    """Quantization settings of one layer (or the defaults for all).
+
+    Defaults chosen by measurement (benchmarks/RESULTS.md, "Default range rules"): maxabs
+    coefficients, mse data ranges, unsigned data where the graph proves x >= 0. The
+    paper's choices are ``method="maxabs", data_method=None, data_sign="signed"``.
+
+    >>> c = LayerConfig()
+    >>> (c.method, c.effective_data_method, c.data_sign)
+    ('maxabs', 'mse', 'auto')
+    """
 
     coeff_bits: int | None = 8
     coeff_mode: str = "3D"
@@ -54,8 +64,9 @@ class LayerConfig:
     bias_bits: int = 8
     acc_bits: int = 32
     acc_overflow: str = "saturate"
-    method: str = "maxabs"
-    data_method: str | None = None  # None: same as ``method``
+    method: str = "maxabs"          # coefficients' range method (maxabs: paper eq. 6)
+    data_method: str | None = "mse"  # data's range method; None: same as ``method`` (fixq 0.1 plans)
+    data_sign: str = "auto"  # auto: unsigned U(T,F) where the graph proves x >= 0; signed: the paper
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "coeff_bits", _bits_or_flp(self.coeff_bits, "coefficient bits"))
@@ -70,6 +81,8 @@ class LayerConfig:
         if dmode not in DATA_MODES:
             raise PlanError(f"data mode must be one of {', '.join(DATA_MODES)}, got {self.data_mode!r}")
         object.__setattr__(self, "data_mode", dmode)
+        if self.data_sign not in DATA_SIGNS:
+            raise PlanError(f"data sign must be one of {', '.join(DATA_SIGNS)}, got {self.data_sign!r}")
         if self.acc_overflow not in OVERFLOWS:
             raise PlanError(f"accumulator overflow must be one of {', '.join(OVERFLOWS)}")
         try:
@@ -156,10 +169,13 @@ class Formats:
     ``shape`` is the partition grid: ``()`` for 4D, ``(N,)`` for 3D (or per data
     channel), ``(N, M/groups)`` for 2D. ``Tp`` gives one word length per partition when
     they differ (mixed 8/4-bit coefficients per 2D filter); ``T`` is then the largest,
-    the storage word.
+    the storage word. ``signed=False`` makes data formats unsigned, ``U(T, F)``: codes
+    ``0 .. 2**T - 1`` (tensors non-negative by construction; coefficients are always signed).
 
     >>> Formats(8, "2D", (7, 4), (1, 2), Tp=(8, 4)).bits().tolist()
     [[8, 4]]
+    >>> str(Formats(8, "4D", (5,), signed=False).word)
+    'U8'
     """
 
     T: int
@@ -167,6 +183,7 @@ class Formats:
     F: tuple[int, ...]
     shape: tuple[int, ...] = ()
     Tp: tuple[int, ...] | None = None
+    signed: bool = True
 
     def __post_init__(self) -> None:
         if self.Tp is not None:
@@ -176,6 +193,11 @@ class Formats:
                 check_bits(int(t), "coefficient bits")
             if max(self.Tp) != self.T:
                 raise PlanError(f"T={self.T} must be the largest per-partition word length {max(self.Tp)}")
+
+    @property
+    def word(self) -> Word:
+        """``T`` with its signedness (what data saturation takes)."""
+        return Word(self.T, self.signed)
 
     def F_tensor(self, device=None) -> torch.Tensor:
         return torch.tensor(self.F, dtype=torch.int64, device=device).reshape(self.shape)
@@ -207,6 +229,8 @@ def _fmt_json(f):
         return None
     d = asdict(f)
     d["kind"] = "affine" if isinstance(f, AffineFormats) else "pow2"
+    if d.get("signed", False):  # signed is the default: plans without unsigned data keep their JSON
+        del d["signed"]
     return d
 
 
@@ -342,12 +366,12 @@ def _kmeans_load(d):
 def propagate_formats(graph: Graph, tensors: dict[str, Formats]) -> dict[str, tuple[int | None, torch.Tensor | None]]:
     """Data format ``(T, F)`` of every node's output: quantization points from the plan,
     the rest derived (max pool, clamp, pad, slice, flatten keep their input's format).
-    F is a 0-d tensor (4D) or one entry per channel/feature; ``(None, None)`` is float."""
+    T is a :class:`fixq.formats.Word` (bits and signedness); F is a 0-d tensor (4D) or one entry per channel/feature; ``(None, None)`` is float."""
     out: dict[str, tuple[int | None, torch.Tensor | None]] = {}
     for n in graph.nodes:
         if n.name in tensors:
             f = tensors[n.name]
-            out[n.name] = (f.T, f.F_tensor()) if isinstance(f, Formats) else (f.T, None)
+            out[n.name] = (f.word, f.F_tensor()) if isinstance(f, Formats) else (f.T, None)
             continue
         if not n.inputs:
             out[n.name] = (None, None)

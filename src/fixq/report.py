@@ -51,7 +51,8 @@ def layers_markdown(layers: list[dict]) -> str:
         sat = x.get("saturations") or {}
         rows.append([x["name"], x["kind"],
                      "-" if not cf else f"{cf['T']}b {cf['granularity']} F{cf.get('F_min', '')}..{cf.get('F_max', '')}",
-                     "-" if not df else f"{df['T']}b {df['granularity']} F{df.get('F_min', '')}..{df.get('F_max', '')}",
+                     "-" if not df else f"{'' if df.get('signed', True) else 'U'}{df['T']}b {df['granularity']} "
+                                        f"F{df.get('F_min', '')}..{df.get('F_max', '')}",
                      "-" if not af else f"A{af['A']} F{af['F_min']}..{af['F_max']}",
                      x.get("sqnr_db"), sat.get("data", 0), sat.get("acc", 0)])
     return markdown_table(["layer", "op", "coefficients", "output data", "accumulator", "SQNR dB",

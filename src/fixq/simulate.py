@@ -15,7 +15,7 @@ from typing import Callable
 import torch
 
 from .calibrate import filter_formats, sum_format
-from .formats import bound_codes, exp2, fake_quantize, per_channel, round_values
+from .formats import bound_codes, code_limits, exp2, fake_quantize, per_channel, round_values
 from .fused import fused_available, fused_fake_quantize
 from .kmeans import effective_weight
 from .ir import (FLOAT_RULES, AdaptiveAvgPool, Add, AvgPool, Clamp, Concat, Conv, Flatten, FloatOp,
@@ -107,9 +107,9 @@ class Simulator:
         T_in, Fx = self.formats[n.inputs[0]]
         w = prep["weight"].double().cpu().abs()
         N, Mg = w.shape[0], w.shape[1]
-        # |x[j]| <= 2**(T-1) * 2**-Fx[j] for the input channel each filter reads
+        # |x[j]| <= max|code| * 2**-Fx[j] for the input channel each filter reads (2**(T-1) signed)
         _, Fxg = filter_formats(torch.zeros(()), Fx, w.shape, groups)
-        xlim = 2.0 ** (T_in - 1) * torch.pow(2.0, -Fxg.double())
+        xlim = float(max(-code_limits(T_in)[0], code_limits(T_in)[1])) * torch.pow(2.0, -Fxg.double())
         bound = (w.reshape(N, Mg, -1).sum(dim=2) * xlim).sum(dim=1)
         if prep["bias"] is not None:
             bound = bound + prep["bias"].double().cpu().abs()
@@ -130,7 +130,7 @@ class Simulator:
             mu = _bc(torch.tensor(f.mu, dtype=v.dtype, device=v.device).reshape(f.shape), v)
             sigma = _bc(torch.tensor(f.sigma, dtype=v.dtype, device=v.device).reshape(f.shape), v)
             return affine_quantize(torch.clamp(v, min=0) if relu else v, mu, sigma, f.T, self.rounding)
-        y, ev = self.fq(v, self.formats[name][1], f.T, relu=relu)
+        y, ev = self.fq(v, self.formats[name][1], f.word, relu=relu)
         self.count(name, "data", ev)
         return y
 
@@ -235,7 +235,7 @@ def _sim_concat(sim: Simulator, n: Concat, *xs):
         if isinstance(f, AffineFormats):
             out.append(sim.requant(n.name, x))
         else:
-            y, ev = sim.fq(x, F if F.dim() == 0 else F[c0:c0 + c], f.T)
+            y, ev = sim.fq(x, F if F.dim() == 0 else F[c0:c0 + c], f.word)
             sim.count(n.name, "data", ev)
             out.append(y)
         c0 += c

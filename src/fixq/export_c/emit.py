@@ -30,6 +30,11 @@ OVERFLOW_C = {"saturate": "FIXQ_SATURATE", "wrap": "FIXQ_WRAP"}
 CTYPE_BYTES = {"int8_t": 1, "int16_t": 2, "int32_t": 4, "int64_t": 8, "uint8_t": 1}
 
 
+def _word(T) -> str:
+    """A data word for the runtime: ``T``, or ``(T | FIXQ_UNSIGNED)`` for an unsigned U(T,F)."""
+    return str(int(T)) if getattr(T, "signed", True) else f"({int(T)} | FIXQ_UNSIGNED)"
+
+
 def _storage_type(bits: int) -> str:
     return "int8_t" if bits <= 8 else "int16_t" if bits <= 16 else "int32_t"
 
@@ -108,7 +113,7 @@ def _emit_layer(ctx: _Ctx, n) -> str:
     hi = "NULL" if L.hi is None else ctx.array(f"hi_{t}", "int64_t", L.hi)
     os_ = ctx.array(f"os_{t}", "int8_t", L.out_shift)
     ctx.decls.append(f"static const fixq_conv_t L_{t} = {{{', '.join(map(str, geo))}, {w}, {ws}, {ws_cols}, {b}, {accs}, "
-                     f"{lo}, {hi}, {os_}, {L.A}, {L.Ty}, {OVERFLOW_C[L.overflow]}, {ROUNDING_C[ctx.eng.rounding]}, "
+                     f"{lo}, {hi}, {os_}, {L.A}, {_word(L.Ty)}, {OVERFLOW_C[L.overflow]}, {ROUNDING_C[ctx.eng.rounding]}, "
                      f"{basis}}};")
     return pre + f"fixq_conv(&L_{t}, {ctx.buf(n.inputs[0])}, {ctx.buf(n.name)}, {ctx.counts(n)});"
 
@@ -142,7 +147,7 @@ def _emit_avg(ctx: _Ctx, n) -> str:
     div = ctx.array(f"div_{t}", "int32_t", pool_divisors(n, (H, W)))
     sh = ctx.array(f"sh_{t}", "int8_t", per_channel(Fy - Fx, C))
     ctx.decls.append(f"static const fixq_avgpool_t P_{t} = {{{C}, {H}, {W}, {OH}, {OW}, {', '.join(arrs)}, {div}, "
-                     f"{sh}, {T}, {ROUNDING_C[ctx.eng.rounding]}}};")
+                     f"{sh}, {_word(T)}, {ROUNDING_C[ctx.eng.rounding]}}};")
     return f"fixq_avgpool(&P_{t}, {ctx.buf(n.inputs[0])}, {ctx.buf(n.name)}, {ctx.counts(n)});"
 
 
@@ -158,7 +163,7 @@ def _emit_add(ctx: _Ctx, n: Add) -> str:
     lo, hi = ("NULL", "NULL") if n.act is None else _bounds(ctx, t, n.act, Fm, C)
     sa, sb = ctx.array(f"sa_{t}", "uint8_t", Fm - Fa), ctx.array(f"sb_{t}", "uint8_t", Fm - Fb)
     os_ = ctx.array(f"os_{t}", "int8_t", Fm - per_channel(Fy, C))
-    ctx.decls.append(f"static const fixq_add_t A_{t} = {{{C}, {hw}, {sa}, {sb}, {lo}, {hi}, {os_}, {T}, "
+    ctx.decls.append(f"static const fixq_add_t A_{t} = {{{C}, {hw}, {sa}, {sb}, {lo}, {hi}, {os_}, {_word(T)}, "
                      f"{ROUNDING_C[ctx.eng.rounding]}}};")
     return f"fixq_add(&A_{t}, {ctx.buf(n.inputs[0])}, {ctx.buf(n.inputs[1])}, {ctx.buf(n.name)}, {ctx.counts(n)});"
 
@@ -171,7 +176,7 @@ def _emit_concat(ctx: _Ctx, n: Concat) -> str:
         C, H, W = ctx.shape(i)
         Fo = Fy[c0:c0 + C]
         sh = ctx.array(f"sh_{_cid(n.name)}_{k}", "int8_t", per_channel(ctx.eng.F(i), C) - Fo)
-        calls.append(f"fixq_requant({C}, {H * W}, {sh}, {T}, {ROUNDING_C[ctx.eng.rounding]}, {ctx.buf(i)}, "
+        calls.append(f"fixq_requant({C}, {H * W}, {sh}, {_word(T)}, {ROUNDING_C[ctx.eng.rounding]}, {ctx.buf(i)}, "
                      f"{ctx.buf(n.name)} + {c0 * H * W}, {ctx.counts(n)});")
         c0 += C
     return "\n    ".join(calls)
@@ -266,7 +271,8 @@ def export_c(graph: Graph, plan: QuantPlan, out: str | Path, meta: dict | None =
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     offsets, arena = _allocate(graph)
-    act_bits = max(t for t, _ in eng.fmts.values() if t is not None)
+    # unsigned U(T,F) codes need T + 1 bits in a signed C type (0..255 does not fit int8_t)
+    act_bits = max(int(t) + (0 if t.signed else 1) for t, _ in eng.fmts.values() if t is not None)
     w_bits = max(max(lp.weight.T, lp.kmeans.basis.T if lp.kmeans else 0) for lp in plan.layers.values())
     act_t, w_t = _storage_type(act_bits), _storage_type(w_bits)
     ctx = _Ctx(graph, eng, offsets, index={n.name: k for k, n in enumerate(graph.nodes)}, w_type=w_t)

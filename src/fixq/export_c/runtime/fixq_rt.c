@@ -29,8 +29,16 @@ int64_t fixq_round_div(int64_t n, int64_t d, int rounding) {
     return q + (2 * r > d || (2 * r == d && (q & 1)));
 }
 
-int64_t fixq_sat(int64_t v, int bits, int overflow, uint64_t *events) {
-    int64_t hi = ((int64_t)1 << (bits - 1)) - 1, lo = -hi - 1;
+int64_t fixq_sat(int64_t v, int word, int overflow, uint64_t *events) {
+    int bits = word & FIXQ_BITS_MASK;
+    int64_t hi, lo;
+    if (word & FIXQ_UNSIGNED) { /* U(T,F): codes 0 .. 2^T - 1 */
+        lo = 0;
+        hi = ((int64_t)1 << bits) - 1;
+    } else {
+        hi = ((int64_t)1 << (bits - 1)) - 1;
+        lo = -hi - 1;
+    }
     if (v >= lo && v <= hi) return v;
     if (events) *events += 1;
     if (overflow == FIXQ_WRAP) {

@@ -3,6 +3,7 @@
  * Notation: codes q at F fractional bits; T data bits; A accumulator bits.
  * round_shift(a, s): s > 0 rounded arithmetic right shift (half_up / nearest_even / floor),
  * s <= 0 exact left shift. sat(v, T): clamp (or wrap) to T-bit two's complement, counted.
+ * A data word is T, or T | FIXQ_UNSIGNED for unsigned codes 0 .. 2^T - 1 (U(T,F) formats).
  * Sums are exact in int64; no heap, no floating point. Activations are NCHW, batch 1.
  */
 #ifndef FIXQ_RT_H
@@ -13,13 +14,14 @@
 
 enum { FIXQ_HALF_UP = 0, FIXQ_NEAREST_EVEN = 1, FIXQ_FLOOR = 2 };
 enum { FIXQ_SATURATE = 0, FIXQ_WRAP = 1 };
+enum { FIXQ_BITS_MASK = 0xff, FIXQ_UNSIGNED = 0x100 }; /* data word = T | FIXQ_UNSIGNED for U(T,F) */
 
 typedef struct { uint64_t acc, data; } fixq_counts_t;
 
 int64_t fixq_asr(int64_t a, int s);                       /* floor(a / 2^s), s >= 0 */
 int64_t fixq_round_shift(int64_t a, int s, int rounding);
 int64_t fixq_round_div(int64_t n, int64_t d, int rounding); /* d > 0 */
-int64_t fixq_sat(int64_t v, int bits, int overflow, uint64_t *events);
+int64_t fixq_sat(int64_t v, int word, int overflow, uint64_t *events); /* word: T [| FIXQ_UNSIGNED] */
 
 typedef struct {
     int cin, h, w, cout, groups, kh, kw, sh, sw, ph, pw, dh, dw, oh, ow;
@@ -30,7 +32,7 @@ typedef struct {
     const uint8_t *acc_shift; /* [cout]: S - Facc */
     const int64_t *lo, *hi;   /* [cout] activation bounds at Facc, or NULL */
     const int8_t *out_shift;  /* [cout]: Facc - Fy */
-    int acc_bits, out_bits, overflow, rounding;
+    int acc_bits, out_bits, overflow, rounding; /* out_bits: data word, T [| FIXQ_UNSIGNED] */
     /* K-means layers (DESIGN section 9), else NULL: sum[i] += basis[assign[i]] << basis_shift[i] */
     const int64_t *basis;     /* [K][oh][ow] exact basis sums from fixq_conv_sums */
     const int32_t *assign;    /* [cout]: l(i) */
