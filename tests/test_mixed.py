@@ -76,7 +76,8 @@ def test_threshold_rule_hand_example():
 def test_tuner_never_returns_a_plan_missing_the_target():
     # a non-monotone error curve: the tuner may only return trials that met the target
     curve = lambda f: 10 + (3 if 0.07 < f < 0.09 else 0) + 8 * f  # noqa: E731
-    r = tune_threshold(lambda f: Trial(f, "global", curve(f), 100 - f, f, f, True), target=11.0, max_trials=20)
+    r = tune_threshold(lambda f: Trial(f, "global", curve(f), 100 - f, f, f, curve(f) <= 11.0), target=11.0,
+                       max_trials=20)
     assert r.best is not None and r.best.top1_error <= 11.0 and r.best.meets_target
     assert all(t.meets_target == (t.top1_error <= 11.0) for t in r.trials)
     assert r.best.f == max(t.f for t in r.trials if t.meets_target)

@@ -6,6 +6,7 @@ from pathlib import Path
 
 from .commands import _common_report, _header, _say, _session, search_config
 from .kmeans_search import KMeansOptions, search_kmeans
+from .search import ACCEPTANCE_RULE
 from .report import markdown_table, write_json
 
 __all__ = ["cmd_kmeans", "table4", "sweep_table", "table6"]
@@ -66,7 +67,8 @@ def cmd_kmeans(args) -> int:
                              "baseline": f"2D-HQ <{args.base_bits}b,{args.data_bits}b> everywhere"},
               "layers": layers, "table4": res.table4, "table6": res.table6,
               "target": {"top1_error": res.target, "drop": opts.target_drop, "absolute": opts.target_error,
-                         "measured_on": f"{res.n_tune} tuning images (disjoint from the {res.n_test} test images)"},
+                         "measured_on": f"{res.n_tune} tuning images (disjoint from the {res.n_test} test images)",
+                         "acceptance": ACCEPTANCE_RULE},
               "k_search": {"noise": {n: {str(k): v for k, v in d.items()} for n, d in res.noise.items()},
                            "trials": res.trials},
               "n_tune": res.n_tune, "n_test": res.n_test, "timings": {**session.timings, **res.seconds},
@@ -88,8 +90,8 @@ def cmd_kmeans(args) -> int:
                   f"<{args.base_bits}b,8b>, K-means <{args.residual_bits}b,8b> residuals remove {nrec:.0f}%")
     ks = ", ".join(f"{n}: K={K}" for n, K in res.ks.items()) or "none (no K met the target)"
     md = (_header(session) + f"\n## K-means clustered kernels (basis {args.base_bits}b + residuals "
-          f"{args.residual_bits}b)\n\nTarget: top-1 error <= {res.target:.2f}% on {res.n_tune} tuning images; errors "
-          f"below are on the other {res.n_test} images.\n\n### Table 4 shape: layer `{res.table4['layer']}` "
+          f"{args.residual_bits}b)\n\nTarget: top-1 error <= {res.target:.2f}% on {res.n_tune} tuning images "
+          f"(accepted when the {ACCEPTANCE_RULE}); errors below are on the other {res.n_test} images.\n\n### Table 4 shape: layer `{res.table4['layer']}` "
           f"(N={res.table4['N']}, K={res.table4['K']})\n\n{t4}\n\n{rec_s}.\n\nThe same layer at every candidate K "
           f"({args.residual_bits}-bit residuals; recovered = share of what plain <{args.residual_bits}b,8b> adds "
           f"over <{args.base_bits}b,8b> that K-means removes):\n\n{sweep_table(res)}\n\n"

@@ -6,6 +6,7 @@ from pathlib import Path
 
 from .commands import _common_report, _header, _say, _session, search_config
 from .mixed_search import MixedOptions, search_mixed
+from .search import ACCEPTANCE_RULE
 from .report import markdown_table, write_json
 
 __all__ = ["cmd_mixed", "table3"]
@@ -21,10 +22,10 @@ def table3(res) -> str:
 
 
 def _trials_table(res) -> str:
-    rows = [[t.strategy, f"{t.f:.4g}", t.top1_error, t.low_filters_pct, t.rel_complexity_mmacs, t.savings_pct,
-             "yes" if t.meets_target else "no"] for r in res.tuning.values() for t in r.trials]
-    return markdown_table(["strategy", "f", "tune top-1 err %", "low filters %", "complexity", "savings %",
-                           "meets target"], rows)
+    rows = [[t.strategy, f"{t.f:.4g}", t.top1_error, t.drop_ucb, t.low_filters_pct, t.rel_complexity_mmacs,
+             t.savings_pct, "yes" if t.meets_target else "no"] for r in res.tuning.values() for t in r.trials]
+    return markdown_table(["strategy", "f", "tune top-1 err %", "drop upper bound", "low filters %", "complexity",
+                           "savings %", "meets target"], rows)
 
 
 def cmd_mixed(args) -> int:
@@ -52,7 +53,8 @@ def cmd_mixed(args) -> int:
                              "baseline_rel_complexity_mmacs": res.conservative.rel_complexity_mmacs},
               "low_precision_filters_pct": {"overall": res.tuned.low_filters_pct, "layers": res.tuned.low_by_layer},
               "target": {"top1_error": res.target, "drop": opts.target_drop, "absolute": opts.target_error,
-                         "measured_on": f"{res.n_tune} tuning images (disjoint from the {res.n_test} test images)"},
+                         "measured_on": f"{res.n_tune} tuning images (disjoint from the {res.n_test} test images)",
+                         "acceptance": ACCEPTANCE_RULE},
               "strategy": res.strategy,
               "strategies": {s: {"best_f": None if r.best is None else r.best.f,
                                  "best_tune_top1_error": None if r.best is None else r.best.top1_error,
@@ -73,7 +75,8 @@ def cmd_mixed(args) -> int:
     cmp = "; ".join(f"{s}: best f={r.best.f:.4g}, savings {r.best.savings_pct:.1f}% at {r.best.top1_error:.2f}% "
                     f"tuning error" if r.best else f"{s}: no plan met the target" for s, r in res.tuning.items())
     md = (_header(session) + f"\n## Mixed precision ({opts.base_bits}b/{opts.low_bits}b per 2D filter)\n\n"
-          f"Target: top-1 error <= {res.target:.2f}% on {res.n_tune} tuning images; reported below on the other "
+          f"Target: top-1 error <= {res.target:.2f}% on {res.n_tune} tuning images (accepted when the "
+          f"{ACCEPTANCE_RULE}); reported below on the other "
           f"{res.n_test} evaluation images. The plan was produced by the **{res.strategy}** threshold strategy"
           f"{' (better than ' + ', '.join(other) + ' at this target)' if other else ''}. {cmp}.\n\n" + t3 +
           "\n\n## Trials\n\n" + _trials_table(res) +

@@ -132,6 +132,7 @@ def search_kmeans(session: Session, config: QuantConfig, opts: KMeansOptions) ->
         names = [n for n in names if n in given] + [n for n in given if n not in names]
     bench = PlanBench(session, base_config(config, opts.base_bits), opts.tune_size, opts.seed)
     target = resolve_target(bench.float_tune, opts.target_drop, opts.target_error)
+    bench.require_base(target, "cluster", KMeansError)
     N = {n.name: n.weight.shape[0] for n in g.layers()}
     cache: dict = {}
 
@@ -168,11 +169,12 @@ def search_kmeans(session: Session, config: QuantConfig, opts: KMeansOptions) ->
             mid = (lo + hi) // 2
             ks = ks_for(betas[mid])
             plan = plan_for(ks)
-            err = bench.measure(plan)[0]
+            err, _, logits = bench.measure(plan)
+            ok, d = bench.judge(logits, target)
             c, sv = bench.cost(plan)
             trials.append({"beta": betas[mid], "ks": ks, "top1_error": err, "rel_complexity_mmacs": c,
-                           "savings_pct": sv, "meets_target": err <= target})
-            if err <= target:
+                           "savings_pct": sv, "meets_target": ok, "drop_ucb": d["ucb"]})
+            if ok:
                 if best is None or sv > best[1]:
                     best = (ks, sv)
                 lo = mid + 1

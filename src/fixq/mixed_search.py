@@ -104,6 +104,7 @@ def search_mixed(session: Session, config: QuantConfig, opts: MixedOptions) -> M
     names = eligible_layers(g, opts.exclude)
     bench = PlanBench(session, base_config(config, opts.base_bits), opts.tune_size, opts.seed)
     target = resolve_target(bench.float_tune, opts.target_drop, opts.target_error)
+    bench.require_base(target, "tune", MixedError)  # refuse before energies and sensitivity
     probe = session.calib_x[:opts.probe_size]
     if probe.shape[0] == 0:
         raise MixedError("the probe set is empty: no calibration images were loaded")
@@ -118,9 +119,10 @@ def search_mixed(session: Session, config: QuantConfig, opts: MixedOptions) -> M
         def run(f: float) -> Trial:
             bits = filter_bits(energies, fmap(f), opts.base_bits, opts.low_bits)
             plan = make_plan(bits)
-            err = bench.measure(plan)[0]
+            err, _, logits = bench.measure(plan)
+            ok, d = bench.judge(logits, target)
             c, sv = bench.cost(plan)
-            return Trial(f, strategy, err, c, sv, _low_pct(bits, opts.base_bits)[0], err <= target)
+            return Trial(f, strategy, err, c, sv, _low_pct(bits, opts.base_bits)[0], ok, d["ucb"])
         return run
 
     sensitivity: dict = {}

@@ -4,9 +4,17 @@ error measurement on either part, and complexity relative to the all-base-bits p
 
 Trials are measured on the tuning part only; the final plans are reported on the test
 part, so the reported error is not the one the search optimised.
+
+Acceptance rule (noise of the tuning set): a plan meets the target only when the one-sided
+95% upper confidence bound of its top-1 drop against float, paired on the same tuning
+images, is within the allowed drop. With ``b`` images float gets right and the plan wrong,
+``c`` the reverse, ``n`` images: ``drop = (b - c)/n``, ``var = ((b + c)/n - drop**2)/n``
+(the mean of per-image differences in {-1, 0, 1}), ``ucb = drop + z sqrt(var)``, z = 1.645.
+A plan whose apparent advantage lies inside that noise is not accepted.
 """
 from __future__ import annotations
 
+import math
 import warnings
 from dataclasses import dataclass, replace
 
@@ -19,7 +27,11 @@ from .pipeline import Session
 from .plan import QuantConfig, QuantPlan
 from .simulate import Simulator
 
-__all__ = ["SearchError", "PlanBench", "split_eval", "resolve_target"]
+__all__ = ["SearchError", "PlanBench", "split_eval", "resolve_target", "paired_drop", "Z_MARGIN", "ACCEPTANCE_RULE"]
+
+Z_MARGIN = 1.645  # one-sided 95% normal quantile
+ACCEPTANCE_RULE = ("one-sided 95% upper bound (z = 1.645) of the paired top-1 drop vs float on the tuning images "
+                   "<= the allowed drop")
 
 
 class SearchError(ValueError):
@@ -33,6 +45,27 @@ def split_eval(n: int, n_tune: int | None, seed: int) -> tuple[torch.Tensor, tor
         raise SearchError(f"--tune-size must leave images on both sides: 0 < {n_tune} < {n} evaluation images")
     perm = torch.randperm(n, generator=torch.Generator().manual_seed(seed + 7))
     return perm[:n_tune].sort().values, perm[n_tune:].sort().values
+
+
+def paired_drop(logits: torch.Tensor, ref: torch.Tensor, y: torch.Tensor, z: float = Z_MARGIN) -> dict:
+    """Top-1 drop (points) of ``logits`` against the float ``ref`` on the same images, with its
+    paired upper confidence bound (module docstring).
+
+    >>> y = torch.arange(100) % 2
+    >>> good = torch.nn.functional.one_hot(y, 2).float()
+    >>> bad = good.clone(); bad[:3] = bad[:3].flip(1)      # 3 images flipped to wrong
+    >>> d = paired_drop(bad, good, y)
+    >>> (round(d["drop"], 2), round(d["ucb"], 2), d["discordant"])
+    (3.0, 5.81, 3)
+    """
+    q = logits.argmax(1) == y
+    f = ref.argmax(1) == y
+    n = int(y.numel())
+    b, c = int((f & ~q).sum()), int((~f & q).sum())
+    d = (b - c) / n
+    var = max(((b + c) / n - d * d) / n, 0.0)
+    return {"drop": 100.0 * d, "ucb": 100.0 * (d + z * math.sqrt(var)), "margin": 100.0 * z * math.sqrt(var),
+            "discordant": b + c, "n": n}
 
 
 def resolve_target(float_tune: float, drop: float | None, error: float | None) -> float:
@@ -83,6 +116,23 @@ class PlanBench:
         sim = Simulator(self.session.graph, plan, exact=False, device=self.session.device)
         r = evaluate_quant(sim, x, y, ref, self.session.batch_size, sqnr_images=0, show_progress=False)
         return r.top1_error, r.top5_error, r.logits
+
+    def judge(self, logits: torch.Tensor, target: float) -> tuple[bool, dict]:
+        """Whether tuning-image ``logits`` meet the absolute top-1 ``target`` under the
+        acceptance rule (module docstring): ``(meets, paired_drop dict)``."""
+        _, y, ref = self.parts["tune"]
+        d = paired_drop(logits, ref[:logits.shape[0]], y[:logits.shape[0]])
+        return d["ucb"] <= target - self.float_tune + 1e-9, d
+
+    def require_base(self, target: float, what: str, error_cls) -> None:
+        """Refuse at once when the all-base-bits plan misses the target (before any search)."""
+        e1, _, logits = self.measure(self.base_plan)
+        ok, d = self.judge(logits, target)
+        if not ok:
+            raise error_cls(f"the all-base-bits plan misses the target on the {self.n_tune} tuning images: top-1 "
+                            f"{e1:.2f}% (drop {d['drop']:.2f} points, upper bound {d['ucb']:.2f}) vs target "
+                            f"{target:.2f}% (float {self.float_tune:.2f}%); nothing to {what}: raise --target-drop, "
+                            "use more base bits, or check the data formats (--data-method, --data-sign)")
 
     def output_noise(self, plan: QuantPlan, limit: int) -> float:
         """``||logits - float||^2 / ||float||^2`` on the first ``limit`` tuning images."""

@@ -1,0 +1,71 @@
+"""The searches' acceptance rule (issue #13): a paired upper confidence bound of the top-1
+drop against float on the tuning images, so that a plan whose advantage lies inside the
+noise of the tuning set is not accepted."""
+import math
+
+import torch
+
+from fixq.mixed import Trial, tune_threshold
+from fixq.search import Z_MARGIN, paired_drop
+
+
+def _case(n, b, c, n_float_wrong=100):
+    """Labels, float logits and plan logits with b images float-right/plan-wrong and c the reverse."""
+    y = torch.zeros(n, dtype=torch.long)
+    ref = torch.zeros(n, 2)
+    ref[:, 0] = 1.0
+    ref[:n_float_wrong] = torch.tensor([0.0, 1.0])  # float wrong on the first images
+    q = ref.clone()
+    q[n_float_wrong:n_float_wrong + b] = torch.tensor([0.0, 1.0])  # float right, plan wrong
+    q[:c] = torch.tensor([1.0, 0.0])  # float wrong, plan right
+    return q, ref, y
+
+
+def test_paired_drop_hand_computed():
+    q, ref, y = _case(1000, b=30, c=22)
+    d = paired_drop(q, ref, y)
+    drop = (30 - 22) / 1000
+    sd = math.sqrt(((30 + 22) / 1000 - drop ** 2) / 1000)
+    assert d["discordant"] == 52 and d["n"] == 1000
+    assert math.isclose(d["drop"], 100 * drop) and math.isclose(d["ucb"], 100 * (drop + Z_MARGIN * sd))
+    # identical predictions: no noise, no margin
+    same = paired_drop(ref, ref, y)
+    assert same["drop"] == same["ucb"] == same["margin"] == 0.0
+
+
+def test_margin_rejects_what_the_noise_could_explain():
+    # apparent drop 0.8 < allowed 1.0, but 52 discordant images: the bound is ~2.0 points
+    q, ref, y = _case(1000, b=30, c=22)
+    d = paired_drop(q, ref, y)
+    assert d["drop"] <= 1.0 < d["ucb"]
+    # few discordant images: the same rule accepts
+    q, ref, y = _case(1000, b=5, c=0)
+    d = paired_drop(q, ref, y)
+    assert d["ucb"] <= 1.0
+
+
+def test_noisy_error_curve_is_never_accepted_beyond_the_noise():
+    """Plans whose true drop (1.2 points) exceeds the allowed 1.0: on 1,000 tuning images
+    the naive rule (measured drop <= allowed) accepts many of them, the margin rule ~5% at most."""
+    g = torch.Generator().manual_seed(0)
+    n, allowed, naive, margin = 1000, 1.0, 0, 0
+    reps = 400
+    for _ in range(reps):
+        # per image: plan differs from float on 4% of images; net true drop 1.2 points
+        u = torch.rand(n, generator=g)
+        b = int((u < 0.026).sum())           # float right, plan wrong (2.6%)
+        c = int(((u >= 0.026) & (u < 0.040)).sum())  # the reverse (1.4%)
+        q, ref, y = _case(n, b, c, n_float_wrong=max(c, 100))
+        d = paired_drop(q, ref, y)
+        naive += d["drop"] <= allowed
+        margin += d["ucb"] <= allowed
+    assert naive / reps > 0.2          # the noise does make bad plans look good...
+    assert margin / reps <= 0.06       # ...and the bound refuses them (one-sided 95%)
+
+
+def test_tuner_keeps_only_trials_the_rule_accepted():
+    # every trial's measured error is under the target, but only f <= 0.1 pass the rule
+    r = tune_threshold(lambda f: Trial(f, "global", 10.0, 1 - f, 100 * f, 100 * f, f <= 0.1, 0.0), target=11.0,
+                       max_trials=12)
+    assert r.best is not None and r.best.f <= 0.1
+    assert all(t.meets_target == (t.f <= 0.1) for t in r.trials)
