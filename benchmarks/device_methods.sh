@@ -11,10 +11,18 @@ if [ "$1" = a ]; then
   timeout 100 python3 -m pytest -q -p no:cacheprovider tests/test_simulate.py -k "cuda" 2>&1 | tail -3
   timeout 420 python3 benchmarks/method_table.py --model efficientnet-lite0 --device cuda \
       --shared .devcarry/a/shared --out "$R" 2>&1 | grep -v -i warn | tail -25
-else
+elif [ "$1" = b ]; then
   S=.devcarry/b/shared; mkdir -p $S/data && tar xf .devcarry/b/cifar.tar -C $S/data
   for m in cifar10-resnet20 cifar10-resnet32; do
     timeout 250 python3 benchmarks/method_table.py --model $m --device cuda --shared $S --out "$R" 2>&1 \
         | grep -v -i warn | tail -16
   done
+fi
+if [ "$1" = searches-a ]; then  # EfficientNet-Lite0 searches with the default formats (carry .devcarry/a)
+  rm -f benchmarks/results/mixed_efficientnet-lite0.md benchmarks/results/kmeans_efficientnet-lite0.md
+  timeout 280 python3 benchmarks/search_table.py mixed --model efficientnet-lite0 --device cuda \
+      --shared .devcarry/a/shared -- --batch-size 256 --workers 8 2>&1 | tail -30
+  timeout 250 python3 benchmarks/search_table.py kmeans --model efficientnet-lite0 --device cuda \
+      --shared .devcarry/a/shared -- --batch-size 256 --workers 8 --sensitivity-size 64 2>&1 | tail -30
+  cp benchmarks/results/mixed_efficientnet-lite0.md benchmarks/results/kmeans_efficientnet-lite0.md "$R"/ 2>/dev/null
 fi

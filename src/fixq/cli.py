@@ -109,6 +109,9 @@ def _add_search_quant(g) -> None:
     g.add_argument("--bias-bits", type=int, default=8)
     g.add_argument("--acc-bits", type=int, default=32)
     g.add_argument("--rounding", default="half_up", choices=["half_up", "nearest_even", "floor"])
+    g.add_argument("--margin-z", type=float, default=1.0,
+                   help="a trial meets the target when its top-1 drop + Z standard errors of its paired difference "
+                        "to the all-base plan is within the target (default 1: the one-standard-error rule)")
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -6,7 +6,7 @@ from pathlib import Path
 
 from .commands import _common_report, _header, _say, _session, search_config
 from .kmeans_search import KMeansOptions, search_kmeans
-from .search import ACCEPTANCE_RULE
+from .search import acceptance_rule
 from .report import markdown_table, write_json
 
 __all__ = ["cmd_kmeans", "table4", "sweep_table", "table6"]
@@ -46,7 +46,8 @@ def cmd_kmeans(args) -> int:
     opts = KMeansOptions(base_bits=args.base_bits, residual_bits=args.residual_bits, layers=args.layers, k=args.k,
                          exclude=args.exclude, target_drop=None if args.target_error is not None else args.target_drop,
                          target_error=args.target_error, tune_size=args.tune_size,
-                         sensitivity_size=args.sensitivity_size, restarts=args.restarts, seed=args.seed)
+                         sensitivity_size=args.sensitivity_size, restarts=args.restarts, seed=args.seed,
+                         margin_z=args.margin_z)
     config = search_config(args)
     session = _session(args)
     res = search_kmeans(session, config, opts)
@@ -68,7 +69,7 @@ def cmd_kmeans(args) -> int:
               "layers": layers, "table4": res.table4, "table6": res.table6,
               "target": {"top1_error": res.target, "drop": opts.target_drop, "absolute": opts.target_error,
                          "measured_on": f"{res.n_tune} tuning images (disjoint from the {res.n_test} test images)",
-                         "acceptance": ACCEPTANCE_RULE},
+                         "acceptance": acceptance_rule(opts.margin_z), "margin_z": opts.margin_z},
               "k_search": {"noise": {n: {str(k): v for k, v in d.items()} for n, d in res.noise.items()},
                            "trials": res.trials},
               "n_tune": res.n_tune, "n_test": res.n_test, "timings": {**session.timings, **res.seconds},
@@ -91,7 +92,7 @@ def cmd_kmeans(args) -> int:
     ks = ", ".join(f"{n}: K={K}" for n, K in res.ks.items()) or "none (no K met the target)"
     md = (_header(session) + f"\n## K-means clustered kernels (basis {args.base_bits}b + residuals "
           f"{args.residual_bits}b)\n\nTarget: top-1 error <= {res.target:.2f}% on {res.n_tune} tuning images "
-          f"(accepted when the {ACCEPTANCE_RULE}); errors below are on the other {res.n_test} images.\n\n### Table 4 shape: layer `{res.table4['layer']}` "
+          f"(accepted when the {acceptance_rule(opts.margin_z)}); errors below are on the other {res.n_test} images.\n\n### Table 4 shape: layer `{res.table4['layer']}` "
           f"(N={res.table4['N']}, K={res.table4['K']})\n\n{t4}\n\n{rec_s}.\n\nThe same layer at every candidate K "
           f"({args.residual_bits}-bit residuals; recovered = share of what plain <{args.residual_bits}b,8b> adds "
           f"over <{args.base_bits}b,8b> that K-means removes):\n\n{sweep_table(res)}\n\n"

@@ -6,7 +6,7 @@ from pathlib import Path
 
 from .commands import _common_report, _header, _say, _session, search_config
 from .mixed_search import MixedOptions, search_mixed
-from .search import ACCEPTANCE_RULE
+from .search import acceptance_rule
 from .report import markdown_table, write_json
 
 __all__ = ["cmd_mixed", "table3"]
@@ -22,9 +22,9 @@ def table3(res) -> str:
 
 
 def _trials_table(res) -> str:
-    rows = [[t.strategy, f"{t.f:.4g}", t.top1_error, t.drop_ucb, t.low_filters_pct, t.rel_complexity_mmacs,
+    rows = [[t.strategy, f"{t.f:.4g}", t.top1_error, t.drop_bound, t.low_filters_pct, t.rel_complexity_mmacs,
              t.savings_pct, "yes" if t.meets_target else "no"] for r in res.tuning.values() for t in r.trials]
-    return markdown_table(["strategy", "f", "tune top-1 err %", "drop upper bound", "low filters %", "complexity",
+    return markdown_table(["strategy", "f", "tune top-1 err %", "drop + margin", "low filters %", "complexity",
                            "savings %", "meets target"], rows)
 
 
@@ -34,7 +34,8 @@ def cmd_mixed(args) -> int:
                         target_error=args.target_error, probe_size=args.probe_size, tune_size=args.tune_size,
                         sensitivity_size=args.sensitivity_size, exclude=args.exclude, trials=args.trials,
                         strategies=("global", "per-layer") if args.strategy == "both" else (args.strategy,),
-                        seed=args.seed, f0=args.f0, delta=args.delta)
+                        seed=args.seed, f0=args.f0, delta=args.delta,
+                        margin_z=args.margin_z)
     config = search_config(args)
     session = _session(args)
     res = search_mixed(session, config, opts)
@@ -54,7 +55,7 @@ def cmd_mixed(args) -> int:
               "low_precision_filters_pct": {"overall": res.tuned.low_filters_pct, "layers": res.tuned.low_by_layer},
               "target": {"top1_error": res.target, "drop": opts.target_drop, "absolute": opts.target_error,
                          "measured_on": f"{res.n_tune} tuning images (disjoint from the {res.n_test} test images)",
-                         "acceptance": ACCEPTANCE_RULE},
+                         "acceptance": acceptance_rule(opts.margin_z), "margin_z": opts.margin_z},
               "strategy": res.strategy,
               "strategies": {s: {"best_f": None if r.best is None else r.best.f,
                                  "best_tune_top1_error": None if r.best is None else r.best.top1_error,
@@ -76,7 +77,7 @@ def cmd_mixed(args) -> int:
                     f"tuning error" if r.best else f"{s}: no plan met the target" for s, r in res.tuning.items())
     md = (_header(session) + f"\n## Mixed precision ({opts.base_bits}b/{opts.low_bits}b per 2D filter)\n\n"
           f"Target: top-1 error <= {res.target:.2f}% on {res.n_tune} tuning images (accepted when the "
-          f"{ACCEPTANCE_RULE}); reported below on the other "
+          f"{acceptance_rule(opts.margin_z)}); reported below on the other "
           f"{res.n_test} evaluation images. The plan was produced by the **{res.strategy}** threshold strategy"
           f"{' (better than ' + ', '.join(other) + ' at this target)' if other else ''}. {cmp}.\n\n" + t3 +
           "\n\n## Trials\n\n" + _trials_table(res) +

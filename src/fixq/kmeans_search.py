@@ -42,6 +42,7 @@ class KMeansOptions:
     sensitivity_size: int = 256
     restarts: int = 4
     seed: int = 0
+    margin_z: float = 1.0  # acceptance margin in standard errors (fixq.search)
 
     def __post_init__(self) -> None:
         if self.residual_bits > self.base_bits:
@@ -130,7 +131,7 @@ def search_kmeans(session: Session, config: QuantConfig, opts: KMeansOptions) ->
     given = parse_k(opts.k, names, g)
     if given is not None:
         names = [n for n in names if n in given] + [n for n in given if n not in names]
-    bench = PlanBench(session, base_config(config, opts.base_bits), opts.tune_size, opts.seed)
+    bench = PlanBench(session, base_config(config, opts.base_bits), opts.tune_size, opts.seed, opts.margin_z)
     target = resolve_target(bench.float_tune, opts.target_drop, opts.target_error)
     bench.require_base(target, "cluster", KMeansError)
     N = {n.name: n.weight.shape[0] for n in g.layers()}
@@ -173,7 +174,7 @@ def search_kmeans(session: Session, config: QuantConfig, opts: KMeansOptions) ->
             ok, d = bench.judge(logits, target)
             c, sv = bench.cost(plan)
             trials.append({"beta": betas[mid], "ks": ks, "top1_error": err, "rel_complexity_mmacs": c,
-                           "savings_pct": sv, "meets_target": ok, "drop_ucb": d["ucb"]})
+                           "savings_pct": sv, "meets_target": ok, "drop_bound": d["bound"]})
             if ok:
                 if best is None or sv > best[1]:
                     best = (ks, sv)

@@ -149,7 +149,7 @@ class Trial:
     savings_pct: float            # vs <base,8b> everywhere
     low_filters_pct: float        # of all 2D filters of the eligible layers
     meets_target: bool            # under the search's acceptance rule (fixq.search)
-    drop_ucb: float | None = None  # upper bound of the top-1 drop vs float (points)
+    drop_bound: float | None = None  # top-1 drop vs float + the noise margin (points)
 
     def to_json(self) -> dict:
         return asdict(self)

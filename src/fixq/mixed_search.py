@@ -38,6 +38,7 @@ class MixedOptions:
     min_delta: float = 0.005
     strategies: tuple[str, ...] = ("global", "per-layer")
     seed: int = 0
+    margin_z: float = 1.0               # acceptance margin in standard errors (fixq.search)
 
     def __post_init__(self) -> None:
         if self.low_bits >= self.base_bits:
@@ -102,7 +103,7 @@ def search_mixed(session: Session, config: QuantConfig, opts: MixedOptions) -> M
     t0 = time.time()
     g = session.graph
     names = eligible_layers(g, opts.exclude)
-    bench = PlanBench(session, base_config(config, opts.base_bits), opts.tune_size, opts.seed)
+    bench = PlanBench(session, base_config(config, opts.base_bits), opts.tune_size, opts.seed, opts.margin_z)
     target = resolve_target(bench.float_tune, opts.target_drop, opts.target_error)
     bench.require_base(target, "tune", MixedError)  # refuse before energies and sensitivity
     probe = session.calib_x[:opts.probe_size]
@@ -122,7 +123,7 @@ def search_mixed(session: Session, config: QuantConfig, opts: MixedOptions) -> M
             err, _, logits = bench.measure(plan)
             ok, d = bench.judge(logits, target)
             c, sv = bench.cost(plan)
-            return Trial(f, strategy, err, c, sv, _low_pct(bits, opts.base_bits)[0], ok, d["ucb"])
+            return Trial(f, strategy, err, c, sv, _low_pct(bits, opts.base_bits)[0], ok, d["bound"])
         return run
 
     sensitivity: dict = {}
