@@ -20,9 +20,7 @@ elif [ "$1" = b ]; then
 fi
 if [ "$1" = searches-a ]; then  # EfficientNet-Lite0 searches with the default formats (carry .devcarry/a)
   rm -f benchmarks/results/mixed_efficientnet-lite0.md benchmarks/results/kmeans_efficientnet-lite0.md
-  timeout 280 python3 benchmarks/search_table.py mixed --model efficientnet-lite0 --device cuda \
+  timeout 330 python3 benchmarks/search_table.py mixed --model efficientnet-lite0 --device cuda \
       --shared .devcarry/a/shared -- --batch-size 256 --workers 8 2>&1 | tail -30
-  timeout 250 python3 benchmarks/search_table.py kmeans --model efficientnet-lite0 --device cuda \
-      --shared .devcarry/a/shared -- --batch-size 256 --workers 8 --sensitivity-size 64 2>&1 | tail -30
   cp benchmarks/results/mixed_efficientnet-lite0.md benchmarks/results/kmeans_efficientnet-lite0.md "$R"/ 2>/dev/null
 fi
