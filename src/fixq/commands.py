@@ -14,9 +14,31 @@ from .graph import capture
 from .pipeline import Session, layer_table, open_session, run_config
 from .plan import LayerConfig, PlanError, QuantConfig, QuantPlan, load_config
 from .report import (complexity_markdown, layers_markdown, results_table, write_json)
-from .zoo import PRESETS, ZOO, Preprocess, build_model, with_overrides
+from .zoo import PRESETS, ZOO, Preprocess, build_model, require_weights, with_overrides
 
-__all__ = ["dispatch", "resolve_preprocess", "make_config", "search_config"]
+__all__ = ["dispatch", "resolve_preprocess", "make_config", "search_config", "prepare_out", "weights_label"]
+
+
+def prepare_out(path: str | Path, option: str = "--out") -> Path:
+    """Create the output folder before any work, so a bad ``--out`` fails at once, in one line."""
+    from .cli import UsageError
+    from .errors import os_error_reason
+    out = Path(path)
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        probe = out / ".fixq-write-test"
+        probe.write_text("")
+        probe.unlink()
+    except OSError as e:
+        raise UsageError(f"{option} {path}: cannot write there ({os_error_reason(e)})", hint="") from None
+    return out
+
+
+def weights_label(args) -> str:
+    """What the report says about the weights: the file, 'random (--random-weights)' or 'bundled'."""
+    if getattr(args, "random_weights", False):
+        return "random (--random-weights)"
+    return args.weights or "bundled"
 
 
 def _say(args, *msg) -> None:
@@ -80,6 +102,7 @@ def _device(name: str) -> str:
 
 
 def _session(args) -> Session:
+    require_weights(args.model, args.weights, args.random_weights)
     pre, shape = resolve_preprocess(args)
     for k in ("calib_size", "eval_size", "batch_size"):
         v = getattr(args, k, None)
@@ -87,7 +110,7 @@ def _session(args) -> Session:
             raise PlanError(f"--{k.replace('_', '-')} must be positive, got {v}")
     return open_session(args.model, args.calib, args.eval_dir, args.weights, args.calib_size, args.eval_size,
                         args.seed, pre, shape, args.batch_size, args.workers, _device(args.device),
-                        show_progress=not (args.quiet or args.json))
+                        show_progress=not (args.quiet or args.json), skip_bad_images=args.skip_bad_images)
 
 
 def _float_row(session: Session) -> dict:
@@ -101,7 +124,9 @@ def _header(session: Session, extra: str = "") -> str:
             f"Calibration: {im['n_calib']} images from `{im['calib_dir']}`; evaluation: {im['n_eval']} images "
             f"from `{im['eval_dir']}` (seed {im['seed']}"
             f"{', disjoint subsets of one folder' if im['same_folder'] else ''}; lists in images.json).\n"
-            f"Preprocessing: {asdict(session.preprocess)}\n"
+            + (f"Skipped {im['skipped_images']['n']} unreadable images (--skip-bad-images; listed in "
+               "report.json).\n" if im.get("skipped_images", {}).get("n") else "")
+            + f"Preprocessing: {asdict(session.preprocess)}\n"
             + "".join(f"\nModel note: {x}\n" for x in session.graph.notes))
 
 
@@ -117,10 +142,9 @@ def _common_report(session: Session) -> dict:
 def cmd_quantize(args) -> int:
     config = make_config(args.coeff_bits, args.data_bits, args.coeff_mode, args.data_mode, args.method,
                          args.bias_bits, args.acc_bits, args.acc_overflow, args.rounding, args.config)
+    out = prepare_out(args.out)
     session = _session(args)
     run = run_config(session, config, exact=args.exact)
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
     run.plan.save(out / "plan.json")
     row = run.row(session)
     layers = layer_table(session, run)
@@ -128,7 +152,7 @@ def cmd_quantize(args) -> int:
     report = {**_common_report(session), "config": {**config.to_json(), "exact": args.exact,
                                                     "device": args.device, "batch_size": args.batch_size,
                                                     "calib_size": args.calib_size, "eval_size": args.eval_size,
-                                                    "seed": args.seed, "weights": args.weights},
+                                                    "seed": args.seed, "weights": weights_label(args)},
               "quant": {"top1_error": run.result.top1_error, "top5_error": run.result.top5_error},
               "agreement_top1": run.result.agreement_top1, "row": row, "layers": layers,
               "sqnr_images": run.result.sqnr_images, "complexity": cost,
@@ -191,12 +215,11 @@ def cmd_sweep(args) -> int:
     configs = [make_config(g["coeff_bits"], g["data_bits"], g["coeff_mode"], g["data_mode"], g["method"],
                            args.bias_bits, args.acc_bits, args.acc_overflow, args.rounding, args.config)
                for g in grid]
+    out = prepare_out(args.out)
     session = _session(args)
     from .calibrate import needs_histograms
     session.observations(needs_histograms(session.graph, configs))  # one calibration pass for the grid
     rows = []
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
     for i, cfg in enumerate(configs):
         run = run_config(session, cfg, exact=args.exact)
         row = run.row(session)
@@ -206,7 +229,8 @@ def cmd_sweep(args) -> int:
                    f"{row['method']}: top-1 error {row['quant_top1_error']:.2f}%")
     report = {**_common_report(session), "config": {"grid": grid, "rounding": args.rounding,
                                                     "acc_bits": args.acc_bits, "bias_bits": args.bias_bits,
-                                                    "exact": args.exact, "seed": args.seed},
+                                                    "exact": args.exact, "seed": args.seed,
+                                                    "weights": weights_label(args)},
               "rows": rows}
     write_json(out / "report.json", report)
     write_json(out / "images.json", {"calib_files": session.images["calib_files"],
@@ -277,9 +301,8 @@ def cmd_analyze(args) -> int:
     graph = capture(model, torch.zeros(1, *shape), check=False)
     plan = QuantPlan.load(args.plan) if args.plan else None
     if plan is not None:
-        missing = [n.name for n in graph.layers() if n.name not in plan.layers]
-        if missing:
-            raise PlanError(f"plan {args.plan} does not belong to {args.model}: no entry for layer '{missing[0]}'")
+        from .plan_schema import check_plan_graph
+        check_plan_graph(plan, graph, args.plan)
     cost = analyze(graph, plan).to_json()
     cost["model"], cost["input_shape"] = args.model, list(shape)
     if args.out:

@@ -7,12 +7,13 @@ import html
 import json
 from pathlib import Path
 
+from .errors import FixqError
 from .report import fmt_num
 
 __all__ = ["render_html", "ReportError"]
 
 
-class ReportError(ValueError):
+class ReportError(FixqError):
     """The folder is not a fixq run folder."""
 
 

@@ -12,6 +12,7 @@ from dataclasses import dataclass, replace
 
 import torch
 
+from .errors import FixqError
 from .calibrate import needs_histograms, plan_from
 from .complexity import analyze
 from .evaluate import evaluate_quant, topk_errors
@@ -22,7 +23,7 @@ from .simulate import Simulator
 __all__ = ["SearchError", "PlanBench", "split_eval", "resolve_target"]
 
 
-class SearchError(ValueError):
+class SearchError(FixqError):
     """A search request that cannot be honoured (target, sizes)."""
 
 
