@@ -173,6 +173,14 @@ def _raise_first(errors, source: str, what: str) -> None:
                     + (f"; expected {desc}" if desc else "") + more)
 
 
+def _validator(schema: dict):
+    """Draft 2020-12, with tuples taken as arrays (``QuantPlan.to_json()`` before a JSON round trip)."""
+    import jsonschema
+    base = jsonschema.Draft202012Validator
+    checker = base.TYPE_CHECKER.redefine("array", lambda _, v: isinstance(v, (list, tuple)))
+    return jsonschema.validators.extend(base, type_checker=checker)(schema)
+
+
 def validate_plan_json(d, source: str = "plan.json") -> None:
     """Check a parsed plan.json: version first, then the schema, then partition counts.
 
@@ -190,20 +198,17 @@ def validate_plan_json(d, source: str = "plan.json") -> None:
     if v != PLAN_VERSION or isinstance(v, bool):
         raise PlanError(f"{source} has version {v!r}; this fixq reads plan version {PLAN_VERSION} (re-create the "
                         "plan with this fixq, or use the fixq version that wrote it)")
-    import jsonschema
-    validator = jsonschema.Draft202012Validator(plan_schema())
-    _raise_first(validator.iter_errors(d), source, "fixq plan")
+    _raise_first(_validator(plan_schema()).iter_errors(d), source, "fixq plan")
     for where, f in _formats_in(d):
         _check_partitions(f, where, source)
 
 
 def validate_config_json(d, source: str) -> None:
     """Check a ``--config`` file: ``{layer-glob: {field: value}}`` (optionally under ``layers``)."""
-    import jsonschema
     schema = {"type": "object", "additionalProperties": {"anyOf": [{"type": "null"}, layer_config_schema()]},
               "description": "a mapping of layer names (globs allowed) to settings"}
     body = d.get("layers", d) if isinstance(d, dict) else d
-    _raise_first(jsonschema.Draft202012Validator(schema).iter_errors(body), source, "fixq config")
+    _raise_first(_validator(schema).iter_errors(body), source, "fixq config")
 
 
 def _formats_in(d: dict):
