@@ -246,3 +246,42 @@ def test_models_names_each_weights_file(capsys):
     assert code == 0
     for d in (20, 32, 44, 56, 110):
         assert f"resnet{d}-" in w[f"cifar10-resnet{d}"]
+
+
+# ---------------------------------------------------------------- reports
+def test_sweep_rows_name_plan_files_and_reports_explain(capsys, tmp_path, digits):
+    out = tmp_path / "s"
+    code, stdout, err = run(capsys, "sweep", "--model", "lenet-digits", "--calib", digits, "--calib-size", 16,
+                            "--eval", digits, "--eval-size", 16, "--coeff-bits", "8,4", "--quiet", "--out", out)
+    rep = json.loads((out / "report.json").read_text())
+    assert code == 0 and [r["plan"] for r in rep["rows"]] == ["plan-00.json", "plan-01.json"]
+    assert all((out / r["plan"]).is_file() for r in rep["rows"])
+    md = (out / "report.md").read_text()
+    assert "| plan-01.json" in md and "<8b,8b> units" in md and "paper Table 1" in md
+    assert "*Figure: top-1 error vs relative complexity" in md and "paper Table 1" in rep["complexity_note"]
+    assert run(capsys, "report", out)[0] == 0
+    page = (out / "report.html").read_text()
+    assert "plan-01.json" in page and "Preprocessing:" in page and "paper Table 1" in page
+    assert "Figure: top-1 error vs relative complexity" in page
+
+
+def test_html_report_keeps_layer_formats(capsys, lenet_run):
+    assert run(capsys, "report", lenet_run)[0] == 0
+    page = (lenet_run / "report.html").read_text()
+    md = (lenet_run / "report.md").read_text()
+    assert "Preprocessing:" in page and "8b 3D F" in page and "A32 F" in page
+    assert "Figure (paper Fig. 3)" in page and "*Figure: signal-to-quantization-noise" in md
+
+
+def test_analyze_without_plan_costs_float_and_each_format(capsys):
+    code, out, _ = run(capsys, "analyze", "--model", "cifar10-resnet20")
+    assert code == 0 and "Savings" not in out and "-800" not in out
+    assert "The float network (<flp,flp>) costs" in out and "<4b,8b>" in out
+
+
+def test_progress_lines_in_a_log_carry_the_config_label(capsys):
+    from fixq.progress import progress, progress_label
+    with progress_label("[3/12] <4b,8b> 2D/4D maxabs"):
+        assert list(progress(range(3), "fixed-point eval")) == [0, 1, 2]
+    err = capsys.readouterr().err
+    assert err.startswith("[3/12] <4b,8b> 2D/4D maxabs fixed-point eval: 3/3 done") and "\r" not in err

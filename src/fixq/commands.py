@@ -13,7 +13,9 @@ from .complexity import analyze
 from .graph import capture
 from .pipeline import Session, layer_table, open_session, run_config
 from .plan import LayerConfig, PlanError, QuantConfig, QuantPlan, load_config
-from .report import (complexity_markdown, layers_markdown, results_table, write_json)
+from .progress import progress_label
+from .report import (COMPLEXITY_NOTE, FIGURE_CAPTIONS, complexity_markdown, layers_markdown, results_table,
+                     write_json)
 from .zoo import PRESETS, ZOO, Preprocess, build_model, require_weights, with_overrides
 
 __all__ = ["dispatch", "resolve_preprocess", "make_config", "search_config", "prepare_out", "weights_label"]
@@ -135,7 +137,8 @@ def _common_report(session: Session) -> dict:
     return {"model": session.model_name, "n_eval": session.images["n_eval"], "images": im,
             "preprocess": asdict(session.preprocess),
             "float": {"top1_error": session.float_top1, "top5_error": session.float_top5},
-            "complexity_float": analyze(session.graph).to_json()["total"], "timings": session.timings,
+            "complexity_float": analyze(session.graph).to_json()["total"], "complexity_note": COMPLEXITY_NOTE,
+            "timings": session.timings,
             "model_notes": list(session.graph.notes)}
 
 
@@ -165,9 +168,9 @@ def cmd_quantize(args) -> int:
         np.save(args.save_logits, run.result.logits.numpy())
     _plots_for_run(session, layers, out, args.model)
     table = results_table([row], _float_row(session))
-    md = (_header(session) + "\n## Accuracy\n\n" + table + "\n\n## Layers\n\nSQNR measured on the first "
+    md = (_header(session) + "\n## Accuracy\n\n" + table + "\n\n" + COMPLEXITY_NOTE + "\n\n## Layers\n\nSQNR measured on the first "
           f"{run.result.sqnr_images} evaluation images.\n\n" + layers_markdown(layers) +
-          "\n\n![SQNR](sqnr.png)\n\n![coefficient ranges](fig3_ranges.png)" +
+          "\n\n" + _figure("sqnr.png") + "\n\n" + _figure("fig3_ranges.png") +
           "\n\n## Complexity and storage\n\n" + complexity_markdown(cost) + "\n")
     if run.plan.notes:
         md += "\n## Notes\n\n" + "\n".join(f"- {x}" for x in run.plan.notes) + "\n"
@@ -178,6 +181,12 @@ def cmd_quantize(args) -> int:
         print(table)
         _say(args, f"\nplan, report.json and report.md written to {out}/")
     return 0
+
+
+def _figure(png: str) -> str:
+    """A markdown image with its caption (the same words as the HTML report's)."""
+    cap = FIGURE_CAPTIONS[png.rsplit(".", 1)[0]]
+    return f"![{cap}]({png})\n\n*{cap}*"
 
 
 def outlier_layer(graph) -> str:
@@ -206,6 +215,10 @@ def _grid(args) -> list[dict]:
     return [dict(zip(keys, combo)) for combo in itertools.product(*vals)]
 
 
+def _bits_label(v) -> str:
+    return "flp" if str(v).lower() in ("flp", "float", "none") else f"{v}b"
+
+
 def _split(v) -> list[str]:
     return [x.strip() for x in str(v).split(",") if x.strip()]
 
@@ -220,11 +233,14 @@ def cmd_sweep(args) -> int:
     from .calibrate import needs_histograms
     session.observations(needs_histograms(session.graph, configs))  # one calibration pass for the grid
     rows = []
-    for i, cfg in enumerate(configs):
-        run = run_config(session, cfg, exact=args.exact)
-        row = run.row(session)
+    for i, (cfg, g) in enumerate(zip(configs, grid)):
+        label = f"[{i + 1}/{len(configs)}] <{_bits_label(g['coeff_bits'])},{_bits_label(g['data_bits'])}> " \
+                f"{g['coeff_mode']}/{g['data_mode']} {g['method']}"
+        with progress_label(label):
+            run = run_config(session, cfg, exact=args.exact)
+        row = {"plan": f"plan-{i:02d}.json", **run.row(session)}
         rows.append(row)
-        run.plan.save(out / f"plan-{i:02d}.json")
+        run.plan.save(out / row["plan"])
         _say(args, f"[{i + 1}/{len(configs)}] {row['format']} {row['coeff_mode']}/{row['data_mode']} "
                    f"{row['method']}: top-1 error {row['quant_top1_error']:.2f}%")
     report = {**_common_report(session), "config": {"grid": grid, "rounding": args.rounding,
@@ -235,10 +251,11 @@ def cmd_sweep(args) -> int:
     write_json(out / "report.json", report)
     write_json(out / "images.json", {"calib_files": session.images["calib_files"],
                                      "eval_files": session.images["eval_files"]})
-    table = results_table(rows, _float_row(session))
+    table = results_table(rows, _float_row(session), plans=True)
     from .plots import plot_pareto
     plot_pareto(rows, out / "pareto.png", session.float_top1, f"{args.model}: top-1 error vs complexity")
-    (out / "report.md").write_text(_header(session) + "\n## Sweep\n\n" + table + "\n\n![pareto](pareto.png)\n")
+    (out / "report.md").write_text(_header(session) + "\n## Sweep\n\n" + table + "\n\n" + COMPLEXITY_NOTE +
+                                   "\n\n" + _figure("pareto.png") + "\n")
     if args.json:
         print(json.dumps(report, default=str))
     else:
@@ -282,6 +299,7 @@ def cmd_demo(args) -> int:
     write_json(out / "report.json", report)
     table = results_table(rows, _float_row(session))
     (out / "report.md").write_text(_header(session) + "\n## Demo: LeNet on scikit-learn digits\n\n" + table +
+                                   "\n\n" + COMPLEXITY_NOTE +
                                    "\n\n## Layers (<8b,8b> 3D)\n\n" + layers_markdown(report["layers"]) + "\n")
     if args.json:
         print(json.dumps(report, default=str))
@@ -310,7 +328,7 @@ def cmd_analyze(args) -> int:
     if args.json:
         print(json.dumps(cost))
     else:
-        print(complexity_markdown(cost))
+        print(complexity_markdown(cost, quantized=plan is not None))
     return 0
 
 
