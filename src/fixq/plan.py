@@ -144,34 +144,10 @@ class QuantConfig:
 
 
 def load_config(path: str | Path, base: QuantConfig) -> QuantConfig:
-    """Read per-layer overrides from YAML or JSON: ``{layer-name-or-glob: {field: value}}``."""
-    p = Path(path)
-    if not p.is_file():
-        raise PlanError(f"config file {path} does not exist")
-    text = p.read_text()
-    try:
-        if p.suffix.lower() == ".json":
-            data = json.loads(text)
-        else:
-            import yaml
-            data = yaml.safe_load(text)
-    except ValueError as e:  # json.JSONDecodeError
-        raise PlanError(f"config file {path} is not valid JSON: {e}") from None
-    except Exception as e:  # yaml.YAMLError
-        raise PlanError(f"config file {path} is not valid YAML: {' '.join(str(e).split())}") from None
-    if not isinstance(data, dict):
-        raise PlanError(f"config file {path} must map layer names (globs allowed) to settings, "
-                        f"e.g. {{\"layer3.*\": {{\"coeff_bits\": 4}}}}")
-    from .plan_schema import json_path, validate_config_json
-    validate_config_json(data, str(path))
-    data = data.get("layers", data)
-    overrides = tuple((str(k), dict(v or {})) for k, v in data.items())
-    for k, kv in overrides:
-        try:
-            replace(base.default, **kv)
-        except PlanError as e:
-            raise PlanError(f"config file {path}: {json_path([k])}: {e}") from None
-    return replace(base, overrides=base.overrides + overrides)
+    """Read per-layer overrides from YAML or JSON: ``{layer-name-or-glob: {field: value}}``,
+    validated against the schema (:func:`fixq.plan_schema.read_config`)."""
+    from .plan_schema import read_config
+    return read_config(path, base)
 
 
 @dataclass(frozen=True)

@@ -27,15 +27,17 @@ fixq.plan.PlanError: p.json has version 7; this fixq reads plan version 1 (re-cr
 """
 from __future__ import annotations
 
+import json
 import math
-from dataclasses import fields
+from dataclasses import fields, replace
+from pathlib import Path
 
 from .formats import MAX_BITS, MIN_BITS, OVERFLOWS, ROUNDINGS
 from .plan import (COEFF_MODES, DATA_MODES, PLAN_VERSION, AffineFormats, Formats, KMeansPlan, LayerConfig,
-                   LayerPlan, PlanError)
+                   LayerPlan, PlanError, QuantConfig)
 
 __all__ = ["plan_schema", "config_schema", "layer_config_schema", "validate_plan_json", "validate_config_json",
-           "check_plan_graph", "json_path"]
+           "check_plan_graph", "json_path", "read_config"]
 
 BITS = {"type": "integer", "minimum": MIN_BITS, "maximum": MAX_BITS,
         "description": f"an integer number of bits, {MIN_BITS}..{MAX_BITS}"}
@@ -187,7 +189,7 @@ def validate_plan_json(d, source: str = "plan.json") -> None:
     >>> validate_plan_json({"version": 1, "model": "m"}, "p.json")
     Traceback (most recent call last):
     ...
-    fixq.plan.PlanError: p.json is not a valid fixq plan: $: 'config' is a required property
+    fixq.plan.PlanError: p.json is not a valid fixq plan: $: 'config' is a required property (and 2 more problems)
     """
     if not isinstance(d, dict):
         raise PlanError(f"{source} is not a fixq plan: expected a JSON object, got {type(d).__name__}")
@@ -209,6 +211,37 @@ def validate_config_json(d, source: str) -> None:
               "description": "a mapping of layer names (globs allowed) to settings"}
     body = d.get("layers", d) if isinstance(d, dict) else d
     _raise_first(_validator(schema).iter_errors(body), source, "fixq config")
+
+
+def read_config(path, base: QuantConfig) -> QuantConfig:
+    """Read a ``--config`` file (YAML or JSON ``{layer-glob: {field: value}}``), check it against
+    the schema and each value with ``LayerConfig``; append its overrides to ``base``'s."""
+    p = Path(path)
+    if not p.is_file():
+        raise PlanError(f"config file {path} does not exist")
+    text = p.read_text()
+    try:
+        if p.suffix.lower() == ".json":
+            data = json.loads(text)
+        else:
+            import yaml
+            data = yaml.safe_load(text)
+    except ValueError as e:  # json.JSONDecodeError
+        raise PlanError(f"config file {path} is not valid JSON: {e}") from None
+    except Exception as e:  # yaml.YAMLError
+        raise PlanError(f"config file {path} is not valid YAML: {' '.join(str(e).split())}") from None
+    if not isinstance(data, dict):
+        raise PlanError(f"config file {path} must map layer names (globs allowed) to settings, "
+                        f"e.g. {{\"layer3.*\": {{\"coeff_bits\": 4}}}}")
+    validate_config_json(data, str(path))
+    data = data.get("layers", data)
+    overrides = tuple((str(k), dict(v or {})) for k, v in data.items())
+    for k, kv in overrides:
+        try:
+            replace(base.default, **kv)
+        except PlanError as e:
+            raise PlanError(f"config file {path}: {json_path([k])}: {e}") from None
+    return replace(base, overrides=base.overrides + overrides)
 
 
 def _formats_in(d: dict):
