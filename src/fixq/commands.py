@@ -147,7 +147,10 @@ def cmd_quantize(args) -> int:
                          args.bias_bits, args.acc_bits, args.acc_overflow, args.rounding, args.config)
     out = prepare_out(args.out)
     session = _session(args)
-    run = run_config(session, config, exact=args.exact)
+    d = config.default
+    with progress_label(f"<{_bits_label(d.coeff_bits)},{_bits_label(d.data_bits)}> {d.coeff_mode}/{d.data_mode} "
+                        f"{d.method}"):
+        run = run_config(session, config, exact=args.exact)
     run.plan.save(out / "plan.json")
     row = run.row(session)
     layers = layer_table(session, run)
@@ -216,7 +219,7 @@ def _grid(args) -> list[dict]:
 
 
 def _bits_label(v) -> str:
-    return "flp" if str(v).lower() in ("flp", "float", "none") else f"{v}b"
+    return "flp" if v is None or str(v).lower() in ("flp", "float", "none") else f"{v}b"
 
 
 def _split(v) -> list[str]:

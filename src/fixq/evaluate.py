@@ -149,12 +149,19 @@ def load_images(s: ImageSet, idx, pre: Preprocess, workers: int = 0, batch_size:
     loader = torch.utils.data.DataLoader(_Files(s, idx, pre, skipped is not None), batch_size=batch_size,
                                          num_workers=workers, shuffle=False, collate_fn=_collate)
     xs, ys = [], []
-    for x, y, bad in progress(loader, desc, show_progress):
-        if skipped is not None:
-            skipped.extend(s.files[idx[k]] for k in bad)
-        if x is not None:
-            xs.append(x)
-            ys.append(y)
+    try:
+        for x, y, bad in progress(loader, desc, show_progress):
+            if skipped is not None:
+                skipped.extend(s.files[idx[k]] for k in bad)
+            if x is not None:
+                xs.append(x)
+                ys.append(y)
+    except DataError as e:  # from a worker process: torch re-raises with the traceback as the message
+        if not workers:
+            raise
+        last = str(e).strip().splitlines()[-1]
+        raise DataError(last.split("DataError: ", 1)[-1],
+                        hint="--skip-bad-images skips unreadable images and counts them") from None
     if not xs:
         raise DataError(f"no readable images selected from {s.root}")
     return torch.cat(xs), torch.cat(ys)
