@@ -285,3 +285,10 @@ def test_progress_lines_in_a_log_carry_the_config_label(capsys):
         assert list(progress(range(3), "fixed-point eval")) == [0, 1, 2]
     err = capsys.readouterr().err
     assert err.startswith("[3/12] <4b,8b> 2D/4D maxabs fixed-point eval: 3/3 done") and "\r" not in err
+
+
+def test_quantize_progress_in_a_log_is_labelled_lines(capsys, tmp_path, digits):
+    argv = [a for a in _q(digits, tmp_path, "--model", "lenet-digits", "--coeff-bits", "4") if a != "--quiet"]
+    code, _, err = run(capsys, *argv)
+    assert code == 0 and "\r" not in err
+    assert "<4b,8b> 3D/4D maxabs fixed-point eval: 1/1 done" in err and "load evaluation images: 1/1 done" in err
