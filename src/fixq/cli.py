@@ -144,22 +144,23 @@ def build_parser() -> argparse.ArgumentParser:
                                  "1 a bug in fixq (FIXQ_DEBUG=1 prints the traceback).")
     ap.add_argument("--version", action="version", version=_version())
     sub = ap.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    _orig = sub.add_parser
-    sub.add_parser = lambda *a, **k: _orig(*a, formatter_class=_Help, **k)
+
+    def add(name: str, **kw) -> argparse.ArgumentParser:
+        return sub.add_parser(name, formatter_class=_Help, **kw)
 
 
-    p = sub.add_parser("quantize", help="calibrate, plan, simulate and evaluate one configuration")
+    p = add("quantize", help="calibrate, plan, simulate and evaluate one configuration")
     _add_model(p)
     _add_quant(p)
     p.add_argument("--save-logits", help="write the fixed-point outputs on the eval images (.npy, eval order)")
     _add_output(p)
 
-    p = sub.add_parser("sweep", help="evaluate a grid of configurations sharing one float evaluation")
+    p = add("sweep", help="evaluate a grid of configurations sharing one float evaluation")
     _add_model(p)
     _add_quant(p, multi=True)
     _add_output(p)
 
-    p = sub.add_parser("mixed", help="energy-based automatic 8/4-bit mixed precision per 2D filter (tuning loop)")
+    p = add("mixed", help="energy-based automatic 8/4-bit mixed precision per 2D filter (tuning loop)")
     _add_model(p)
     g = p.add_argument_group("mixed precision")
     g.add_argument("--probe-size", type=int, default=64, help="calibration images for the filter energies")
@@ -179,7 +180,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_search_quant(g)
     _add_output(p)
 
-    p = sub.add_parser("kmeans", help="K-means clustered kernels: 8-bit basis kernels plus 4-bit residuals")
+    p = add("kmeans", help="K-means clustered kernels: 8-bit basis kernels plus 4-bit residuals")
     _add_model(p)
     g = p.add_argument_group("K-means")
     g.add_argument("--layers", default="auto", help="auto (every conv/linear of groups 1) or name,name,...")
@@ -196,45 +197,45 @@ def build_parser() -> argparse.ArgumentParser:
     _add_search_quant(g)
     _add_output(p)
 
-    p = sub.add_parser("models", help="list zoo models, their input size, preprocessing and weights")
+    p = add("models", help="list zoo models, their input size, preprocessing and weights")
     p.add_argument("--json", action="store_true", help="print the list as JSON")
 
-    p = sub.add_parser("demo", help="the whole flow on the bundled LeNet and scikit-learn digits (no network)")
+    p = add("demo", help="the whole flow on the bundled LeNet and scikit-learn digits (no network)")
     p.add_argument("--out", default="fixq-demo", help="output folder")
     p.add_argument("--quiet", action="store_true", help="no progress bars, only the final table")
     p.add_argument("--json", action="store_true", help="print the report as JSON on stdout")
 
-    p = sub.add_parser("export-c", help="write C99 code (integer tables + calls) and the runtime for a plan")
+    p = add("export-c", help="write C99 code (integer tables + calls) and the runtime for a plan")
     _add_plan_model(p, "plan.json of a quantize run")
     p.add_argument("--out", required=True, help="folder for the C sources")
     p.add_argument("--no-build", action="store_true", help="do not run make")
 
-    p = sub.add_parser("export-onnx", help="write a QDQ ONNX model for a plan and compare it with the simulation")
+    p = add("export-onnx", help="write a QDQ ONNX model for a plan and compare it with the simulation")
     _add_plan_model(p, "plan.json of a quantize/mixed/kmeans run")
     p.add_argument("--out", required=True, help="the .onnx file to write")
     p.add_argument("--data", help="ImageFolder to compare on (default: the plan run's evaluation folder)")
     p.add_argument("--images", help="images.json of the run: its eval_files, in order (default: next to the plan)")
     p.add_argument("--n", type=int, default=1000, help="compare on the first N images")
 
-    p = sub.add_parser("run-c", help="run an exported C program on images, outputs like quantize --save-logits")
+    p = add("run-c", help="run an exported C program on images, outputs like quantize --save-logits")
     p.add_argument("cdir", help="folder written by export-c")
     p.add_argument("--data", required=True, help="ImageFolder of images (sorted order)")
     p.add_argument("--n", type=int, help="first N images (default: all)")
     p.add_argument("--images", help="images.json of a quantize run: use its eval_files, in that order")
     p.add_argument("--out", required=True, help="logits .npy")
 
-    p = sub.add_parser("accumulators", help="per layer: accumulator bits for the exact sum and for bit-identical output")
+    p = add("accumulators", help="per layer: accumulator bits for the exact sum and for bit-identical output")
     _add_plan_model(p, "plan.json of a quantize run")
     p.add_argument("--calib", required=True, help="folder of calibration images (ImageFolder layout)")
     p.add_argument("--calib-size", type=int, default=256, help="calibration images drawn with --seed")
     p.add_argument("--seed", type=int, default=0, help="seed of the image draw")
     p.add_argument("--out", help="write the table as JSON")
 
-    p = sub.add_parser("report", help="render a run folder (quantize/sweep --out) as one HTML page")
+    p = add("report", help="render a run folder (quantize/sweep --out) as one HTML page")
     p.add_argument("dir", help="folder holding report.json")
     p.add_argument("--out", help="HTML file (default: DIR/report.html)")
 
-    p = sub.add_parser("analyze", help="MACs, relative complexity and storage per layer")
+    p = add("analyze", help="MACs, relative complexity and storage per layer")
     _add_model(p, data=False)
     p.add_argument("--plan", help="plan.json whose formats to cost (default: the float network and each uniform format)")
     p.add_argument("--preprocess", help="preset for the input size of a user model")
