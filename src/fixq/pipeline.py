@@ -10,8 +10,8 @@ import torch
 
 from .calibrate import Observations, needs_histograms, observe, plan_from
 from .complexity import analyze
-from .evaluate import (DataError, EvalResult, class_mapping, ImageSet, batches, evaluate_quant, float_logits, load_images,
-                       select_subsets, topk_errors)
+from .evaluate import (DataError, EvalResult, ImageSet, batches, class_mapping, evaluate_quant, float_logits,
+                       known_classes, load_images, select_subsets, topk_errors)
 from .graph import capture
 from .ir import Graph
 from .plan import Formats, QuantConfig, QuantPlan, propagate_formats
@@ -88,6 +88,9 @@ def open_session(model: str, calib: str, eval_dir: str, weights: str | None = No
         preprocess = PRESETS[entry.preprocess]
     cset, eset = ImageSet.scan(calib), ImageSet.scan(eval_dir)
     split = select_subsets(cset, eset, calib_size, eval_size, seed)
+    kind = entry.classes if entry is not None else None
+    if known_classes(kind) is not None:  # folder names checked before any image is decoded
+        class_mapping(eset, len(known_classes(kind)), kind)
     bad_c, bad_e = ([], []) if skip_bad_images else (None, None)
     xc, _ = load_images(cset, split.calib, preprocess, workers, show_progress=show_progress,
                         desc="load calibration images", skipped=bad_c)
@@ -103,7 +106,7 @@ def open_session(model: str, calib: str, eval_dir: str, weights: str | None = No
     graph = capture(net, xc[:2].to(dev))
     out_shape = graph.shapes.get(graph.output, ())
     if len(out_shape) == 1:  # a classifier: folder classes must fit its outputs
-        mapping = class_mapping(eset, out_shape[0], entry.classes if entry is not None else None)
+        mapping = class_mapping(eset, out_shape[0], kind)
         if mapping is not None:
             ye = mapping[ye]
     t1 = time.time()
