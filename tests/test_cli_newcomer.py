@@ -150,7 +150,7 @@ def test_out_on_read_only_file_system_exit_2(capsys, tmp_path, digits, monkeypat
 
 def test_data_bits_abc_says_what_is_accepted(capsys, tmp_path, digits):
     code, _, err = run(capsys, *_q(digits, tmp_path, "--model", "lenet-digits", "--data-bits", "abc"))
-    assert code == 2 and "2 to 32" in err and "flp" in err and "invalid literal" not in err
+    assert code == 2 and "data bits must be 2..32" in err and "flp" in err and "invalid literal" not in err
 
 
 def test_bias_bits_out_of_range_is_exit_2(capsys, tmp_path, digits):

@@ -41,14 +41,14 @@ def _bits_or_flp(v, what: str) -> int | None:
     try:
         return check_bits(int(v), what)
     except (TypeError, ValueError):
-        raise PlanError(f"{what} must be an integer from 2 to 32, or flp for floating point; got {v!r}") from None
+        raise PlanError(f"{what} must be 2..32 (an integer) or flp (floating point), got {v!r}") from None
 
 
 def _bits(v, what: str) -> int:
     try:
         return check_bits(int(v), what)
     except (TypeError, ValueError):
-        raise PlanError(f"{what} must be an integer from 2 to 32, got {v!r}") from None
+        raise PlanError(f"{what} must be 2..32 (an integer), got {v!r}") from None
 
 
 @dataclass(frozen=True)
