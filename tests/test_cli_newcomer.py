@@ -292,3 +292,14 @@ def test_quantize_progress_in_a_log_is_labelled_lines(capsys, tmp_path, digits):
     code, _, err = run(capsys, *argv)
     assert code == 0 and "\r" not in err
     assert "<4b,8b> 3D/4D maxabs fixed-point eval: 1/1 done" in err and "load evaluation images: 1/1 done" in err
+
+
+def test_corrupt_json_files_from_earlier_runs_exit_2(capsys, tmp_path, digits):
+    (tmp_path / "c").mkdir()
+    (tmp_path / "c" / "export.json").write_text("{broken")
+    code, _, err = run(capsys, "run-c", tmp_path / "c", "--data", digits, "--out", tmp_path / "l.npy")
+    assert code == 2 and "export.json is not valid JSON" in err
+    (tmp_path / "r").mkdir()
+    (tmp_path / "r" / "report.json").write_text("[")
+    code, _, err = run(capsys, "report", tmp_path / "r")
+    assert code == 2 and "report.json is not valid JSON" in err

@@ -48,10 +48,21 @@ def cmd_export_c(args) -> int:
     return 0
 
 
+def _read_json(path) -> dict:
+    """A JSON object fixq wrote earlier (images.json, export.json, report.json), or a one-line error."""
+    try:
+        d = json.loads(Path(path).read_text())
+    except (ValueError, UnicodeDecodeError) as e:
+        raise DataError(f"{path} is not valid JSON ({e})", hint="") from None
+    if not isinstance(d, dict):
+        raise DataError(f"{path} is not a JSON object as fixq writes it", hint="")
+    return d
+
+
 def _images(args, pre: Preprocess):
     s = ImageSet.scan(args.data)
     if args.images:
-        listed = json.loads(Path(args.images).read_text()).get("eval_files")
+        listed = _read_json(args.images).get("eval_files")
         if listed is None:
             raise DataError(f"{args.images} has no eval_files list (use the images.json of a quantize run)")
         pos = {f: i for i, f in enumerate(s.files)}
@@ -71,7 +82,7 @@ def cmd_run_c(args) -> int:
     cdir = Path(args.cdir)
     if not (cdir / "export.json").is_file():
         raise DataError(f"{cdir} is not a fixq C export (no export.json): run `fixq export-c --out {cdir}` first")
-    info = json.loads((cdir / "export.json").read_text())
+    info = _read_json(cdir / "export.json")
     pre = Preprocess(**{k: tuple(v) if isinstance(v, list) else v for k, v in info["preprocess"].items()})
     x, _ = _images(args, pre)
     F_in = torch.tensor(info["input_F"])
@@ -112,7 +123,7 @@ def cmd_export_onnx(args) -> int:
     export_qdq(graph, plan, out)
     plan_dir = Path(args.plan).parent
     if args.data is None and (plan_dir / "report.json").is_file():
-        args.data = json.loads((plan_dir / "report.json").read_text()).get("images", {}).get("eval_dir")
+        args.data = _read_json(plan_dir / "report.json").get("images", {}).get("eval_dir")
         if args.images is None and (plan_dir / "images.json").is_file():
             args.images = str(plan_dir / "images.json")
     msg = f"wrote {out} (QDQ, opset 13; passes onnx.checker)"

@@ -44,7 +44,10 @@ def render_html(run_dir: str | Path, out: str | Path | None = None) -> Path:
     rp = d / "report.json"
     if not rp.is_file():
         raise ReportError(f"{d} has no report.json: run `fixq quantize` or `fixq sweep` with --out {d} first")
-    rep = json.loads(rp.read_text())
+    try:
+        rep = json.loads(rp.read_text())
+    except ValueError as e:
+        raise ReportError(f"{rp} is not valid JSON ({e})") from None
     parts = [f"<h1>fixq report: {html.escape(str(rep.get('model')))}</h1>"]
     im = rep.get("images", {})
     parts.append(f"<p>Calibration: {im.get('n_calib')} images from <code>{html.escape(str(im.get('calib_dir')))}</code>; "
