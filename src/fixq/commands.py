@@ -105,6 +105,9 @@ def _device(name: str) -> str:
 
 def _session(args) -> Session:
     require_weights(args.model, args.weights, args.random_weights)
+    if args.random_weights:
+        import warnings
+        warnings.warn(f"{args.model} runs on random weights (--random-weights): its accuracy is meaningless")
     pre, shape = resolve_preprocess(args)
     for k in ("calib_size", "eval_size", "batch_size"):
         v = getattr(args, k, None)
@@ -188,8 +191,8 @@ def cmd_quantize(args) -> int:
 
 def _figure(png: str) -> str:
     """A markdown image with its caption (the same words as the HTML report's)."""
-    cap = FIGURE_CAPTIONS[png.rsplit(".", 1)[0]]
-    return f"![{cap}]({png})\n\n*{cap}*"
+    stem = png.rsplit(".", 1)[0]
+    return f"![{stem}]({png})\n\n*{FIGURE_CAPTIONS[stem]}*"
 
 
 def outlier_layer(graph) -> str:
