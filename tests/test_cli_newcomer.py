@@ -3,7 +3,6 @@ messages. Each test checks the exit code and the message's key words."""
 import errno
 import json
 import shutil
-import warnings
 
 import pytest
 
@@ -63,8 +62,9 @@ def _cifar_like(root, classes, n=3):
 
 def test_random_weights_on_purpose_runs_and_says_so(capsys, tmp_path):
     data = _cifar_like(tmp_path / "cifar", ["cat", "dog", "ship"])
-    code, _, err = run(capsys, "quantize", "--model", "cifar10-resnet20", "--random-weights", "--calib", data,
-                       "--calib-size", 4, "--eval", data, "--quiet", "--out", tmp_path / "o")
+    with pytest.warns(UserWarning, match="random weights.*accuracy is meaningless"):
+        code, _, err = run(capsys, "quantize", "--model", "cifar10-resnet20", "--random-weights", "--calib", data,
+                           "--calib-size", 4, "--eval", data, "--quiet", "--out", tmp_path / "o")
     assert code == 0, err
     rep = json.loads((tmp_path / "o" / "report.json").read_text())
     assert rep["config"]["weights"] == "random (--random-weights)" and rep["n_eval"] == 5
@@ -81,6 +81,7 @@ def test_class_folders_mapped_by_name(capsys, tmp_path, digits):
     assert code == 0 and rep["float"]["top1_error"] < 10.0, err
 
 
+@pytest.mark.filterwarnings("ignore:.*random weights")
 def test_class_names_unknown_to_the_zoo_refused(capsys, tmp_path, digits):
     code, _, err = run(capsys, *_q(digits, tmp_path, "--model", "cifar10-resnet20", "--random-weights"))
     assert code == 2 and "not cifar10 classes" in err and "airplane" in err

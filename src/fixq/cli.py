@@ -237,7 +237,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = add("analyze", help="MACs, relative complexity and storage per layer")
     _add_model(p, data=False)
-    p.add_argument("--plan", help="plan.json whose formats to cost (default: the float network and each uniform format)")
+    p.add_argument("--plan", help="plan.json whose formats to cost "
+                   "(default: the float network and each uniform format)")
     p.add_argument("--preprocess", help="preset for the input size of a user model")
     p.add_argument("--out", help="write the table as JSON")
     p.add_argument("--json", action="store_true", help="print the table as JSON on stdout")

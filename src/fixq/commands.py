@@ -174,7 +174,8 @@ def cmd_quantize(args) -> int:
         np.save(args.save_logits, run.result.logits.numpy())
     _plots_for_run(session, layers, out, args.model)
     table = results_table([row], _float_row(session))
-    md = (_header(session) + "\n## Accuracy\n\n" + table + "\n\n" + COMPLEXITY_NOTE + "\n\n## Layers\n\nSQNR measured on the first "
+    md = (_header(session) + "\n## Accuracy\n\n" + table + "\n\n" + COMPLEXITY_NOTE +
+          "\n\n## Layers\n\nSQNR measured on the first "
           f"{run.result.sqnr_images} evaluation images.\n\n" + layers_markdown(layers) +
           "\n\n" + _figure("sqnr.png") + "\n\n" + _figure("fig3_ranges.png") +
           "\n\n## Complexity and storage\n\n" + complexity_markdown(cost) + "\n")

@@ -12,8 +12,8 @@ from .progress import progress
 from .ir import QUANT_POINTS, Graph, run_float
 from .zoo import Preprocess
 
-__all__ = ["DataError", "ImageSet", "load_images", "known_classes", "class_mapping", "CIFAR10_CLASSES", "select_subsets", "Split", "topk_errors",
-           "float_logits", "EvalResult", "evaluate_quant", "batches"]
+__all__ = ["DataError", "ImageSet", "load_images", "known_classes", "class_mapping", "CIFAR10_CLASSES",
+           "select_subsets", "Split", "topk_errors", "float_logits", "EvalResult", "evaluate_quant", "batches"]
 
 IMG_EXT = {".jpg", ".jpeg", ".png", ".bmp", ".ppm", ".pgm", ".tif", ".tiff", ".webp"}
 

@@ -5,8 +5,8 @@ import json
 import math
 from pathlib import Path
 
-__all__ = ["COMPLEXITY_NOTE", "FIGURE_CAPTIONS", "markdown_table", "results_table", "layers_markdown", "complexity_markdown",
-           "write_json", "clean_json", "fmt_num"]
+__all__ = ["COMPLEXITY_NOTE", "FIGURE_CAPTIONS", "markdown_table", "results_table", "layers_markdown",
+           "complexity_markdown", "write_json", "clean_json", "fmt_num"]
 
 
 def fmt_num(v, nd: int = 2) -> str:
