@@ -160,3 +160,25 @@ def test_errors_share_one_base():
 
 def test_json_path_quotes_dotted_names():
     assert json_path(["layers", "layer3.0.conv1", "weight", "F", 2]) == "$.layers['layer3.0.conv1'].weight.F[2]"
+
+
+def test_kmeans_and_mixed_plans_fit_their_graph(graph_plan, tmp_path):
+    import torch
+    from fixq.calibrate import observe, plan_from
+    from fixq.kmeans import cluster_kernels
+    from fixq.plan import LayerConfig, QuantConfig
+    g, _ = graph_plan
+    obs = observe(g, [(torch.randn(8, *SHAPE), None)], show_progress=False)
+    cfg = QuantConfig(LayerConfig(coeff_mode="2D"))
+    bits = torch.full(tuple(g.node("stem").weight.shape[:2]), 8)
+    bits[0, 0] = 4
+    for i, plan in enumerate([plan_from(obs, cfg, "t", kmeans={"pw": cluster_kernels(g.node("pw").weight, 3)}),
+                              plan_from(obs, cfg, "t", filter_bits={"stem": bits})]):
+        plan.save(tmp_path / f"p{i}.json")
+        loaded = QuantPlan.load(tmp_path / f"p{i}.json")
+        check_plan_graph(loaded, g)
+        assert loaded == plan
+    d = json.loads((tmp_path / "p0.json").read_text())
+    d["layers"]["pw"]["kmeans"]["assign"] = d["layers"]["pw"]["kmeans"]["assign"][:-1]
+    with pytest.raises(PlanError, match=r"\$\.layers\.pw\.kmeans\.assign: 7 entries for 8 kernels"):
+        check_plan_graph(_load(d), g)
