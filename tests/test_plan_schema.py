@@ -182,3 +182,11 @@ def test_kmeans_and_mixed_plans_fit_their_graph(graph_plan, tmp_path):
     d["layers"]["pw"]["kmeans"]["assign"] = d["layers"]["pw"]["kmeans"]["assign"][:-1]
     with pytest.raises(PlanError, match=r"\$\.layers\.pw\.kmeans\.assign: 7 entries for 8 kernels"):
         check_plan_graph(_load(d), g)
+
+
+def test_fields_added_to_the_dataclasses_extend_the_schema():
+    """A field another change adds to a plan dataclass is accepted without editing the schema."""
+    from fixq.plan_schema import _from_annotation
+    assert _from_annotation("tuple[int, ...] | None") == {}
+    assert _from_annotation("int | None") == {"type": ["integer", "null"]}
+    assert _from_annotation("bool") == {"type": ["boolean"]}

@@ -34,7 +34,7 @@ from pathlib import Path
 
 from .formats import MAX_BITS, MIN_BITS, OVERFLOWS, ROUNDINGS
 from .plan import (COEFF_MODES, DATA_MODES, PLAN_VERSION, AffineFormats, Formats, KMeansPlan, LayerConfig,
-                   LayerPlan, PlanError, QuantConfig)
+                   LayerPlan, PlanError, QuantConfig, QuantPlan)
 
 __all__ = ["plan_schema", "config_schema", "layer_config_schema", "validate_plan_json", "validate_config_json",
            "check_plan_graph", "json_path", "read_config"]
@@ -65,10 +65,10 @@ _PY_TYPES = {"str": "string", "int": "integer", "float": "number", "bool": "bool
 def _from_annotation(ann) -> dict:
     """A permissive schema for a dataclass field fixq added after this module was written."""
     text = ann if isinstance(ann, str) else getattr(ann, "__name__", str(ann))
-    types = [_PY_TYPES[t.strip()] for t in text.split("|") if t.strip() in _PY_TYPES]
-    if "None" in text:
-        types.append("null")
-    return {"type": types} if types else {}
+    parts = [t.strip() for t in text.split("|")]
+    if not all(t in _PY_TYPES or t == "None" for t in parts):
+        return {}  # a container or a class: accepted as is (the dataclass checks it)
+    return {"type": [_PY_TYPES.get(t, "null") for t in parts]}
 
 
 def _dataclass_object(cls, known: dict, required: tuple[str, ...] = (), extra: dict | None = None) -> dict:
@@ -122,23 +122,17 @@ def plan_schema() -> dict:
         "acc_overflow": {"enum": list(OVERFLOWS)}, "notes": {"type": "array", "items": {"type": "string"}},
         "kmeans": {"anyOf": [{"type": "null"}, kmeans]},
     }, ("name", "weight", "bias", "acc_bits", "acc_F", "acc_overflow"))
-    return {
-        "$schema": "https://json-schema.org/draft/2020-12/schema",
-        "title": f"fixq plan, version {PLAN_VERSION}",
-        "$defs": {"pow2": _pow2(), "affine": _affine()},
-        "type": "object",
-        "required": ["version", "model", "config", "tensors", "layers"],
-        "additionalProperties": False,
-        "properties": {
-            "version": {"const": PLAN_VERSION},
-            "model": {"type": "string"},
-            "config": config_schema(),
-            "tensors": {"type": "object", "additionalProperties": _formats(nullable=False)},
-            "layers": {"type": "object", "additionalProperties": layer},
-            "float_ops": {"type": "array", "items": {"type": "string"}},
-            "notes": {"type": "array", "items": {"type": "string"}},
-        },
-    }
+    top = _dataclass_object(QuantPlan, {
+        "version": {"const": PLAN_VERSION},
+        "model": {"type": "string"},
+        "config": config_schema(),
+        "tensors": {"type": "object", "additionalProperties": _formats(nullable=False)},
+        "layers": {"type": "object", "additionalProperties": layer},
+        "float_ops": {"type": "array", "items": {"type": "string"}},
+        "notes": {"type": "array", "items": {"type": "string"}},
+    }, ("version", "model", "config", "tensors", "layers"))
+    return {"$schema": "https://json-schema.org/draft/2020-12/schema", "title": f"fixq plan, version {PLAN_VERSION}",
+            "$defs": {"pow2": _pow2(), "affine": _affine()}, **top}
 
 
 def config_schema() -> dict:
