@@ -304,3 +304,11 @@ def test_corrupt_json_files_from_earlier_runs_exit_2(capsys, tmp_path, digits):
     (tmp_path / "r" / "report.json").write_text("[")
     code, _, err = run(capsys, "report", tmp_path / "r")
     assert code == 2 and "report.json is not valid JSON" in err
+
+
+def test_analyze_with_a_plan_states_savings_and_the_unit_once(capsys, lenet_run):
+    import re
+    code, out, _ = run(capsys, "analyze", "--model", "lenet-digits", "--plan", lenet_run / "plan.json")
+    assert code == 0 and re.search(r"Savings vs <8b,8b>: -?\d+\.\d%; vs <flp,flp>: \d+\.\d%", out)
+    assert out.count("paper Table 1") == 1
+    assert (lenet_run / "report.md").read_text().count("paper Table 1") == 1

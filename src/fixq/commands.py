@@ -178,7 +178,7 @@ def cmd_quantize(args) -> int:
           "\n\n## Layers\n\nSQNR measured on the first "
           f"{run.result.sqnr_images} evaluation images.\n\n" + layers_markdown(layers) +
           "\n\n" + _figure("sqnr.png") + "\n\n" + _figure("fig3_ranges.png") +
-          "\n\n## Complexity and storage\n\n" + complexity_markdown(cost) + "\n")
+          "\n\n## Complexity and storage\n\n" + complexity_markdown(cost, note=False) + "\n")
     if run.plan.notes:
         md += "\n## Notes\n\n" + "\n".join(f"- {x}" for x in run.plan.notes) + "\n"
     (out / "report.md").write_text(md)

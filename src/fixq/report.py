@@ -74,9 +74,10 @@ def layers_markdown(layers: list[dict]) -> str:
                            "data sat.", "acc sat."], rows)
 
 
-def complexity_markdown(cost_json: dict, quantized: bool = True) -> str:
+def complexity_markdown(cost_json: dict, quantized: bool = True, note: bool = True) -> str:
     """Per-layer MACs, complexity and storage; ``quantized=False`` (the float network, no
-    plan) says what each uniform format would cost instead of meaningless savings."""
+    plan) says what each uniform format would cost instead of meaningless savings; ``note``
+    adds the line that says what the complexity column means."""
     rows = [[x["name"], x["kind"], f"{x['N']}x{x['M']}x{x['H']}x{x['W']}", x["P"], x["macs"],
              x["coeff_bits"], x["data_bits"], x["rel_complexity_mmacs"], x["storage_bits"] // 8]
             for x in cost_json["layers"]]
@@ -92,8 +93,8 @@ def complexity_markdown(cost_json: dict, quantized: bool = True) -> str:
         return (table + f"\n\n{COMPLEXITY_NOTE}\n\nThe float network (<flp,flp>) costs {t['rel_complexity_mmacs']:.2f} "
                 f"M MACs in <8b,8b> units ({mm:.2f} M MACs). The same network in one uniform format would cost "
                 f"(M MACs <8b,8b>): {each}. Give --plan to cost a plan's own formats.")
-    return (table + f"\n\n{COMPLEXITY_NOTE}\n\nSavings vs <8b,8b>: {t['savings_vs_8b8b_pct']:.1f}%; "
-            f"vs <flp,flp>: {t['savings_vs_float_pct']:.1f}%")
+    return (table + (f"\n\n{COMPLEXITY_NOTE}" if note else "") +
+            f"\n\nSavings vs <8b,8b>: {t['savings_vs_8b8b_pct']:.1f}%; vs <flp,flp>: {t['savings_vs_float_pct']:.1f}%")
 
 
 def _b(bits) -> str:
