@@ -29,7 +29,10 @@ __all__ = ["calibrate", "observe", "plan_from", "Observations", "needs_histogram
            "weight_formats", "bias_formats", "filter_formats", "sum_format", "accumulator_F", "CalibrationError"]
 
 
-class CalibrationError(ValueError):
+from .errors import FixqError  # noqa: E402  (the one error hierarchy, errors.py)
+
+
+class CalibrationError(FixqError):
     """Empty data, NaN/Inf activations, or a config the model cannot take."""
 
 

@@ -11,12 +11,36 @@ import torch
 
 from .complexity import analyze
 from .graph import capture
-from .pipeline import Session, layer_table, open_session, run_config
+from .pipeline import Session, layer_table, method_label, open_session, run_config
 from .plan import LayerConfig, PlanError, QuantConfig, QuantPlan, load_config
-from .report import (complexity_markdown, layers_markdown, results_table, write_json)
-from .zoo import PRESETS, ZOO, Preprocess, build_model, with_overrides
+from .progress import progress_label
+from .report import (COMPLEXITY_NOTE, FIGURE_CAPTIONS, complexity_markdown, layers_markdown, results_table,
+                     write_json)
+from .zoo import PRESETS, ZOO, Preprocess, build_model, require_weights, with_overrides
 
-__all__ = ["dispatch", "resolve_preprocess", "make_config", "search_config"]
+__all__ = ["dispatch", "resolve_preprocess", "make_config", "search_config", "prepare_out", "weights_label"]
+
+
+def prepare_out(path: str | Path, option: str = "--out") -> Path:
+    """Create the output folder before any work, so a bad ``--out`` fails at once, in one line."""
+    from .cli import UsageError
+    from .errors import os_error_reason
+    out = Path(path)
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        probe = out / ".fixq-write-test"
+        probe.write_text("")
+        probe.unlink()
+    except OSError as e:
+        raise UsageError(f"{option} {path}: cannot write there ({os_error_reason(e)})", hint="") from None
+    return out
+
+
+def weights_label(args) -> str:
+    """What the report says about the weights: the file, 'random (--random-weights)' or 'bundled'."""
+    if getattr(args, "random_weights", False):
+        return "random (--random-weights)"
+    return args.weights or "bundled"
 
 
 def _say(args, *msg) -> None:
@@ -83,6 +107,10 @@ def _device(name: str) -> str:
 
 
 def _session(args) -> Session:
+    require_weights(args.model, args.weights, args.random_weights)
+    if args.random_weights:
+        import warnings
+        warnings.warn(f"{args.model} runs on random weights (--random-weights): its accuracy is meaningless")
     pre, shape = resolve_preprocess(args)
     for k in ("calib_size", "eval_size", "batch_size"):
         v = getattr(args, k, None)
@@ -90,7 +118,7 @@ def _session(args) -> Session:
             raise PlanError(f"--{k.replace('_', '-')} must be positive, got {v}")
     return open_session(args.model, args.calib, args.eval_dir, args.weights, args.calib_size, args.eval_size,
                         args.seed, pre, shape, args.batch_size, args.workers, _device(args.device),
-                        show_progress=not (args.quiet or args.json))
+                        show_progress=not (args.quiet or args.json), skip_bad_images=args.skip_bad_images)
 
 
 def _float_row(session: Session) -> dict:
@@ -104,7 +132,9 @@ def _header(session: Session, extra: str = "") -> str:
             f"Calibration: {im['n_calib']} images from `{im['calib_dir']}`; evaluation: {im['n_eval']} images "
             f"from `{im['eval_dir']}` (seed {im['seed']}"
             f"{', disjoint subsets of one folder' if im['same_folder'] else ''}; lists in images.json).\n"
-            f"Preprocessing: {asdict(session.preprocess)}\n"
+            + (f"Skipped {im['skipped_images']['n']} unreadable images (--skip-bad-images; listed in "
+               "report.json).\n" if im.get("skipped_images", {}).get("n") else "")
+            + f"Preprocessing: {asdict(session.preprocess)}\n"
             + "".join(f"\nModel note: {x}\n" for x in session.graph.notes))
 
 
@@ -113,7 +143,8 @@ def _common_report(session: Session) -> dict:
     return {"model": session.model_name, "n_eval": session.images["n_eval"], "images": im,
             "preprocess": asdict(session.preprocess),
             "float": {"top1_error": session.float_top1, "top5_error": session.float_top5},
-            "complexity_float": analyze(session.graph).to_json()["total"], "timings": session.timings,
+            "complexity_float": analyze(session.graph).to_json()["total"], "complexity_note": COMPLEXITY_NOTE,
+            "timings": session.timings,
             "model_notes": list(session.graph.notes)}
 
 
@@ -121,10 +152,12 @@ def cmd_quantize(args) -> int:
     config = make_config(args.coeff_bits, args.data_bits, args.coeff_mode, args.data_mode, args.method,
                          args.bias_bits, args.acc_bits, args.acc_overflow, args.rounding, args.config,
                          args.data_method, args.data_sign)
+    out = prepare_out(args.out)
     session = _session(args)
-    run = run_config(session, config, exact=args.exact)
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
+    d = config.default
+    with progress_label(f"<{_bits_label(d.coeff_bits)},{_bits_label(d.data_bits)}> {d.coeff_mode}/{d.data_mode} "
+                        f"{method_label(d)}"):
+        run = run_config(session, config, exact=args.exact)
     run.plan.save(out / "plan.json")
     row = run.row(session)
     layers = layer_table(session, run)
@@ -132,7 +165,7 @@ def cmd_quantize(args) -> int:
     report = {**_common_report(session), "config": {**config.to_json(), "exact": args.exact,
                                                     "device": args.device, "batch_size": args.batch_size,
                                                     "calib_size": args.calib_size, "eval_size": args.eval_size,
-                                                    "seed": args.seed, "weights": args.weights},
+                                                    "seed": args.seed, "weights": weights_label(args)},
               "quant": {"top1_error": run.result.top1_error, "top5_error": run.result.top5_error},
               "agreement_top1": run.result.agreement_top1, "row": row, "layers": layers,
               "sqnr_images": run.result.sqnr_images, "complexity": cost,
@@ -145,10 +178,11 @@ def cmd_quantize(args) -> int:
         np.save(args.save_logits, run.result.logits.numpy())
     _plots_for_run(session, layers, out, args.model)
     table = results_table([row], _float_row(session))
-    md = (_header(session) + "\n## Accuracy\n\n" + table + "\n\n## Layers\n\nSQNR measured on the first "
+    md = (_header(session) + "\n## Accuracy\n\n" + table + "\n\n" + COMPLEXITY_NOTE +
+          "\n\n## Layers\n\nSQNR measured on the first "
           f"{run.result.sqnr_images} evaluation images.\n\n" + layers_markdown(layers) +
-          "\n\n![SQNR](sqnr.png)\n\n![coefficient ranges](fig3_ranges.png)" +
-          "\n\n## Complexity and storage\n\n" + complexity_markdown(cost) + "\n")
+          "\n\n" + _figure("sqnr.png") + "\n\n" + _figure("fig3_ranges.png") +
+          "\n\n## Complexity and storage\n\n" + complexity_markdown(cost, note=False) + "\n")
     if run.plan.notes:
         md += "\n## Notes\n\n" + "\n".join(f"- {x}" for x in run.plan.notes) + "\n"
     (out / "report.md").write_text(md)
@@ -158,6 +192,12 @@ def cmd_quantize(args) -> int:
         print(table)
         _say(args, f"\nplan, report.json and report.md written to {out}/")
     return 0
+
+
+def _figure(png: str) -> str:
+    """A markdown image with its caption (the same words as the HTML report's)."""
+    stem = png.rsplit(".", 1)[0]
+    return f"![{stem}]({png})\n\n*{FIGURE_CAPTIONS[stem]}*"
 
 
 def outlier_layer(graph) -> str:
@@ -186,6 +226,10 @@ def _grid(args) -> list[dict]:
     return [dict(zip(keys, combo)) for combo in itertools.product(*vals)]
 
 
+def _bits_label(v) -> str:
+    return "flp" if v is None or str(v).lower() in ("flp", "float", "none") else f"{v}b"
+
+
 def _split(v) -> list[str]:
     return [x.strip() for x in str(v).split(",") if x.strip()]
 
@@ -196,30 +240,34 @@ def cmd_sweep(args) -> int:
                            args.bias_bits, args.acc_bits, args.acc_overflow, args.rounding, args.config,
                            args.data_method, args.data_sign)
                for g in grid]
+    out = prepare_out(args.out)
     session = _session(args)
     from .calibrate import needs_histograms
     session.observations(needs_histograms(session.graph, configs))  # one calibration pass for the grid
     rows = []
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    for i, cfg in enumerate(configs):
-        run = run_config(session, cfg, exact=args.exact)
-        row = run.row(session)
+    for i, (cfg, g) in enumerate(zip(configs, grid)):
+        label = f"[{i + 1}/{len(configs)}] <{_bits_label(g['coeff_bits'])},{_bits_label(g['data_bits'])}> " \
+                f"{g['coeff_mode']}/{g['data_mode']} {method_label(cfg.default)}"
+        with progress_label(label):
+            run = run_config(session, cfg, exact=args.exact)
+        row = {"plan": f"plan-{i:02d}.json", **run.row(session)}
         rows.append(row)
-        run.plan.save(out / f"plan-{i:02d}.json")
+        run.plan.save(out / row["plan"])
         _say(args, f"[{i + 1}/{len(configs)}] {row['format']} {row['coeff_mode']}/{row['data_mode']} "
                    f"{row['method']}: top-1 error {row['quant_top1_error']:.2f}%")
     report = {**_common_report(session), "config": {"grid": grid, "rounding": args.rounding,
                                                     "acc_bits": args.acc_bits, "bias_bits": args.bias_bits,
-                                                    "exact": args.exact, "seed": args.seed},
+                                                    "exact": args.exact, "seed": args.seed,
+                                                    "weights": weights_label(args)},
               "rows": rows}
     write_json(out / "report.json", report)
     write_json(out / "images.json", {"calib_files": session.images["calib_files"],
                                      "eval_files": session.images["eval_files"]})
-    table = results_table(rows, _float_row(session))
+    table = results_table(rows, _float_row(session), plans=True)
     from .plots import plot_pareto
     plot_pareto(rows, out / "pareto.png", session.float_top1, f"{args.model}: top-1 error vs complexity")
-    (out / "report.md").write_text(_header(session) + "\n## Sweep\n\n" + table + "\n\n![pareto](pareto.png)\n")
+    (out / "report.md").write_text(_header(session) + "\n## Sweep\n\n" + table + "\n\n" + COMPLEXITY_NOTE +
+                                   "\n\n" + _figure("pareto.png") + "\n")
     if args.json:
         print(json.dumps(report, default=str))
     else:
@@ -263,6 +311,7 @@ def cmd_demo(args) -> int:
     write_json(out / "report.json", report)
     table = results_table(rows, _float_row(session))
     (out / "report.md").write_text(_header(session) + "\n## Demo: LeNet on scikit-learn digits\n\n" + table +
+                                   "\n\n" + COMPLEXITY_NOTE +
                                    "\n\n## Layers (<8b,8b> 3D)\n\n" + layers_markdown(report["layers"]) + "\n")
     if args.json:
         print(json.dumps(report, default=str))
@@ -282,9 +331,8 @@ def cmd_analyze(args) -> int:
     graph = capture(model, torch.zeros(1, *shape), check=False)
     plan = QuantPlan.load(args.plan) if args.plan else None
     if plan is not None:
-        missing = [n.name for n in graph.layers() if n.name not in plan.layers]
-        if missing:
-            raise PlanError(f"plan {args.plan} does not belong to {args.model}: no entry for layer '{missing[0]}'")
+        from .plan_schema import check_plan_graph
+        check_plan_graph(plan, graph, args.plan)
     cost = analyze(graph, plan).to_json()
     cost["model"], cost["input_shape"] = args.model, list(shape)
     if args.out:
@@ -292,7 +340,7 @@ def cmd_analyze(args) -> int:
     if args.json:
         print(json.dumps(cost))
     else:
-        print(complexity_markdown(cost))
+        print(complexity_markdown(cost, quantized=plan is not None))
     return 0
 
 

@@ -8,13 +8,14 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .commands import _device, resolve_preprocess
+from .commands import _device, prepare_out, resolve_preprocess
 from .evaluate import ImageSet, DataError, load_images
 from .formats import quantize_codes
 from .graph import capture
-from .plan import PlanError, QuantPlan
+from .plan import QuantPlan
+from .plan_schema import check_plan_graph
 from .report import markdown_table, write_json
-from .zoo import Preprocess, build_model
+from .zoo import Preprocess, build_model, require_weights
 
 __all__ = ["cmd_export_c", "cmd_run_c", "cmd_accumulators", "cmd_export_onnx"]
 
@@ -23,14 +24,13 @@ def _plan_and_graph(args):
     plan = QuantPlan.load(args.plan)
     if not args.model:
         args.model = plan.model
+    require_weights(args.model, args.weights, args.random_weights)
     pre, shape = resolve_preprocess(args)
     model, entry = build_model(args.model, args.weights, shape)
     if shape is None:
         shape = pre.input_shape(entry.input_hw if entry else None)
     graph = capture(model, torch.zeros(1, *shape))
-    missing = [n.name for n in graph.layers() if n.name not in plan.layers]
-    if missing:
-        raise PlanError(f"plan {args.plan} does not belong to {args.model}: no entry for layer '{missing[0]}'")
+    check_plan_graph(plan, graph, args.plan)
     return plan, graph, pre
 
 
@@ -38,6 +38,7 @@ def cmd_export_c(args) -> int:
     from .export_c import export_c
     from .export_c.run import build
     plan, graph, pre = _plan_and_graph(args)
+    prepare_out(args.out)
     res = export_c(graph, plan, args.out, meta={"preprocess": asdict(pre), "weights": args.weights})
     if not args.no_build:
         build(res.out)
@@ -47,10 +48,21 @@ def cmd_export_c(args) -> int:
     return 0
 
 
+def _read_json(path) -> dict:
+    """A JSON object fixq wrote earlier (images.json, export.json, report.json), or a one-line error."""
+    try:
+        d = json.loads(Path(path).read_text())
+    except (ValueError, UnicodeDecodeError) as e:
+        raise DataError(f"{path} is not valid JSON ({e})", hint="") from None
+    if not isinstance(d, dict):
+        raise DataError(f"{path} is not a JSON object as fixq writes it", hint="")
+    return d
+
+
 def _images(args, pre: Preprocess):
     s = ImageSet.scan(args.data)
     if args.images:
-        listed = json.loads(Path(args.images).read_text()).get("eval_files")
+        listed = _read_json(args.images).get("eval_files")
         if listed is None:
             raise DataError(f"{args.images} has no eval_files list (use the images.json of a quantize run)")
         pos = {f: i for i, f in enumerate(s.files)}
@@ -70,7 +82,7 @@ def cmd_run_c(args) -> int:
     cdir = Path(args.cdir)
     if not (cdir / "export.json").is_file():
         raise DataError(f"{cdir} is not a fixq C export (no export.json): run `fixq export-c --out {cdir}` first")
-    info = json.loads((cdir / "export.json").read_text())
+    info = _read_json(cdir / "export.json")
     pre = Preprocess(**{k: tuple(v) if isinstance(v, list) else v for k, v in info["preprocess"].items()})
     x, _ = _images(args, pre)
     F_in = torch.tensor(info["input_F"])
@@ -107,11 +119,11 @@ def cmd_export_onnx(args) -> int:
     from .onnx_out import compare_qdq, export_qdq
     plan, graph, pre = _plan_and_graph(args)
     out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
+    prepare_out(out.parent)
     export_qdq(graph, plan, out)
     plan_dir = Path(args.plan).parent
     if args.data is None and (plan_dir / "report.json").is_file():
-        args.data = json.loads((plan_dir / "report.json").read_text()).get("images", {}).get("eval_dir")
+        args.data = _read_json(plan_dir / "report.json").get("images", {}).get("eval_dir")
         if args.images is None and (plan_dir / "images.json").is_file():
             args.images = str(plan_dir / "images.json")
     msg = f"wrote {out} (QDQ, opset 13; passes onnx.checker)"

@@ -2,9 +2,8 @@
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
-from .commands import _common_report, _header, _say, _session, search_config
+from .commands import _common_report, _header, _say, _session, prepare_out, search_config
 from .kmeans_search import KMeansOptions, search_kmeans
 from .search import acceptance_rule
 from .report import markdown_table, write_json
@@ -49,10 +48,9 @@ def cmd_kmeans(args) -> int:
                          sensitivity_size=args.sensitivity_size, restarts=args.restarts, seed=args.seed,
                          margin_z=args.margin_z)
     config = search_config(args)
+    out = prepare_out(args.out)
     session = _session(args)
     res = search_kmeans(session, config, opts)
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
     res.plan.save(out / "plan.json")
     from .kmeans import layer_savings
     N = {n.name: n.weight.shape[0] for n in session.graph.layers()}

@@ -2,9 +2,8 @@
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
-from .commands import _common_report, _header, _say, _session, search_config
+from .commands import _common_report, _header, _say, _session, prepare_out, search_config
 from .mixed_search import MixedOptions, search_mixed
 from .search import acceptance_rule
 from .report import markdown_table, write_json
@@ -37,10 +36,9 @@ def cmd_mixed(args) -> int:
                         seed=args.seed, f0=args.f0, delta=args.delta,
                         margin_z=args.margin_z)
     config = search_config(args)
+    out = prepare_out(args.out)
     session = _session(args)
     res = search_mixed(session, config, opts)
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
     res.tuned.plan.save(out / "plan.json")
     other = [s for s in res.tuning if s != res.strategy]
     trials = [t.to_json() for r in res.tuning.values() for t in r.trials]

@@ -38,7 +38,10 @@ EXACT = 2 ** 53
 INT64_SAFE = 2 ** 62
 
 
-class EngineError(ValueError):
+from .errors import FixqError  # noqa: E402  (the one error hierarchy, errors.py)
+
+
+class EngineError(FixqError):
     """A plan or graph the integer engine (and the C export) cannot run."""
 
 

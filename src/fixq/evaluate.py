@@ -7,17 +7,18 @@ from pathlib import Path
 
 import torch
 
+from .errors import FixqError
 from .progress import progress
 from .ir import QUANT_POINTS, Graph, run_float
 from .zoo import Preprocess
 
-__all__ = ["DataError", "ImageSet", "load_images", "select_subsets", "Split", "topk_errors",
-           "float_logits", "EvalResult", "evaluate_quant", "batches"]
+__all__ = ["DataError", "ImageSet", "load_images", "known_classes", "class_mapping", "CIFAR10_CLASSES",
+           "select_subsets", "Split", "topk_errors", "float_logits", "EvalResult", "evaluate_quant", "batches"]
 
 IMG_EXT = {".jpg", ".jpeg", ".png", ".bmp", ".ppm", ".pgm", ".tif", ".tiff", ".webp"}
 
 
-class DataError(ValueError):
+class DataError(FixqError):
     """Missing or empty data folders, unreadable images."""
 
 
@@ -36,6 +37,12 @@ class ImageSet:
         if not r.is_dir():
             raise DataError(f"data folder {root} does not exist (expected root/<class>/<image> files)")
         classes = sorted(d.name for d in r.iterdir() if d.is_dir())
+        if not classes:
+            flat = [f for f in r.iterdir() if f.suffix.lower() in IMG_EXT]
+            what = f"it holds {len(flat)} images directly" if flat else "it is empty"
+            raise DataError(f"data folder {root} has no class subfolders ({what}): fixq expects "
+                            f"{root}/<class>/<image>, one folder per class, sorted names = class indices",
+                            hint="move the images into one folder per class")
         files, labels = [], []
         for i, c in enumerate(classes):
             for f in sorted((r / c).iterdir()):
@@ -99,8 +106,8 @@ def _transform(pre: Preprocess):
 
 
 class _Files(torch.utils.data.Dataset):
-    def __init__(self, s: ImageSet, idx, pre: Preprocess):
-        self.s, self.idx, self.tf = s, list(idx), _transform(pre)
+    def __init__(self, s: ImageSet, idx, pre: Preprocess, skip_bad: bool = False):
+        self.s, self.idx, self.tf, self.skip_bad = s, list(idx), _transform(pre), skip_bad
 
     def __len__(self):
         return len(self.idx)
@@ -112,23 +119,94 @@ class _Files(torch.utils.data.Dataset):
         try:
             with Image.open(path) as im:
                 img = im.convert("RGB")
-        except OSError as e:
-            raise DataError(f"cannot read image {path}: {e}") from None
-        return self.tf(img), self.s.labels[i]
+        except (OSError, ValueError, SyntaxError) as e:  # PIL raises all three on broken files
+            if self.skip_bad:
+                return None, None, k
+            raise DataError(f"cannot read image {path}: {e}",
+                            hint="--skip-bad-images skips unreadable images and counts them") from None
+        return self.tf(img), self.s.labels[i], k
+
+
+def _collate(items):
+    good = [(x, y) for x, y, _ in items if x is not None]
+    bad = [k for x, _, k in items if x is None]
+    if not good:
+        return None, None, bad
+    return torch.stack([x for x, _ in good]), torch.tensor([y for _, y in good]), bad
 
 
 def load_images(s: ImageSet, idx, pre: Preprocess, workers: int = 0, batch_size: int = 64,
-                show_progress: bool = True, desc: str = "load images") -> tuple[torch.Tensor, torch.Tensor]:
-    """Decode and preprocess the chosen images into one in-memory tensor (N, C, H, W)."""
-    loader = torch.utils.data.DataLoader(_Files(s, idx, pre), batch_size=batch_size,
-                                         num_workers=workers, shuffle=False)
+                show_progress: bool = True, desc: str = "load images",
+                skipped: list | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Decode and preprocess the chosen images into one in-memory tensor (N, C, H, W).
+
+    An unreadable image stops with a :class:`DataError` naming it, unless ``skipped`` is
+    a list: then it is left out and its relative path appended there.
+
+    >>> x, y = load_images(ImageSet.scan("digits"), range(8), PRESETS["digits"])  # doctest: +SKIP
+    """
+    idx = list(idx)
+    loader = torch.utils.data.DataLoader(_Files(s, idx, pre, skipped is not None), batch_size=batch_size,
+                                         num_workers=workers, shuffle=False, collate_fn=_collate)
     xs, ys = [], []
-    for x, y in progress(loader, desc, show_progress):
-        xs.append(x)
-        ys.append(y)
+    try:
+        for x, y, bad in progress(loader, desc, show_progress):
+            if skipped is not None:
+                skipped.extend(s.files[idx[k]] for k in bad)
+            if x is not None:
+                xs.append(x)
+                ys.append(y)
+    except DataError as e:  # from a worker process: torch re-raises with the traceback as the message
+        if not workers:
+            raise
+        last = str(e).strip().splitlines()[-1]
+        raise DataError(last.split("DataError: ", 1)[-1],
+                        hint="--skip-bad-images skips unreadable images and counts them") from None
     if not xs:
-        raise DataError(f"no images selected from {s.root}")
+        raise DataError(f"no readable images selected from {s.root}")
     return torch.cat(xs), torch.cat(ys)
+
+
+def known_classes(kind: str | None) -> tuple[str, ...] | None:
+    """Class names (in index order) of a zoo label set: ``cifar10``, ``imagenet`` (WordNet ids), ``digits``."""
+    if kind == "cifar10":
+        return CIFAR10_CLASSES
+    if kind == "digits":
+        return tuple(str(i) for i in range(10))
+    if kind == "imagenet":
+        return tuple((Path(__file__).parent / "data" / "imagenet_wnids.txt").read_text().split())
+    return None
+
+
+def class_mapping(s: ImageSet, n_outputs: int, kind: str | None = None) -> torch.Tensor | None:
+    """Map the folder's class indices (sorted folder names) to the model's output indices.
+
+    Where the zoo knows the class names (``kind``), folder names must be among them and each
+    folder gets its name's index (a subset of the classes is fine); otherwise the folder must
+    have exactly one class folder per output. Returns ``None`` when the indices already agree.
+
+    >>> class_mapping(ImageSet(Path("."), (), (), ("cat", "dog")), 10, "cifar10").tolist()
+    [3, 5]
+    """
+    names = known_classes(kind)
+    if names is not None and len(names) == n_outputs:
+        pos = {c: i for i, c in enumerate(names)}
+        unknown = [c for c in s.classes if c not in pos]
+        if unknown:
+            shown = ", ".join(unknown[:3]) + (f" and {len(unknown) - 3} more" if len(unknown) > 3 else "")
+            raise DataError(f"data folder {s.root} has class folders that are not {kind} classes: {shown} "
+                            f"(expected names like {', '.join(names[:3])}...)",
+                            hint=f"name each class folder after its {kind} class")
+        idx = [pos[c] for c in s.classes]
+        return None if idx == list(range(len(idx))) else torch.tensor(idx)
+    if len(s.classes) != n_outputs:
+        raise DataError(f"data folder {s.root} has {len(s.classes)} class folders but the model has {n_outputs} "
+                        "outputs: class folders sorted by name give the class index, so they must be one per "
+                        "output", hint="keep one folder per class, even empty ones")
+    return None
+
+
+CIFAR10_CLASSES = ("airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck")
 
 
 def batches(x: torch.Tensor, y: torch.Tensor | None, batch_size: int):

@@ -16,6 +16,7 @@ import torch.fx as fx
 import torch.nn as nn
 import torch.nn.functional as Fn
 
+from .errors import FixqError
 from .ir import (AdaptiveAvgPool, Add, AvgPool, Clamp, Concat, Conv, Flatten, FloatOp,
                  Graph, Input, Linear, MaxPool, Node, Pad, Slice, run_float)
 from .graph_onnx import is_onnx2torch, lower_onnx
@@ -24,7 +25,7 @@ from .passes import fold_bn, fuse_acts, users_of
 __all__ = ["capture", "UnsupportedOpError", "CaptureError"]
 
 
-class CaptureError(ValueError):
+class CaptureError(FixqError):
     """The model cannot be captured as given (tracing failed, bad weights...)."""
 
 

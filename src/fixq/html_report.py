@@ -7,12 +7,13 @@ import html
 import json
 from pathlib import Path
 
-from .report import fmt_num
+from .errors import FixqError
+from .report import COMPLEXITY_NOTE, FIGURE_CAPTIONS, fmt_num
 
 __all__ = ["render_html", "ReportError"]
 
 
-class ReportError(ValueError):
+class ReportError(FixqError):
     """The folder is not a fixq run folder."""
 
 
@@ -20,6 +21,11 @@ def _table(headers: list[str], rows: list[list]) -> str:
     h = "".join(f"<th>{html.escape(x)}</th>" for x in headers)
     body = "".join("<tr>" + "".join(f"<td>{html.escape(fmt_num(c))}</td>" for c in r) + "</tr>" for r in rows)
     return f"<table><thead><tr>{h}</tr></thead><tbody>{body}</tbody></table>"
+
+
+def _fmt(f: dict | None) -> str:
+    """``8b 3D F4..7`` (the same words as report.md's layer table)."""
+    return "-" if not f else f"{f['T']}b {f['granularity']} F{f.get('F_min', '')}..{f.get('F_max', '')}"
 
 
 def _img(path: Path, alt: str) -> str:
@@ -38,12 +44,19 @@ def render_html(run_dir: str | Path, out: str | Path | None = None) -> Path:
     rp = d / "report.json"
     if not rp.is_file():
         raise ReportError(f"{d} has no report.json: run `fixq quantize` or `fixq sweep` with --out {d} first")
-    rep = json.loads(rp.read_text())
+    try:
+        rep = json.loads(rp.read_text())
+    except ValueError as e:
+        raise ReportError(f"{rp} is not valid JSON ({e})") from None
     parts = [f"<h1>fixq report: {html.escape(str(rep.get('model')))}</h1>"]
     im = rep.get("images", {})
     parts.append(f"<p>Calibration: {im.get('n_calib')} images from <code>{html.escape(str(im.get('calib_dir')))}</code>; "
                  f"evaluation: {im.get('n_eval')} images from <code>{html.escape(str(im.get('eval_dir')))}</code> "
                  f"(seed {im.get('seed')}).</p>")
+    if rep.get("preprocess"):
+        parts.append(f"<p>Preprocessing: <code>{html.escape(str(rep['preprocess']))}</code></p>")
+    if (im.get("skipped_images") or {}).get("n"):
+        parts.append(f"<p>Skipped {im['skipped_images']['n']} unreadable images (--skip-bad-images).</p>")
     fl = rep.get("float", {})
     rows = rep.get("rows") or ([rep["row"]] if "row" in rep else [])
     head = ["<coeff,data>", "mode", "method", "top-1 err %", "top-5 err %", "agreement %", "M MACs <8b,8b>"]
@@ -51,14 +64,20 @@ def render_html(run_dir: str | Path, out: str | Path | None = None) -> Path:
               rep.get("complexity_float", {}).get("rel_complexity_mmacs")]]
     table += [[r["format"], f"{r['coeff_mode']}/{r['data_mode']}", r["method"], r["quant_top1_error"],
                r["quant_top5_error"], r["agreement_top1"], r["rel_complexity_mmacs"]] for r in rows]
-    parts += ["<h2>Accuracy and complexity</h2>", _table(head, table)]
+    if any("plan" in r for r in rows):
+        head = ["#", "plan"] + head
+        table = [["-", "-"] + table[0]] + [[i + 1, r.get("plan", "-")] + t for i, (r, t) in
+                                         enumerate(zip(rows, table[1:]))]
+    parts += ["<h2>Accuracy and complexity</h2>", _table(head, table),
+              f"<p>{html.escape(rep.get('complexity_note', COMPLEXITY_NOTE))}</p>"]
     if rep.get("layers"):
-        lt = [[x["name"], x["kind"], (x.get("coeff_format") or {}).get("granularity", "-"),
-               (x.get("data_format") or {}).get("T", "-"), x.get("sqnr_db"),
+        lt = [[x["name"], x["kind"], _fmt(x.get("coeff_format")), _fmt(x.get("data_format")),
+               "-" if not x.get("acc_format") else
+               f"A{x['acc_format']['A']} F{x['acc_format']['F_min']}..{x['acc_format']['F_max']}", x.get("sqnr_db"),
                (x.get("saturations") or {}).get("data", 0), (x.get("saturations") or {}).get("acc", 0),
                x.get("rel_complexity_mmacs")] for x in rep["layers"]]
-        parts += ["<h2>Layers</h2>", _table(["layer", "op", "coeff mode", "data bits", "SQNR dB", "data sat.",
-                                             "acc sat.", "M MACs <8b,8b>"], lt)]
+        parts += ["<h2>Layers</h2>", _table(["layer", "op", "coefficients", "output data", "accumulator", "SQNR dB",
+                                             "data sat.", "acc sat.", "M MACs <8b,8b>"], lt)]
     cx = rep.get("complexity")
     if cx:
         ct = [[x["name"], x["macs"], x["coeff_bits"], x["data_bits"], x["rel_complexity_mmacs"], x["storage_bits"] // 8]
@@ -72,7 +91,7 @@ def render_html(run_dir: str | Path, out: str | Path | None = None) -> Path:
     pngs = sorted(d.glob("*.png"))
     if pngs:
         parts.append("<h2>Plots</h2>")
-        parts += [_img(p, p.stem.replace("_", " ")) for p in pngs]
+        parts += [_img(p, FIGURE_CAPTIONS.get(p.stem, p.stem.replace("_", " "))) for p in pngs]
     if rep.get("notes"):
         parts.append("<h2>Notes</h2><ul>" + "".join(f"<li>{html.escape(n)}</li>" for n in rep["notes"]) + "</ul>")
     page = f"<!doctype html><html><head><meta charset='utf-8'><title>fixq report</title><style>{CSS}</style></head><body>{''.join(parts)}</body></html>"

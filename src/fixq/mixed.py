@@ -17,6 +17,7 @@ from typing import Callable
 import torch
 import torch.nn.functional as Fn
 
+from .errors import FixqError
 from .progress import progress
 from .ir import FLOAT_RULES, Conv, Graph, Input, Linear, apply_act, pre_activation
 
@@ -24,7 +25,7 @@ __all__ = ["MixedError", "filter_energies", "low_precision_mask", "filter_bits",
            "Trial", "TuneResult", "tune_threshold", "layer_thresholds"]
 
 
-class MixedError(ValueError):
+class MixedError(FixqError):
     """A mixed-precision request that cannot be honoured (bad target, layers, data)."""
 
 

@@ -17,10 +17,12 @@ import numpy as np
 import torch
 import torch.nn as nn
 
+from .errors import FixqError
+
 __all__ = ["OnnxImportError", "load_onnx", "onnx_input_shape", "prepare_onnx", "redraw_weights"]
 
 
-class OnnxImportError(ValueError):
+class OnnxImportError(FixqError):
     """An ONNX file fixq cannot import (missing, not ONNX, an op without a converter)."""
 
 

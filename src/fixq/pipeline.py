@@ -10,15 +10,15 @@ import torch
 
 from .calibrate import Observations, needs_histograms, observe, plan_from
 from .complexity import analyze
-from .evaluate import (EvalResult, ImageSet, batches, evaluate_quant, float_logits, load_images,
-                       select_subsets, topk_errors)
+from .evaluate import (DataError, EvalResult, ImageSet, batches, class_mapping, evaluate_quant, float_logits,
+                       known_classes, load_images, select_subsets, topk_errors)
 from .graph import capture
 from .ir import Graph
 from .plan import Formats, QuantConfig, QuantPlan, propagate_formats
 from .simulate import Simulator
-from .zoo import PRESETS, Preprocess, build_model
+from .zoo import PRESETS, ModelError, Preprocess, build_model
 
-__all__ = ["Session", "open_session", "RunResult", "run_config", "layer_table", "strict_float32"]
+__all__ = ["Session", "open_session", "RunResult", "run_config", "layer_table", "strict_float32", "method_label"]
 
 
 def strict_float32() -> None:
@@ -66,9 +66,12 @@ def open_session(model: str, calib: str, eval_dir: str, weights: str | None = No
                  calib_size: int | None = 512, eval_size: int | None = None, seed: int = 0,
                  preprocess: Preprocess | None = None, input_shape: tuple[int, ...] | None = None,
                  batch_size: int = 128, workers: int = 0, device: str = "cpu",
-                 show_progress: bool = True, module: torch.nn.Module | None = None) -> Session:
+                 show_progress: bool = True, module: torch.nn.Module | None = None,
+                 skip_bad_images: bool = False) -> Session:
     """Build/load the model, pick disjoint seeded image subsets, decode them, capture the
-    graph and run the float reference once.
+    graph and run the float reference once. The evaluation folder's classes are checked
+    against the model's outputs (and mapped by name where the zoo knows the class names);
+    with ``skip_bad_images`` unreadable images are left out and listed in ``images``.
 
     >>> s = open_session("cifar10-resnet20", "cifar10-test", "cifar10-test",
     ...                  weights="resnet20.th", calib_size=512)      # doctest: +SKIP
@@ -80,34 +83,43 @@ def open_session(model: str, calib: str, eval_dir: str, weights: str | None = No
         net, entry = module.eval(), None
     if preprocess is None:
         if entry is None:
-            raise ValueError(f"model {model!r} is not in the zoo: give --preprocess (imagenet, cifar10, "
+            raise ModelError(f"model {model!r} is not in the zoo: give --preprocess (imagenet, cifar10, "
                              "digits, mnist...) and --input-shape")
         preprocess = PRESETS[entry.preprocess]
     cset, eset = ImageSet.scan(calib), ImageSet.scan(eval_dir)
     split = select_subsets(cset, eset, calib_size, eval_size, seed)
+    kind = entry.classes if entry is not None else None
+    if known_classes(kind) is not None:  # folder names checked before any image is decoded
+        class_mapping(eset, len(known_classes(kind)), kind)
+    bad_c, bad_e = ([], []) if skip_bad_images else (None, None)
     xc, _ = load_images(cset, split.calib, preprocess, workers, show_progress=show_progress,
-                        desc="load calibration images")
+                        desc="load calibration images", skipped=bad_c)
     xe, ye = load_images(eset, split.eval, preprocess, workers, show_progress=show_progress,
-                         desc="load evaluation images")
+                         desc="load evaluation images", skipped=bad_e)
     if input_shape is not None and tuple(xc.shape[1:]) != tuple(input_shape):
-        raise ValueError(f"images preprocess to {tuple(xc.shape[1:])} but --input-shape is "
+        raise DataError(f"images preprocess to {tuple(xc.shape[1:])} but --input-shape is "
                          f"{tuple(input_shape)}: adjust --resize/--crop/--grayscale")
     dev = torch.device(device)
     if dev.type == "cuda":
         strict_float32()
     net = net.to(dev)
     graph = capture(net, xc[:2].to(dev))
+    out_shape = graph.shapes.get(graph.output, ())
+    if len(out_shape) == 1:  # a classifier: folder classes must fit its outputs
+        mapping = class_mapping(eset, out_shape[0], kind)
+        if mapping is not None:
+            ye = mapping[ye]
     t1 = time.time()
     fl = float_logits(graph, xe, batch_size, dev, show_progress)
-    if fl.shape[1] <= int(ye.max()):
-        raise ValueError(f"the model has {fl.shape[1]} outputs but the evaluation folder has "
-                         f"{int(ye.max()) + 1} classes")
     t1e, t5e = topk_errors(fl, ye)
-    calib_files = [cset.files[i] for i in split.calib]
-    eval_files = [eset.files[i] for i in split.eval]
+    bad_c, bad_e = set(bad_c or ()), set(bad_e or ())
+    calib_files = [f for f in (cset.files[i] for i in split.calib) if f not in bad_c]
+    eval_files = [f for f in (eset.files[i] for i in split.eval) if f not in bad_e]
     images = {"calib_dir": str(cset.root), "eval_dir": str(eset.root), "seed": seed,
               "same_folder": split.same_folder, "n_calib": len(calib_files), "n_eval": len(eval_files),
               "calib_files": calib_files, "eval_files_sha1": _digest(eval_files), "eval_files": eval_files}
+    if skip_bad_images:
+        images["skipped_images"] = {"n": len(bad_c) + len(bad_e), "calib": sorted(bad_c), "eval": sorted(bad_e)}
     return Session(model, graph, preprocess, xc, xe, ye, fl, t1e, t5e, images, dev, batch_size,
                    show_progress, {"load_s": t1 - t0, "float_eval_s": time.time() - t1}, weights)
 
@@ -124,7 +136,7 @@ class RunResult:
         d = self.config.default
         cost = analyze(session.graph, self.plan).to_json()["total"]
         return {"format": f"<{_b(d.coeff_bits)},{_b(d.data_bits)}>", "coeff_mode": d.coeff_mode,
-                "data_mode": d.data_mode, "method": _method_label(d), "rounding": self.config.rounding,
+                "data_mode": d.data_mode, "method": method_label(d), "rounding": self.config.rounding,
                 "acc_bits": d.acc_bits, "float_top1_error": session.float_top1,
                 "float_top5_error": session.float_top5, "quant_top1_error": self.result.top1_error,
                 "quant_top5_error": self.result.top5_error, "agreement_top1": self.result.agreement_top1,
@@ -132,7 +144,7 @@ class RunResult:
                 "seconds": self.seconds}
 
 
-def _method_label(d) -> str:
+def method_label(d) -> str:
     """``maxabs`` when coefficients and data share a method, else ``maxabs/mse`` (coeff/data);
     ``+signed`` when unsigned data formats were turned off."""
     m = d.method if d.effective_data_method == d.method else f"{d.method}/{d.effective_data_method}"

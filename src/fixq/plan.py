@@ -17,6 +17,7 @@ from pathlib import Path
 
 import torch
 
+from .errors import FixqError
 from .formats import OVERFLOWS, Word, check_bits, check_rounding
 from .ir import Clamp, Concat, Flatten, Graph, MaxPool, Pad, Slice
 from .ranges import parse_method
@@ -31,7 +32,7 @@ DATA_SIGNS = ("auto", "signed")
 PLAN_VERSION = 1
 
 
-class PlanError(ValueError):
+class PlanError(FixqError):
     """A config or plan that cannot be used as asked."""
 
 
@@ -40,8 +41,15 @@ def _bits_or_flp(v, what: str) -> int | None:
         return None
     try:
         return check_bits(int(v), what)
-    except (TypeError, ValueError) as e:
-        raise PlanError(str(e) if isinstance(e, ValueError) else f"{what}: {e}") from None
+    except (TypeError, ValueError):
+        raise PlanError(f"{what} must be 2..32 (an integer) or flp (floating point), got {v!r}") from None
+
+
+def _bits(v, what: str) -> int:
+    try:
+        return check_bits(int(v), what)
+    except (TypeError, ValueError):
+        raise PlanError(f"{what} must be 2..32 (an integer), got {v!r}") from None
 
 
 @dataclass(frozen=True)
@@ -71,8 +79,8 @@ class LayerConfig:
     def __post_init__(self) -> None:
         object.__setattr__(self, "coeff_bits", _bits_or_flp(self.coeff_bits, "coefficient bits"))
         object.__setattr__(self, "data_bits", _bits_or_flp(self.data_bits, "data bits"))
-        check_bits(int(self.bias_bits), "bias bits")
-        check_bits(int(self.acc_bits), "accumulator bits")
+        object.__setattr__(self, "bias_bits", _bits(self.bias_bits, "bias bits"))
+        object.__setattr__(self, "acc_bits", _bits(self.acc_bits, "accumulator bits"))
         mode = str(self.coeff_mode).upper()
         if mode not in COEFF_MODES:
             raise PlanError(f"coefficient mode must be one of {', '.join(COEFF_MODES)}, got {self.coeff_mode!r}")
@@ -141,25 +149,18 @@ class QuantConfig:
 
     @staticmethod
     def from_json(d: dict) -> "QuantConfig":
+        bad = set(d["default"]) - _LAYER_KEYS
+        if bad:
+            raise PlanError(f"config keys {sorted(bad)} are not supported by this fixq version")
         return QuantConfig(LayerConfig(**d["default"]), d["rounding"],
                            tuple((p, dict(kv)) for p, kv in d.get("overrides", [])))
 
 
 def load_config(path: str | Path, base: QuantConfig) -> QuantConfig:
-    """Read per-layer overrides from YAML or JSON: ``{layer-name-or-glob: {field: value}}``."""
-    p = Path(path)
-    if not p.is_file():
-        raise PlanError(f"config file {path} does not exist")
-    text = p.read_text()
-    if p.suffix.lower() == ".json":
-        data = json.loads(text)
-    else:
-        import yaml
-        data = yaml.safe_load(text)
-    if not isinstance(data, dict):
-        raise PlanError(f"config file {path} must map layer names (globs allowed) to settings")
-    data = data.get("layers", data)
-    return replace(base, overrides=base.overrides + tuple((str(k), dict(v or {})) for k, v in data.items()))
+    """Read per-layer overrides from YAML or JSON: ``{layer-name-or-glob: {field: value}}``,
+    validated against the schema (:func:`fixq.plan_schema.read_config`)."""
+    from .plan_schema import read_config
+    return read_config(path, base)
 
 
 @dataclass(frozen=True)
@@ -240,6 +241,9 @@ def _fmt_load(d):
     d = dict(d)
     kind = d.pop("kind", "pow2")
     cls = AffineFormats if kind == "affine" else Formats
+    unknown = set(d) - {f.name for f in fields(cls)}
+    if unknown:
+        raise PlanError(f"format keys {sorted(unknown)} are not supported by this fixq version")
     return cls(**{k: tuple(v) if isinstance(v, list) else v for k, v in d.items()})
 
 
@@ -328,18 +332,22 @@ class QuantPlan:
         }
 
     @staticmethod
-    def from_json(d: dict) -> "QuantPlan":
-        if d.get("version") != PLAN_VERSION:
-            raise PlanError(f"plan version {d.get('version')!r} is not supported (expected {PLAN_VERSION})")
+    def from_json(d: dict, source: str = "plan") -> "QuantPlan":
+        """Build a plan from parsed JSON, validated first (fixq.plan_schema)."""
+        from .plan_schema import validate_plan_json
+        validate_plan_json(d, source)
         layers = {}
-        for k, v in d["layers"].items():
-            layers[k] = LayerPlan(v["name"], _fmt_load(v["weight"]), _fmt_load(v["bias"]), v["acc_bits"],
-                                  None if v["acc_F"] is None else tuple(v["acc_F"]), v["acc_overflow"],
-                                  tuple(v.get("notes", ())),
-                                  None if v.get("acc_I") is None else tuple(v["acc_I"]),
-                                  _kmeans_load(v.get("kmeans")))
-        return QuantPlan(d["model"], QuantConfig.from_json(d["config"]),
-                         {k: _fmt_load(v) for k, v in d["tensors"].items()}, layers,
+        try:
+            for k, v in d["layers"].items():
+                layers[k] = LayerPlan(v["name"], _fmt_load(v["weight"]), _fmt_load(v["bias"]), v["acc_bits"],
+                                      None if v["acc_F"] is None else tuple(v["acc_F"]), v["acc_overflow"],
+                                      tuple(v.get("notes", ())),
+                                      None if v.get("acc_I") is None else tuple(v["acc_I"]),
+                                      _kmeans_load(v.get("kmeans")))
+            config = QuantConfig.from_json(d["config"])
+        except PlanError as e:
+            raise PlanError(f"{source}: {e}") from None
+        return QuantPlan(d["model"], config, {k: _fmt_load(v) for k, v in d["tensors"].items()}, layers,
                          tuple(d.get("float_ops", ())), tuple(d.get("notes", ())))
 
     def save(self, path: str | Path) -> None:
@@ -351,9 +359,10 @@ class QuantPlan:
         if not p.is_file():
             raise PlanError(f"plan file {path} does not exist")
         try:
-            return QuantPlan.from_json(json.loads(p.read_text()))
-        except (KeyError, TypeError, json.JSONDecodeError) as e:
-            raise PlanError(f"{path} is not a fixq plan: {e}") from None
+            d = json.loads(p.read_text())
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+            raise PlanError(f"{path} is not a fixq plan: not JSON ({e})") from None
+        return QuantPlan.from_json(d, str(path))
 
 
 def _kmeans_load(d):

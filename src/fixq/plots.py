@@ -96,15 +96,14 @@ def plot_pareto(rows: list[dict], path: str | Path, float_error: float | None = 
     ax.scatter([p[0] for p in pts], [p[1] for p in pts], color="0.5", s=18, label="configurations")
     fp = [pts[i] for i in front]
     ax.plot([p[0] for p in fp], [p[1] for p in fp], "o-", color="tab:red", label="Pareto front")
-    for i in front:
-        r = rows[i]
-        ax.annotate(f"{r['format']} {r['coeff_mode']} {r['method']}", pts[i], fontsize=7,
-                    xytext=(4, 4), textcoords="offset points")
+    for i, r in enumerate(rows):  # every point carries its row number (# in report.md / report.json)
+        text = f"#{i + 1}" + (f" {r['format']} {r['coeff_mode']} {r['method']}" if i in front else "")
+        ax.annotate(text, pts[i], fontsize=7, xytext=(4, 4), textcoords="offset points")
     if float_error is not None:
         ax.axhline(float_error, color="tab:green", ls="--", lw=1, label=f"float ({float_error:.2f}%)")
     ax.set_xlabel("relative complexity [M MACs in <8b,8b> units]")
     ax.set_ylabel("top-1 error [%]")
-    ax.set_title(title or "Error vs complexity")
+    ax.set_title((title or "Error vs complexity") + "\n(#n = row n of report.md; red: Pareto front)", fontsize=9)
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
     fig.tight_layout()

@@ -1,7 +1,46 @@
-"""Progress bars for long loops (tqdm, imported only when shown)."""
+"""Progress bars for long loops (tqdm, imported only when shown).
+
+Bars carry the label of the configuration they work for (``[3/12] <4b,8b> 2D maxabs``,
+set with :func:`progress_label`). When stderr is not a terminal (a log file, CI) there is
+no ``\\r`` redrawing: each loop writes one line when it ends.
+"""
 from __future__ import annotations
 
-__all__ = ["progress"]
+import contextlib
+import sys
+import time
+
+__all__ = ["progress", "progress_label"]
+
+_LABEL: list[str] = []
+
+
+@contextlib.contextmanager
+def progress_label(text: str):
+    """Prefix every bar opened inside the block with ``text``.
+
+    >>> with progress_label("[1/2] <8b,8b> 3D maxabs"):
+    ...     list(progress(range(2), "eval", enabled=False))
+    [0, 1]
+    """
+    _LABEL.append(text)
+    try:
+        yield
+    finally:
+        _LABEL.pop()
+
+
+def _desc(desc: str) -> str:
+    return f"{_LABEL[-1]} {desc}" if _LABEL else desc
+
+
+def _lines(it, desc: str, total: int | None):
+    """A log-friendly stand-in for a bar: one line when the loop is done."""
+    t0, n = time.time(), 0
+    for n, x in enumerate(it, 1):
+        yield x
+    print(f"{desc}: {n}{'/' + str(total) if total else ''} done in {time.time() - t0:.1f} s",
+          file=sys.stderr, flush=True)
 
 
 def progress(it, desc: str, enabled: bool = True, total: int | None = None):
@@ -12,5 +51,8 @@ def progress(it, desc: str, enabled: bool = True, total: int | None = None):
     """
     if not enabled:
         return it
+    desc = _desc(desc)
+    if not sys.stderr.isatty():
+        return _lines(it, desc, total if total is not None else (len(it) if hasattr(it, "__len__") else None))
     from tqdm.auto import tqdm
     return tqdm(it, desc=desc, total=total, leave=False, dynamic_ncols=True)

