@@ -292,7 +292,7 @@ def test_quantize_progress_in_a_log_is_labelled_lines(capsys, tmp_path, digits):
     argv = [a for a in _q(digits, tmp_path, "--model", "lenet-digits", "--coeff-bits", "4") if a != "--quiet"]
     code, _, err = run(capsys, *argv)
     assert code == 0 and "\r" not in err
-    assert "<4b,8b> 3D/4D maxabs fixed-point eval: 1/1 done" in err and "load evaluation images: 1/1 done" in err
+    assert "<4b,8b> 3D/4D maxabs/mse fixed-point eval: 1/1 done" in err and "load evaluation images: 1/1 done" in err
 
 
 def test_corrupt_json_files_from_earlier_runs_exit_2(capsys, tmp_path, digits):
