@@ -9,7 +9,7 @@ import torch.nn.functional as Fn
 
 from fixq.engine import ENGINE_RULES, Engine, EngineError
 from fixq.export_c import C_EMITTERS, export_c, run_c_program
-from fixq.export_c.run import build
+from fixq.export_c.run import UBSAN_FLAGS, build
 from fixq.ir import FloatOp
 from fixq.simulate import SIM_RULES
 from fixq.zoo import CifarResNet, LeNet, build_model, load_weights
@@ -21,9 +21,16 @@ pytestmark = pytest.mark.skipif(shutil.which("cc") is None or shutil.which("make
                                 reason="needs a C compiler (cc) and make")
 
 
-def c_vs_engine(g, plan, shape, tmp_path, n=32, scale=1.5, seed=3):
+def ubsan_compilers():
+    """gcc (and clang where present) with -fsanitize=undefined -fno-sanitize-recover: every
+    parity test runs the generated C under UBSan (a trip aborts the program, failing the test)."""
+    return [cc for cc in ("gcc", "clang") if shutil.which(cc)] or [None]
+
+
+def c_vs_engine(g, plan, shape, tmp_path, n=32, scale=1.5, seed=3, cc=None):
     res = export_c(g, plan, tmp_path / "c")
-    build(res.out)
+    cc = cc or ubsan_compilers()[0]
+    build(res.out, cc=cc, cflags=UBSAN_FLAGS if cc else None)
     torch.manual_seed(seed)
     eng = Engine(g, plan)
     q = eng.quantize_input(torch.randn(n, *shape) * scale)

@@ -271,5 +271,6 @@ def bound_codes(act, F: torch.Tensor, n: int, rounding: str = "half_up"):
     """Codes ``(lo, hi)`` (int64 per channel, or None) of clamp bounds ``act = (lo, hi)``
     on the grid F (0-d or per channel), quantized exactly: ReLU6's 6 at F=4 is 96."""
     Fv = per_channel(F, n).tolist()
-    return tuple(None if b is None else torch.tensor([quantize_scalar(b, int(f), rounding) for f in Fv],
-                                                     dtype=torch.int64) for b in act)
+    lim = 2 ** 62  # every proved int64 value is below this (DESIGN §5a): clipping there changes nothing
+    return tuple(None if b is None else torch.tensor([max(-lim, min(lim, quantize_scalar(b, int(f), rounding)))
+                                                      for f in Fv], dtype=torch.int64) for b in act)
