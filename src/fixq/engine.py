@@ -30,7 +30,7 @@ from .ir import (AdaptiveAvgPool, Add, AvgPool, Clamp, Concat, Conv, Flatten, Fl
                  Linear, MaxPool, Pad, Slice)
 from .plan import QuantPlan, filter_grid, propagate_formats
 from .pooling import adaptive_windows, pool_divisors
-from .safety import check_headroom, max_code, prove_layer, prove_op
+from .safety import check_headroom, check_shift, max_code, prove_layer, prove_op
 
 __all__ = ["Engine", "EngineError", "ENGINE_RULES", "LayerInts", "BasisInts", "compile_layer", "exact_matmul",
            "exact_sum", "layer_forward", "pool_out_size", "check_plan"]
@@ -95,6 +95,8 @@ def compile_layer(n: Conv | Linear, plan: QuantPlan, fmts, rounding: str) -> Lay
         basis = BasisInts(km.basis_tensor(w4.shape[1:]), Sg[:, None] - Fg - Fxb, a, S - Sg[a])
     else:
         wq, _ = quantize_codes(w4, Fw2[:, :, None, None], Tw2[:, :, None, None], rounding)
+    wshift = S[:, None] - Fw2 - Fxg
+    check_shift(f"layer '{n.name}'", "weight (S - Fw - Fx)", wshift, 0)
     if n.bias is not None and lp.bias is not None:
         bq, _ = quantize_codes(n.bias.detach().double().cpu(), lp.bias.F_tensor(), lp.bias.T, rounding)
         sh = (lp.bias.F_tensor() - S).tolist()  # exact in Python integers, any shift
@@ -108,7 +110,6 @@ def compile_layer(n: Conv | Linear, plan: QuantPlan, fmts, rounding: str) -> Lay
     Fy = per_channel(fmts[n.name][1], N)
     lo, hi = (None, None) if n.act is None else bound_codes(n.act, Facc, N, rounding)
     wq = wq.long()
-    wshift = S[:, None] - Fw2 - Fxg
     bsum = None if basis is None else (basis.w.abs().sum(dim=(2, 3)), basis.wshift, basis.assign, basis.align)
     bound = prove_layer(n.name, wq.abs().sum(dim=(2, 3)), wshift, Tx, bias, S - Facc, Facc - Fy, lp.acc_bits,
                         (lo, hi), bsum)

@@ -143,9 +143,8 @@ def round_shift(a: torch.Tensor, s, rounding: str = "half_up") -> torch.Tensor:
     right = torch.clamp(s, min=0)
     left = torch.clamp(-s, min=0)
     shifted_left = a << left
-    if rounding == "half_up":
-        half = torch.where(right > 0, torch.ones_like(right) << torch.clamp(right - 1, min=0), 0)
-        out = (a + half) >> right
+    if rounding == "half_up":  # floor(a / 2**s + 1/2) = (a >> s) + bit s-1 of a: no a + half overflow
+        out = (a >> right) + (((a >> torch.clamp(right - 1, min=0)) & 1) & (right > 0).to(torch.int64))
     elif rounding == "floor":
         out = a >> right
     elif rounding == "nearest_even":
