@@ -54,6 +54,23 @@ def test_lenet_bundled(tmp_path, cm, dm, A, bits):
     c_vs_engine(g, plan_for(g, (1, 8, 8), coeff_mode=cm, data_mode=dm, acc_bits=A, coeff_bits=bits), (1, 8, 8), tmp_path)
 
 
+@pytest.mark.parametrize("rounding,overflow", [("floor", "wrap"), ("half_up", "wrap"), ("nearest_even", "saturate"),
+                                               ("floor", "saturate")])
+def test_parity_every_rounding_and_wrap(tmp_path, rounding, overflow):
+    """C == engine with floor rounding and wrapping accumulators (narrow A so wraps happen),
+    under UBSan; the engine equals the float64 simulation there too."""
+    from fixq.simulate import Simulator
+    g = make_graph(DepthwiseNet(), (3, 16, 16))
+    plan = plan_for(g, (3, 16, 16), coeff_mode="2D", data_mode="3D", acc_bits=12, acc_overflow=overflow,
+                    rounding=rounding)
+    _, totals = c_vs_engine(g, plan, (3, 16, 16), tmp_path, n=8, scale=3.0)
+    assert totals["acc"] > 0
+    torch.manual_seed(3)
+    x = torch.randn(8, 3, 16, 16) * 3.0
+    eng = Engine(g, plan)
+    assert torch.equal(eng.dequantize(eng.run(eng.quantize_input(x))), Simulator(g, plan, exact=True)(x))
+
+
 def test_depthwise_model_mixed_4_8_bits(tmp_path):
     from fixq.calibrate import calibrate
     from fixq.plan import LayerConfig, QuantConfig

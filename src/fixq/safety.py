@@ -67,16 +67,19 @@ def bound_spread(F: torch.Tensor, T, nonzero: torch.Tensor, D: int = SPREAD_BITS
     return T - 1 - I_new
 
 
-def check_shift(where: str, what: str, s, lo: int = -MAX_SHIFT, hi: int = MAX_SHIFT) -> None:
+_FAR = ("the formats involved are too far apart to compute exactly in int64 (a dead or extreme-range "
+        "partition, tensor or layer output); lower the bits, use coarser partitions (3D/4D), or rescale "
+        "the tiny/huge weights or channels")
+
+
+def check_shift(where: str, what: str, s, lo: int = -MAX_SHIFT, hi: int = MAX_SHIFT, fix: str = _FAR) -> None:
     """Rule 2: every value of shift table ``what`` in ``[lo, hi]``, else PlanError."""
     s = torch.as_tensor(s)
     if s.numel() == 0:
         return
     a, b = int(s.min()), int(s.max())
     if a < lo or b > hi:
-        raise PlanError(f"{where}: {what} shifts span [{a}, {b}], outside [{lo}, {hi}]: the formats of its "
-                        "partitions are too far apart to compute exactly in int64; lower the bits, use coarser "
-                        "partitions (3D/4D), or rescale the tiny/huge channels")
+        raise PlanError(f"{where}: {what} shifts span [{a}, {b}], outside [{lo}, {hi}]: {fix}")
 
 
 def check_headroom(where: str, what: str, bound: float, fix: str) -> None:
