@@ -246,3 +246,21 @@ def test_c_runtime_extremes_under_ubsan(tmp_path):
         want += [_ref_div(_trunc4(a), k, ("half_up", "nearest_even", "floor")[k % 3])
                  for a in A for k in range(1, 9)]
         assert got == want
+
+
+def test_fused_quantizer_says_once_why_it_falls_back(monkeypatch):
+    import warnings
+    from types import SimpleNamespace
+
+    from fixq import fused
+
+    def broken():
+        raise ImportError("no module named triton")
+    monkeypatch.setattr(fused, "_build", broken)
+    monkeypatch.setattr(fused, "_WHY_NOT", None)
+    x = SimpleNamespace(is_cuda=True, dtype=torch.float32, is_contiguous=lambda: True)
+    with warnings.catch_warnings(record=True) as w:
+        warnings.simplefilter("always")
+        assert not fused.fused_available(x, "half_up") and not fused.fused_available(x, "half_up")
+    msgs = [str(m.message) for m in w if issubclass(m.category, RuntimeWarning)]
+    assert len(msgs) == 1 and "no module named triton" in msgs[0]

@@ -56,6 +56,8 @@ class Simulator:
         self.formats = propagate_formats(graph, {k: v for k, v in plan.tensors.items()})
         self._sat: dict[str, dict[str, torch.Tensor]] = {}
         self._prep: dict[str, dict] = {}
+        from .engine import check_plan  # DESIGN §5a, the engine's proof: same refusals, same bounds
+        self._bounds = check_plan(graph, plan)
         for n in graph.nodes:
             if isinstance(n, (Conv, Linear)):
                 self._prep[n.name] = self._prepare_layer(n)
@@ -93,8 +95,7 @@ class Simulator:
                 bq = round_values(bq * exp2(S, bq), self.rounding) / exp2(S, bq)
             out["bias"] = self._t(bq)
         if S is not None:
-            from .engine import compile_layer  # the engine's tables: same proof (DESIGN §5a), same refusals
-            bound = compile_layer(n, self.plan, self.formats, self.rounding).bound
+            bound = self._bounds.get(n.name, float("inf"))
             if self.exact and bound >= 2.0 ** F64_EXACT_BITS:  # rule 4: guard the float64 sums at S
                 out["guard"] = (self._t(w).abs(), self._t(S.double()))
             Facc = torch.tensor(lp.acc_F, dtype=torch.int64)
