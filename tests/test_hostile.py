@@ -14,7 +14,7 @@ hypothesis = pytest.importorskip("hypothesis")
 from hypothesis import HealthCheck, given, settings, strategies as st  # noqa: E402
 
 from fixq.calibrate import calibrate  # noqa: E402
-from fixq.engine import Engine  # noqa: E402
+from fixq.engine import Engine, exact_sum  # noqa: E402
 from fixq.export_c import export_c, run_c_program  # noqa: E402
 from fixq.export_c.run import UBSAN_FLAGS, build  # noqa: E402
 from fixq.plan import LayerConfig, PlanError, QuantConfig  # noqa: E402
@@ -109,7 +109,10 @@ def test_hostile_nets_are_exact_or_refused(tmp_path_factory, kind, pool, seed, c
         return
     eng = Engine(graph, plan)
     q = eng.quantize_input(x)
-    codes = eng.run(q)
+    env = eng.run(q, keep=True)
+    codes = env[graph.output]
+    for n in graph.layers():  # the plan-time proof is sound: no wide sum exceeds it
+        assert int(exact_sum(eng.layers[n.name], n, env[n.inputs[0]]).abs().max()) <= eng.layers[n.name].bound < 2 ** 62
     try:
         ys = Simulator(graph, plan, exact=True)(x)
     except PlanError as e:  # the exact simulation's guard at S: an error naming the layer

@@ -264,3 +264,12 @@ def test_fused_quantizer_says_once_why_it_falls_back(monkeypatch):
         assert not fused.fused_available(x, "half_up") and not fused.fused_available(x, "half_up")
     msgs = [str(m.message) for m in w if issubclass(m.category, RuntimeWarning)]
     assert len(msgs) == 1 and "no module named triton" in msgs[0]
+
+
+def test_emitter_table_check_names_the_table():
+    from fixq.safety import check_table
+    check_table("ws_c2", "uint8_t", [0, 62, 255])
+    with pytest.raises(PlanError, match=r"ws_c2: value 256 does not fit uint8_t"):
+        check_table("ws_c2", "uint8_t", [0, 256])
+    with pytest.raises(PlanError, match=r"os_c2: value -129 does not fit int8_t"):
+        check_table("os_c2", "int8_t", [-129])

@@ -14,7 +14,9 @@ Conv/linear, per output channel i:
   3. fused activation: clamp at the bounds' codes at Facc
   4. ``y = sat_Ty(round_shift(acc, Facc - Fy))``
 Matrix products run in float64 only when the checked bound ``max|a| max|b| K < 2**53``
-makes every partial sum an exact integer; otherwise in int64 (or an overflow error).
+makes every partial sum an exact integer; otherwise in int64, where every shift table is in
+[-62, 62] and the worst-case sum is proved below 2**62 when the tables are built
+(:mod:`fixq.safety`, DESIGN §5a): a plan that cannot be proved is refused, naming the layer.
 """
 from __future__ import annotations
 
