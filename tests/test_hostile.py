@@ -20,7 +20,6 @@ from fixq.export_c.run import UBSAN_FLAGS, build  # noqa: E402
 from fixq.plan import LayerConfig, PlanError, QuantConfig  # noqa: E402
 from fixq.simulate import Simulator  # noqa: E402
 
-from conftest import set_bn_stats  # noqa: E402,F401
 
 HAS_CC = shutil.which("gcc") is not None and shutil.which("make") is not None
 KINDS = ("conv", "depthwise", "add", "concat")

@@ -15,7 +15,7 @@ from fixq.engine import Engine, check_plan
 from fixq.export_c import export_c, run_c_program
 from fixq.export_c.run import UBSAN_FLAGS, build
 from fixq.formats import round_shift, round_shift_int
-from fixq.plan import Formats, LayerConfig, PlanError, QuantConfig
+from fixq.plan import LayerConfig, PlanError, QuantConfig
 from fixq.safety import MAX_SHIFT, SPREAD_BITS, bound_spread
 from fixq.simulate import Simulator
 
