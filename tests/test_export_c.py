@@ -9,7 +9,7 @@ import torch.nn.functional as Fn
 
 from fixq.engine import ENGINE_RULES, Engine, EngineError
 from fixq.export_c import C_EMITTERS, export_c, run_c_program
-from fixq.export_c.run import build
+from fixq.export_c.run import UBSAN_FLAGS, build
 from fixq.ir import FloatOp
 from fixq.simulate import SIM_RULES
 from fixq.zoo import CifarResNet, LeNet, build_model, load_weights
@@ -21,9 +21,16 @@ pytestmark = pytest.mark.skipif(shutil.which("cc") is None or shutil.which("make
                                 reason="needs a C compiler (cc) and make")
 
 
-def c_vs_engine(g, plan, shape, tmp_path, n=32, scale=1.5, seed=3):
+def ubsan_compilers():
+    """gcc (and clang where present) with -fsanitize=undefined -fno-sanitize-recover: every
+    parity test runs the generated C under UBSan (a trip aborts the program, failing the test)."""
+    return [cc for cc in ("gcc", "clang") if shutil.which(cc)] or [None]
+
+
+def c_vs_engine(g, plan, shape, tmp_path, n=32, scale=1.5, seed=3, cc=None):
     res = export_c(g, plan, tmp_path / "c")
-    build(res.out)
+    cc = cc or ubsan_compilers()[0]
+    build(res.out, cc=cc, cflags=UBSAN_FLAGS if cc else None)
     torch.manual_seed(seed)
     eng = Engine(g, plan)
     q = eng.quantize_input(torch.randn(n, *shape) * scale)
@@ -45,6 +52,23 @@ def test_lenet_bundled(tmp_path, cm, dm, A, bits):
     from fixq.graph import capture
     g = capture(model, torch.randn(2, 1, 8, 8))
     c_vs_engine(g, plan_for(g, (1, 8, 8), coeff_mode=cm, data_mode=dm, acc_bits=A, coeff_bits=bits), (1, 8, 8), tmp_path)
+
+
+@pytest.mark.parametrize("rounding,overflow", [("floor", "wrap"), ("half_up", "wrap"), ("nearest_even", "saturate"),
+                                               ("floor", "saturate")])
+def test_parity_every_rounding_and_wrap(tmp_path, rounding, overflow):
+    """C == engine with floor rounding and wrapping accumulators (narrow A so wraps happen),
+    under UBSan; the engine equals the float64 simulation there too."""
+    from fixq.simulate import Simulator
+    g = make_graph(DepthwiseNet(), (3, 16, 16))
+    plan = plan_for(g, (3, 16, 16), coeff_mode="2D", data_mode="3D", acc_bits=12, acc_overflow=overflow,
+                    rounding=rounding)
+    _, totals = c_vs_engine(g, plan, (3, 16, 16), tmp_path, n=8, scale=3.0)
+    assert totals["acc"] > 0
+    torch.manual_seed(3)
+    x = torch.randn(8, 3, 16, 16) * 3.0
+    eng = Engine(g, plan)
+    assert torch.equal(eng.dequantize(eng.run(eng.quantize_input(x))), Simulator(g, plan, exact=True)(x))
 
 
 def test_depthwise_model_mixed_4_8_bits(tmp_path):

@@ -147,8 +147,8 @@ def test_cli_kmeans_auto_meets_target(capsys, tmp_path, digits_dir):
     rep = json.loads((tmp_path / "k" / "report.json").read_text())
     ok = [t for t in rep["k_search"]["trials"] if t["meets_target"]]
     assert all(t["top1_error"] <= rep["target"]["top1_error"] for t in ok)
-    if rep["layers"]:
-        assert {n: d["k"] for n, d in rep["layers"].items()} in [t["ks"] for t in ok]
+    assert rep["layers"], "the auto-K search clustered no layer: nothing was checked"
+    assert {n: d["k"] for n, d in rep["layers"].items()} in [t["ks"] for t in ok]
 
 
 @pytest.mark.parametrize("extra,msg", [(["--k", "0"], "at least 1"), (["--k", "conv2=64"], "K=64"),

@@ -131,8 +131,9 @@ def test_qdq_export_resnet20_agreement(tmp_path, capsys):
     assert code == 0, capsys.readouterr().err
     rep = json.loads((out / "r.report.json").read_text())
     assert rep["images"] == 600 and rep["agreement_top1_pct"] >= 99.5
-    # float32 sums flip a requantization step now and then; the flips propagate a few steps at most
-    assert rep["max_diff_output_steps"] <= 4 and rep["outputs_differing"] <= 0.2 * 600 * 10
+    # float32 sums flip a requantization step now and then and the flips propagate; measured
+    # (onnxruntime 1.x, x86 CPU): 99.83% top-1 agreement, 609 of 6,000 logits differ, by at most 3 steps
+    assert rep["max_diff_output_steps"] <= 3 and rep["outputs_differing"] <= 0.12 * 600 * 10
 
 
 def test_bad_onnx_input_exit_2(tmp_path, capsys, digits_dir):

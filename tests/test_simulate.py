@@ -26,8 +26,7 @@ def test_exact_outputs_on_format_grid(coeff_mode, data_mode, rounding):
         T, F = fmts[name]
         codes = v * exp2(F, v).reshape(-1, *([1] * (v.dim() - 2))) if F.dim() else v * exp2(F, v)
         assert torch.equal(codes, torch.round(codes)), name          # integer multiples of 2**-F
-        assert codes.abs().max() <= 2 ** (T - 1), name               # inside T bits
-    assert sim.exact_violations == 0
+        assert -2 ** (T - 1) <= codes.min() and codes.max() <= 2 ** (T - 1) - 1, name  # inside T bits
 
 
 def test_4d_3d_2d_identical_when_partitions_share_one_range():
@@ -78,14 +77,27 @@ def test_plan_json_round_trip_reproduces_outputs(tmp_path):
     assert torch.equal(Simulator(g, plan, exact=True)(x), Simulator(g, loaded, exact=True)(x))
 
 
+# logit SQNR (dB) of the seeded random-weight ResNet-20 at 8 bits, measured (maxabs 16.0,
+# percentile 16.8, mse 21.7, affine 35.9): the floors sit 1.5 dB below, so a lost bit (6 dB)
+# anywhere fails the test
+SQNR8 = {"maxabs": 14.5, "percentile:99.99": 15.3, "mse": 20.2, "affine": 34.4}
+
+
 @pytest.mark.parametrize("method", ["maxabs", "percentile:99.99", "mse", "affine"])
 def test_every_method_runs_and_stays_close(method):
     g = make_graph(CifarResNet(20), (3, 32, 32))
     plan = plan_for(g, (3, 32, 32), method=method)
     x = torch.randn(8, 3, 32, 32)
-    q, f = Simulator(g, plan, exact=True)(x), run_float(g, x)
-    sqnr = 10 * torch.log10(f.pow(2).sum() / (q - f).pow(2).sum())
-    assert sqnr > 10, (method, float(sqnr))
+    f = run_float(g, x)
+
+    def sqnr(p):
+        q = Simulator(g, p, exact=True)(x)
+        return float(10 * torch.log10(f.pow(2).sum() / (q - f).pow(2).sum()))
+    s8 = sqnr(plan)
+    assert s8 > SQNR8[method], (method, s8)
+    # two bits fewer everywhere cost about 2 x 6 dB (measured 8.3 (mse) to 14.2 dB)
+    s6 = sqnr(plan_for(g, (3, 32, 32), method=method, coeff_bits=6, data_bits=6))
+    assert s8 - s6 > 8, (method, s8, s6)
     assert plan.is_affine == (method == "affine")
 
 

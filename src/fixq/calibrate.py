@@ -22,6 +22,7 @@ from .ir import (FLOAT_RULES, QUANT_POINTS, Concat, Conv, FloatOp, Graph, Input,
 from .plan import (AffineFormats, Formats, LayerPlan, PlanError, QuantConfig, QuantPlan, filter_grid,
                    propagate_formats)
 from .progress import progress
+from .safety import bound_spread
 from .ranges import (EXP_LO, MSE_CANDIDATES, F_from_histogram, F_from_maxabs, F_from_percentile_rows, affine_params,
                      ceil_log2, exponent_histogram, mse_candidates, parse_method)
 
@@ -82,8 +83,9 @@ def weight_formats(w: torch.Tensor, T: int, mode: str, method: str, groups: int 
             raise PlanError("mixed precision needs power-of-two formats, not affine")
         mu, sigma = affine_params(rows.amin(dim=1), rows.amax(dim=1), T)
         return AffineFormats(T, mode, tuple(mu.tolist()), tuple(sigma.tolist()), shape)
+    nonzero = rows.abs().amax(dim=1) > 0
     if bits is None:
-        F = _F_for_rows(rows, T, method, rounding)
+        F = bound_spread(_F_for_rows(rows, T, method, rounding), T, nonzero)  # DESIGN §5a rule 1
         return Formats(T, mode, tuple(F.tolist()), shape)
     bits = torch.as_tensor(bits, dtype=torch.int64).reshape(-1)
     if bits.numel() != rows.shape[0]:
@@ -92,6 +94,7 @@ def weight_formats(w: torch.Tensor, T: int, mode: str, method: str, groups: int 
     for t in sorted(set(bits.tolist())):
         sel = bits == t
         F[sel] = _F_for_rows(rows[sel], int(t), method, rounding).cpu()
+    F = bound_spread(F, bits, nonzero)
     Tp = tuple(int(v) for v in bits.tolist())
     return Formats(max(Tp), mode, tuple(int(v) for v in F.tolist()), shape, Tp=None if len(set(Tp)) == 1 else Tp)
 
@@ -163,6 +166,12 @@ def _data_F(st: _Stats, T: int, mode: str, method: str, signed: bool = True) -> 
         hist = st.hist if mode == "3D" else st.hist.sum(dim=0, keepdim=True)
         return F_from_histogram(hist, T, m.p) + (0 if signed else 1)
     return F_from_maxabs(amax, T) + (0 if signed else 1)
+
+
+def _nonzero(st: _Stats, mode: str) -> torch.Tensor:
+    """Which partitions (channels, or the one tensor) of a data tensor have a nonzero range."""
+    nz = st.amax.cpu() > 0
+    return nz if mode == "3D" else nz.any().reshape(1)
 
 
 @dataclass
@@ -297,9 +306,10 @@ def plan_from(obs: Observations, config: QuantConfig, model_name: str = "model",
         if method.kind == "mse":
             mse.append((n.name, T, mode, signed))
             continue
-        F = _data_F(st, T, mode, str(method), signed)
+        F = bound_spread(_data_F(st, T, mode, str(method), signed), T + (0 if signed else 1), _nonzero(st, mode))
         tensors[n.name] = Formats(T, mode, tuple(int(v) for v in F.tolist()), shape, signed=signed)
     for (name, T, mode, signed), F in obs.mse_F(mse, config.rounding).items():
+        F = bound_spread(F, T + (0 if signed else 1), _nonzero(obs.stats[name], mode))
         tensors[name] = Formats(T, mode, tuple(int(v) for v in F.tolist()), (F.numel(),) if mode == "3D" else (),
                                 signed=signed)
     ordered = {n.name: tensors[n.name] for n in graph.nodes if n.name in tensors}
@@ -406,5 +416,8 @@ def _build_plan(graph, config, cfgs, tensors, acc, model_name, filter_bits, kmea
     float_ops = tuple(n.name for n in graph.nodes if isinstance(n, FloatOp))
     if float_ops:
         notes.append("ops with no integer rule run in float between quantizers: " + ", ".join(float_ops))
-    return QuantPlan(model_name, config, tensors, layers, float_ops, tuple(notes))
+    plan = QuantPlan(model_name, config, tensors, layers, float_ops, tuple(notes))
+    from .engine import check_plan  # DESIGN §5a: refuse at plan time what int64 cannot hold
+    check_plan(graph, plan)
+    return plan
 

@@ -14,7 +14,9 @@ Conv/linear, per output channel i:
   3. fused activation: clamp at the bounds' codes at Facc
   4. ``y = sat_Ty(round_shift(acc, Facc - Fy))``
 Matrix products run in float64 only when the checked bound ``max|a| max|b| K < 2**53``
-makes every partial sum an exact integer; otherwise in int64 (or an overflow error).
+makes every partial sum an exact integer; otherwise in int64, where every shift table is in
+[-62, 62] and the worst-case sum is proved below 2**62 when the tables are built
+(:mod:`fixq.safety`, DESIGN §5a): a plan that cannot be proved is refused, naming the layer.
 """
 from __future__ import annotations
 
@@ -25,14 +27,15 @@ import torch
 import torch.nn.functional as Fn
 
 from .calibrate import filter_formats
-from .formats import bound_codes, per_channel, quantize_codes, round_div, round_shift, saturate
+from .formats import bound_codes, per_channel, quantize_codes, round_div, round_shift, round_shift_int, saturate
 from .ir import (AdaptiveAvgPool, Add, AvgPool, Clamp, Concat, Conv, Flatten, FloatOp, Graph, Input,
                  Linear, MaxPool, Pad, Slice)
 from .plan import QuantPlan, filter_grid, propagate_formats
 from .pooling import adaptive_windows, pool_divisors
+from .safety import check_headroom, check_shift, max_code, prove_layer, prove_op
 
 __all__ = ["Engine", "EngineError", "ENGINE_RULES", "LayerInts", "BasisInts", "compile_layer", "exact_matmul",
-           "exact_sum", "layer_forward", "pool_out_size"]
+           "exact_sum", "layer_forward", "pool_out_size", "check_plan"]
 
 EXACT = 2 ** 53
 INT64_SAFE = 2 ** 62
@@ -63,6 +66,7 @@ class LayerInts:
     Facc: torch.Tensor
     Fy: torch.Tensor
     basis: "BasisInts | None" = None
+    bound: float = 0.0       # proved worst-case max_i |sum_i| at S (DESIGN §5a), < 2**62
 
 
 @dataclass(frozen=True)
@@ -96,25 +100,80 @@ def compile_layer(n: Conv | Linear, plan: QuantPlan, fmts, rounding: str) -> Lay
         basis = BasisInts(km.basis_tensor(w4.shape[1:]), Sg[:, None] - Fg - Fxb, a, S - Sg[a])
     else:
         wq, _ = quantize_codes(w4, Fw2[:, :, None, None], Tw2[:, :, None, None], rounding)
+    wshift = S[:, None] - Fw2 - Fxg
+    check_shift(f"layer '{n.name}'", "weight (S - Fw - Fx)", wshift, 0)
     if n.bias is not None and lp.bias is not None:
         bq, _ = quantize_codes(n.bias.detach().double().cpu(), lp.bias.F_tensor(), lp.bias.T, rounding)
-        bias = round_shift(bq.long(), lp.bias.F_tensor() - S, rounding)
+        sh = (lp.bias.F_tensor() - S).tolist()  # exact in Python integers, any shift
+        aligned = [round_shift_int(int(b), int(s), rounding) for b, s in zip(bq.long().tolist(), sh)]
+        check_headroom(f"layer '{n.name}'", "bias aligned to S", float(max(abs(a) for a in aligned)),
+                       "the bias is far above the range of its weights times the data; rescale or drop it")
+        bias = torch.tensor(aligned, dtype=torch.int64)
     else:
         bias = torch.zeros(N, dtype=torch.int64)
     Facc = torch.tensor(lp.acc_F, dtype=torch.int64)
     Fy = per_channel(fmts[n.name][1], N)
     lo, hi = (None, None) if n.act is None else bound_codes(n.act, Facc, N, rounding)
-    return LayerInts(wq.long(), S[:, None] - Fw2 - Fxg, bias, S - Facc, lp.acc_bits, lp.acc_overflow, lo, hi,
-                     Facc - Fy, fmts[n.name][0], S, Facc, Fy, basis)
+    wq = wq.long()
+    bsum = None if basis is None else (basis.w.abs().sum(dim=(2, 3)), basis.wshift, basis.assign, basis.align)
+    bound = prove_layer(n.name, wq.abs().sum(dim=(2, 3)), wshift, Tx, bias, S - Facc, Facc - Fy, lp.acc_bits,
+                        (lo, hi), bsum)
+    return LayerInts(wq, wshift, bias, S - Facc, lp.acc_bits, lp.acc_overflow, lo, hi,
+                     Facc - Fy, fmts[n.name][0], S, Facc, Fy, basis, bound)
 
 
-def exact_matmul(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    """Integer ``a @ b`` (int64 in, int64 out), exact: float64 only under a checked bound."""
+def prove_ops(graph: Graph, fmts) -> None:
+    """DESIGN §5a rules 2-3 for the ops other than conv/linear (add, concat, average pools),
+    from the formats alone; nodes whose data are flp are skipped."""
+    for n in graph.nodes:
+        T, Fy = fmts.get(n.name, (None, None))
+        if T is None or Fy is None or not isinstance(n, (Add, Concat, AvgPool, AdaptiveAvgPool)):
+            continue
+        ins = [fmts[i] for i in n.inputs]
+        if any(t is None or f is None for t, f in ins):
+            continue
+        C = graph.shapes[n.name][0]
+        if isinstance(n, Add):
+            Fm = torch.maximum(per_channel(ins[0][1], C), per_channel(ins[1][1], C))
+            prove_op(n.name, [(max_code(t), Fm - per_channel(f, C)) for t, f in ins], Fm - per_channel(Fy, C))
+        elif isinstance(n, Concat):
+            c0, Fv = 0, per_channel(Fy, C)
+            for i, (t, f) in zip(n.inputs, ins):
+                c = graph.shapes[i][0]
+                prove_op(n.name, [(max_code(t), torch.zeros(1, dtype=torch.int64))], per_channel(f, c) - Fv[c0:c0 + c])
+                c0 += c
+        else:
+            Tx, Fx = ins[0]
+            K = int(pool_divisors(n, tuple(graph.shapes[n.inputs[0]][1:])).max())
+            sh = per_channel(Fy, C) - per_channel(Fx, C)
+            prove_op(n.name, [(K * max_code(Tx), sh.clamp(min=0))])  # numerator: window sum << (Fy - Fx)
+            prove_op(n.name, [(K, (-sh).clamp(min=0))])              # divisor: K << (Fx - Fy)
+
+
+def check_plan(graph: Graph, plan: QuantPlan) -> dict[str, float]:
+    """Prove DESIGN §5a for every integer layer and op of a plan (the plan-time refusal):
+    returns each conv/linear's proved worst-case |sum|; raises PlanError naming the node."""
+    if plan.is_affine or graph.input not in plan.tensors:
+        return {}
+    fmts = propagate_formats(graph, plan.tensors)
+    out = {}
+    for n in graph.layers():
+        lp = plan.layers.get(n.name)
+        if lp is None or lp.acc_F is None or fmts[n.inputs[0]][1] is None or fmts[n.name][1] is None:
+            continue
+        out[n.name] = compile_layer(n, plan, fmts, plan.rounding).bound
+    prove_ops(graph, fmts)
+    return out
+
+
+def exact_matmul(a: torch.Tensor, b: torch.Tensor, proved: bool = False) -> torch.Tensor:
+    """Integer ``a @ b`` (int64 in, int64 out), exact: float64 only under a checked bound.
+    ``proved``: every partial sum is already proved below 2**62 at plan time (DESIGN §5a)."""
     K = a.shape[-1]
     bound = int(a.abs().max()) * int(b.abs().max()) * K if a.numel() and b.numel() else 0
     if bound < EXACT:
         return torch.matmul(a.double(), b.double()).long()
-    if bound >= INT64_SAFE:
+    if bound >= INT64_SAFE and not proved:
         raise EngineError(f"integer sum bound {bound:.3g} overflows int64; use fewer bits")
     return torch.matmul(a, b)
 
@@ -170,6 +229,7 @@ class Engine:
         self.graph, self.plan, self.rounding = graph, plan, plan.rounding
         self.fmts = propagate_formats(graph, plan.tensors)
         self.layers = {n.name: compile_layer(n, plan, self.fmts, self.rounding) for n in graph.layers()}
+        prove_ops(graph, self.fmts)
         self._sat: dict[str, dict[str, int]] = {}
 
     # -- helpers ---------------------------------------------------------------------
@@ -228,8 +288,8 @@ def _sum(w: torch.Tensor, wshift: torch.Tensor, n, x: torch.Tensor) -> torch.Ten
         Mg = C // g
         cols = cols.reshape(B, g, Mg, OH * OW, kh * kw).permute(0, 1, 2, 4, 3).reshape(B, g, Mg * kh * kw, OH * OW)
         wsh = (w << wshift[:, :, None, None]).reshape(g, -1, Mg * kh * kw)
-        return exact_matmul(wsh.unsqueeze(0), cols).reshape(B, -1, OH, OW)
-    return exact_matmul(x, (w[:, :, 0, 0] << wshift).t())
+        return exact_matmul(wsh.unsqueeze(0), cols, proved=True).reshape(B, -1, OH, OW)
+    return exact_matmul(x, (w[:, :, 0, 0] << wshift).t(), proved=True)
 
 
 def exact_sum(L: LayerInts, n, x: torch.Tensor) -> torch.Tensor:

@@ -188,9 +188,8 @@ def round_shift(a: torch.Tensor, s, rounding: str = "half_up") -> torch.Tensor:
     right = torch.clamp(s, min=0)
     left = torch.clamp(-s, min=0)
     shifted_left = a << left
-    if rounding == "half_up":
-        half = torch.where(right > 0, torch.ones_like(right) << torch.clamp(right - 1, min=0), 0)
-        out = (a + half) >> right
+    if rounding == "half_up":  # floor(a / 2**s + 1/2) = (a >> s) + bit s-1 of a: no a + half overflow
+        out = (a >> right) + (((a >> torch.clamp(right - 1, min=0)) & 1) & (right > 0).to(torch.int64))
     elif rounding == "floor":
         out = a >> right
     elif rounding == "nearest_even":
@@ -315,5 +314,6 @@ def bound_codes(act, F: torch.Tensor, n: int, rounding: str = "half_up"):
     """Codes ``(lo, hi)`` (int64 per channel, or None) of clamp bounds ``act = (lo, hi)``
     on the grid F (0-d or per channel), quantized exactly: ReLU6's 6 at F=4 is 96."""
     Fv = per_channel(F, n).tolist()
-    return tuple(None if b is None else torch.tensor([quantize_scalar(b, int(f), rounding) for f in Fv],
-                                                     dtype=torch.int64) for b in act)
+    lim = 2 ** 62  # every proved int64 value is below this (DESIGN §5a): clipping there changes nothing
+    return tuple(None if b is None else torch.tensor([max(-lim, min(lim, quantize_scalar(b, int(f), rounding)))
+                                                      for f in Fv], dtype=torch.int64) for b in act)

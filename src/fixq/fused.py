@@ -10,6 +10,8 @@ exact float64 mode and ``nearest_even`` use it, and a CUDA test checks both agre
 """
 from __future__ import annotations
 
+import warnings
+
 import torch
 
 from .formats import code_limits
@@ -18,6 +20,7 @@ __all__ = ["fused_available", "fused_fake_quantize"]
 
 _KERNEL = None
 ENABLED = True  # tests switch it off to compare with the torch formula
+_WHY_NOT: str | None = None  # why the kernel cannot be built here (warned once)
 
 
 def _build():
@@ -57,10 +60,16 @@ def _build():
 def fused_available(x: torch.Tensor, rounding: str) -> bool:
     if not (ENABLED and x.is_cuda and x.dtype == torch.float32 and rounding in ("half_up", "floor") and x.is_contiguous()):
         return False
+    global _WHY_NOT
+    if _WHY_NOT is not None:
+        return False
     try:
         _build()
         return True
-    except Exception:  # no triton, or it cannot compile here: the torch path is exact anyway
+    except Exception as e:  # no triton, or it cannot compile here: the torch path gives the same numbers
+        _WHY_NOT = f"{type(e).__name__}: {e}"
+        warnings.warn(f"fused CUDA quantizer unavailable ({_WHY_NOT}); the fast simulation falls back to the "
+                      "torch formula (same numbers, slower)", RuntimeWarning, stacklevel=2)
         return False
 
 

@@ -25,7 +25,7 @@ import numpy as np
 import torch
 
 from .calibrate import filter_formats
-from .engine import EngineError, compile_layer
+from .engine import EngineError, check_plan, compile_layer
 from .formats import bound_codes, code_limits
 from .ir import (AdaptiveAvgPool, Add, AvgPool, Clamp, Concat, Conv, Flatten, FloatOp, Graph, Input, Linear,
                  MaxPool, Pad, Slice)
@@ -251,6 +251,7 @@ def export_qdq(graph: Graph, plan: QuantPlan, path) -> "onnx.ModelProto":  # noq
     b = _B(graph, plan)
     if graph.input not in plan.tensors:
         raise QDQError("the plan keeps the input in floating point: the QDQ export needs data bits")
+    check_plan(graph, plan)  # DESIGN §5a: the bounds every integer program relies on
     out = {graph.input: b.qdq("input", graph.input)}
     for n in graph.nodes:
         if isinstance(n, Input):

@@ -17,16 +17,15 @@ import torch
 from .calibrate import filter_formats, sum_format
 from .formats import bound_codes, code_limits, exp2, fake_quantize, per_channel, round_values
 from .fused import fused_available, fused_fake_quantize
+from .safety import F64_EXACT_BITS
 from .kmeans import effective_weight
 from .ir import (FLOAT_RULES, AdaptiveAvgPool, Add, AvgPool, Clamp, Concat, Conv, Flatten, FloatOp,
                  Graph, Input, Linear, MaxPool, Pad, Slice, apply_act, pre_activation)
-from .plan import AffineFormats, Formats, QuantPlan, propagate_formats
+from .plan import AffineFormats, Formats, PlanError, QuantPlan, propagate_formats
 from .pooling import pool_divisors, window_sum
 from .ranges import affine_quantize
 
 __all__ = ["Simulator", "SIM_RULES"]
-
-EXACT_LIMIT = 2.0 ** 52  # float64 integers beyond this are no longer exact
 
 
 def _bc(F: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
@@ -57,7 +56,8 @@ class Simulator:
         self.formats = propagate_formats(graph, {k: v for k, v in plan.tensors.items()})
         self._sat: dict[str, dict[str, torch.Tensor]] = {}
         self._prep: dict[str, dict] = {}
-        self.exact_violations = 0
+        from .engine import check_plan  # DESIGN §5a, the engine's proof: same refusals, same bounds
+        self._bounds = check_plan(graph, plan)
         for n in graph.nodes:
             if isinstance(n, (Conv, Linear)):
                 self._prep[n.name] = self._prepare_layer(n)
@@ -95,6 +95,9 @@ class Simulator:
                 bq = round_values(bq * exp2(S, bq), self.rounding) / exp2(S, bq)
             out["bias"] = self._t(bq)
         if S is not None:
+            bound = self._bounds.get(n.name, float("inf"))
+            if self.exact and bound >= 2.0 ** F64_EXACT_BITS:  # rule 4: guard the float64 sums at S
+                out["guard"] = (self._t(w).abs(), self._t(S.double()))
             Facc = torch.tensor(lp.acc_F, dtype=torch.int64)
             out["acc"] = (Facc.to(self.device), lp.acc_bits, lp.acc_overflow)
             out["acc_identity"] = bool((Facc == S).all()) and self._sum_fits(n, lp.acc_bits, out, S, groups)
@@ -145,9 +148,20 @@ class Simulator:
             v = torch.clamp(v, min=0)
         return fake_quantize(v, _bc(F.to(v.device), v), T, self.rounding, overflow)
 
-    def check_exact(self, v: torch.Tensor, F: torch.Tensor) -> None:
-        if self.exact and bool((v.abs() * exp2(_bc(F, v), v) > EXACT_LIMIT).any()):
-            self.exact_violations += 1
+    def check_exact(self, n, x: torch.Tensor) -> None:
+        """DESIGN §5a rule 4: float64 sums are exact while ``Σ|w||x| + |b| < 2**53`` at S
+        (every partial sum, any order); a layer whose proved bound is larger is checked
+        here on the actual data, and a trip is an error naming the layer."""
+        p = self._prep[n.name]
+        if "guard" not in p:
+            return
+        wabs, S = p["guard"]
+        b = None if p["bias"] is None else p["bias"].abs()
+        m = pre_activation(n, x.abs(), wabs, b)
+        if bool((m * exp2(_bc(S, m), m) >= 2.0 ** F64_EXACT_BITS).any()):
+            raise PlanError(f"layer '{n.name}': a partial sum reaches 2^{F64_EXACT_BITS} at the exact-sum format S, "
+                            "so the float64 simulation is no longer exact there; use the integer engine "
+                            "(fixq.engine.Engine) or fewer bits / coarser partitions for this layer")
 
     def saturations(self) -> dict[str, dict[str, int]]:
         return {k: {w: int(c) for w, c in d.items()} for k, d in self._sat.items()}
@@ -170,12 +184,12 @@ class Simulator:
 
 def _sim_layer(sim: Simulator, n, x):
     p = sim._prep[n.name]
+    sim.check_exact(n, x)
     y = pre_activation(n, x, p["weight"], p["bias"])
     relu = n.act == (0.0, None)  # ReLU fuses into the requantization exactly
     if p["acc"] is not None:
         Facc, A, overflow = p["acc"]
         if not p["acc_identity"]:
-            sim.check_exact(y, Facc)
             y, ev = sim.fq(y, Facc, A, overflow)
             sim.count(n.name, "acc", ev)
         if n.act is not None and not relu:

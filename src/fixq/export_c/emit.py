@@ -21,6 +21,7 @@ from ..ir import (AdaptiveAvgPool, Add, AvgPool, Clamp, Concat, Conv, Flatten, G
                   MaxPool, Pad, Slice)
 from ..plan import QuantPlan
 from ..pooling import adaptive_windows, pool_divisors
+from ..safety import check_table
 
 __all__ = ["export_c", "C_EMITTERS", "ExportResult", "RUNTIME_DIR"]
 
@@ -52,6 +53,7 @@ class _Ctx:
 
     def array(self, name: str, ctype: str, values) -> str:
         vals = [int(v) for v in torch.as_tensor(values).reshape(-1).tolist()]
+        check_table(name, self.w_type if ctype == "FIXQ_W_T" else ctype, vals)  # DESIGN §5a: every value fits
         lines = [", ".join(str(v) for v in vals[i:i + 24]) for i in range(0, len(vals), 24)]
         body = ",\n    ".join(lines) if lines else "0"
         self.decls.append(f"static const {ctype} {name}[{max(1, len(vals))}] = {{\n    {body}\n}};")

@@ -11,16 +11,20 @@ import torch
 
 from ..engine import EngineError
 
-__all__ = ["build", "run_c_program"]
+__all__ = ["build", "run_c_program", "UBSAN_FLAGS"]
 
 
-def build(cdir: str | Path, cc: str | None = None) -> Path:
-    """``make`` the exported program (``CC`` may name gcc or clang)."""
+UBSAN_FLAGS = "-std=c99 -Wall -Wextra -Werror -O1 -fsanitize=undefined -fno-sanitize-recover=all"
+
+
+def build(cdir: str | Path, cc: str | None = None, cflags: str | None = None) -> Path:
+    """``make`` the exported program (``CC`` may name gcc or clang; ``cflags`` replaces the
+    Makefile's CFLAGS, e.g. :data:`UBSAN_FLAGS` for the parity tests)."""
     cdir = Path(cdir)
     env = None
-    if cc:
+    if cc or cflags:
         import os
-        env = {**os.environ, "CC": cc}
+        env = {**os.environ, **({"CC": cc} if cc else {}), **({"CFLAGS": cflags} if cflags else {})}
         subprocess.run(["make", "-s", "-C", str(cdir), "clean"], check=True, env=env)
     r = subprocess.run(["make", "-s", "-C", str(cdir)], capture_output=True, text=True, env=env)
     if r.returncode != 0:

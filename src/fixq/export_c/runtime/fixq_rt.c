@@ -8,28 +8,45 @@ int64_t fixq_asr(int64_t a, int s) {
     return a >= 0 ? (a >> s) : -(((-(a + 1)) >> s) + 1);
 }
 
+int64_t fixq_shl(int64_t a, int s) {
+    /* a * 2^s for 0 <= s <= 62; the exporter proves |a| * 2^s < 2^62 (DESIGN 5a), so the
+     * saturation below is never taken by an exported model: it only keeps C defined */
+    int64_t m;
+    if (s <= 0 || a == 0) return a;
+    if (s > 62) return a > 0 ? INT64_MAX : INT64_MIN;
+    m = (int64_t)1 << s;
+    if (a > INT64_MAX / m) return INT64_MAX;
+    if (a < INT64_MIN / m) return INT64_MIN;
+    return a * m;
+}
+
 int64_t fixq_round_shift(int64_t a, int s, int rounding) {
-    if (s <= 0) return a * ((int64_t)1 << (-s));
+    int64_t q, r, half;
+    if (s <= 0) return fixq_shl(a, -s);
     if (rounding == FIXQ_FLOOR) return fixq_asr(a, s);
-    {
-        int64_t q = fixq_asr(a, s);
-        int64_t r = a - q * ((int64_t)1 << s); /* 0 <= r < 2^s */
-        int64_t half = (int64_t)1 << (s - 1);
-        if (rounding == FIXQ_HALF_UP) return q + (r >= half);
-        return q + (r > half || (r == half && (q & 1)));
+    if (s > 63) return 0; /* |a| < 2^63 <= 2^(s-1): rounds to 0 (a = -2^63 at s = 64 is a half: 0 too) */
+    if (s == 63) {        /* q = floor(a / 2^63) in {-1, 0}, half = 2^62 */
+        if (a >= 0) return (a > ((int64_t)1 << 62) || (rounding == FIXQ_HALF_UP && a == ((int64_t)1 << 62))) ? 1 : 0;
+        return a >= -((int64_t)1 << 62) ? 0 : -1; /* r = a + 2^63; at r = half, q = -1 is odd: up */
     }
+    q = fixq_asr(a, s);
+    r = (int64_t)((uint64_t)a - ((uint64_t)q << s)); /* 0 <= r < 2^s, no signed overflow */
+    half = (int64_t)1 << (s - 1);
+    if (rounding == FIXQ_HALF_UP) return q + (r >= half);
+    return q + (r > half || (r == half && (q & 1)));
 }
 
 int64_t fixq_round_div(int64_t n, int64_t d, int rounding) {
     int64_t q = n / d, r;
     if ((n % d) != 0 && n < 0) q -= 1; /* floor for d > 0 */
-    r = n - q * d;
+    r = n - q * d;                     /* 0 <= r < d */
     if (rounding == FIXQ_FLOOR) return q;
-    if (rounding == FIXQ_HALF_UP) return q + (2 * r >= d);
-    return q + (2 * r > d || (2 * r == d && (q & 1)));
+    if (rounding == FIXQ_HALF_UP) return q + (r >= d - r);
+    return q + (r > d - r || (r == d - r && (q & 1)));
 }
 
 int64_t fixq_sat(int64_t v, int word, int overflow, uint64_t *events) {
+    /* word: T (2..32) [| FIXQ_UNSIGNED] */
     int bits = word & FIXQ_BITS_MASK;
     int64_t hi, lo;
     if (word & FIXQ_UNSIGNED) { /* U(T,F): codes 0 .. 2^T - 1 */
@@ -41,9 +58,9 @@ int64_t fixq_sat(int64_t v, int word, int overflow, uint64_t *events) {
     }
     if (v >= lo && v <= hi) return v;
     if (events) *events += 1;
-    if (overflow == FIXQ_WRAP) {
-        int64_t span = hi - lo + 1, m = (v - lo) % span;
-        return (m < 0 ? m + span : m) + lo;
+    if (overflow == FIXQ_WRAP) { /* two's complement modulo 2^bits, in unsigned arithmetic */
+        uint64_t m = ((uint64_t)v - (uint64_t)lo) & (((uint64_t)1 << bits) - 1);
+        return (int64_t)m + lo;
     }
     return v > hi ? hi : lo;
 }
@@ -67,7 +84,7 @@ static int64_t conv_sum(const fixq_conv_t *p, const FIXQ_ACT_T *x, int i, int oy
                 part += (int64_t)wij[ky * p->kw + kx] * (int64_t)xj[iy * p->w + ix];
             }
         }
-        sum += part * ((int64_t)1 << p->wshift[i * p->wshift_cols + (p->wshift_cols > 1 ? j : 0)]);
+        sum += fixq_shl(part, p->wshift[i * p->wshift_cols + (p->wshift_cols > 1 ? j : 0)]);
     }
     return sum;
 }
@@ -87,8 +104,7 @@ void fixq_conv(const fixq_conv_t *p, const FIXQ_ACT_T *x, FIXQ_ACT_T *y, fixq_co
             for (ox = 0; ox < p->ow; ox++) {
                 int64_t sum = conv_sum(p, x, i, oy, ox), acc;
                 if (p->basis) /* shared K-means basis map, aligned to S */
-                    sum += p->basis[((size_t)p->assign[i] * p->oh + oy) * p->ow + ox] *
-                           ((int64_t)1 << p->basis_shift[i]);
+                    sum += fixq_shl(p->basis[((size_t)p->assign[i] * p->oh + oy) * p->ow + ox], p->basis_shift[i]);
                 acc = fixq_round_shift(sum + p->bias[i], p->acc_shift[i], p->rounding);
                 acc = fixq_sat(acc, p->acc_bits, p->overflow, &c->acc);
                 if (p->lo && acc < p->lo[i]) acc = p->lo[i];
@@ -132,8 +148,8 @@ void fixq_avgpool(const fixq_avgpool_t *p, const FIXQ_ACT_T *x, FIXQ_ACT_T *y, f
                 for (iy = p->h0[oy]; iy < p->h1[oy]; iy++)
                     for (ix = p->w0[ox]; ix < p->w1[ox]; ix++)
                         sum += x[((size_t)ch * p->h + iy) * p->w + ix];
-                num = sh > 0 ? sum * ((int64_t)1 << sh) : sum;
-                den = (int64_t)p->div[oy * p->ow + ox] * (sh < 0 ? ((int64_t)1 << (-sh)) : 1);
+                num = fixq_shl(sum, sh);
+                den = fixq_shl((int64_t)p->div[oy * p->ow + ox], -sh);
                 y[((size_t)ch * p->oh + oy) * p->ow + ox] =
                     (FIXQ_ACT_T)fixq_sat(fixq_round_div(num, den, p->rounding), p->out_bits, FIXQ_SATURATE, &c->data);
             }
@@ -145,7 +161,7 @@ void fixq_add(const fixq_add_t *p, const FIXQ_ACT_T *a, const FIXQ_ACT_T *b, FIX
     for (ch = 0; ch < p->ch; ch++)
         for (k = 0; k < p->hw; k++) {
             size_t o = (size_t)ch * p->hw + k;
-            int64_t s = (int64_t)a[o] * ((int64_t)1 << p->sa[ch]) + (int64_t)b[o] * ((int64_t)1 << p->sb[ch]);
+            int64_t s = fixq_shl(a[o], p->sa[ch]) + fixq_shl(b[o], p->sb[ch]);
             if (p->lo && s < p->lo[ch]) s = p->lo[ch];
             if (p->hi && s > p->hi[ch]) s = p->hi[ch];
             y[o] = (FIXQ_ACT_T)fixq_sat(fixq_round_shift(s, p->out_shift[ch], p->rounding), p->out_bits,

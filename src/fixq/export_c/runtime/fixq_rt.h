@@ -19,6 +19,9 @@ enum { FIXQ_BITS_MASK = 0xff, FIXQ_UNSIGNED = 0x100 }; /* data word = T | FIXQ_U
 typedef struct { uint64_t acc, data; } fixq_counts_t;
 
 int64_t fixq_asr(int64_t a, int s);                       /* floor(a / 2^s), s >= 0 */
+int64_t fixq_shl(int64_t a, int s);                       /* a * 2^s, s >= 0 (saturates: never in a proved model) */
+/* defined for every int64 a and every int s (DESIGN section 5a): right shifts of any size,
+ * left shifts through fixq_shl; the exporter emits only |s| <= 62 */
 int64_t fixq_round_shift(int64_t a, int s, int rounding);
 int64_t fixq_round_div(int64_t n, int64_t d, int rounding); /* d > 0 */
 int64_t fixq_sat(int64_t v, int word, int overflow, uint64_t *events); /* word: T [| FIXQ_UNSIGNED] */
