@@ -15,9 +15,9 @@ from typing import Callable
 import torch
 
 from .calibrate import filter_formats, sum_format
-from .formats import bound_codes, code_limits, exp2, fake_quantize, per_channel, round_values
+from .formats import bound_codes, exp2, fake_quantize, per_channel, round_values
 from .fused import fused_available, fused_fake_quantize
-from .safety import F64_EXACT_BITS
+from .safety import F64_EXACT_BITS, max_code
 from .kmeans import effective_weight
 from .ir import (FLOAT_RULES, AdaptiveAvgPool, Add, AvgPool, Clamp, Concat, Conv, Flatten, FloatOp,
                  Graph, Input, Linear, MaxPool, Pad, Slice, apply_act, pre_activation)
@@ -112,7 +112,7 @@ class Simulator:
         N, Mg = w.shape[0], w.shape[1]
         # |x[j]| <= max|code| * 2**-Fx[j] for the input channel each filter reads (2**(T-1) signed)
         _, Fxg = filter_formats(torch.zeros(()), Fx, w.shape, groups)
-        xlim = float(max(-code_limits(T_in)[0], code_limits(T_in)[1])) * torch.pow(2.0, -Fxg.double())
+        xlim = float(max_code(T_in)) * torch.pow(2.0, -Fxg.double())
         bound = (w.reshape(N, Mg, -1).sum(dim=2) * xlim).sum(dim=1)
         if prep["bias"] is not None:
             bound = bound + prep["bias"].double().cpu().abs()
