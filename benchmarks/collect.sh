@@ -4,6 +4,14 @@
 cd "$(dirname "$0")"
 {
   cat results_intro.md
+  echo "## Default range rules: data methods x data sign at <8b,8b> (issue 13)"; echo
+  for m in cifar10-resnet20 cifar10-resnet32 efficientnet-lite0; do
+    [ -f results/methods_$m.md ] && { cat results/methods_$m.md; echo; }
+  done
+  echo "## Peers: power-of-two PTQ through their own APIs (issue 13)"; echo
+  for m in cifar10-resnet20 cifar10-resnet32 efficientnet-lite0; do
+    [ -f results/peers_$m.md ] && { cat results/peers_$m.md; echo; }
+  done
   echo "## Paper Tables 2/5 shape: PTQ accuracy vs PyTorch's quantizer (issue 3)"; echo
   for m in cifar10-resnet20 cifar10-resnet32 efficientnet-lite0; do
     [ -f results/ptq_$m.md ] && { cat results/ptq_$m.md; echo; }
