@@ -92,8 +92,11 @@ def test_resnet20_shared_weights(tmp_path):
     from fixq.graph import capture
     m = load_weights(CifarResNet(20), str(resnet_weights(20)))
     g = capture(m, torch.randn(2, 3, 32, 32))
-    res, _ = c_vs_engine(g, plan_for(g, (3, 32, 32), coeff_mode="3D"), (3, 32, 32), tmp_path)
+    res, _ = c_vs_engine(g, plan_for(g, (3, 32, 32), coeff_mode="3D", data_sign="signed"), (3, 32, 32), tmp_path)
     assert res.act_type == "int8_t" and res.ram_bytes < 64 * 1024
+    # unsigned 8-bit data (the default) needs a 16-bit arena: same code, twice the RAM
+    uns, _ = c_vs_engine(g, plan_for(g, (3, 32, 32), coeff_mode="3D"), (3, 32, 32), tmp_path / "u")
+    assert uns.act_type == "int16_t" and uns.ram_bytes == 2 * res.ram_bytes
     n_w = sum(n.weight.numel() for n in g.layers())
     n_ch = sum(n.weight.shape[0] for n in g.layers())
     # int8 weights plus per-kernel tables (bias 8 B, shifts, bounds): no per-filter shift table in 3D

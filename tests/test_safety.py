@@ -185,6 +185,9 @@ int main(void) {
         }
     for (i = 0; i < (int)(sizeof A / sizeof A[0]); i++)
         for (k = 1; k < 9; k++) printf("%" PRId64 "\n", fixq_round_div(A[i] / 4, k, k % 3));
+    for (b = 2; b <= 31; b += 4) /* unsigned data words U(b,F): codes 0 .. 2^b - 1 */
+        for (i = 0; i < (int)(sizeof A / sizeof A[0]); i++)
+            printf("%" PRId64 "\n", fixq_sat(A[i], b | FIXQ_UNSIGNED, FIXQ_SATURATE, NULL));
     return 0;
 }
 """
@@ -245,6 +248,7 @@ def test_c_runtime_extremes_under_ubsan(tmp_path):
         want += [f(a, b, o) for b in range(2, 33, 5) for a in A for f, o in ((_ref_wrap, "wrap"), (_ref_wrap, "saturate"))]
         want += [_ref_div(_trunc4(a), k, ("half_up", "nearest_even", "floor")[k % 3])
                  for a in A for k in range(1, 9)]
+        want += [max(0, min(2 ** b - 1, a)) for b in range(2, 32, 4) for a in A]
         assert got == want
 
 
@@ -273,3 +277,28 @@ def test_emitter_table_check_names_the_table():
         check_table("ws_c2", "uint8_t", [0, 256])
     with pytest.raises(PlanError, match=r"os_c2: value -129 does not fit int8_t"):
         check_table("os_c2", "int8_t", [-129])
+
+
+def test_spread_cap_binds_on_no_real_plan(monkeypatch):
+    """DESIGN §5a rule 1: D = 24 leaves the plans of real models alone (their tiny but
+    nonzero partitions keep eq. 6's F): the same plans with the cap lifted are identical."""
+    import importlib
+    cal = importlib.import_module("fixq.calibrate")  # the package exports a function of the same name
+    from fixq.graph import capture
+    from fixq.zoo import CifarResNet, build_model, load_weights
+    from helpers import plan_for
+    from shared_data import SHARED, resnet_weights
+    nets = [(build_model("lenet-digits")[0], (1, 8, 8))]
+    if (SHARED / "models/cifar10-resnet").exists():
+        nets.append((load_weights(CifarResNet(20), str(resnet_weights(20))), (3, 32, 32)))
+    for model, shape in nets:
+        g = capture(model, torch.randn(2, *shape))
+        for cm in ("2D", "3D"):
+            for method in ("maxabs", "mse"):
+                for bits in (8, 4):
+                    kw = dict(coeff_mode=cm, data_mode="3D", method=method, data_method=method, coeff_bits=bits)
+                    capped = plan_for(g, shape, **kw).to_json()
+                    with monkeypatch.context() as m:
+                        m.setattr(cal, "bound_spread", lambda F, T, nz: bound_spread(F, T, nz, D=10 ** 6))
+                        free = plan_for(g, shape, **kw).to_json()
+                    assert capped == free, (type(model).__name__, kw)

@@ -2,7 +2,7 @@ import pytest
 import torch
 import torch.nn as nn
 
-from fixq.formats import exp2
+from fixq.formats import code_limits, exp2
 from fixq.ir import run_float
 from fixq.plan import QuantPlan, propagate_formats
 from fixq.simulate import Simulator
@@ -26,7 +26,8 @@ def test_exact_outputs_on_format_grid(coeff_mode, data_mode, rounding):
         T, F = fmts[name]
         codes = v * exp2(F, v).reshape(-1, *([1] * (v.dim() - 2))) if F.dim() else v * exp2(F, v)
         assert torch.equal(codes, torch.round(codes)), name          # integer multiples of 2**-F
-        assert -2 ** (T - 1) <= codes.min() and codes.max() <= 2 ** (T - 1) - 1, name  # inside T bits
+        lo, hi = code_limits(T)  # [-2^(T-1), 2^(T-1)-1], or [0, 2^T-1] for an unsigned U(T,F)
+        assert lo <= codes.min() and codes.max() <= hi, name  # inside T bits
 
 
 def test_4d_3d_2d_identical_when_partitions_share_one_range():

@@ -302,7 +302,8 @@ def plan_from(obs: Observations, config: QuantConfig, model_name: str = "model",
             mu, sigma = affine_params(vmin, vmax, T)
             tensors[n.name] = AffineFormats(T, mode, tuple(mu.tolist()), tuple(sigma.tolist()), shape)
             continue
-        signed = cfg.data_sign == "signed" or n.name not in nonneg
+        # U(32,F) codes would not fit the int64/C int32 paths' 32-bit word: 32-bit data stays signed
+        signed = cfg.data_sign == "signed" or n.name not in nonneg or T >= 32
         if method.kind == "mse":
             mse.append((n.name, T, mode, signed))
             continue

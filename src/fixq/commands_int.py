@@ -10,7 +10,7 @@ import torch
 
 from .commands import _device, prepare_out, resolve_preprocess
 from .evaluate import ImageSet, DataError, load_images
-from .formats import quantize_codes
+from .formats import Word, quantize_codes
 from .graph import capture
 from .plan import QuantPlan
 from .plan_schema import check_plan_graph
@@ -87,7 +87,8 @@ def cmd_run_c(args) -> int:
     x, _ = _images(args, pre)
     F_in = torch.tensor(info["input_F"])
     F_in = F_in.reshape(1, -1, 1, 1) if F_in.numel() > 1 else F_in.reshape(())
-    codes, _ = quantize_codes(x.double(), F_in, info["input_T"], info["rounding"])
+    word = Word(info["input_T"], info.get("input_signed", True))
+    codes, _ = quantize_codes(x.double(), F_in, word, info["rounding"])
     out, sat = run_c_program(cdir, codes.long())
     F_out = torch.tensor(info["output_F"], dtype=torch.float64)
     logits = out.double() * torch.pow(2.0, -(F_out if F_out.numel() > 1 else F_out.reshape(())))

@@ -153,7 +153,7 @@ def prove_ops(graph: Graph, fmts) -> None:
 def check_plan(graph: Graph, plan: QuantPlan) -> dict[str, float]:
     """Prove DESIGN §5a for every integer layer and op of a plan (the plan-time refusal):
     returns each conv/linear's proved worst-case |sum|; raises PlanError naming the node."""
-    if plan.is_affine or graph.input not in plan.tensors:
+    if plan.is_affine:
         return {}
     fmts = propagate_formats(graph, plan.tensors)
     out = {}

@@ -24,8 +24,9 @@ def _table(headers: list[str], rows: list[list]) -> str:
 
 
 def _fmt(f: dict | None) -> str:
-    """``8b 3D F4..7`` (the same words as report.md's layer table)."""
-    return "-" if not f else f"{f['T']}b {f['granularity']} F{f.get('F_min', '')}..{f.get('F_max', '')}"
+    """``8b 3D F4..7``, ``U8b 4D F5..5`` for unsigned data (the same words as report.md's layer table)."""
+    return "-" if not f else (f"{'' if f.get('signed', True) else 'U'}{f['T']}b {f['granularity']} "
+                              f"F{f.get('F_min', '')}..{f.get('F_max', '')}")
 
 
 def _img(path: Path, alt: str) -> str:

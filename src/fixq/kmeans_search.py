@@ -133,7 +133,8 @@ def search_kmeans(session: Session, config: QuantConfig, opts: KMeansOptions) ->
         names = [n for n in names if n in given] + [n for n in given if n not in names]
     bench = PlanBench(session, base_config(config, opts.base_bits), opts.tune_size, opts.seed, opts.margin_z)
     target = resolve_target(bench.float_tune, opts.target_drop, opts.target_error)
-    bench.require_base(target, "cluster", KMeansError)
+    if given is None:  # the K search needs a base plan that meets the target; a given K does not
+        bench.require_base(target, "cluster", KMeansError)
     N = {n.name: n.weight.shape[0] for n in g.layers()}
     cache: dict = {}
 

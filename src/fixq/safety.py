@@ -18,8 +18,8 @@ and :func:`prove_op` wherever integer tables are built):
    ``SPREAD_BITS`` away from ``I_ref``; then it takes ``I = I_ref``.
 2. *Shifts.* Every shift the integer programs execute is in ``[-MAX_SHIFT, MAX_SHIFT]``
    (right shifts ``>= 0`` where the table is unsigned).
-3. *Headroom.* For every input code (``|x| <= 2**(Tx-1)``), every int64 intermediate has
-   ``|v| < 2**HEADROOM_BITS``: the wide sum ``Σ_j Σ_hw |w_q| 2**(Tx-1) << wshift + |b|``,
+3. *Headroom.* For every input code (``|x| <= max_code(Tx)``: ``2**(Tx-1)``, unsigned ``2**Tx - 1``), every int64 intermediate has
+   ``|v| < 2**HEADROOM_BITS``: the wide sum ``Σ_j Σ_hw |w_q| max_code(Tx) << wshift + |b|``,
    every left-shifted accumulator, every aligned add/pool operand. Proved from the plan's
    formats and coefficient codes, never from data; otherwise ``PlanError`` naming the node
    and the fix.

@@ -115,6 +115,8 @@ class PlanBench:
     margin_z: float = Z_MARGIN
 
     def __post_init__(self) -> None:
+        if not (math.isfinite(self.margin_z) and self.margin_z >= 0):
+            raise SearchError(f"--margin-z must be a finite number >= 0 (standard errors), got {self.margin_z}")
         self.base_logits = None
         s = self.session
         tune, test = split_eval(s.eval_x.shape[0], self.tune_size, self.seed)

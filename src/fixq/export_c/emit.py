@@ -313,8 +313,9 @@ def export_c(graph: Graph, plan: QuantPlan, out: str | Path, meta: dict | None =
     T_in, F_in = eng.fmts[graph.input]
     T_out, F_out = eng.fmts[graph.output]
     info = {"model": plan.model, "rom_bytes": ctx.rom, "ram_bytes": ram, "act_type": act_t, "weight_type": w_t,
-            "input_shape": list(graph.shapes[graph.input]), "input_T": T_in, "input_F": F_in.reshape(-1).tolist(),
-            "output_T": T_out, "output_F": F_out.reshape(-1).tolist(), "rounding": plan.rounding,
+            "input_shape": list(graph.shapes[graph.input]), "input_T": T_in, "input_signed": T_in.signed,
+            "input_F": F_in.reshape(-1).tolist(),
+            "output_T": T_out, "output_signed": T_out.signed, "output_F": F_out.reshape(-1).tolist(), "rounding": plan.rounding,
             "n_calls": len(calls), **(meta or {})}
     (out / "export.json").write_text(json.dumps(info, indent=1))
     plan.save(out / "plan.json")
