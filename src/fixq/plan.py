@@ -152,7 +152,8 @@ class QuantConfig:
         bad = set(d["default"]) - _LAYER_KEYS
         if bad:
             raise PlanError(f"config keys {sorted(bad)} are not supported by this fixq version")
-        return QuantConfig(LayerConfig(**d["default"]), d["rounding"],
+        # plans written before unsigned data (no data_sign key) used signed data everywhere
+        return QuantConfig(LayerConfig(**{"data_sign": "signed", **d["default"]}), d["rounding"],
                            tuple((p, dict(kv)) for p, kv in d.get("overrides", [])))
 
 
