@@ -6,7 +6,7 @@ cd "$(dirname "$0")"
   cat results_intro.md
   echo "## Default range rules: data methods x data sign at <8b,8b> (issue 13)"; echo
   for m in cifar10-resnet20 cifar10-resnet32 efficientnet-lite0; do
-    [ -f results/methods_$m.md ] && { cat results/methods_$m.md; echo; }
+    for f in results/methods_$m.md results/methods_$m-cpu.md; do [ -f "$f" ] && { cat "$f"; echo; }; done
   done
   echo "## Peers: power-of-two PTQ through their own APIs (issue 13)"; echo
   for m in cifar10-resnet20 cifar10-resnet32 efficientnet-lite0; do

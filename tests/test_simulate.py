@@ -87,7 +87,8 @@ SQNR8 = {"maxabs": 14.5, "percentile:99.99": 15.3, "mse": 20.2, "affine": 34.4}
 @pytest.mark.parametrize("method", ["maxabs", "percentile:99.99", "mse", "affine"])
 def test_every_method_runs_and_stays_close(method):
     g = make_graph(CifarResNet(20), (3, 32, 32))
-    plan = plan_for(g, (3, 32, 32), method=method)
+    same = dict(method=method, data_method=method, data_sign="signed")  # one method for both sides, signed data
+    plan = plan_for(g, (3, 32, 32), **same)
     x = torch.randn(8, 3, 32, 32)
     f = run_float(g, x)
 
@@ -97,7 +98,7 @@ def test_every_method_runs_and_stays_close(method):
     s8 = sqnr(plan)
     assert s8 > SQNR8[method], (method, s8)
     # two bits fewer everywhere cost about 2 x 6 dB (measured 8.3 (mse) to 14.2 dB)
-    s6 = sqnr(plan_for(g, (3, 32, 32), method=method, coeff_bits=6, data_bits=6))
+    s6 = sqnr(plan_for(g, (3, 32, 32), **same, coeff_bits=6, data_bits=6))
     assert s8 - s6 > 8, (method, s8, s6)
     assert plan.is_affine == (method == "affine")
 
@@ -189,9 +190,9 @@ def test_data_mse_uses_a_second_pass_even_from_a_generator():
     x = torch.randn(32, 3, 32, 32)
     x[0, 0, 0, 0] = 20.0  # an input outlier: mse trades it for resolution
     gen = ((x[i:i + 8], None) for i in range(0, 32, 8))
-    cfg = QuantConfig(LayerConfig(method="mse", data_mode="3D"))
+    cfg = QuantConfig(LayerConfig(method="mse", data_method="mse", data_mode="3D"))
     p_mse = calibrate(g, gen, cfg, show_progress=False)
     obs = observe(g, [(x, None)], show_progress=False)
-    p_max = plan_from(obs, QuantConfig(LayerConfig(method="maxabs", data_mode="3D")))
+    p_max = plan_from(obs, QuantConfig(LayerConfig(method="maxabs", data_method="maxabs", data_mode="3D")))
     assert p_mse.tensors[g.input].F[0] > p_max.tensors[g.input].F[0]
     assert plan_from(obs, cfg) == p_mse  # one observation serves every configuration
