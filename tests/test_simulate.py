@@ -4,7 +4,8 @@ import torch.nn as nn
 
 from fixq.formats import code_limits, exp2
 from fixq.ir import run_float
-from fixq.plan import QuantPlan, propagate_formats
+from fixq.partitions import propagate_formats
+from fixq.plan import QuantPlan
 from fixq.simulate import Simulator
 from fixq.zoo import CifarResNet, LeNet
 

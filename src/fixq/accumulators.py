@@ -15,7 +15,7 @@ from dataclasses import dataclass, replace
 
 import torch
 
-from .calibrate import accumulator_F
+from .partitions import accumulator_F
 from .engine import Engine, compile_layer, exact_sum, layer_forward
 
 __all__ = ["AccumulatorRow", "accumulator_table", "with_acc_bits"]

@@ -19,8 +19,8 @@ import torch
 from .formats import Word, fake_quantize
 from .ir import (FLOAT_RULES, QUANT_POINTS, Concat, Conv, FloatOp, Graph, Input, Linear, apply_act,
                  nonnegative_nodes, pre_activation)
-from .plan import (AffineFormats, Formats, LayerPlan, PlanError, QuantConfig, QuantPlan, filter_grid,
-                   propagate_formats)
+from .partitions import accumulator_F, filter_formats, propagate_formats, sum_format
+from .plan import AffineFormats, Formats, LayerPlan, PlanError, QuantConfig, QuantPlan
 from .progress import progress
 from .safety import bound_spread
 from .ranges import (EXP_LO, MSE_CANDIDATES, F_from_histogram, F_from_maxabs, F_from_percentile_rows, affine_params,
@@ -335,27 +335,6 @@ def _concat_keeps_formats(graph, cfgs, tensors) -> None:
                 F = torch.cat([p.expand(c) if p.dim() == 0 else p for p, c in zip(parts, C)])
                 tensors[n.name] = Formats(f.T, f.granularity, tuple(int(v) for v in F.tolist()), f.shape,
                                           signed=f.signed)
-
-
-def filter_formats(weight_F: torch.Tensor, Fx: torch.Tensor, weight_shape, groups: int):
-    """``(Fw, Fx)`` as ``(N, M/groups)`` grids: each 2D filter (i, j)'s coefficient format
-    and the format of the input channel it reads (kernel i sees only its group's inputs)."""
-    N, Mg = weight_shape[0], weight_shape[1]
-    Fw = filter_grid(weight_F, N, Mg)
-    Fxv = Fx.expand(Mg * groups) if Fx.dim() == 0 else Fx
-    return Fw, Fxv.reshape(groups, Mg)[torch.arange(N) // (N // groups)]
-
-
-def sum_format(weight_F: torch.Tensor, Fx: torch.Tensor, weight_shape, groups: int) -> torch.Tensor:
-    """``S[i] = max_j Fw[i,j] + Fx[j]`` over the input channels j of kernel i's group."""
-    Fw, Fxg = filter_formats(weight_F, Fx, weight_shape, groups)
-    return (Fw + Fxg).amax(dim=1)
-
-
-def accumulator_F(S: torch.Tensor, acc_I: torch.Tensor, A: int) -> tuple[int, ...]:
-    """``Facc = min(S, A - 1 - I_acc)``: the exact-sum format unless the calibrated range
-    needs more than A bits there (DESIGN §5)."""
-    return tuple(int(v) for v in torch.minimum(S, (A - 1) - acc_I).tolist())
 
 
 def _build_plan(graph, config, cfgs, tensors, acc, model_name, filter_bits, kmeans, kmeans_bits) -> QuantPlan:

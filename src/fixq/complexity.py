@@ -105,7 +105,7 @@ def analyze(graph: Graph, plan: QuantPlan | None = None, coeff_bits: dict | None
     >>> cost = analyze(graph, plan)                         # doctest: +SKIP
     >>> round(cost.rel_complexity_mmacs, 1), cost.to_json()["total"]["storage_bits"]  # doctest: +SKIP
     """
-    from .plan import propagate_formats
+    from .partitions import propagate_formats
     fmts = propagate_formats(graph, plan.tensors) if plan is not None else {}
     out = []
     for n in graph.layers():

@@ -26,11 +26,11 @@ from typing import Callable
 import torch
 import torch.nn.functional as Fn
 
-from .calibrate import filter_formats
 from .formats import bound_codes, per_channel, quantize_codes, round_div, round_shift, round_shift_int, saturate
 from .ir import (AdaptiveAvgPool, Add, AvgPool, Clamp, Concat, Conv, Flatten, FloatOp, Graph, Input,
                  Linear, MaxPool, Pad, Slice)
-from .plan import QuantPlan, filter_grid, propagate_formats
+from .partitions import filter_formats, propagate_formats
+from .plan import QuantPlan, filter_grid
 from .pooling import adaptive_windows, pool_divisors
 from .safety import check_headroom, check_shift, max_code, prove_layer, prove_op
 

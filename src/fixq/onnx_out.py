@@ -24,12 +24,12 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from .calibrate import filter_formats
 from .engine import EngineError, check_plan, compile_layer
 from .formats import bound_codes, code_limits
 from .ir import (AdaptiveAvgPool, Add, AvgPool, Clamp, Concat, Conv, Flatten, FloatOp, Graph, Input, Linear,
                  MaxPool, Pad, Slice)
-from .plan import AffineFormats, QuantPlan, propagate_formats
+from .partitions import filter_formats, propagate_formats
+from .plan import AffineFormats, QuantPlan
 
 __all__ = ["export_qdq", "compare_qdq", "ONNX_EMITTERS", "QDQError"]
 

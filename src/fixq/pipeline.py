@@ -14,7 +14,8 @@ from .evaluate import (DataError, EvalResult, ImageSet, batches, class_mapping, 
                        known_classes, load_images, select_subsets, topk_errors)
 from .graph import capture
 from .ir import Graph
-from .plan import Formats, QuantConfig, QuantPlan, propagate_formats
+from .partitions import propagate_formats
+from .plan import Formats, QuantConfig, QuantPlan
 from .simulate import Simulator
 from .zoo import PRESETS, ModelError, Preprocess, build_model
 

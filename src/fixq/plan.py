@@ -24,7 +24,7 @@ from .ranges import parse_method
 
 __all__ = ["LayerConfig", "QuantConfig", "Formats", "AffineFormats", "LayerPlan", "QuantPlan", "KMeansPlan",
            "filter_grid",
-           "COEFF_MODES", "DATA_MODES", "load_config", "propagate_formats", "PlanError"]
+           "COEFF_MODES", "DATA_MODES", "load_config", "PlanError"]
 
 COEFF_MODES = ("4D", "3D", "2D")
 DATA_MODES = ("4D", "3D")
@@ -371,39 +371,3 @@ def _kmeans_load(d):
         return None
     return KMeansPlan(int(d["K"]), tuple(d["assign"]), _fmt_load(d["basis"]), tuple(d["basis_codes"]),
                       int(d.get("seed", 0)))
-
-
-def propagate_formats(graph: Graph, tensors: dict[str, Formats]) -> dict[str, tuple[int | None, torch.Tensor | None]]:
-    """Data format ``(T, F)`` of every node's output: quantization points from the plan,
-    the rest derived (max pool, clamp, pad, slice, flatten keep their input's format).
-    T is a :class:`fixq.formats.Word` (bits and signedness); F is a 0-d tensor (4D) or one entry per channel/feature; ``(None, None)`` is float."""
-    out: dict[str, tuple[int | None, torch.Tensor | None]] = {}
-    for n in graph.nodes:
-        if n.name in tensors:
-            f = tensors[n.name]
-            out[n.name] = (f.word, f.F_tensor()) if isinstance(f, Formats) else (f.T, None)
-            continue
-        if not n.inputs:
-            out[n.name] = (None, None)
-            continue
-        T, F = out[n.inputs[0]]
-        if F is None or F.dim() == 0 or isinstance(n, (Clamp, MaxPool)):
-            out[n.name] = (T, F)
-        elif isinstance(n, Flatten):
-            hw = 1
-            for s in graph.shapes[n.inputs[0]][1:]:
-                hw *= s
-            out[n.name] = (T, F.repeat_interleave(hw))
-        elif isinstance(n, Slice):
-            ch = n.index[1] if len(n.index) > 1 else (None, None, None)
-            out[n.name] = (T, F[slice(*ch)])
-        elif isinstance(n, Pad):
-            pads = list(n.pads) + [0] * (6 - len(n.pads))
-            before, after = pads[4], pads[5]
-            fill = int(F.min())  # padded channels are zeros: any format holds them exactly
-            out[n.name] = (T, torch.cat([F.new_full((before,), fill), F, F.new_full((after,), fill)]))
-        elif isinstance(n, Concat):
-            raise PlanError(f"concat '{n.name}' has no format in the plan")
-        else:
-            out[n.name] = (T, F)
-    return out

@@ -14,14 +14,14 @@ from typing import Callable
 
 import torch
 
-from .calibrate import filter_formats, sum_format
 from .formats import bound_codes, exp2, fake_quantize, per_channel, round_values
 from .fused import fused_available, fused_fake_quantize
 from .safety import F64_EXACT_BITS, max_code
 from .kmeans import effective_weight
 from .ir import (FLOAT_RULES, AdaptiveAvgPool, Add, AvgPool, Clamp, Concat, Conv, Flatten, FloatOp,
                  Graph, Input, Linear, MaxPool, Pad, Slice, apply_act, pre_activation)
-from .plan import AffineFormats, Formats, PlanError, QuantPlan, propagate_formats
+from .partitions import filter_formats, propagate_formats, sum_format
+from .plan import AffineFormats, Formats, PlanError, QuantPlan
 from .pooling import pool_divisors, window_sum
 from .ranges import affine_quantize
 
