@@ -20,10 +20,10 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
-from ptq_table import SETUPS, cpu_name  # noqa: E402
+from ptq_table import cpu_name, setup_args, setup_session  # noqa: E402
 
 from fixq.commands import make_config  # noqa: E402
-from fixq.pipeline import open_session, run_config  # noqa: E402
+from fixq.pipeline import run_config  # noqa: E402
 from fixq.report import markdown_table  # noqa: E402
 
 DATA_METHODS = ("maxabs", "percentile:99.9", "percentile:99.99", "percentile:99.999", "mse")
@@ -32,20 +32,11 @@ SIGNS = ("signed", "auto")
 
 def main() -> None:
     ap = argparse.ArgumentParser()
-    ap.add_argument("--model", required=True, choices=list(SETUPS))
-    ap.add_argument("--shared", default=str(Path(__file__).resolve().parents[2] / "shared"))
-    ap.add_argument("--device", default="cpu")
-    ap.add_argument("--eval-size", type=int)
+    setup_args(ap)
     ap.add_argument("--coeff-method", default="maxabs")
-    ap.add_argument("--out", default=str(Path(__file__).parent / "results"))
     args = ap.parse_args()
-    data, weights, nc, ne = SETUPS[args.model]
-    shared = Path(args.shared)
     t_start = time.time()
-    session = open_session(args.model, str(shared / data), str(shared / data),
-                           weights=str(shared / weights) if weights else None, calib_size=nc,
-                           eval_size=args.eval_size or ne, seed=0, batch_size=256, device=args.device,
-                           show_progress=False)
+    session, data = setup_session(args)
     session.observations(True)
     rows, js = [["float", "-", session.float_top1, "-", session.float_top5, 100.0, "-"]], []
     for sign in SIGNS:

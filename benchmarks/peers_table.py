@@ -30,10 +30,9 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
-from ptq_table import SETUPS, cpu_name  # noqa: E402
+from ptq_table import cpu_name, setup_args, setup_session  # noqa: E402
 
 from fixq.evaluate import batches, topk_errors  # noqa: E402
-from fixq.pipeline import open_session  # noqa: E402
 from fixq.report import markdown_table  # noqa: E402
 from fixq.zoo import build_model  # noqa: E402
 
@@ -89,17 +88,10 @@ def mct_row(session) -> dict:
 
 def main() -> None:
     ap = argparse.ArgumentParser()
-    ap.add_argument("--model", required=True, choices=list(SETUPS))
-    ap.add_argument("--shared", default=str(Path(__file__).resolve().parents[2] / "shared"))
-    ap.add_argument("--eval-size", type=int)
-    ap.add_argument("--out", default=str(Path(__file__).parent / "results"))
+    setup_args(ap)
     args = ap.parse_args()
-    data, weights, nc, ne = SETUPS[args.model]
-    shared = Path(args.shared)
     t_start = time.time()
-    session = open_session(args.model, str(shared / data), str(shared / data),
-                           weights=str(shared / weights) if weights else None, calib_size=nc,
-                           eval_size=args.eval_size or ne, seed=0, batch_size=256, show_progress=False)
+    session, data = setup_session(args)
     rows = [["float", session.float_top1, 0.0, session.float_top5, 100.0, "-"]]
     peers = [("Brevitas 0.13 PTQ, po2 scales (per-channel weights, act 99.999th pct)", lambda: brevitas_row(session, True)),
              ("Brevitas 0.13 PTQ, float scales (same settings)", lambda: brevitas_row(session, False)),

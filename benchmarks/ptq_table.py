@@ -47,6 +47,27 @@ def cpu_name() -> str:
     return platform.processor() or "unknown CPU"
 
 
+def setup_args(ap: argparse.ArgumentParser) -> None:
+    """The options every table script shares: model, ../shared location, device, eval size, output."""
+    ap.add_argument("--model", required=True, choices=list(SETUPS))
+    ap.add_argument("--shared", default=str(Path(__file__).resolve().parents[2] / "shared"))
+    ap.add_argument("--device", default="cpu")
+    ap.add_argument("--eval-size", type=int)
+    ap.add_argument("--workers", type=int, default=0)
+    ap.add_argument("--out", default=str(Path(__file__).parent / "results"))
+
+
+def setup_session(args):
+    """The model's session on its standard split (SETUPS, seed 0): ``(session, data folder)``."""
+    data, weights, nc, ne = SETUPS[args.model]
+    shared = Path(args.shared)
+    session = open_session(args.model, str(shared / data), str(shared / data),
+                           weights=str(shared / weights) if weights else None, calib_size=nc,
+                           eval_size=args.eval_size or ne, seed=0, batch_size=256, workers=args.workers,
+                           device=args.device, show_progress=False)
+    return session, data
+
+
 def torch_ao_rows(session, per_tensor: bool) -> dict:
     """torch.ao FX PTQ (fbgemm/x86, CPU only) calibrated on the same images."""
     from torch.ao.quantization import QConfig, QConfigMapping, get_default_qconfig_mapping
@@ -94,22 +115,11 @@ def throughput(session, plan, device, n=256, reps=3) -> dict:
 
 def main() -> None:
     ap = argparse.ArgumentParser()
-    ap.add_argument("--model", required=True, choices=list(SETUPS))
-    ap.add_argument("--shared", default=str(Path(__file__).resolve().parents[2] / "shared"))
-    ap.add_argument("--device", default="cpu")
-    ap.add_argument("--eval-size", type=int)
-    ap.add_argument("--workers", type=int, default=0)
+    setup_args(ap)
     ap.add_argument("--no-torch-ao", action="store_true")
-    ap.add_argument("--out", default=str(Path(__file__).parent / "results"))
     args = ap.parse_args()
-    data, weights, nc, ne = SETUPS[args.model]
-    shared = Path(args.shared)
     t_start = time.time()
-    session = open_session(args.model, str(shared / data), str(shared / data),
-                           weights=str(shared / weights) if weights else None, calib_size=nc,
-                           eval_size=args.eval_size or ne, seed=0, batch_size=256, workers=args.workers,
-                           device=args.device,
-                           show_progress=False)
+    session, data = setup_session(args)
     fcost = analyze(session.graph).to_json()["total"]["rel_complexity_mmacs"]
     rows = [["<flp,flp>", "-", "float", session.float_top1, session.float_top5, 100.0, fcost,
              session.timings["float_eval_s"]]]
