@@ -157,15 +157,18 @@ def _forward_observed(graph: Graph, x: torch.Tensor, on_tensor, on_acc) -> None:
             on_tensor(n.name, y)
 
 
-def _data_F(st: _Stats, T: int, mode: str, method: str, signed: bool = True) -> torch.Tensor:
-    """F per channel (3D) or tensor (4D); an unsigned U(T,F) has T magnitude bits, one more
-    than Q(T,F): ``F = T - I`` instead of ``T - 1 - I``."""
+def _magnitude_T(T: int, signed: bool) -> int:
+    """Signed bits with U(T,F)'s magnitude (one more than Q(T,F)): what every F rule takes."""
+    return T + (0 if signed else 1)
+
+
+def _data_F(st: _Stats, T: int, mode: str, method: str) -> torch.Tensor:
     m = parse_method(method)
     amax = st.amax if mode == "3D" else st.amax.max().reshape(1)
     if m.kind == "percentile":
         hist = st.hist if mode == "3D" else st.hist.sum(dim=0, keepdim=True)
-        return F_from_histogram(hist, T, m.p) + (0 if signed else 1)
-    return F_from_maxabs(amax, T) + (0 if signed else 1)
+        return F_from_histogram(hist, T, m.p)
+    return F_from_maxabs(amax, T)
 
 
 def _nonzero(st: _Stats, mode: str) -> torch.Tensor:
@@ -196,7 +199,8 @@ class Observations:
         self.mse_cache = self.mse_cache or {}
         todo = [r for r in set(requests) if (r, rounding) not in self.mse_cache]
         if todo:
-            cands = {r: mse_candidates(_data_F(self.stats[r[0]], r[1], r[2], "maxabs", r[3])) for r in todo}
+            cands = {r: mse_candidates(_data_F(self.stats[r[0]], _magnitude_T(r[1], r[3]), r[2], "maxabs"))
+                     for r in todo}
             err = {r: torch.zeros(c.shape, dtype=torch.float64, device=c.device) for r, c in cands.items()}
             by_name: dict[str, list] = {}
             for r in todo:
@@ -307,10 +311,11 @@ def plan_from(obs: Observations, config: QuantConfig, model_name: str = "model",
         if method.kind == "mse":
             mse.append((n.name, T, mode, signed))
             continue
-        F = bound_spread(_data_F(st, T, mode, str(method), signed), T + (0 if signed else 1), _nonzero(st, mode))
+        Tm = _magnitude_T(T, signed)
+        F = bound_spread(_data_F(st, Tm, mode, str(method)), Tm, _nonzero(st, mode))
         tensors[n.name] = Formats(T, mode, tuple(int(v) for v in F.tolist()), shape, signed=signed)
     for (name, T, mode, signed), F in obs.mse_F(mse, config.rounding).items():
-        F = bound_spread(F, T + (0 if signed else 1), _nonzero(obs.stats[name], mode))
+        F = bound_spread(F, _magnitude_T(T, signed), _nonzero(obs.stats[name], mode))
         tensors[name] = Formats(T, mode, tuple(int(v) for v in F.tolist()), (F.numel(),) if mode == "3D" else (),
                                 signed=signed)
     ordered = {n.name: tensors[n.name] for n in graph.nodes if n.name in tensors}
