@@ -1,0 +1,147 @@
+"""Golden digests: a fixed matrix of models x configurations, and the sha256 of everything
+fixq produces for each (plan.json bytes, exact-simulation logits, engine codes, generated C
+files, QDQ ONNX bytes). A behaviour-preserving change (refactor, speed-up) leaves every
+digest identical; a change that means to alter an output regenerates them with a reason:
+
+    python tests/test_golden.py --regen "why the outputs changed"
+
+which rewrites ``tests/golden/digests.json`` and appends the reason to its ``history``.
+The float32 simulation is left out on purpose (its sums are not exact, so its last bits may
+depend on the machine's BLAS); the exact simulation's float64 logits are exact integers
+times powers of two and do not.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import sys
+import tempfile
+from pathlib import Path
+
+import pytest
+import torch
+
+sys.path.insert(0, str(Path(__file__).parent))
+
+from fixq.calibrate import observe, plan_from  # noqa: E402
+from fixq.engine import Engine  # noqa: E402
+from fixq.export_c import export_c  # noqa: E402
+from fixq.kmeans import cluster_kernels  # noqa: E402
+from fixq.mixed import filter_bits, filter_energies  # noqa: E402
+from fixq.plan import LayerConfig, QuantConfig  # noqa: E402
+from fixq.simulate import Simulator  # noqa: E402
+from fixq.zoo import CifarResNet, build_model  # noqa: E402
+
+from helpers import DepthwiseNet, make_graph  # noqa: E402
+
+GOLDEN = Path(__file__).parent / "golden" / "digests.json"
+
+PAPER = dict(method="maxabs", data_method="maxabs", data_sign="signed")
+CONFIGS = {  # name -> (LayerConfig kwargs, rounding, extra): extra is "mixed", "kmeans" or None
+    "default": ({}, "half_up", None),
+    "paper-8b-3D": (dict(PAPER), "half_up", None),
+    "4b-2D-even-acc24": (dict(coeff_bits=4, coeff_mode="2D", data_mode="3D", acc_bits=24), "nearest_even", None),
+    "8b-4D-floor-pct": (dict(coeff_mode="4D", method="percentile:99.99"), "floor", None),
+    "mixed-2D": (dict(coeff_mode="2D", data_mode="3D", acc_bits=20), "half_up", "mixed"),
+    "kmeans-3D": (dict(coeff_mode="3D", data_mode="4D", acc_bits=24), "half_up", "kmeans"),
+}
+
+
+def _models():
+    lenet, _ = build_model("lenet-digits")
+    return {"lenet-digits": (lenet.eval(), (1, 8, 8), 0.5),
+            "depthwise": (DepthwiseNet(), (3, 16, 16), 1.5),
+            "resnet20-random": (CifarResNet(20), (3, 32, 32), 1.5)}
+
+
+MATRIX = [(m, c) for m in ("lenet-digits", "depthwise", "resnet20-random") for c in CONFIGS
+          if not (m == "resnet20-random" and c in ("4b-2D-even-acc24", "8b-4D-floor-pct"))]
+
+
+def _sha(b: bytes) -> str:
+    return hashlib.sha256(b).hexdigest()[:32]
+
+
+def _plan(g, x, cfg: str):
+    kw, rounding, extra = CONFIGS[cfg]
+    obs = observe(g, [(x, None)], show_progress=False)
+    qc = QuantConfig(LayerConfig(**kw), rounding)
+    if extra == "mixed":
+        E = filter_energies(g, [x], show_progress=False)
+        eligible = [n for n in E if n != g.nodes[1].name][:3]
+        return plan_from(obs, qc, "golden", filter_bits=filter_bits({k: E[k] for k in eligible}, 0.3))
+    if extra == "kmeans":
+        convs = [n for n in E_names(g)][1:3]
+        km = {n: cluster_kernels(g.node(n).weight, 2, seed=0) for n in convs}
+        return plan_from(obs, qc, "golden", kmeans=km)
+    return plan_from(obs, qc, "golden")
+
+
+def E_names(g):
+    """Ungrouped conv/linear layers, in graph order (K-means candidates)."""
+    return [n.name for n in g.nodes if getattr(n, "weight", None) is not None and getattr(n, "groups", 1) == 1]
+
+
+def digests(model: str, cfg: str) -> dict[str, str]:
+    """Every output of one matrix cell, as short sha256 digests."""
+    net, shape, scale = _models()[model]
+    torch.manual_seed(0)
+    g = make_graph(net, shape) if model != "lenet-digits" else _capture(net, shape)
+    torch.manual_seed(1)
+    x = torch.randn(32, *shape) * scale
+    plan = _plan(g, x, cfg)
+    torch.manual_seed(2)
+    xt = torch.randn(4, *shape) * scale
+    out = {"plan.json": _sha(json.dumps(plan.to_json(), indent=1).encode())}
+    out["sim64"] = _sha(Simulator(g, plan, exact=True)(xt).double().numpy().tobytes())
+    eng = Engine(g, plan)
+    out["engine"] = _sha(eng.run(eng.quantize_input(xt)).to(torch.int64).numpy().tobytes())
+    with tempfile.TemporaryDirectory() as d:
+        res = export_c(g, plan, Path(d) / "c")
+        for f in sorted(p.name for p in res.out.iterdir() if p.name.startswith("model")):
+            out[f"c/{f}"] = _sha((res.out / f).read_bytes())
+        try:
+            import onnx  # noqa: F401
+        except ImportError:
+            pass
+        else:
+            from fixq.onnx_out import export_qdq
+            m = export_qdq(g, plan, Path(d) / "m.onnx")
+            m.producer_version = ""
+            out["qdq.onnx"] = _sha(m.SerializeToString(deterministic=True))
+    return out
+
+
+def _capture(net, shape):
+    from fixq.graph import capture
+    return capture(net, torch.zeros(2, *shape))
+
+
+def _load() -> dict:
+    return json.loads(GOLDEN.read_text()) if GOLDEN.exists() else {"history": [], "cells": {}}
+
+
+@pytest.mark.parametrize("model,cfg", MATRIX, ids=[f"{m}:{c}" for m, c in MATRIX])
+def test_outputs_match_golden_digests(model, cfg):
+    want = _load()["cells"].get(f"{model}:{cfg}")
+    assert want is not None, f"no golden digests for {model}:{cfg}; run tests/test_golden.py --regen REASON"
+    got = digests(model, cfg)
+    if "qdq.onnx" not in got:
+        want = {k: v for k, v in want.items() if k != "qdq.onnx"}
+    changed = sorted(k for k in set(want) | set(got) if want.get(k) != got.get(k))
+    assert not changed, (f"{model}:{cfg}: {changed} differ from tests/golden/digests.json; if intended, "
+                         "regenerate with `python tests/test_golden.py --regen REASON`")
+
+
+if __name__ == "__main__":
+    if len(sys.argv) != 3 or sys.argv[1] != "--regen" or not sys.argv[2].strip():
+        sys.exit("usage: python tests/test_golden.py --regen \"reason the outputs changed\"")
+    from datetime import date
+    data = _load()
+    cells = {f"{m}:{c}": digests(m, c) for m, c in MATRIX}
+    changed = sorted(k for k in cells if data["cells"].get(k) != cells[k])
+    data["history"].append({"date": date.today().isoformat(), "reason": sys.argv[2], "changed": changed})
+    data["cells"] = cells
+    GOLDEN.parent.mkdir(exist_ok=True)
+    GOLDEN.write_text(json.dumps(data, indent=1) + "\n")
+    print(f"{len(cells)} cells, {len(changed)} changed: {', '.join(changed) or '-'}")
