@@ -221,7 +221,14 @@ def saturate(q: torch.Tensor, T, overflow: str = "saturate") -> tuple[torch.Tens
     """
     lo, hi = _limits(T, q)
     if overflow == "saturate":
-        out = torch.clamp(q, lo, hi) if isinstance(lo, int) else torch.minimum(torch.maximum(q, lo), hi)
+        if isinstance(lo, int):
+            if q.numel():  # one read-only pass; most tensors need no clamp (returned as they are)
+                mn, mx = torch.aminmax(q)
+                if bool(mn >= lo) and bool(mx <= hi):  # NaN compares False: clamped below
+                    return q, torch.zeros((), dtype=torch.int64, device=q.device)
+            out = torch.clamp(q, lo, hi)
+        else:
+            out = torch.minimum(torch.maximum(q, lo), hi)
         return out, torch.count_nonzero(out != q)
     if overflow == "wrap":
         events = torch.count_nonzero((q > hi) | (q < lo))
@@ -257,11 +264,11 @@ def fake_quantize(x: torch.Tensor, F, T, rounding: str = "half_up",
     """
     s = exp2(F, x)
     if rounding == "half_up":  # floor(x*s + 1/2) in one fused pass
-        v = torch.floor(torch.addcmul(torch.full((), 0.5, dtype=x.dtype, device=x.device), x, s))
+        v = torch.addcmul(torch.full((), 0.5, dtype=x.dtype, device=x.device), x, s).floor_()
     else:
         v = round_values(x * s, rounding)
     q, events = saturate(v, T, overflow)
-    return q / s, events
+    return q.mul_(torch.reciprocal(s)), events  # q is a new tensor; 1/2**F is exact, so * is / 2**F
 
 
 def quantize_scalar(v: float, F: int, rounding: str = "half_up") -> int:
