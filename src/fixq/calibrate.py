@@ -10,7 +10,6 @@ exponent histograms, accumulator ranges; pass 2 for ``mse`` data), streamed batc
 from __future__ import annotations
 
 import warnings
-from dataclasses import dataclass
 
 import torch
 

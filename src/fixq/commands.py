@@ -147,7 +147,8 @@ def _common_report(session: Session) -> dict:
             "preprocess": asdict(session.preprocess),
             "float": {"top1_error": session.float_top1, "top5_error": session.float_top5},
             "complexity_float": analyze(session.graph).to_json()["total"], "complexity_note": COMPLEXITY_NOTE,
-            "timings": session.timings, "processes": dist.world(),
+            "timings": session.timings,
+            "processes": dist.world(),
             "model_notes": list(session.graph.notes)}
 
 

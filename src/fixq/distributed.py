@@ -153,3 +153,5 @@ def ordered(local_batches, n_batches: int, fn, on_done=None):
                 yield res[1]
         if on_done:
             on_done(sum(res is not None for res in got))
+    for _ in it:  # nothing left; lets the loader finish its epoch
+        pass

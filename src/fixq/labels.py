@@ -51,11 +51,15 @@ def parse_lines(lines, path) -> tuple[str, list]:
             raise DataError(f"labels file {path} line {ln}: expected 'filename class_index' or 'class_index', "
                             f"got {raw.strip()!r}", hint=_HINT)
         if form is not None and this != form:
-            raise DataError(f"labels file {path} line {ln}: {'a filename and a label' if this == 'names' else 'a label alone'}"
-                            f", but the lines above are {'filename class_index' if form == 'names' else 'one class_index'}"
-                            " lines: use one form for the whole file", hint=_HINT)
+            what = "a filename and a label" if this == "names" else "a label alone"
+            above = "filename class_index" if form == "names" else "one class_index"
+            raise DataError(f"labels file {path} line {ln}: {what}, but the lines above are {above} lines: "
+                            "use one form for the whole file", hint=_HINT)
         form = this
-        out.append((ln, parts[0], _int(parts[1], path, ln, raw)) if this == "names" else (ln, _int(parts[0], path, ln, raw)))
+        if this == "names":
+            out.append((ln, parts[0], _int(parts[1], path, ln, raw)))
+        else:
+            out.append((ln, _int(parts[0], path, ln, raw)))
     if form is None:
         raise DataError(f"labels file {path} has no labels (empty, or only comments)", hint=_HINT)
     return form, out

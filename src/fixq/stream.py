@@ -83,8 +83,8 @@ class ImageStream:
                 _Files(self.s, self.idx, self.pre), batch_sampler=sampler, num_workers=self.workers,
                 collate_fn=_collate, pin_memory=self.pin_memory, persistent_workers=self.workers > 0)
         try:
-            for b, (x, _, _) in zip(ids, self._loader):
-                yield b, x
+            for j, (x, _, _) in enumerate(self._loader):  # read to the end: a persistent loader restarts clean
+                yield ids[j], x
         except DataError as e:
             raise worker_error(e, self.workers) from None
 
