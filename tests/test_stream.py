@@ -159,7 +159,7 @@ def _torchrun(args, n: int, cwd) -> subprocess.CompletedProcess:
 
 
 @pytest.mark.parametrize("command", ["quantize", "mixed"])
-def test_two_gloo_processes_match_one(tmp_path, digits_dir, command):
+def test_two_gloo_processes_match_one(tmp_path, digits_dir, command, capsys):
     """2 ranks on CPU (gloo) write the plan of 1 process byte for byte, with the same top-1,
     top-5 and agreement. Uneven shards: 3 calibration batches, 5 evaluation batches."""
     common = ["--model", "lenet-digits", "--calib", str(digits_dir), "--calib-size", "40", "--eval", str(digits_dir),
@@ -168,12 +168,10 @@ def test_two_gloo_processes_match_one(tmp_path, digits_dir, command):
         common += ["--data-mode", "3D", "--coeff-mode", "2D"]
     else:
         common += ["--target-drop", "3", "--trials", "3", "--probe-size", "40", "--sensitivity-size", "20"]
-    outs = {}
-    for n in (1, 2):
-        out = tmp_path / f"n{n}"
-        r = _torchrun([command, *common, "--out", str(out)], n, tmp_path)
-        assert r.returncode == 0, r.stderr[-3000:]
-        outs[n] = out
+    outs = {n: tmp_path / f"n{n}" for n in (1, 2)}
+    assert main([command, *common, "--out", str(outs[1])]) == 0  # one process, no torchrun
+    r = _torchrun([command, *common, "--out", str(outs[2])], 2, tmp_path)
+    assert r.returncode == 0, r.stderr[-3000:]
     assert (outs[1] / "plan.json").read_bytes() == (outs[2] / "plan.json").read_bytes()
     a, b = (json.loads((outs[n] / "report.json").read_text()) for n in (1, 2))
     for k in ("quant", "float", "agreement_top1", "layers", "table3", "trials"):

@@ -22,7 +22,7 @@ from pathlib import Path
 
 from .images import IMG_EXT, DataError, ImageSet
 
-__all__ = ["scan_labelled", "parse_lines", "check_range"]
+__all__ = ["scan_labelled", "scan_flat", "parse_lines", "check_range"]
 
 _HINT = "see README 'The ImageNet validation layout'"
 
@@ -120,3 +120,14 @@ def check_range(s: ImageSet, n_outputs: int) -> None:
         ln, v = min(bad)
         raise DataError(f"labels file {s.labels_file} line {ln}: label {v} is out of range for a model with "
                         f"{n_outputs} outputs (0..{n_outputs - 1})", hint=_HINT)
+
+
+def scan_flat(root) -> ImageSet:
+    """A flat folder's images in sorted order, without labels (outputs only: ``run-c``,
+    ``export-onnx`` on the images of a ``--labels`` run); an ImageFolder scans as usual."""
+    r = Path(root)
+    if r.is_dir() and not any(d.is_dir() for d in r.iterdir()):
+        files = sorted(f.name for f in r.iterdir() if f.is_file() and f.suffix.lower() in IMG_EXT)
+        if files:
+            return ImageSet(r, tuple(files), (0,) * len(files), ())
+    return ImageSet.scan(root)
