@@ -37,5 +37,6 @@ cd "$(dirname "$0")"
   done
   echo "## ONNX in / QDQ ONNX out (issue 8)"; echo
   [ -f results/onnx.md ] && cat results/onnx.md
+  [ -f results/memory.md ] && { echo; echo "## Bounded memory: streaming (issue 14)"; echo; sed 1d results/memory.md; }
 } > RESULTS.md
 echo "wrote $(pwd)/RESULTS.md"

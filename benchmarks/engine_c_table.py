@@ -47,7 +47,7 @@ def main() -> None:
         s = open_session(name, str(shared / data), str(shared / data), str(shared / weights) if weights else None,
                          calib_size=nc, eval_size=ne, show_progress=False)
         run = run_config(s, make_config(coeff_mode="3D"))
-        g, plan, x = s.graph, run.plan, s.eval_x
+        g, plan, x = s.graph, run.plan, s.eval_stream.tensor()
         eng = Engine(g, plan)
         q = eng.quantize_input(x)
         res = export_c(g, plan, Path("/tmp/fixq-bench-c") / name)
@@ -69,7 +69,7 @@ def main() -> None:
                      r_exact / r_float, res.rom_bytes, res.ram_bytes, "yes" if same else "NO", mismatch])
         print(rows[-1], flush=True)
         if name == "cifar10-resnet20":
-            acc = accumulator_table(g, plan, s.calib_x)
+            acc = accumulator_table(g, plan, s.calib_stream.tensor())
             acc_md = markdown_table(["layer", "S (sum F)", "calibrated I_acc", "A exact sum", "A bit-identical to A=32"],
                                     [[r.name, f"{r.S_min}..{r.S_max}", r.acc_I_max, r.A_exact, r.A_identical]
                                      for r in acc])

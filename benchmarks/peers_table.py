@@ -40,7 +40,7 @@ from fixq.zoo import build_model  # noqa: E402
 def _eval(model, session, bs=256) -> dict:
     model.eval()
     with torch.no_grad():
-        logits = torch.cat([model(xb) for xb, _ in batches(session.eval_x, None, bs)])
+        logits = torch.cat([model(xb) for xb, _ in batches(session.eval_stream.tensor(), None, bs)])
     t1, t5 = topk_errors(logits, session.eval_y)
     agree = 100.0 * (logits.argmax(1) == session.float_logits.argmax(1)).float().mean().item()
     return {"top1": t1, "top5": t5, "agree": agree}
@@ -69,14 +69,14 @@ def brevitas_row(session, po2: bool, adaptive_pool: bool = False) -> dict:
     q = quantize_model(model, backend="fx", weight_bit_width=8, act_bit_width=8, bias_bit_width=32,
                        weight_quant_granularity="per_channel", act_quant_percentile=99.999, act_quant_type="sym",
                        scale_factor_type="po2_scale" if po2 else "float_scale", quant_format="int")
-    calibrate([(xb, None) for xb, _ in batches(session.calib_x, None, 64)], q)
+    calibrate([(xb, None) for xb, _ in batches(session.calib_stream.tensor(), None, 64)], q)
     return _eval(q, session)
 
 
 def mct_row(session) -> dict:
     import model_compression_toolkit as mct
     model, _ = build_model(session.model_name, session.weights)
-    calib = [xb for xb, _ in batches(session.calib_x, None, 64)]
+    calib = [xb for xb, _ in batches(session.calib_stream.tensor(), None, 64)]
 
     def gen():
         for xb in calib:

@@ -86,13 +86,13 @@ def torch_ao_rows(session, per_tensor: bool) -> dict:
     t0 = time.time()
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        prepared = prepare_fx(model, mapping, (session.calib_x[:2],))
+        prepared = prepare_fx(model, mapping, (session.calib_stream.tensor()[:2],))
         with torch.no_grad():
-            for xb, _ in batches(session.calib_x, None, 64):
+            for xb, _ in batches(session.calib_stream.tensor(), None, 64):
                 prepared(xb)
         q = convert_fx(prepared)
         with torch.no_grad():
-            logits = torch.cat([q(xb) for xb, _ in batches(session.eval_x, None, 64)])
+            logits = torch.cat([q(xb) for xb, _ in batches(session.eval_stream.tensor(), None, 64)])
     t1, t5 = topk_errors(logits, session.eval_y)
     agree = 100.0 * (logits.argmax(1) == session.float_logits.argmax(1)).float().mean().item()
     return {"label": "torch.ao FX PTQ, " + ("per-tensor min/max weights" if per_tensor else "x86 default (per-channel)"),
@@ -101,7 +101,7 @@ def torch_ao_rows(session, per_tensor: bool) -> dict:
 
 def throughput(session, plan, device, n=256, reps=3) -> dict:
     from sim_throughput import rate
-    x = session.eval_x[:n].to(device)
+    x = session.eval_stream.tensor()[:n].to(device)
     g = session.graph
     sim = Simulator(g, plan, device=device)
     ex = Simulator(g, plan, exact=True, device=device)

@@ -4,38 +4,27 @@ Notation (DESIGN.md §3-§5): ``T`` bits, ``F`` fractional bits per partition, `
 data formats, ``Fw`` coefficient formats, ``S[i] = max_j Fw[i,j] + Fx[j]`` the exact-sum
 format, ``A`` accumulator bits, ``Facc[i] = min(S[i], A - 1 - ceil(log2 max|acc_i|))``.
 
-Pass 1 collects per-channel max|x|, min, max and (for percentile methods) exponent
-histograms at every requantization point, plus each conv/linear's pre-activation range
-(the accumulator). Pass 2 runs only when a tensor uses ``mse``: squared error of the five
-candidate F's per channel. Observers are tensor ops on the model's device.
+The statistics come from :mod:`fixq.observe` (pass 1: per-channel max|x|, min, max,
+exponent histograms, accumulator ranges; pass 2 for ``mse`` data), streamed batch by batch.
 """
 from __future__ import annotations
 
 import warnings
-from dataclasses import dataclass
 
 import torch
 
-from .formats import Word, fake_quantize
-from .ir import (FLOAT_RULES, QUANT_POINTS, Concat, Conv, FloatOp, Graph, Input, Linear, apply_act,
-                 nonnegative_nodes, pre_activation)
+from .formats import fake_quantize
+from .ir import QUANT_POINTS, Concat, Conv, FloatOp, Graph, Linear, nonnegative_nodes
+from .observe import (CalibrationError, Observations, _data_F, _magnitude_T, _nonzero, needs_histograms,
+                      observe)
 from .partitions import accumulator_F, filter_formats, propagate_formats, sum_format
 from .plan import AffineFormats, Formats, LayerPlan, PlanError, QuantConfig, QuantPlan
-from .progress import progress
 from .safety import bound_spread
-from .ranges import (EXP_LO, MSE_CANDIDATES, F_from_histogram, F_from_maxabs, F_from_percentile_rows, affine_params,
-                     ceil_log2, exponent_histogram, mse_candidates, parse_method)
+from .ranges import (EXP_LO, MSE_CANDIDATES, F_from_maxabs, F_from_percentile_rows, affine_params,
+                     ceil_log2, mse_candidates, parse_method)
 
 __all__ = ["calibrate", "observe", "plan_from", "Observations", "needs_histograms",
            "weight_formats", "bias_formats", "filter_formats", "sum_format", "accumulator_F", "CalibrationError"]
-
-
-from .errors import FixqError  # noqa: E402  (the one error hierarchy, errors.py)
-
-
-class CalibrationError(FixqError):
-    """Empty data, NaN/Inf activations, or a config the model cannot take."""
-
 
 def _partitions(w: torch.Tensor, mode: str, groups: int) -> tuple[torch.Tensor, tuple[int, ...]]:
     """View the weight as (n_partitions, elements) for a granularity; returns grid shape."""
@@ -103,162 +92,6 @@ def bias_formats(b: torch.Tensor, T: int) -> Formats:
     """One maxabs format per output channel (paper: biases in their own 8 bits)."""
     F = F_from_maxabs(b.detach().double().abs(), T)
     return Formats(T, "3D", tuple(int(v) for v in F.tolist()), (b.numel(),))
-
-
-@dataclass
-class _Stats:
-    """Per-channel running statistics of one tensor."""
-    amax: torch.Tensor | None = None
-    vmin: torch.Tensor | None = None
-    vmax: torch.Tensor | None = None
-    hist: torch.Tensor | None = None
-    count: int = 0
-
-
-def _per_channel(x: torch.Tensor) -> torch.Tensor:
-    """(C, elements) view of a batch (channels on dim 1; a 2-D tensor has features)."""
-    return x.detach().transpose(0, 1).reshape(x.shape[1], -1)
-
-
-def _observe(st: _Stats, x: torch.Tensor, want_hist: bool) -> None:
-    # two reductions over the non-channel dims, no copy: max|x| = max(max, -min)
-    dims = [d for d in range(x.dim()) if d != 1]
-    vmin, vmax = torch.aminmax(x.detach(), dim=dims[0]) if len(dims) == 1 else (
-        x.detach().amin(dim=dims), x.detach().amax(dim=dims))
-    amax = torch.maximum(vmax, -vmin)
-    if st.amax is None:
-        st.amax, st.vmin, st.vmax = amax, vmin, vmax
-    else:
-        st.amax, st.vmin, st.vmax = (torch.maximum(st.amax, amax), torch.minimum(st.vmin, vmin),
-                                     torch.maximum(st.vmax, vmax))
-    if want_hist:
-        c = _per_channel(x)
-        groups = torch.arange(c.shape[0], device=c.device).unsqueeze(1).expand_as(c)
-        h = exponent_histogram(c, groups, c.shape[0])
-        st.hist = h if st.hist is None else st.hist + h
-    st.count += x.numel() // x.shape[1]
-
-
-def _forward_observed(graph: Graph, x: torch.Tensor, on_tensor, on_acc) -> None:
-    env = {graph.input: x}
-    on_tensor(graph.input, x)
-    for n in graph.nodes:
-        if isinstance(n, Input):
-            continue
-        args = [env[i] for i in n.inputs]
-        if isinstance(n, (Conv, Linear)):
-            pre = pre_activation(n, *args)
-            on_acc(n.name, pre)
-            y = apply_act(pre, n.act)
-        else:
-            y = FLOAT_RULES[type(n)](n, *args)
-        env[n.name] = y
-        if isinstance(n, QUANT_POINTS):
-            on_tensor(n.name, y)
-
-
-def _magnitude_T(T: int, signed: bool) -> int:
-    """Signed bits with U(T,F)'s magnitude (one more than Q(T,F)): what every F rule takes."""
-    return T + (0 if signed else 1)
-
-
-def _data_F(st: _Stats, T: int, mode: str, method: str) -> torch.Tensor:
-    m = parse_method(method)
-    amax = st.amax if mode == "3D" else st.amax.max().reshape(1)
-    if m.kind == "percentile":
-        hist = st.hist if mode == "3D" else st.hist.sum(dim=0, keepdim=True)
-        return F_from_histogram(hist, T, m.p)
-    return F_from_maxabs(amax, T)
-
-
-def _nonzero(st: _Stats, mode: str) -> torch.Tensor:
-    """Which partitions (channels, or the one tensor) of a data tensor have a nonzero range."""
-    nz = st.amax.cpu() > 0
-    return nz if mode == "3D" else nz.any().reshape(1)
-
-
-@dataclass
-class Observations:
-    """Float statistics of every requantized tensor and every accumulator over the
-    calibration batches (pass 1), plus cached mse passes (pass 2). Plans for any number of
-    configurations are built from one of these (``plan_from``): a sweep calibrates once."""
-
-    graph: Graph
-    batches: list
-    device: torch.device
-    stats: dict
-    acc: dict
-    histograms: bool
-    show_progress: bool = True
-    mse_cache: dict = None
-
-    def mse_F(self, requests: list[tuple[str, int, str, bool]], rounding: str) -> dict:
-        """Best F per channel (3D) or tensor (4D) among F_maxabs..F_maxabs+4 by squared
-        error; one extra pass over the batches for every request ``(name, T, mode, signed)``
-        not cached yet."""
-        self.mse_cache = self.mse_cache or {}
-        todo = [r for r in set(requests) if (r, rounding) not in self.mse_cache]
-        if todo:
-            cands = {r: mse_candidates(_data_F(self.stats[r[0]], _magnitude_T(r[1], r[3]), r[2], "maxabs"))
-                     for r in todo}
-            err = {r: torch.zeros(c.shape, dtype=torch.float64, device=c.device) for r, c in cands.items()}
-            by_name: dict[str, list] = {}
-            for r in todo:
-                by_name.setdefault(r[0], []).append(r)
-
-            def on_tensor(name, t):
-                for r in by_name.get(name, ()):
-                    c = _per_channel(t).double()
-                    word = Word(r[1], r[3])
-                    for k in range(MSE_CANDIDATES):
-                        F = cands[r][:, k:k + 1]
-                        if r[2] == "3D":
-                            e = ((fake_quantize(c, F, word, rounding)[0] - c) ** 2).sum(dim=1)
-                        else:
-                            e = ((fake_quantize(c, F[0, 0], word, rounding)[0] - c) ** 2).sum().reshape(1)
-                        err[r][:, k] += e
-
-            with torch.no_grad():
-                for x in progress(self.batches, "calibrate (mse)", self.show_progress):
-                    _forward_observed(self.graph, x, on_tensor, lambda *a: None)
-            for r in todo:
-                self.mse_cache[(r, rounding)] = cands[r].gather(1, err[r].argmin(dim=1, keepdim=True)).squeeze(1)
-        return {r: self.mse_cache[(r, rounding)] for r in requests}
-
-
-def observe(graph: Graph, loader, device: str | torch.device = "cpu", histograms: bool = False,
-            show_progress: bool = True) -> Observations:
-    """Pass 1 over the calibration data: per-channel max|x|, min, max (and exponent
-    histograms when ``histograms``) at every requantization point and accumulator."""
-    device = torch.device(device)
-    batches = []
-    for batch in loader:  # kept (as the loader yields them) for an mse pass
-        x = batch[0] if isinstance(batch, (tuple, list)) else batch
-        if x.numel():
-            batches.append(x.to(device=device, dtype=torch.float32))
-    if not batches:
-        raise CalibrationError("no calibration images: the calibration set is empty")
-    qpoints = [n for n in graph.nodes if isinstance(n, QUANT_POINTS)]
-    stats = {n.name: _Stats() for n in qpoints}
-    acc = {n.name: _Stats() for n in graph.layers()}
-    with torch.no_grad():
-        for x in progress(batches, "calibrate", show_progress):
-            _forward_observed(graph, x, lambda name, t: _observe(stats[name], t, histograms),
-                              lambda name, t: _observe(acc[name], t, False))
-    # NaN/Inf propagate through min/max, so the per-channel statistics reveal them
-    for n in graph.nodes:
-        st = acc.get(n.name) or stats.get(n.name)
-        if st is not None and st.amax is not None and not bool(torch.isfinite(st.amax).all()):
-            if isinstance(n, Input):
-                raise CalibrationError("the calibration images contain NaN or Inf after preprocessing")
-            raise CalibrationError(f"layer '{n.name}' produced NaN or Inf on the calibration images; "
-                                   "check the weights and the preprocessing")
-    return Observations(graph, batches, device, stats, acc, histograms, show_progress)
-
-
-def needs_histograms(graph: Graph, configs) -> bool:
-    return any(parse_method(c.for_layer(n.name).effective_data_method).kind == "percentile"
-               for c in configs for n in graph.nodes)
 
 
 def calibrate(graph: Graph, loader, config: QuantConfig, model_name: str = "model",

@@ -68,6 +68,8 @@ def _add_model(p: argparse.ArgumentParser, data: bool = True) -> None:
     d.add_argument("--calib", required=True, help="folder of calibration images")
     d.add_argument("--calib-size", type=int, default=512, help="calibration images drawn with --seed")
     d.add_argument("--eval", required=True, dest="eval_dir", help="folder of evaluation images")
+    d.add_argument("--labels", help="labels file for a flat --eval folder (ImageNet val): 'filename class_index' "
+                   "lines, or one class_index per line in sorted filename order")
     d.add_argument("--eval-size", type=int, help="evaluation images (default: all not used for calibration)")
     d.add_argument("--seed", type=int, default=0, help="seed of the calibration/evaluation image draw")
     d.add_argument("--preprocess", help="preset: imagenet, cifar10, digits, mnist, efficientnet-lite, googlenet "
@@ -83,7 +85,8 @@ def _add_model(p: argparse.ArgumentParser, data: bool = True) -> None:
     r = p.add_argument_group("run")
     r.add_argument("--device", default="cpu", help="cpu or cuda")
     r.add_argument("--batch-size", type=int, default=128, help="images per simulation batch")
-    r.add_argument("--workers", type=int, default=0, help="image decoding processes (0: in the main process)")
+    r.add_argument("--workers", type=int, default=None,
+                   help="image decoding processes per rank (0: in the main process; default: the CPUs available)")
 
 
 def _add_quant(p: argparse.ArgumentParser, multi: bool = False) -> None:

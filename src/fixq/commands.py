@@ -3,12 +3,14 @@ from __future__ import annotations
 
 import itertools
 import json
+import os
 import time
 from dataclasses import asdict, replace
 from pathlib import Path
 
 import torch
 
+from . import distributed as dist
 from .complexity import analyze
 from .graph import capture
 from .pipeline import Session, layer_table, method_label, open_session, run_config
@@ -28,7 +30,7 @@ def prepare_out(path: str | Path, option: str = "--out") -> Path:
     out = Path(path)
     try:
         out.mkdir(parents=True, exist_ok=True)
-        probe = out / ".fixq-write-test"
+        probe = out / f".fixq-write-test-{os.getpid()}"
         probe.write_text("")
         probe.unlink()
     except OSError as e:
@@ -112,13 +114,14 @@ def _session(args) -> Session:
         import warnings
         warnings.warn(f"{args.model} runs on random weights (--random-weights): its accuracy is meaningless")
     pre, shape = resolve_preprocess(args)
-    for k in ("calib_size", "eval_size", "batch_size"):
+    for k in ("calib_size", "eval_size", "batch_size", "workers"):
         v = getattr(args, k, None)
-        if v is not None and v <= 0:
-            raise PlanError(f"--{k.replace('_', '-')} must be positive, got {v}")
+        if v is not None and (v < 0 if k == "workers" else v <= 0):
+            raise PlanError(f"--{k.replace('_', '-')} must be {'>= 0' if k == 'workers' else 'positive'}, got {v}")
     return open_session(args.model, args.calib, args.eval_dir, args.weights, args.calib_size, args.eval_size,
                         args.seed, pre, shape, args.batch_size, args.workers, _device(args.device),
-                        show_progress=not (args.quiet or args.json), skip_bad_images=args.skip_bad_images)
+                        show_progress=not (args.quiet or args.json), skip_bad_images=args.skip_bad_images,
+                        labels=getattr(args, "labels", None))
 
 
 def _float_row(session: Session) -> dict:
@@ -145,6 +148,7 @@ def _common_report(session: Session) -> dict:
             "float": {"top1_error": session.float_top1, "top5_error": session.float_top5},
             "complexity_float": analyze(session.graph).to_json()["total"], "complexity_note": COMPLEXITY_NOTE,
             "timings": session.timings,
+            "processes": dist.world(),
             "model_notes": list(session.graph.notes)}
 
 
@@ -158,6 +162,8 @@ def cmd_quantize(args) -> int:
     with progress_label(f"<{_bits_label(d.coeff_bits)},{_bits_label(d.data_bits)}> {d.coeff_mode}/{d.data_mode} "
                         f"{method_label(d)}"):
         run = run_config(session, config, exact=args.exact)
+    if not dist.is_main():  # torchrun: rank 0 writes the outputs
+        return 0
     run.plan.save(out / "plan.json")
     row = run.row(session)
     layers = layer_table(session, run)
@@ -252,6 +258,8 @@ def cmd_sweep(args) -> int:
             run = run_config(session, cfg, exact=args.exact)
         row = {"plan": f"plan-{i:02d}.json", **run.row(session)}
         rows.append(row)
+        if not dist.is_main():
+            continue
         run.plan.save(out / row["plan"])
         _say(args, f"[{i + 1}/{len(configs)}] {row['format']} {row['coeff_mode']}/{row['data_mode']} "
                    f"{row['method']}: top-1 error {row['quant_top1_error']:.2f}%")
@@ -260,6 +268,8 @@ def cmd_sweep(args) -> int:
                                                     "exact": args.exact, "seed": args.seed,
                                                     "weights": weights_label(args)},
               "rows": rows}
+    if not dist.is_main():
+        return 0
     write_json(out / "report.json", report)
     write_json(out / "images.json", {"calib_files": session.images["calib_files"],
                                      "eval_files": session.images["eval_files"]})
@@ -361,4 +371,22 @@ def dispatch(args) -> int:
     from .commands_mixed import cmd_mixed
     COMMANDS.update({"export-c": cmd_export_c, "run-c": cmd_run_c, "accumulators": cmd_accumulators,
                      "mixed": cmd_mixed, "kmeans": cmd_kmeans, "export-onnx": cmd_export_onnx})
+    if args.command in DATA_PARALLEL and int(os.environ.get("WORLD_SIZE", "1") or 1) > 1:
+        return _data_parallel(args)
     return COMMANDS[args.command](args)
+
+
+DATA_PARALLEL = ("quantize", "sweep", "mixed", "kmeans")
+
+
+def _data_parallel(args) -> int:
+    """One rank of ``torchrun --nproc-per-node N -m fixq COMMAND``: same results as one
+    process (fixq.distributed); only rank 0 prints and writes."""
+    import warnings
+    dist.init_from_env(args.device)
+    if not dist.is_main():
+        args.quiet = True
+        warnings.simplefilter("ignore")
+    code = COMMANDS[args.command](args)
+    dist.shutdown()
+    return code

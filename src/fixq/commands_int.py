@@ -60,7 +60,8 @@ def _read_json(path) -> dict:
 
 
 def _images(args, pre: Preprocess):
-    s = ImageSet.scan(args.data)
+    from .labels import scan_flat  # a flat folder (a --labels run's images) works too: outputs only
+    s = scan_flat(args.data)
     if args.images:
         listed = _read_json(args.images).get("eval_files")
         if listed is None:

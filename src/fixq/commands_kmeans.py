@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import json
 
+from . import distributed as dist
 from .commands import _common_report, _header, _say, _session, prepare_out, search_config
 from .kmeans_search import KMeansOptions, search_kmeans
 from .search import acceptance_rule
@@ -51,6 +52,8 @@ def cmd_kmeans(args) -> int:
     out = prepare_out(args.out)
     session = _session(args)
     res = search_kmeans(session, config, opts)
+    if not dist.is_main():  # torchrun: rank 0 writes the outputs
+        return 0
     res.plan.save(out / "plan.json")
     from .kmeans import layer_savings
     N = {n.name: n.weight.shape[0] for n in session.graph.layers()}

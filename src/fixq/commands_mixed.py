@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import json
 
+from . import distributed as dist
 from .commands import _common_report, _header, _say, _session, prepare_out, search_config
 from .mixed_search import MixedOptions, search_mixed
 from .search import acceptance_rule
@@ -39,6 +40,8 @@ def cmd_mixed(args) -> int:
     out = prepare_out(args.out)
     session = _session(args)
     res = search_mixed(session, config, opts)
+    if not dist.is_main():  # torchrun: rank 0 writes the outputs
+        return 0
     res.tuned.plan.save(out / "plan.json")
     other = [s for s in res.tuning if s != res.strategy]
     trials = [t.to_json() for r in res.tuning.values() for t in r.trials]

@@ -1,213 +1,20 @@
-"""Datasets (ImageFolder layout) and evaluation: top-1/top-5 error float vs fixed point,
-top-1 agreement, per-layer SQNR and saturation counts."""
+"""Evaluation: top-1/top-5 error float vs fixed point, top-1 agreement, per-layer SQNR and
+saturation counts, over images streamed batch by batch (:mod:`fixq.stream`). The image
+folders themselves are :mod:`fixq.images` (re-exported here)."""
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from pathlib import Path
 
 import torch
 
-from .errors import FixqError
-from .progress import progress
+from . import distributed as dist
+from .images import (CIFAR10_CLASSES, DataError, ImageSet, Split, class_mapping, known_classes, load_images,
+                     select_subsets)
 from .ir import QUANT_POINTS, Graph, run_float
-from .zoo import Preprocess
+from .stream import TensorStream, stream_map
 
 __all__ = ["DataError", "ImageSet", "load_images", "known_classes", "class_mapping", "CIFAR10_CLASSES",
            "select_subsets", "Split", "topk_errors", "float_logits", "EvalResult", "evaluate_quant", "batches"]
-
-IMG_EXT = {".jpg", ".jpeg", ".png", ".bmp", ".ppm", ".pgm", ".tif", ".tiff", ".webp"}
-
-
-class DataError(FixqError):
-    """Missing or empty data folders, unreadable images."""
-
-
-@dataclass(frozen=True)
-class ImageSet:
-    """An ImageFolder-layout folder: ``root/<class>/<image>``; classes in sorted order."""
-
-    root: Path
-    files: tuple[str, ...]       # relative paths, sorted by class then name
-    labels: tuple[int, ...]
-    classes: tuple[str, ...]
-
-    @staticmethod
-    def scan(root: str | Path) -> "ImageSet":
-        r = Path(root)
-        if not r.is_dir():
-            raise DataError(f"data folder {root} does not exist (expected root/<class>/<image> files)")
-        classes = sorted(d.name for d in r.iterdir() if d.is_dir())
-        if not classes:
-            flat = [f for f in r.iterdir() if f.suffix.lower() in IMG_EXT]
-            what = f"it holds {len(flat)} images directly" if flat else "it is empty"
-            raise DataError(f"data folder {root} has no class subfolders ({what}): fixq expects "
-                            f"{root}/<class>/<image>, one folder per class, sorted names = class indices",
-                            hint="move the images into one folder per class")
-        files, labels = [], []
-        for i, c in enumerate(classes):
-            for f in sorted((r / c).iterdir()):
-                if f.suffix.lower() in IMG_EXT:
-                    files.append(f"{c}/{f.name}")
-                    labels.append(i)
-        if not files:
-            raise DataError(f"data folder {root} holds no images: expected ImageFolder layout "
-                            "root/<class>/<image>.jpg (class folders in sorted order = class index)")
-        return ImageSet(r, tuple(files), tuple(labels), tuple(classes))
-
-    def __len__(self) -> int:
-        return len(self.files)
-
-
-@dataclass(frozen=True)
-class Split:
-    calib: tuple[int, ...]
-    eval: tuple[int, ...]
-    seed: int
-    same_folder: bool
-
-
-def select_subsets(calib: ImageSet, evalset: ImageSet, calib_size: int | None,
-                   eval_size: int | None, seed: int = 0) -> Split:
-    """Seeded subsets; when both name the same folder they are disjoint.
-
-    Evaluation indices are returned sorted, so outputs come in folder order."""
-    same = calib.root.resolve() == evalset.root.resolve()
-    g = torch.Generator().manual_seed(seed)
-    pc = torch.randperm(len(calib), generator=g).tolist()
-    nc = len(calib) if calib_size is None else min(calib_size, len(calib))
-    if nc <= 0:
-        raise DataError("calibration size must be at least 1")
-    c = pc[:nc]
-    if same:
-        rest = pc[nc:]
-        if not rest:
-            raise DataError(f"--calib and --eval name the same folder and calibration takes all "
-                            f"{len(calib)} images: lower --calib-size so some are left to evaluate")
-        e = rest if eval_size is None else rest[:eval_size]
-    else:
-        pe = torch.randperm(len(evalset), generator=torch.Generator().manual_seed(seed + 1)).tolist()
-        e = pe if eval_size is None else pe[:eval_size]
-    if not e:
-        raise DataError("evaluation size must be at least 1")
-    return Split(tuple(sorted(c)), tuple(sorted(e)), seed, same)
-
-
-def _transform(pre: Preprocess):
-    from torchvision import transforms as T
-    steps = []
-    if pre.grayscale:
-        steps.append(T.Grayscale(1))
-    if pre.resize:
-        steps.append(T.Resize(pre.resize, interpolation=T.InterpolationMode.BILINEAR))
-    if pre.crop:
-        steps.append(T.CenterCrop(pre.crop))
-    steps += [T.ToTensor(), T.Normalize(pre.mean, pre.std)]
-    return T.Compose(steps)
-
-
-class _Files(torch.utils.data.Dataset):
-    def __init__(self, s: ImageSet, idx, pre: Preprocess, skip_bad: bool = False):
-        self.s, self.idx, self.tf, self.skip_bad = s, list(idx), _transform(pre), skip_bad
-
-    def __len__(self):
-        return len(self.idx)
-
-    def __getitem__(self, k):
-        from PIL import Image
-        i = self.idx[k]
-        path = self.s.root / self.s.files[i]
-        try:
-            with Image.open(path) as im:
-                img = im.convert("RGB")
-        except (OSError, ValueError, SyntaxError) as e:  # PIL raises all three on broken files
-            if self.skip_bad:
-                return None, None, k
-            raise DataError(f"cannot read image {path}: {e}",
-                            hint="--skip-bad-images skips unreadable images and counts them") from None
-        return self.tf(img), self.s.labels[i], k
-
-
-def _collate(items):
-    good = [(x, y) for x, y, _ in items if x is not None]
-    bad = [k for x, _, k in items if x is None]
-    if not good:
-        return None, None, bad
-    return torch.stack([x for x, _ in good]), torch.tensor([y for _, y in good]), bad
-
-
-def load_images(s: ImageSet, idx, pre: Preprocess, workers: int = 0, batch_size: int = 64,
-                show_progress: bool = True, desc: str = "load images",
-                skipped: list | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-    """Decode and preprocess the chosen images into one in-memory tensor (N, C, H, W).
-
-    An unreadable image stops with a :class:`DataError` naming it, unless ``skipped`` is
-    a list: then it is left out and its relative path appended there.
-
-    >>> x, y = load_images(ImageSet.scan("digits"), range(8), PRESETS["digits"])  # doctest: +SKIP
-    """
-    idx = list(idx)
-    loader = torch.utils.data.DataLoader(_Files(s, idx, pre, skipped is not None), batch_size=batch_size,
-                                         num_workers=workers, shuffle=False, collate_fn=_collate)
-    xs, ys = [], []
-    try:
-        for x, y, bad in progress(loader, desc, show_progress):
-            if skipped is not None:
-                skipped.extend(s.files[idx[k]] for k in bad)
-            if x is not None:
-                xs.append(x)
-                ys.append(y)
-    except DataError as e:  # from a worker process: torch re-raises with the traceback as the message
-        if not workers:
-            raise
-        last = str(e).strip().splitlines()[-1]
-        raise DataError(last.split("DataError: ", 1)[-1],
-                        hint="--skip-bad-images skips unreadable images and counts them") from None
-    if not xs:
-        raise DataError(f"no readable images selected from {s.root}")
-    return torch.cat(xs), torch.cat(ys)
-
-
-def known_classes(kind: str | None) -> tuple[str, ...] | None:
-    """Class names (in index order) of a zoo label set: ``cifar10``, ``imagenet`` (WordNet ids), ``digits``."""
-    if kind == "cifar10":
-        return CIFAR10_CLASSES
-    if kind == "digits":
-        return tuple(str(i) for i in range(10))
-    if kind == "imagenet":
-        return tuple((Path(__file__).parent / "data" / "imagenet_wnids.txt").read_text().split())
-    return None
-
-
-def class_mapping(s: ImageSet, n_outputs: int, kind: str | None = None) -> torch.Tensor | None:
-    """Map the folder's class indices (sorted folder names) to the model's output indices.
-
-    Where the zoo knows the class names (``kind``), folder names must be among them and each
-    folder gets its name's index (a subset of the classes is fine); otherwise the folder must
-    have exactly one class folder per output. Returns ``None`` when the indices already agree.
-
-    >>> class_mapping(ImageSet(Path("."), (), (), ("cat", "dog")), 10, "cifar10").tolist()
-    [3, 5]
-    """
-    names = known_classes(kind)
-    if names is not None and len(names) == n_outputs:
-        pos = {c: i for i, c in enumerate(names)}
-        unknown = [c for c in s.classes if c not in pos]
-        if unknown:
-            shown = ", ".join(unknown[:3]) + (f" and {len(unknown) - 3} more" if len(unknown) > 3 else "")
-            raise DataError(f"data folder {s.root} has class folders that are not {kind} classes: {shown} "
-                            f"(expected names like {', '.join(names[:3])}...)",
-                            hint=f"name each class folder after its {kind} class")
-        idx = [pos[c] for c in s.classes]
-        return None if idx == list(range(len(idx))) else torch.tensor(idx)
-    if len(s.classes) != n_outputs:
-        raise DataError(f"data folder {s.root} has {len(s.classes)} class folders but the model has {n_outputs} "
-                        "outputs: class folders sorted by name give the class index, so they must be one per "
-                        "output", hint="keep one folder per class, even empty ones")
-    return None
-
-
-CIFAR10_CLASSES = ("airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck")
-
 
 def batches(x: torch.Tensor, y: torch.Tensor | None, batch_size: int):
     for i in range(0, x.shape[0], batch_size):
@@ -223,14 +30,20 @@ def topk_errors(logits: torch.Tensor, labels: torch.Tensor) -> tuple[float, floa
     return 100.0 * (1 - hit1), 100.0 * (1 - hit5)
 
 
+def _stream(data, batch_size: int):
+    """A stream from a stream or an in-memory (N, C, H, W) tensor (Python API)."""
+    if isinstance(data, torch.Tensor):
+        return TensorStream([xb for xb, _ in batches(data, None, batch_size)])
+    return data
+
+
 @torch.no_grad()
-def float_logits(graph: Graph, x: torch.Tensor, batch_size: int = 128, device="cpu",
+def float_logits(graph: Graph, data, batch_size: int = 128, device="cpu",
                  show_progress: bool = True) -> torch.Tensor:
-    out = []
-    n = (x.shape[0] + batch_size - 1) // batch_size
-    for xb, _ in progress(batches(x, None, batch_size), "float eval", show_progress, total=n):
-        out.append(run_float(graph, xb.to(device)).float().cpu())
-    return torch.cat(out)
+    """Float outputs (N, classes) of a stream (or tensor) of images, batch by batch."""
+    return torch.cat(list(stream_map(_stream(data, batch_size),
+                                     lambda b, xb: run_float(graph, xb.to(device)).float().cpu(),
+                                     "float eval", show_progress)))
 
 
 @dataclass
@@ -244,34 +57,85 @@ class EvalResult:
     sqnr_images: int = 0
 
 
+def _lockstep(sim, xb: torch.Tensor, points: list[str]):
+    """Quantized and float forward passes side by side, node by node: each quantization
+    point's signal and noise energy (float64 sums over the batch) is taken as soon as it
+    exists, and a tensor is dropped once its last user has run, so memory holds the live
+    tensors of two passes, not every layer's output. Returns ``(output, {p: (sig, noise)})``."""
+    from .ir import FLOAT_RULES, Input
+    from .simulate import SIM_RULES
+    g = sim.graph
+    want = set(points)
+    users = g.users()
+    left = {k: len(v) for k, v in users.items()}
+    q_env = {g.input: sim.requant(g.input, sim._t(xb))}
+    f_env = {g.input: xb.float()}
+    sums = {}
+
+    def take(name):
+        if name in want:
+            f = f_env[name].double()
+            sums[name] = (float((f * f).sum()), float(((q_env[name].double() - f) ** 2).sum()))
+    take(g.input)
+    for n in g.nodes:
+        if isinstance(n, Input):
+            continue
+        q_env[n.name] = SIM_RULES[type(n)](sim, n, *(q_env[i] for i in n.inputs))
+        f_env[n.name] = FLOAT_RULES[type(n)](n, *(f_env[i] for i in n.inputs))
+        take(n.name)
+        for i in n.inputs:
+            left[i] -= 1
+            if left[i] == 0 and i != g.output:
+                del q_env[i], f_env[i]
+    return q_env[g.output], sums
+
+
 @torch.no_grad()
-def evaluate_quant(sim, x: torch.Tensor, y: torch.Tensor, ref_logits: torch.Tensor,
+def evaluate_quant(sim, data, y: torch.Tensor, ref_logits: torch.Tensor,
                    batch_size: int = 128, sqnr_images: int = 256, show_progress: bool = True) -> EvalResult:
-    """Run the simulator over the eval tensors; SQNR of every requantized tensor vs float is
-    measured on the first ``sqnr_images`` images (float intermediates are recomputed there)."""
+    """Run the simulator over a stream (or tensor) of evaluation images; SQNR of every
+    requantized tensor vs float is measured on the batches that start within the first
+    ``sqnr_images`` images (float intermediates recomputed there, layer by layer)."""
     graph = sim.graph
+    stream = _stream(data, batch_size)
     sim.reset_counts()
     points = [n.name for n in graph.nodes if isinstance(n, QUANT_POINTS)]
     sig = {p: 0.0 for p in points}
     noise = {p: 0.0 for p in points}
-    out, seen = [], 0
-    n = (x.shape[0] + batch_size - 1) // batch_size
-    for xb, _ in progress(batches(x, None, batch_size), "fixed-point eval", show_progress, total=n):
+    starts = [0]
+    for b in range(stream.n_batches):
+        starts.append(starts[-1] + stream.batch_len(b))
+
+    def one(b, xb):
         xb = xb.to(sim.device)
-        if seen < sqnr_images:
-            q_env = sim.run(xb, keep=True)
-            f_env = run_float(graph, xb.float(), keep=True)
+        if starts[b] < sqnr_images:
+            out, sums = _lockstep(sim, xb, points)
+            return out.float().cpu(), sums
+        return sim.run(xb).float().cpu(), None
+
+    out, seen = [], 0
+    for b, (logits_b, sums) in enumerate(stream_map(stream, one, "fixed-point eval", show_progress)):
+        out.append(logits_b)
+        if sums is not None:
             for p in points:
-                f = f_env[p].double()
-                sig[p] += float((f * f).sum())
-                noise[p] += float(((q_env[p].double() - f) ** 2).sum())
-            out.append(q_env[graph.output].float().cpu())
-            seen += xb.shape[0]
-        else:
-            out.append(sim.run(xb).float().cpu())
+                s_, n_ = sums[p]
+                sig[p] += s_
+                noise[p] += n_
+            seen += logits_b.shape[0]
     logits = torch.cat(out)
     t1, t5 = topk_errors(logits, y)
     agree = 100.0 * (logits.argmax(1) == ref_logits.argmax(1)).float().mean().item()
     sqnr = {p: (float("inf") if noise[p] == 0 else 10.0 * torch.log10(torch.tensor(sig[p] / noise[p])).item())
             for p in points if sig[p] > 0}
-    return EvalResult(t1, t5, agree, logits, sqnr, sim.saturations(), min(seen, x.shape[0]))
+    return EvalResult(t1, t5, agree, logits, sqnr, _saturations(sim), min(seen, len(stream)))
+
+
+def _saturations(sim) -> dict[str, dict[str, int]]:
+    """The simulator's saturation counts summed over the ranks (exact integers)."""
+    out: dict[str, dict[str, int]] = {}
+    for part in dist.gather(sim.saturations()):
+        for k, d in part.items():
+            o = out.setdefault(k, {})
+            for w, c in d.items():
+                o[w] = o.get(w, 0) + c
+    return out

@@ -19,6 +19,7 @@ import torch.nn.functional as Fn
 
 from .errors import FixqError
 from .progress import progress
+from .stream import as_stream, stream_map
 from .ir import FLOAT_RULES, Conv, Graph, Input, Linear, apply_act, pre_activation
 
 __all__ = ["MixedError", "filter_energies", "low_precision_mask", "filter_bits", "eligible_layers",
@@ -62,27 +63,36 @@ def filter_energies(graph: Graph, loader, layers=None, device="cpu", show_progre
     torch.Size([6, 1])
     """
     wanted = {n.name for n in graph.layers()} if layers is None else set(layers)
-    grams: dict[str, torch.Tensor] = {}
-    seen = 0
-    for batch in progress(loader, "filter energies", show_progress):
-        x = batch[0] if isinstance(batch, (tuple, list)) else batch
-        if not x.numel():
-            continue
-        seen += x.shape[0]
+    stream = as_stream(loader)
+    if len(stream) == 0:
+        raise MixedError("the probe set is empty: give at least one probe image (--probe-size)")
+
+    def one_batch(b, x):  # this batch's Gram matrices; summed below in batch order on every rank
+        out = {}
         env = {graph.input: x.to(device=device, dtype=torch.float32)}
+        left = {k: len(v) for k, v in graph.users().items()}
         for n in graph.nodes:
             if isinstance(n, Input):
                 continue
             args = [env[i] for i in n.inputs]
             if isinstance(n, (Conv, Linear)):
                 if n.name in wanted:
-                    R = _gram(n, args[0])
-                    grams[n.name] = R if n.name not in grams else grams[n.name] + R
+                    out[n.name] = _gram(n, args[0])
                 env[n.name] = apply_act(pre_activation(n, *args), n.act)
             else:
                 env[n.name] = FLOAT_RULES[type(n)](n, *args)
-    if not seen:
-        raise MixedError("the probe set is empty: give at least one probe image (--probe-size)")
+            del args
+            for i in n.inputs:
+                left[i] -= 1
+                if left[i] == 0:
+                    del env[i]
+        return out
+
+    grams: dict[str, torch.Tensor] = {}
+    for out in stream_map(stream, one_batch, "filter energies", show_progress):
+        for name, R in out.items():
+            R = R.to(device)
+            grams[name] = R if name not in grams else grams[name] + R
     return {n.name: _energy_from_gram(n, grams[n.name]).cpu() for n in graph.layers() if n.name in grams}
 
 

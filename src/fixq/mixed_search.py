@@ -106,11 +106,11 @@ def search_mixed(session: Session, config: QuantConfig, opts: MixedOptions) -> M
     bench = PlanBench(session, base_config(config, opts.base_bits), opts.tune_size, opts.seed, opts.margin_z)
     target = resolve_target(bench.float_tune, opts.target_drop, opts.target_error)
     bench.require_base(target, "tune", MixedError)  # refuse before energies and sensitivity
-    probe = session.calib_x[:opts.probe_size]
-    if probe.shape[0] == 0:
+    cal = session.calib_stream
+    if len(cal) == 0:
         raise MixedError("the probe set is empty: no calibration images were loaded")
-    energies = filter_energies(g, [probe[i:i + 32] for i in range(0, probe.shape[0], 32)], names,
-                               session.device, session.show_progress)
+    probe = cal.subset(range(min(opts.probe_size, len(cal))), batch_size=32)  # the first calibration images
+    energies = filter_energies(g, probe, names, session.device, session.show_progress)
     t_energy = time.time() - t0
 
     def make_plan(bits: dict) -> QuantPlan:

@@ -5,13 +5,16 @@ from __future__ import annotations
 import hashlib
 import time
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import torch
 
 from .calibrate import Observations, needs_histograms, observe, plan_from
 from .complexity import analyze
-from .evaluate import (DataError, EvalResult, ImageSet, batches, class_mapping, evaluate_quant, float_logits,
-                       known_classes, load_images, select_subsets, topk_errors)
+from . import distributed as dist
+from .evaluate import EvalResult, evaluate_quant, float_logits, topk_errors
+from .images import DataError, ImageSet, class_mapping, known_classes, select_subsets
+from .stream import ImageStream, default_workers, find_bad_images
 from .graph import capture
 from .ir import Graph
 from .partitions import propagate_formats
@@ -31,13 +34,14 @@ def strict_float32() -> None:
 
 @dataclass
 class Session:
-    """A captured model with its calibration/evaluation tensors and float reference."""
+    """A captured model with its calibration and evaluation images (streams: decoded batch by
+    batch at every pass, never held whole), labels and float reference logits."""
 
     model_name: str
     graph: Graph
     preprocess: Preprocess
-    calib_x: torch.Tensor
-    eval_x: torch.Tensor
+    calib_stream: ImageStream
+    eval_stream: ImageStream
     eval_y: torch.Tensor
     float_logits: torch.Tensor
     float_top1: float
@@ -54,8 +58,7 @@ class Session:
         """Calibration statistics, computed once per session (again only if histograms are
         needed later and were not collected): every configuration shares them."""
         if self._obs is None or (histograms and not self._obs.histograms):
-            self._obs = observe(self.graph, batches(self.calib_x, None, self.batch_size), self.device,
-                                histograms, self.show_progress)
+            self._obs = observe(self.graph, self.calib_stream, self.device, histograms, self.show_progress)
         return self._obs
 
 
@@ -63,21 +66,34 @@ def _digest(names) -> str:
     return hashlib.sha1("\n".join(names).encode()).hexdigest()[:16]
 
 
+def _without_bad(s: ImageSet, idx, pre, batch_size, workers, show) -> tuple[tuple, list[str]]:
+    """``--skip-bad-images``: the readable ones of ``idx`` and the unreadable files."""
+    bad = set(find_bad_images(s, idx, pre, batch_size, workers, show))
+    if len(bad) == len(idx):
+        raise DataError(f"no readable images selected from {s.root}")
+    return tuple(i for k, i in enumerate(idx) if k not in bad), [s.files[idx[k]] for k in sorted(bad)]
+
+
 def open_session(model: str, calib: str, eval_dir: str, weights: str | None = None,
                  calib_size: int | None = 512, eval_size: int | None = None, seed: int = 0,
                  preprocess: Preprocess | None = None, input_shape: tuple[int, ...] | None = None,
-                 batch_size: int = 128, workers: int = 0, device: str = "cpu",
+                 batch_size: int = 128, workers: int | None = None, device: str = "cpu",
                  show_progress: bool = True, module: torch.nn.Module | None = None,
-                 skip_bad_images: bool = False) -> Session:
-    """Build/load the model, pick disjoint seeded image subsets, decode them, capture the
-    graph and run the float reference once. The evaluation folder's classes are checked
-    against the model's outputs (and mapped by name where the zoo knows the class names);
-    with ``skip_bad_images`` unreadable images are left out and listed in ``images``.
+                 skip_bad_images: bool = False, labels: str | None = None) -> Session:
+    """Build/load the model, pick disjoint seeded image subsets, capture the graph and run
+    the float reference once (images are decoded batch by batch, by ``workers`` processes;
+    default: the CPUs available). The evaluation folder's classes are checked against the
+    model's outputs (and mapped by name where the zoo knows the class names); ``labels``
+    reads a flat evaluation folder with a labels file instead (:mod:`fixq.labels`). With
+    ``skip_bad_images`` unreadable images are left out and listed in ``images``. Under
+    ``torchrun`` each rank streams its share of the batches (:mod:`fixq.distributed`).
 
     >>> s = open_session("cifar10-resnet20", "cifar10-test", "cifar10-test",
     ...                  weights="resnet20.th", calib_size=512)      # doctest: +SKIP
     """
     t0 = time.time()
+    device = dist.init_from_env(device)
+    workers = default_workers() if workers is None else workers
     if module is None:
         net, entry = build_model(model, weights, input_shape)
     else:
@@ -87,41 +103,47 @@ def open_session(model: str, calib: str, eval_dir: str, weights: str | None = No
             raise ModelError(f"model {model!r} is not in the zoo: give --preprocess (imagenet, cifar10, "
                              "digits, mnist...) and --input-shape")
         preprocess = PRESETS[entry.preprocess]
-    cset, eset = ImageSet.scan(calib), ImageSet.scan(eval_dir)
+    eset = ImageSet.scan(eval_dir, labels)
+    cset = eset if labels is not None and Path(calib).resolve() == eset.root.resolve() else ImageSet.scan(calib)
     split = select_subsets(cset, eset, calib_size, eval_size, seed)
     kind = entry.classes if entry is not None else None
     if known_classes(kind) is not None:  # folder names checked before any image is decoded
         class_mapping(eset, len(known_classes(kind)), kind)
-    bad_c, bad_e = ([], []) if skip_bad_images else (None, None)
-    xc, _ = load_images(cset, split.calib, preprocess, workers, show_progress=show_progress,
-                        desc="load calibration images", skipped=bad_c)
-    xe, ye = load_images(eset, split.eval, preprocess, workers, show_progress=show_progress,
-                         desc="load evaluation images", skipped=bad_e)
-    if input_shape is not None and tuple(xc.shape[1:]) != tuple(input_shape):
-        raise DataError(f"images preprocess to {tuple(xc.shape[1:])} but --input-shape is "
-                         f"{tuple(input_shape)}: adjust --resize/--crop/--grayscale")
+    c_idx, e_idx, bad_c, bad_e = split.calib, split.eval, [], []
+    if skip_bad_images:
+        c_idx, bad_c = _without_bad(cset, c_idx, preprocess, batch_size, workers, show_progress)
+        e_idx, bad_e = _without_bad(eset, e_idx, preprocess, batch_size, workers, show_progress)
     dev = torch.device(device)
+    pin = dev.type == "cuda"
+    cstream = ImageStream(cset, c_idx, preprocess, batch_size, workers, pin)
+    estream = ImageStream(eset, e_idx, preprocess, batch_size, workers, pin)
+    x2 = cstream.first(2)
+    if input_shape is not None and tuple(x2.shape[1:]) != tuple(input_shape):
+        raise DataError(f"images preprocess to {tuple(x2.shape[1:])} but --input-shape is "
+                        f"{tuple(input_shape)}: adjust --resize/--crop/--grayscale")
     if dev.type == "cuda":
         strict_float32()
     net = net.to(dev)
-    graph = capture(net, xc[:2].to(dev))
+    graph = capture(net, x2.to(dev))
+    del x2
     out_shape = graph.shapes.get(graph.output, ())
+    ye = estream.labels()
     if len(out_shape) == 1:  # a classifier: folder classes must fit its outputs
         mapping = class_mapping(eset, out_shape[0], kind)
         if mapping is not None:
             ye = mapping[ye]
     t1 = time.time()
-    fl = float_logits(graph, xe, batch_size, dev, show_progress)
+    fl = float_logits(graph, estream, batch_size, dev, show_progress)
     t1e, t5e = topk_errors(fl, ye)
-    bad_c, bad_e = set(bad_c or ()), set(bad_e or ())
-    calib_files = [f for f in (cset.files[i] for i in split.calib) if f not in bad_c]
-    eval_files = [f for f in (eset.files[i] for i in split.eval) if f not in bad_e]
+    calib_files, eval_files = cstream.files(), estream.files()
     images = {"calib_dir": str(cset.root), "eval_dir": str(eset.root), "seed": seed,
               "same_folder": split.same_folder, "n_calib": len(calib_files), "n_eval": len(eval_files),
               "calib_files": calib_files, "eval_files_sha1": _digest(eval_files), "eval_files": eval_files}
+    if labels is not None:
+        images["labels_file"] = str(labels)
     if skip_bad_images:
         images["skipped_images"] = {"n": len(bad_c) + len(bad_e), "calib": sorted(bad_c), "eval": sorted(bad_e)}
-    return Session(model, graph, preprocess, xc, xe, ye, fl, t1e, t5e, images, dev, batch_size,
+    return Session(model, graph, preprocess, cstream, estream, ye, fl, t1e, t5e, images, dev, batch_size,
                    show_progress, {"load_s": t1 - t0, "float_eval_s": time.time() - t1}, weights)
 
 
@@ -164,7 +186,7 @@ def run_config(session: Session, config: QuantConfig, exact: bool = False,
         obs = session.observations(needs_histograms(session.graph, [config]))
         plan = plan_from(obs, config, session.model_name)
     sim = Simulator(session.graph, plan, exact=exact, device=session.device)
-    res = evaluate_quant(sim, session.eval_x, session.eval_y, session.float_logits,
+    res = evaluate_quant(sim, session.eval_stream, session.eval_y, session.float_logits,
                          session.batch_size, show_progress=session.show_progress)
     return RunResult(config, plan, res, exact, time.time() - t0)
 

@@ -2,7 +2,8 @@
 
 Bars carry the label of the configuration they work for (``[3/12] <4b,8b> 2D maxabs``,
 set with :func:`progress_label`). When stderr is not a terminal (a log file, CI) there is
-no ``\\r`` redrawing: each loop writes one line when it ends.
+no ``\\r`` redrawing: each loop writes one line when it ends (image loops also one line
+a minute while they run, with images/s and the time left).
 """
 from __future__ import annotations
 
@@ -10,7 +11,7 @@ import contextlib
 import sys
 import time
 
-__all__ = ["progress", "progress_label"]
+__all__ = ["progress", "progress_label", "image_progress"]
 
 _LABEL: list[str] = []
 
@@ -56,3 +57,53 @@ def progress(it, desc: str, enabled: bool = True, total: int | None = None):
         return _lines(it, desc, total if total is not None else (len(it) if hasattr(it, "__len__") else None))
     from tqdm.auto import tqdm
     return tqdm(it, desc=desc, total=total, leave=False, dynamic_ncols=True)
+
+
+class _ImageLines:
+    """Log-friendly image counter: a line a minute and one at the end, with images/s."""
+
+    def __init__(self, desc: str, total: int):
+        self.desc, self.total, self.n = desc, total, 0
+        self.t0 = self.last = time.time()
+
+    def update(self, n: int) -> None:
+        self.n += n
+        now = time.time()
+        if now - self.last >= 60 and self.n < self.total:
+            self.last = now
+            rate = self.n / max(now - self.t0, 1e-9)
+            print(f"{self.desc}: {self.n}/{self.total} images, {rate:.1f} img/s, "
+                  f"{(self.total - self.n) / max(rate, 1e-9):.0f} s left", file=sys.stderr, flush=True)
+
+    def close(self) -> None:
+        dt = time.time() - self.t0
+        print(f"{self.desc}: {self.n}/{self.total} images in {dt:.1f} s ({self.n / max(dt, 1e-9):.1f} img/s)",
+              file=sys.stderr, flush=True)
+
+
+class _Silent:
+    def update(self, n: int) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
+
+
+@contextlib.contextmanager
+def image_progress(desc: str, total: int, enabled: bool = True):
+    """A bar counted in images (``bar.update(batch_size)``): images/s and time left.
+
+    >>> with image_progress("float eval", 64, enabled=False) as bar:
+    ...     bar.update(32)
+    """
+    if not enabled:
+        bar = _Silent()
+    elif not sys.stderr.isatty():
+        bar = _ImageLines(_desc(desc), total)
+    else:
+        from tqdm.auto import tqdm
+        bar = tqdm(total=total, desc=_desc(desc), unit="img", leave=False, dynamic_ncols=True)
+    try:
+        yield bar
+    finally:
+        bar.close()

@@ -119,9 +119,10 @@ class PlanBench:
             raise SearchError(f"--margin-z must be a finite number >= 0 (standard errors), got {self.margin_z}")
         self.base_logits = None
         s = self.session
-        tune, test = split_eval(s.eval_x.shape[0], self.tune_size, self.seed)
-        self.parts = {"tune": (s.eval_x[tune], s.eval_y[tune], s.float_logits[tune]),
-                      "test": (s.eval_x[test], s.eval_y[test], s.float_logits[test])}
+        tune, test = split_eval(len(s.eval_stream), self.tune_size, self.seed)
+        self.parts = {"tune": (s.eval_stream.subset(tune.tolist()), s.eval_y[tune], s.float_logits[tune]),
+                      "test": (s.eval_stream.subset(test.tolist()), s.eval_y[test], s.float_logits[test])}
+        self._heads: dict = {}
         self.n_tune, self.n_test = len(tune), len(test)
         self.float_tune = topk_errors(s.float_logits[tune], s.eval_y[tune])[0]
         self.float_test = topk_errors(s.float_logits[test], s.eval_y[test])
@@ -138,8 +139,10 @@ class PlanBench:
     def measure(self, plan: QuantPlan, part: str = "tune", limit: int | None = None):
         """``(top1, top5, logits)`` of the fast simulation on the tuning or test images."""
         x, y, ref = self.parts[part]
-        if limit is not None:
-            x, y, ref = x[:limit], y[:limit], ref[:limit]
+        if limit is not None and limit < len(x):
+            if (part, limit) not in self._heads:  # the first images of the part, batched as before
+                self._heads[(part, limit)] = x.subset(range(limit))
+            x, y, ref = self._heads[(part, limit)], y[:limit], ref[:limit]
         sim = Simulator(self.session.graph, plan, exact=False, device=self.session.device)
         r = evaluate_quant(sim, x, y, ref, self.session.batch_size, sqnr_images=0, show_progress=False)
         return r.top1_error, r.top5_error, r.logits

@@ -172,12 +172,21 @@ class Simulator:
     # ---- running ---------------------------------------------------------------------
     @torch.no_grad()
     def run(self, x: torch.Tensor, keep: bool = False):
-        env = {self.graph.input: self.requant(self.graph.input, self._t(x))}
-        for n in self.graph.nodes:
+        """The dequantized output (``keep``: every node's output, a dict). Without ``keep`` a
+        tensor is dropped once its last user has run: memory holds the live tensors only."""
+        g = self.graph
+        env = {g.input: self.requant(g.input, self._t(x))}
+        left = None if keep else {k: len(v) for k, v in g.users().items()}
+        for n in g.nodes:
             if isinstance(n, Input):
                 continue
             env[n.name] = SIM_RULES[type(n)](self, n, *(env[i] for i in n.inputs))
-        return env if keep else env[self.graph.output]
+            if left is not None:
+                for i in n.inputs:
+                    left[i] -= 1
+                    if left[i] == 0 and i != g.output:
+                        del env[i]
+        return env if keep else env[g.output]
 
     __call__ = run
 
