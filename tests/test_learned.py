@@ -159,3 +159,23 @@ def test_mismatched_weights_are_refused(tmp_path):
     d["layers"]["conv"]["codes"]["up"] = "not base64!"
     with pytest.raises(PlanError, match="codes.up"):
         QuantPlan.from_json(d)
+
+
+def test_sampled_pixels_are_the_layer_output():
+    """The optimiser's im2col rows (strided, padded, dilated, grouped convs and a linear layer)
+    times the weights give the layer's pre-activation at the sampled pixels."""
+    from fixq.ir import run_float
+    from fixq.learned import _samples
+    shape = (3, 16, 16)
+    g = make_graph(DepthwiseNet(), shape)
+    x = torch.randn(5, *shape)
+    env = run_float(g, x, keep=True)
+    for n in g.layers():
+        xin = env[n.inputs[0]]
+        y = pre_activation(n, xin, bias=None)
+        X, Y = _samples(n, xin, y, RoundingOptions(samples=300), torch.Generator().manual_seed(1))
+        groups = X.shape[1]
+        w = n.weight.reshape(groups, n.weight.shape[0] // groups, -1)
+        got = torch.einsum("pgk,gnk->pgn", X, w).reshape(X.shape[0], -1)
+        assert X.shape[0] == min(300, y.numel() // y.shape[1])
+        assert torch.allclose(got, Y, atol=1e-5), n.name

@@ -9,10 +9,13 @@ between the two grid points around it, inside the partition's range. The formats
 Per conv/linear layer, in graph order (AdaRound, Nagel et al. 2020):
 - inputs ``x~``: the layer's input in the fast simulation of the plan with every earlier
   layer already decided (their codes and corrected biases), on the calibration images;
-  target ``y``: the float model's pre-activation on the same images (no labels);
+  target ``y``: the float model's pre-activation on the same images (no labels). One pass
+  through the graph computes both, layer after layer;
+- the optimiser works on sampled output pixels (``samples`` im2col rows over all images and
+  positions, ``batch`` of them per step): the same loss as whole images, far cheaper;
 - soft codes ``fl + h(V)``, ``h(V) = clip(sigmoid(V) (zeta - gamma) + gamma, 0, 1)``,
   ``zeta = 1.1, gamma = -0.1``, ``V`` initialised so that ``h = X 2**F - fl`` (nearest);
-- loss ``mean_{batch, pixels} sum_channels (act(conv(x~, W(h)) + b) - act(y))**2`` plus
+- loss ``mean_{pixels} sum_channels (act(conv(x~, W(h)) + b) - act(y))**2`` plus
   ``lambda sum (1 - |2h - 1|**beta)`` after a warm-up, ``beta`` annealed linearly from 20
   to 2: it drives every ``h`` to 0 or 1; Adam on ``V``, seeded minibatches;
 - decision ``up = h >= 1/2``. Guard: the layer's output error with the learned codes is
@@ -36,9 +39,11 @@ from dataclasses import dataclass, replace
 
 import torch
 
+import torch.nn.functional as Fn
+
 from .coeffs import coeff_grid, layer_codes, pack_bits, weights_digest
 from .formats import exp2, round_values, saturate
-from .ir import FLOAT_RULES, Graph, Input, apply_act, pre_activation
+from .ir import FLOAT_RULES, Conv, Graph, Input, apply_act, pre_activation
 from .plan import Formats, LayerCodes, PlanError, QuantPlan
 from .progress import progress, set_status
 
@@ -54,7 +59,8 @@ class RoundingOptions:
     learned: bool = True
     bias_correction: bool = True
     iters: int = 1000        # Adam steps per layer
-    batch: int = 32          # calibration images per step
+    batch: int = 1024        # sampled output pixels per step
+    samples: int = 32768     # output pixels (over all calibration images) the optimiser sees
     lr: float = 1e-2
     reg: float = 0.01        # lambda of the rounding regulariser
     warmup: float = 0.2      # share of the steps without the regulariser
@@ -64,61 +70,70 @@ class RoundingOptions:
     def __post_init__(self) -> None:
         if not (self.learned or self.bias_correction):
             raise PlanError("learn_rounding with neither learned rounding nor bias correction does nothing")
-        if self.iters < 1 or self.batch < 1:
-            raise PlanError(f"learned rounding needs iters >= 1 and batch >= 1, got {self.iters}, {self.batch}")
+        if self.iters < 1 or self.batch < 1 or self.samples < 1:
+            raise PlanError(f"learned rounding needs iters, batch and samples >= 1, got {self.iters}, {self.batch}, "
+                            f"{self.samples}")
 
     def label(self) -> str:
         parts = []
         if self.learned:
-            parts.append(f"learned rounding ({self.iters} steps/layer, batch {self.batch}, seed {self.seed})")
+            parts.append(f"learned rounding ({self.iters} steps/layer, {self.batch} of {self.samples} sampled "
+                         f"pixels per step, seed {self.seed})")
         if self.bias_correction:
             parts.append("bias correction")
         return " + ".join(parts)
 
 
-def _run_until(graph: Graph, x: torch.Tensor, stop: str, sim=None) -> torch.Tensor:
-    """Input of node ``stop``: the float graph, or the simulation ``sim`` (nodes before it only)."""
-    from .simulate import SIM_RULES
-    env = {graph.input: x if sim is None else sim.requant(graph.input, sim._t(x))}
-    node = graph.node(stop)
-    for m in graph.nodes:
-        if m.name == stop:
-            break
-        if isinstance(m, Input):
-            continue
-        args = [env[i] for i in m.inputs]
-        env[m.name] = FLOAT_RULES[type(m)](m, *args) if sim is None else SIM_RULES[type(m)](sim, m, *args)
-    return env[node.inputs[0]]
+BS = 128  # images per chunk of every whole-data pass
 
 
-def _collect(graph: Graph, plan: QuantPlan, n, images: torch.Tensor, device, bs: int = 128):
-    """``(x~, y)``: the layer's quantized-simulation input and the float pre-activation."""
-    from .simulate import Simulator
-    sim = Simulator(graph, plan, exact=False, device=device)
-    xs, ys = [], []
+def _chunked(fn, args, n: int):
+    """``fn`` over chunks of ``BS`` images of every tensor argument, concatenated."""
+    return torch.cat([fn(*[a[i:i + BS] for a in args]) for i in range(0, n, BS)])
+
+
+def _layer_stats(n, x: torch.Tensor, y: torch.Tensor, w: torch.Tensor, b):
+    """float64 over all images: ``(sum (act(layer) - act(y))**2, per-channel sum of
+    layer - y before the activation, pixels per channel)``."""
+    err, dsum, count = 0.0, 0.0, 0
+    b = None if b is None else b.double().to(x.device)
+    w = w.double().to(x.device)
+    dims = [0] + list(range(2, y.dim()))
     with torch.no_grad():
-        for i in range(0, images.shape[0], bs):
-            x = images[i:i + bs].to(device=device, dtype=torch.float32)
-            xs.append(_run_until(graph, x, n.name, sim).float())
-            ys.append(pre_activation(n, _run_until(graph, x, n.name)).float())
-    return torch.cat(xs), torch.cat(ys)
+        for i in range(0, x.shape[0], BS):
+            pre = pre_activation(n, x[i:i + BS].double(), w, b)
+            yy = y[i:i + BS].double()
+            d = apply_act(pre, n.act) - apply_act(yy, n.act)
+            err += float((d * d).sum())
+            dsum = dsum + (pre - yy).sum(dim=dims).cpu()
+            count += (pre.numel() // pre.shape[1])
+    return err, dsum, count
 
 
-def _out_error(n, x: torch.Tensor, y: torch.Tensor, w: torch.Tensor, b, reduce_dims) -> torch.Tensor:
-    d = apply_act(pre_activation(n, x, w, b), n.act) - apply_act(y, n.act)
-    return (d * d).sum(dim=reduce_dims)
-
-
-def layer_output_error(n, x: torch.Tensor, y: torch.Tensor, w: torch.Tensor, b=None, bs: int = 128) -> float:
+def layer_output_error(n, x: torch.Tensor, y: torch.Tensor, w: torch.Tensor, b=None) -> float:
     """``sum (act(layer(x, w, b)) - act(y))**2`` over all images, in float64 (the guard's
     measure; ``y`` the float pre-activation)."""
-    b = None if b is None else b.double()
-    tot = 0.0
-    with torch.no_grad():
-        for i in range(0, x.shape[0], bs):
-            tot += float(_out_error(n, x[i:i + bs].double(), y[i:i + bs].double(), w.double(),
-                                    b, tuple(range(y.dim()))))
-    return tot
+    return _layer_stats(n, x, y, w, b)[0]
+
+
+def _samples(n, x: torch.Tensor, y: torch.Tensor, opts: RoundingOptions, gen: torch.Generator):
+    """``(X, Y)``: im2col rows ``(P, groups, K/groups)`` of the quantized input at ``P``
+    sampled output pixels and the float pre-activation there ``(P, N)``."""
+    if isinstance(n, Conv):
+        kh, kw = n.weight.shape[2:]
+        OH, OW = y.shape[2], y.shape[3]
+        total = x.shape[0] * OH * OW
+        pick = torch.randperm(total, generator=gen)[:min(opts.samples, total)].sort().values
+        img, oh, ow = pick // (OH * OW), (pick // OW) % OH, pick % OW
+        xp = Fn.pad(x, (n.padding[1], n.padding[1], n.padding[0], n.padding[0]))
+        st = xp.stride()
+        win = xp.as_strided((x.shape[0], x.shape[1], OH, OW, kh, kw),
+                            (st[0], st[1], st[2] * n.stride[0], st[3] * n.stride[1], st[2] * n.dilation[0],
+                             st[3] * n.dilation[1]))  # (B, C, OH, OW, kh, kw) windows, no copy
+        X = win[img, :, oh, ow]  # (P, C, kh, kw): the im2col rows of the sampled pixels
+        return X.reshape(X.shape[0], n.groups, -1), y[img, :, oh, ow]
+    pick = torch.randperm(x.shape[0], generator=gen)[:min(opts.samples, x.shape[0])]
+    return x[pick].reshape(len(pick), 1, -1), y[pick]
 
 
 def _h(V: torch.Tensor) -> torch.Tensor:
@@ -126,8 +141,11 @@ def _h(V: torch.Tensor) -> torch.Tensor:
 
 
 def _optimise(n, g, x: torch.Tensor, y: torch.Tensor, opts: RoundingOptions, seed: int, show: bool) -> torch.Tensor:
-    """AdaRound on one layer: returns the ``up`` decisions (bool, weight shape)."""
+    """AdaRound on one layer (module docstring): the ``up`` decisions (bool, weight shape)."""
     dev = x.device
+    gen = torch.Generator().manual_seed(seed)
+    X, Y = _samples(n, x, y, opts, gen)
+    X, Y = X.to(dev), Y.to(dev)
     s = g.scaled()
     fl = torch.floor(s)
     rest = (s - fl).float().to(dev)
@@ -138,17 +156,33 @@ def _optimise(n, g, x: torch.Tensor, y: torch.Tensor, opts: RoundingOptions, see
     b = None if n.bias is None else n.bias.detach().float().to(dev)
     p = ((rest - GAMMA) / (ZETA - GAMMA)).clamp(1e-4, 1 - 1e-4)
     V = torch.log(p / (1 - p)).requires_grad_(True)
-    opt = torch.optim.Adam([V], lr=opts.lr)
-    gen = torch.Generator().manual_seed(seed)
-    warm = int(opts.warmup * opts.iters)
-    dims = (1,)
     bar = progress(range(opts.iters), f"learned rounding {n.name}", show)
+    ya = apply_act(Y, n.act)
+    threads = torch.get_num_threads()
+    if dev.type == "cpu":  # small products: one thread is several times faster than contended ones
+        torch.set_num_threads(1)
+    try:
+        return _steps(n, bar, X, ya, V, fl, lo, hi, step, off, b, opts, gen)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _steps(n, bar, X, ya, V, fl, lo, hi, step, off, b, opts: RoundingOptions, gen) -> torch.Tensor:
+    N = n.weight.shape[0]
+    groups = X.shape[1]
+    dev = X.device
+    opt = torch.optim.Adam([V], lr=opts.lr)
+    warm = int(opts.warmup * opts.iters)
     for it in bar:
-        idx = torch.randint(0, x.shape[0], (min(opts.batch, x.shape[0]),), generator=gen).to(dev)
+        idx = torch.randint(0, X.shape[0], (min(opts.batch, X.shape[0]),), generator=gen).to(dev)
         h = _h(V)
         q = torch.minimum(torch.maximum(fl + h, lo), hi)
         w = q * step if off is None else off + q * step
-        rec = _out_error(n, x[idx], y[idx], w, b, dims).mean()
+        out = torch.einsum("pgk,gnk->pgn", X[idx], w.reshape(groups, N // groups, -1)).reshape(len(idx), N)
+        if b is not None:
+            out = out + b
+        d = apply_act(out, n.act) - ya[idx]
+        rec = (d * d).sum(dim=1).mean()
         loss = rec
         if it >= warm:
             t = (it - warm) / max(1, opts.iters - warm)
@@ -162,78 +196,92 @@ def _optimise(n, g, x: torch.Tensor, y: torch.Tensor, opts: RoundingOptions, see
     return (V.detach() >= 0).cpu()
 
 
-def _corrected_bias(n, lp, x, y, w: torch.Tensor, rounding: str):
-    """``(bias formats, codes)`` of ``b - e`` (module docstring), or None without a bias."""
+def _bias_from(n, lp, dsum: torch.Tensor, count: int, rounding: str):
+    """``(bias formats, codes)`` of ``b - mean(layer - y)`` (module docstring)."""
     from .calibrate import bias_formats
-    if n.bias is None or lp.bias is None:
-        return None
-    b = n.bias.detach().double().cpu()
-    dims = [0] + list(range(2, y.dim()))
-    e, count = torch.zeros_like(b), 0
-    with torch.no_grad():
-        for i in range(0, x.shape[0], 128):
-            d = pre_activation(n, x[i:i + 128].double(), w.double().to(x.device), b.to(x.device)) - y[i:i + 128].double()
-            e += d.sum(dim=dims).cpu()
-            count += d.numel() // d.shape[1]
-    bc = b - e / count
+    bc = n.bias.detach().double().cpu() - dsum / count
     bf = bias_formats(bc, lp.bias.T)
     codes = saturate(round_values(bc * exp2(bf.F_tensor(), bc), rounding), bf.T)[0].long()
     return bf, tuple(int(v) for v in codes.tolist())
 
 
+def _decide(n, lp, x, y, opts: RoundingOptions, rounding: str, seed: int, show: bool):
+    """One layer: ``(new LayerPlan, report row)``."""
+    t0 = time.time()
+    g = coeff_grid(n, lp)
+    near = layer_codes(n, replace(lp, codes=None), rounding)
+    bias = None if n.bias is None else n.bias.detach().double()
+    err_n, dsum, count = _layer_stats(n, x, y, g.values(near), bias)
+    row = {"layer": n.name, "nearest_error": err_n, "learned_error": None, "kept": "nearest", "changed_codes": 0}
+    up, notes = None, list(lp.notes)
+    if opts.learned:
+        cand = g.decided(_optimise(n, g, x, y, opts, seed, show))
+        err_l, dsum_l, _ = _layer_stats(n, x, y, g.values(cand), bias)
+        row["learned_error"] = err_l
+        changed = int((cand != near).sum())
+        if err_l <= err_n and changed:
+            up, dsum = pack_bits(_up_bits(g, cand)), dsum_l
+            row.update(kept="learned", changed_codes=changed)
+        notes.append(f"learned rounding: {row['changed_codes']} of {near.numel()} codes differ from nearest; "
+                     f"calibration output error {err_n:.4g} (nearest) -> {err_l:.4g} (learned), kept {row['kept']}")
+    bf, bcodes = lp.bias, None
+    if opts.bias_correction and n.bias is not None and lp.bias is not None:
+        bf, bcodes = _bias_from(n, lp, dsum, count, rounding)
+        notes.append("bias correction: per-channel mean output error on the calibration images folded into the bias")
+    lc = None if up is None and bcodes is None else LayerCodes(weights_digest(n), up, bcodes)
+    row["seconds"] = time.time() - t0
+    return replace(lp, bias=bf, codes=lc, notes=tuple(notes)), row
+
+
+def _up_bits(g, codes: torch.Tensor) -> torch.Tensor:
+    """Round-up bits that give ``codes`` (codes = sat(floor + up); saturated codes: up = 0)."""
+    return (codes.double() > torch.floor(g.scaled())).reshape(-1)
+
+
 def learn_rounding(graph: Graph, plan: QuantPlan, images: torch.Tensor, opts: RoundingOptions = RoundingOptions(),
                    device: str | torch.device = "cpu", show_progress: bool = True) -> tuple[QuantPlan, list[dict]]:
     """Decide every coefficient's rounding (and correct every bias) layer by layer on the
-    calibration ``images``; returns the new plan (formats unchanged, codes stored) and one
-    row per layer: output error (float64, calibration images) with nearest and learned
-    codes, which was kept, how many codes differ from nearest, seconds."""
+    calibration ``images``, in one pass through the graph (float and simulated side by
+    side); returns the new plan (formats unchanged, codes stored) and one row per layer:
+    output error (float64, calibration images) with nearest and learned codes, which was
+    kept, how many codes differ from nearest, seconds."""
+    from .simulate import SIM_RULES, Simulator
     if plan.is_affine:
         raise PlanError("learned rounding and bias correction need power-of-two formats (not affine)")
     if images.shape[0] == 0:
         raise PlanError("learned rounding needs calibration images; none were given")
     device = torch.device(device)
-    layers, rows = dict(plan.layers), []
-    cur = plan
-    for k, n in enumerate(graph.layers()):
-        lp = layers.get(n.name)
-        if lp is None or not isinstance(lp.weight, Formats):
-            continue
-        t0 = time.time()
-        x, y = _collect(graph, cur, n, images, device)
-        g = coeff_grid(n, lp)
-        near = layer_codes(n, replace(lp, codes=None), plan.rounding)
-        wn = g.values(near)
-        bias = None if n.bias is None else n.bias.detach().double()
-        err_n = layer_output_error(n, x, y, wn, bias)
-        row = {"layer": n.name, "nearest_error": err_n, "learned_error": None, "kept": "nearest", "changed_codes": 0}
-        up, codes = None, near
-        if opts.learned:
-            cand = _optimise(n, g, x, y, opts, opts.seed * 1000003 + k, show_progress)
-            cq = g.decided(cand)
-            err_l = layer_output_error(n, x, y, g.values(cq), bias)
-            row["learned_error"] = err_l
-            changed = int((cq != near).sum())
-            if err_l <= err_n and changed:
-                up, codes = pack_bits(cand), cq
-                row.update(kept="learned", changed_codes=changed)
-        notes = list(lp.notes)
-        if opts.learned:
-            notes.append(f"learned rounding: {row['changed_codes']} of {near.numel()} codes differ from nearest; "
-                         f"calibration output error {err_n:.4g} (nearest) -> {row['learned_error']:.4g} (learned), "
-                         f"kept {row['kept']}")
-        bf, bcodes = lp.bias, None
-        if opts.bias_correction:
-            cb = _corrected_bias(n, lp, x, y, g.values(codes), plan.rounding)
-            if cb is not None:
-                bf, bcodes = cb
-                notes.append("bias correction: per-channel mean output error on the calibration images folded "
-                             "into the bias")
-        lc = None if up is None and bcodes is None else LayerCodes(weights_digest(n), up, bcodes)
-        layers[n.name] = replace(lp, bias=bf, codes=lc, notes=tuple(notes))
-        cur = replace(cur, layers=dict(layers))
-        row["seconds"] = time.time() - t0
-        rows.append(row)
-    note = f"coefficient codes: {opts.label()} on {images.shape[0]} calibration images"
+    sim = Simulator(graph, plan, exact=False, device=device)
+    B = images.shape[0]
+    x0 = images.to(device=device, dtype=torch.float32)
+    envf = {graph.input: x0}
+    envq = {graph.input: _chunked(lambda t: sim.requant(graph.input, sim._t(t)), [x0], B)}
+    left = {k: len(v) for k, v in graph.users().items()}
+    layers, rows, cur, k = dict(plan.layers), [], plan, 0
+    with torch.no_grad():
+        for n in graph.nodes:
+            if isinstance(n, Input):
+                continue
+            fa, qa = [envf[i] for i in n.inputs], [envq[i] for i in n.inputs]
+            lp = layers.get(n.name)
+            if lp is not None and isinstance(lp.weight, Formats):
+                y = _chunked(lambda t: pre_activation(n, t), fa, B)
+                with torch.enable_grad():
+                    lp, row = _decide(n, lp, qa[0], y, opts, plan.rounding, opts.seed * 1000003 + k, show_progress)
+                k += 1
+                rows.append(row)
+                layers[n.name] = lp
+                cur = replace(cur, layers=dict(layers))
+                sim.update_layer(cur, n.name)
+                envf[n.name] = apply_act(y, n.act)
+            else:
+                envf[n.name] = _chunked(lambda *t: FLOAT_RULES[type(n)](n, *t), fa, B)
+            envq[n.name] = _chunked(lambda *t: SIM_RULES[type(n)](sim, n, *t), qa, B)
+            for i in n.inputs:  # free what no later node reads
+                left[i] -= 1
+                if left[i] == 0 and i != graph.output:
+                    del envf[i], envq[i]
+    note = f"coefficient codes: {opts.label()} on {B} calibration images"
     out = replace(cur, notes=tuple(cur.notes) + (note,))
     from .engine import check_plan  # DESIGN §5a on the corrected biases
     check_plan(graph, out)

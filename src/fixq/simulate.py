@@ -62,6 +62,17 @@ class Simulator:
             if isinstance(n, (Conv, Linear)):
                 self._prep[n.name] = self._prepare_layer(n)
 
+    def update_layer(self, plan: QuantPlan, name: str) -> None:
+        """Take ``plan``, which differs from the current one only in layer ``name``'s entry
+        (its decided codes, :mod:`fixq.learned`): that layer is proved and prepared again."""
+        from .engine import compile_layer
+        n = self.graph.node(name)
+        self.plan = plan
+        lp = plan.layers.get(name)
+        if lp is not None and lp.acc_F is not None and name in self._bounds:
+            self._bounds[name] = compile_layer(n, plan, self.formats, self.rounding).bound
+        self._prep[name] = self._prepare_layer(n)
+
     # ---- precomputation ----------------------------------------------------------------
     def _t(self, v) -> torch.Tensor:
         return v.to(device=self.device, dtype=self.dtype)
