@@ -179,3 +179,38 @@ def test_sampled_pixels_are_the_layer_output():
         got = torch.einsum("pgk,gnk->pgn", X, w).reshape(X.shape[0], -1)
         assert X.shape[0] == min(300, y.numel() // y.shape[1])
         assert torch.allclose(got, Y, atol=1e-5), n.name
+
+
+def _cli(capsys, tmp_path, digits_dir, cmd, *extra):
+    from fixq.cli import main
+    out = tmp_path / cmd
+    argv = [cmd, "--model", "lenet-digits", "--calib", str(digits_dir), "--calib-size", "64", "--eval",
+            str(digits_dir), "--eval-size", "200", "--out", str(out), "--quiet", "--learned-rounding",
+            "--rounding-iters", "20", *map(str, extra)]
+    code = main(argv)
+    return code, capsys.readouterr(), out
+
+
+@pytest.mark.parametrize("cmd,extra,plan_file", [
+    ("quantize", ["--coeff-bits", "4", "--coeff-mode", "2D"], "plan.json"),
+    ("sweep", ["--coeff-bits", "4", "--coeff-mode", "2D,3D"], "plan-01.json"),
+    ("mixed", ["--exclude", "none", "--low-bits", "2", "--target-drop", "5", "--trials", "3"], "plan.json"),
+    ("kmeans", ["--k", "conv2=3"], "plan.json"),
+])
+def test_cli_learned_rounding_on_every_command(capsys, tmp_path, digits_dir, cmd, extra, plan_file):
+    code, cap, out = _cli(capsys, tmp_path, digits_dir, cmd, *extra)
+    assert code == 0, cap.err
+    plan = QuantPlan.load(out / plan_file)
+    assert any(lp.codes is not None and lp.codes.bias is not None for lp in plan.layers.values())
+    assert any("learned rounding" in x for x in plan.notes)
+    if cmd == "kmeans":  # the clustered layer's residual codes were decided too
+        assert plan.layers["conv2"].kmeans is not None and plan.layers["conv2"].codes is not None
+    if cmd != "sweep":
+        import json
+        rep = json.loads((out / "report.json").read_text())
+        assert rep["coefficient_codes"]["layers"] and "Coefficient codes" in (out / "report.md").read_text()
+
+
+def test_cli_refuses_contradictory_bias_flags(capsys, tmp_path, digits_dir):
+    code, cap, _ = _cli(capsys, tmp_path, digits_dir, "quantize", "--bias-correction", "--no-bias-correction")
+    assert code == 2 and "contradict" in cap.err
