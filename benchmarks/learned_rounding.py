@@ -4,7 +4,8 @@ model's standard split (calibration images disjoint from the evaluation images).
 
     python benchmarks/learned_rounding.py --model cifar10-resnet20 [--iters 1000] [--eval-size 2000]
 
-Writes benchmarks/results/learned_rounding_<model>.md (+ .json): top-1 error, drop vs float,
+Writes benchmarks/results/learned_rounding.md (``--append`` adds a model's section) and
+learned_rounding_<model>.json: top-1 error, drop vs float,
 agreement with float, CPU wall time of the code decisions, beside the published anchors of
 the issue (float scales, other models: not run here).
 """
@@ -37,7 +38,8 @@ def main() -> None:
     setup_args(ap)
     ap.add_argument("--modes", default="2D,3D")
     ap.add_argument("--iters", type=int, default=1000, help="optimiser steps per layer")
-    ap.add_argument("--variants", default="bc,learned,learned+bc")
+    ap.add_argument("--variants", default="bc,learned+bc")
+    ap.add_argument("--append", action="store_true", help="add this model's section to learned_rounding.md")
     args = ap.parse_args()
     torch.manual_seed(0)
     t0 = time.time()
@@ -63,7 +65,7 @@ def main() -> None:
             e = r.result.top1_error
             kept = "-" if lrows is None else f"{sum(x['kept'] == 'learned' for x in lrows)}/{len(lrows)}"
             rows.append([f"<4b,8b> {mode}", label, kept, e, e - session.float_top1, r.result.agreement_top1,
-                         f"{secs:.0f}"])
+                         "-" if lrows is None else f"{secs:.0f}"])
             js["rows"].append({"mode": mode, "codes": label, "top1_error": e, "drop": e - session.float_top1,
                                "agreement_top1": r.result.agreement_top1, "codes_seconds": secs,
                                "layers": lrows})
@@ -73,7 +75,7 @@ def main() -> None:
             "codes CPU wall s"]
     pub = markdown_table(["tool (published, not run here)", "model", "scales", "float top-1 %", "W4A8 top-1 %",
                           "drop"], [[a, b, c, f, q, f"{f - q:.2f}"] for a, b, c, f, q in PUBLISHED])
-    md = (f"# Learned rounding and bias correction: {args.model}\n\n"
+    md = (f"## {args.model}\n\n"
           f"`python benchmarks/learned_rounding.py --model {args.model} --iters {args.iters}"
           f"{' --eval-size ' + str(args.eval_size) if args.eval_size else ''}`\n\n"
           f"{time.strftime('%Y-%m-%d')}, {cpu_name()} (shared 2-core machine, CPU only), wall time {wall / 60:.1f} min "
@@ -88,7 +90,10 @@ def main() -> None:
           "here**; fixq uses power-of-two formats):\n\n" + pub + "\n")
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    (out / f"learned_rounding_{args.model}.md").write_text(md)
+    path = out / "learned_rounding.md"
+    title = "# Learned rounding and bias correction on <4b,8b> plans (issue #18)\n\n"
+    prev = path.read_text() if args.append and path.exists() else title
+    path.write_text(prev.rstrip("\n") + "\n\n" + md if args.append else title + md)
     js["wall_s"] = wall
     (out / f"learned_rounding_{args.model}.json").write_text(json.dumps(js, indent=1, default=str))
     print(md)

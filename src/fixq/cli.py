@@ -122,7 +122,8 @@ def _add_codes(p: argparse.ArgumentParser) -> None:
                         "(quantized to the bias format); implied by --learned-rounding unless --no-bias-correction")
     g.add_argument("--no-bias-correction", action="store_true", help="--learned-rounding without bias correction")
     g.add_argument("--rounding-iters", type=int, default=1000, help="optimiser steps per layer of --learned-rounding")
-    g.add_argument("--rounding-batch", type=int, default=32, help="calibration images per step of --learned-rounding")
+    g.add_argument("--rounding-batch", type=int, default=1024,
+                   help="sampled output pixels (of 32768 over all calibration images) per step of --learned-rounding")
 
 
 def _add_output(p: argparse.ArgumentParser, out_required: bool = True) -> None:
