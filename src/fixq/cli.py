@@ -113,6 +113,22 @@ def _add_quant(p: argparse.ArgumentParser, multi: bool = False) -> None:
     g.add_argument("--exact", action="store_true", help="float64 simulation, bit-exact with the integer engine")
 
 
+def _add_codes(p: argparse.ArgumentParser) -> None:
+    """Learned rounding and bias correction of the coefficient codes (fixq.learned)."""
+    g = p.add_argument_group("coefficient codes (stored in the plan; every backend uses them)")
+    g.add_argument("--learned-rounding", action="store_true",
+                   help="choose each coefficient's rounding (down or up inside its Q(T,F) partition grid) so that "
+                        "each layer's output on the calibration images matches the float layer's (AdaRound-style, "
+                        "seeded by --seed; a layer keeps nearest rounding when that is not worse)")
+    g.add_argument("--bias-correction", action="store_true",
+                   help="fold each output channel's mean error on the calibration images into its bias "
+                        "(quantized to the bias format); implied by --learned-rounding unless --no-bias-correction")
+    g.add_argument("--no-bias-correction", action="store_true", help="--learned-rounding without bias correction")
+    g.add_argument("--rounding-iters", type=int, default=1000, help="optimiser steps per layer of --learned-rounding")
+    g.add_argument("--rounding-batch", type=int, default=1024,
+                   help="sampled output pixels (of 32768 over all calibration images) per step of --learned-rounding")
+
+
 def _add_output(p: argparse.ArgumentParser, out_required: bool = True) -> None:
     p.add_argument("--out", required=out_required, help="output folder")
     p.add_argument("--quiet", action="store_true", help="no progress bars, only the final table")
@@ -168,11 +184,13 @@ def build_parser() -> argparse.ArgumentParser:
     _add_model(p)
     _add_quant(p)
     p.add_argument("--save-logits", help="write the fixed-point outputs on the eval images (.npy, eval order)")
+    _add_codes(p)
     _add_output(p)
 
     p = add("sweep", help="evaluate a grid of configurations sharing one float evaluation")
     _add_model(p)
     _add_quant(p, multi=True)
+    _add_codes(p)
     _add_output(p)
 
     p = add("mixed", help="energy-based automatic 8/4-bit mixed precision per 2D filter (tuning loop)")
@@ -193,6 +211,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--f0", type=float, default=0.05, help="first energy threshold tried")
     g.add_argument("--delta", type=float, default=0.05, help="first threshold step")
     _add_search_quant(g)
+    _add_codes(p)
     _add_output(p)
 
     p = add("kmeans", help="K-means clustered kernels: 8-bit basis kernels plus 4-bit residuals")
@@ -210,6 +229,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--sensitivity-size", type=int, default=256, help="tuning images per candidate K measurement")
     g.add_argument("--restarts", type=int, default=4, help="k-means++ initialisations per clustering")
     _add_search_quant(g)
+    _add_codes(p)
     _add_output(p)
 
     p = add("models", help="list zoo models, their input size, preprocessing and weights")

@@ -20,7 +20,8 @@ from .report import (COMPLEXITY_NOTE, FIGURE_CAPTIONS, complexity_markdown, laye
                      write_json)
 from .zoo import PRESETS, ZOO, Preprocess, build_model, require_weights, with_overrides
 
-__all__ = ["dispatch", "resolve_preprocess", "make_config", "search_config", "prepare_out", "weights_label"]
+__all__ = ["dispatch", "resolve_preprocess", "make_config", "search_config", "prepare_out", "weights_label",
+           "rounding_options"]
 
 
 def prepare_out(path: str | Path, option: str = "--out") -> Path:
@@ -100,6 +101,20 @@ def search_config(args) -> QuantConfig:
                        data_sign=args.data_sign)
 
 
+def rounding_options(args):
+    """:class:`fixq.learned.RoundingOptions` from ``--learned-rounding`` / ``--bias-correction``
+    (None when neither is asked)."""
+    learned = getattr(args, "learned_rounding", False)
+    bc = (getattr(args, "bias_correction", False) or learned) and not getattr(args, "no_bias_correction", False)
+    if getattr(args, "no_bias_correction", False) and getattr(args, "bias_correction", False):
+        raise PlanError("--bias-correction and --no-bias-correction contradict each other; give one")
+    if not (learned or bc):
+        return None
+    from .learned import RoundingOptions
+    return RoundingOptions(learned=learned, bias_correction=bc, iters=args.rounding_iters,
+                           batch=args.rounding_batch, seed=args.seed)
+
+
 def _device(name: str) -> str:
     if name.startswith("cuda") and not torch.cuda.is_available():
         raise PlanError("--device cuda asked but no CUDA GPU is visible to PyTorch; use --device cpu")
@@ -159,9 +174,10 @@ def cmd_quantize(args) -> int:
     out = prepare_out(args.out)
     session = _session(args)
     d = config.default
+    codes = rounding_options(args)
     with progress_label(f"<{_bits_label(d.coeff_bits)},{_bits_label(d.data_bits)}> {d.coeff_mode}/{d.data_mode} "
                         f"{method_label(d)}"):
-        run = run_config(session, config, exact=args.exact)
+        run = run_config(session, config, exact=args.exact, codes=codes)
     if not dist.is_main():  # torchrun: rank 0 writes the outputs
         return 0
     run.plan.save(out / "plan.json")
@@ -176,6 +192,8 @@ def cmd_quantize(args) -> int:
               "agreement_top1": run.result.agreement_top1, "row": row, "layers": layers,
               "sqnr_images": run.result.sqnr_images, "complexity": cost,
               "float_ops": list(run.plan.float_ops), "notes": list(run.plan.notes)}
+    if run.codes_rows is not None:
+        report["coefficient_codes"] = {"method": codes.label(), "layers": run.codes_rows}
     write_json(out / "report.json", report)
     write_json(out / "images.json", {"calib_files": session.images["calib_files"],
                                      "eval_files": session.images["eval_files"]})
@@ -189,6 +207,8 @@ def cmd_quantize(args) -> int:
           f"{run.result.sqnr_images} evaluation images.\n\n" + layers_markdown(layers) +
           "\n\n" + _figure("sqnr.png") + "\n\n" + _figure("fig3_ranges.png") +
           "\n\n## Complexity and storage\n\n" + complexity_markdown(cost, note=False) + "\n")
+    if run.codes_rows is not None:
+        md += "\n" + codes_markdown(codes, run.codes_rows)
     if run.plan.notes:
         md += "\n## Notes\n\n" + "\n".join(f"- {x}" for x in run.plan.notes) + "\n"
     (out / "report.md").write_text(md)
@@ -198,6 +218,20 @@ def cmd_quantize(args) -> int:
         print(table)
         _say(args, f"\nplan, report.json and report.md written to {out}/")
     return 0
+
+
+def codes_markdown(opts, rows: list[dict]) -> str:
+    """The report section of learned rounding / bias correction: one row per layer."""
+    from .report import markdown_table
+    kept = sum(r["kept"] == "learned" for r in rows)
+    head = (f"## Coefficient codes\n\n{opts.label()}. Output error = sum of squared differences to the float "
+            "layer's output on the calibration images (float64), per layer with the inputs of the already-decided "
+            f"earlier layers; a layer keeps nearest rounding when learned rounding is not lower ({kept} of "
+            f"{len(rows)} layers use learned codes).\n\n")
+    return head + markdown_table(["layer", "error nearest", "error learned", "kept", "codes changed", "s"],
+                                 [[r["layer"], f"{r['nearest_error']:.4g}",
+                                   "-" if r["learned_error"] is None else f"{r['learned_error']:.4g}", r["kept"],
+                                   r["changed_codes"], f"{r['seconds']:.1f}"] for r in rows]) + "\n"
 
 
 def _figure(png: str) -> str:
@@ -251,11 +285,12 @@ def cmd_sweep(args) -> int:
     from .calibrate import needs_histograms
     session.observations(needs_histograms(session.graph, configs))  # one calibration pass for the grid
     rows = []
+    codes = rounding_options(args)
     for i, (cfg, g) in enumerate(zip(configs, grid)):
         label = f"[{i + 1}/{len(configs)}] <{_bits_label(g['coeff_bits'])},{_bits_label(g['data_bits'])}> " \
                 f"{g['coeff_mode']}/{g['data_mode']} {method_label(cfg.default)}"
         with progress_label(label):
-            run = run_config(session, cfg, exact=args.exact)
+            run = run_config(session, cfg, exact=args.exact, codes=codes)
         row = {"plan": f"plan-{i:02d}.json", **run.row(session)}
         rows.append(row)
         if not dist.is_main():

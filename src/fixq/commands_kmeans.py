@@ -4,7 +4,7 @@ from __future__ import annotations
 import json
 
 from . import distributed as dist
-from .commands import _common_report, _header, _say, _session, prepare_out, search_config
+from .commands import _common_report, _header, _say, _session, codes_markdown, prepare_out, rounding_options, search_config
 from .kmeans_search import KMeansOptions, search_kmeans
 from .search import acceptance_rule
 from .report import markdown_table, write_json
@@ -49,9 +49,10 @@ def cmd_kmeans(args) -> int:
                          sensitivity_size=args.sensitivity_size, restarts=args.restarts, seed=args.seed,
                          margin_z=args.margin_z)
     config = search_config(args)
+    codes = rounding_options(args)
     out = prepare_out(args.out)
     session = _session(args)
-    res = search_kmeans(session, config, opts)
+    res = search_kmeans(session, config, opts, codes)
     if not dist.is_main():  # torchrun: rank 0 writes the outputs
         return 0
     res.plan.save(out / "plan.json")
@@ -75,6 +76,8 @@ def cmd_kmeans(args) -> int:
                            "trials": res.trials},
               "n_tune": res.n_tune, "n_test": res.n_test, "timings": {**session.timings, **res.seconds},
               "options": {k: v for k, v in vars(args).items() if k != "func"}}
+    if codes is not None:
+        report["coefficient_codes"] = {"method": codes.label(), "layers": res.codes_rows}
     write_json(out / "report.json", report)
     write_json(out / "images.json", {"calib_files": session.images["calib_files"],
                                      "eval_files": session.images["eval_files"]})
@@ -99,6 +102,8 @@ def cmd_kmeans(args) -> int:
           f"over <{args.base_bits}b,8b> that K-means removes):\n\n{sweep_table(res)}\n\n"
           f"### Table 6 shape: network\n\n{t6}\n\n"
           f"K per layer: {ks}.\n\nWall time: search {res.seconds['search_s']:.1f} s, total {res.seconds['total_s']:.1f} s.\n")
+    if codes is not None:
+        md += "\n" + codes_markdown(codes, res.codes_rows)
     (out / "report.md").write_text(md)
     if args.json:
         print(json.dumps({k: v for k, v in report.items() if k != "k_search"}, default=str))

@@ -4,7 +4,7 @@ from __future__ import annotations
 import json
 
 from . import distributed as dist
-from .commands import _common_report, _header, _say, _session, prepare_out, search_config
+from .commands import _common_report, _header, _say, _session, codes_markdown, prepare_out, rounding_options, search_config
 from .mixed_search import MixedOptions, search_mixed
 from .search import acceptance_rule
 from .report import markdown_table, write_json
@@ -15,7 +15,7 @@ __all__ = ["cmd_mixed", "table3"]
 def table3(res) -> str:
     """The paper's Table 3 shape: Conservative, tuned and Aggressive plans on the test images."""
     rows = [["<flp,flp>", res.float_top1_test, res.float_top5_test, "-", "-", "-"]]
-    for s in (res.conservative, res.tuned, res.aggressive):
+    for s in (res.conservative, res.tuned, res.aggressive) + ((res.learned,) if res.learned else ()):
         rows.append([s.label, s.top1_error, s.top5_error, s.low_filters_pct, s.rel_complexity_mmacs, s.savings_pct])
     return markdown_table(["plan", "top-1 err %", "top-5 err %", "low-precision filters %",
                            "complexity [M MACs <8b,8b>]", "savings % vs all-8b 2D"], rows)
@@ -37,18 +37,20 @@ def cmd_mixed(args) -> int:
                         seed=args.seed, f0=args.f0, delta=args.delta,
                         margin_z=args.margin_z)
     config = search_config(args)
+    codes = rounding_options(args)
     out = prepare_out(args.out)
     session = _session(args)
-    res = search_mixed(session, config, opts)
+    res = search_mixed(session, config, opts, codes)
     if not dist.is_main():  # torchrun: rank 0 writes the outputs
         return 0
-    res.tuned.plan.save(out / "plan.json")
+    final = res.learned or res.tuned  # the saved plan: the tuned one, with learned codes when asked
+    final.plan.save(out / "plan.json")
     other = [s for s in res.tuning if s != res.strategy]
     trials = [t.to_json() for r in res.tuning.values() for t in r.trials]
     report = {**_common_report(session),
               "float": {"top1_error": res.float_top1_test, "top5_error": res.float_top5_test,
                         "top1_error_tune": res.float_top1_tune},
-              "quant": {"top1_error": res.tuned.top1_error, "top5_error": res.tuned.top5_error},
+              "quant": {"top1_error": final.top1_error, "top5_error": final.top5_error},
               "complexity": {"savings_pct": res.tuned.savings_pct,
                              "rel_complexity_mmacs": res.tuned.rel_complexity_mmacs,
                              "baseline": f"2D-HQ <{opts.base_bits}b,{args.data_bits}b> everywhere",
@@ -66,10 +68,12 @@ def cmd_mixed(args) -> int:
               "table3": [{"plan": s.label, "top1_error": s.top1_error, "top5_error": s.top5_error,
                           "savings_pct": s.savings_pct, "low_precision_filters_pct": s.low_filters_pct,
                           "rel_complexity_mmacs": s.rel_complexity_mmacs}
-                         for s in (res.conservative, res.tuned, res.aggressive)],
+                         for s in (res.conservative, res.tuned, res.aggressive) + ((res.learned,) if res.learned else ())],
               "n_tune": res.n_tune, "n_test": res.n_test,
               "timings": {**session.timings, **res.seconds},
               "options": {k: v for k, v in vars(args).items() if k != "func"}}
+    if codes is not None:
+        report["coefficient_codes"] = {"method": codes.label(), "layers": res.codes_rows}
     write_json(out / "report.json", report)
     write_json(out / "images.json", {"calib_files": session.images["calib_files"],
                                      "eval_files": session.images["eval_files"]})
@@ -83,7 +87,10 @@ def cmd_mixed(args) -> int:
           f"{' (better than ' + ', '.join(other) + ' at this target)' if other else ''}. {cmp}.\n\n" + t3 +
           "\n\n## Trials\n\n" + _trials_table(res) +
           f"\n\nWall time: energies {res.seconds['energies_s']:.1f} s, sensitivity {res.seconds['sensitivity_s']:.1f} s, "
-          f"tuning {res.seconds['tuning_s']:.1f} s, total {res.seconds['total_s']:.1f} s.\n")
+          f"tuning {res.seconds['tuning_s']:.1f} s, coefficient codes {res.seconds['codes_s']:.1f} s, "
+          f"total {res.seconds['total_s']:.1f} s.\n")
+    if codes is not None:
+        md += "\n" + codes_markdown(codes, res.codes_rows)
     (out / "report.md").write_text(md)
     if args.json:
         print(json.dumps({k: v for k, v in report.items() if k not in ("trials", "sensitivity")}, default=str))

@@ -26,11 +26,12 @@ from typing import Callable
 import torch
 import torch.nn.functional as Fn
 
+from .coeffs import bias_codes, layer_codes
 from .formats import bound_codes, per_channel, quantize_codes, round_div, round_shift, round_shift_int, saturate
 from .ir import (AdaptiveAvgPool, Add, AvgPool, Clamp, Concat, Conv, Flatten, FloatOp, Graph, Input,
                  Linear, MaxPool, Pad, Slice)
 from .partitions import filter_formats, propagate_formats
-from .plan import QuantPlan, filter_grid
+from .plan import QuantPlan
 from .pooling import adaptive_windows, pool_divisors
 from .safety import check_headroom, check_shift, max_code, prove_layer, prove_op
 
@@ -88,22 +89,19 @@ def compile_layer(n: Conv | Linear, plan: QuantPlan, fmts, rounding: str) -> Lay
     Tx, Fx = fmts[n.inputs[0]]
     Fw2, Fxg = filter_formats(lp.weight.F_tensor(), Fx, w4.shape, groups)  # residual formats for K-means
     S = (lp.coeff_F(N, Mg) + Fxg).amax(dim=1)
-    Tw2 = filter_grid(lp.weight.bits(), N, Mg)  # mixed 8/4 bits per 2D filter
     km, basis = lp.kmeans, None
+    wq = layer_codes(n, lp, rounding).reshape(w4.shape)  # the one place codes come from (fixq.coeffs)
     if km is not None:
-        from .kmeans import basis_grid, residual_codes
-        wq = residual_codes(w4, km, lp.weight, rounding)
+        from .kmeans import basis_grid
         Fg = basis_grid(km, Mg)
         Fxb = Fxg[:1].expand(km.K, Mg)  # groups == 1: every kernel reads every input channel
         Sg = (Fg + Fxb).amax(dim=1)
         a = km.assign_tensor()
         basis = BasisInts(km.basis_tensor(w4.shape[1:]), Sg[:, None] - Fg - Fxb, a, S - Sg[a])
-    else:
-        wq, _ = quantize_codes(w4, Fw2[:, :, None, None], Tw2[:, :, None, None], rounding)
     wshift = S[:, None] - Fw2 - Fxg
     check_shift(f"layer '{n.name}'", "weight (S - Fw - Fx)", wshift, 0)
-    if n.bias is not None and lp.bias is not None:
-        bq, _ = quantize_codes(n.bias.detach().double().cpu(), lp.bias.F_tensor(), lp.bias.T, rounding)
+    bq = bias_codes(n, lp, rounding)
+    if bq is not None:
         sh = (lp.bias.F_tensor() - S).tolist()  # exact in Python integers, any shift
         aligned = [round_shift_int(int(b), int(s), rounding) for b, s in zip(bq.long().tolist(), sh)]
         check_headroom(f"layer '{n.name}'", "bias aligned to S", float(max(abs(a) for a in aligned)),

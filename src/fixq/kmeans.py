@@ -16,11 +16,11 @@ from dataclasses import dataclass
 
 import torch
 
-from .formats import exp2, fake_quantize, quantize_codes
+from .formats import exp2, quantize_codes
 from .plan import Formats, KMeansPlan, PlanError, filter_grid
 
 __all__ = ["KMeansError", "Clustering", "check_K", "cluster_kernels", "kmeans_layer", "basis_values",
-           "residual", "effective_weight", "layer_savings", "assign_bits"]
+           "residual", "layer_savings", "assign_bits"]
 
 
 class KMeansError(PlanError):
@@ -80,25 +80,6 @@ def residual(w: torch.Tensor, km: KMeansPlan) -> torch.Tensor:
     """``R_i = F_i - Gq[l(i)]`` in float64 (exact: both sides have short mantissas)."""
     w = w.detach().double().cpu()
     return w - basis_values(km, tuple(w.shape[1:]))[km.assign_tensor()]
-
-
-def _bits_view(f: Formats, w: torch.Tensor):
-    if f.Tp is None:
-        return f.T
-    b = f.bits()
-    return b.reshape(b.shape + (1,) * (w.dim() - b.dim()))
-
-
-def effective_weight(w: torch.Tensor, km: KMeansPlan, rf: Formats, rounding: str) -> torch.Tensor:
-    """``Gq[l(i)] + Rq_i``: the coefficients the layer really applies (float64, exact)."""
-    R = residual(w, km)
-    Rq = fake_quantize(R, _view(rf, R), _bits_view(rf, R), rounding)[0]
-    return basis_values(km, tuple(R.shape[1:]))[km.assign_tensor()] + Rq
-
-
-def residual_codes(w: torch.Tensor, km: KMeansPlan, rf: Formats, rounding: str) -> torch.Tensor:
-    R = residual(w, km)
-    return quantize_codes(R, _view(rf, R), _bits_view(rf, R), rounding)[0].long()
 
 
 def kmeans_layer(w: torch.Tensor, c: Clustering, base_bits: int, residual_bits: int, mode: str, method: str,

@@ -64,6 +64,7 @@ class KMeansResult:
     noise: dict              # layer -> {K: output noise}
     trials: list             # beta search
     seconds: dict
+    codes_rows: list | None = None   # learned rounding / bias correction of the final plan (``codes``)
 
 
 def kmeans_layers(graph: Graph, layers: str = "auto", exclude: str = "first") -> list[str]:
@@ -120,8 +121,11 @@ def candidate_Ks(N: int) -> list[int]:
     return out
 
 
-def search_kmeans(session: Session, config: QuantConfig, opts: KMeansOptions) -> KMeansResult:
-    """Cluster, choose K per layer (or take the given K), report Tables 4 and 6.
+def search_kmeans(session: Session, config: QuantConfig, opts: KMeansOptions, codes=None) -> KMeansResult:
+    """Cluster, choose K per layer (or take the given K), report Tables 4 and 6. ``codes`` (a
+    :class:`fixq.learned.RoundingOptions`): the final plan's codes (K-means residuals
+    included) are then learned on the calibration images; Table 6 gets that row and the
+    result's plan is that one.
 
     >>> res = search_kmeans(session, QuantConfig(), KMeansOptions(target_drop=2.0))   # doctest: +SKIP
     """
@@ -245,5 +249,12 @@ def search_kmeans(session: Session, config: QuantConfig, opts: KMeansOptions) ->
     table6 = [row(f"2D-HQ <{opts.base_bits}b,8b>", bench.base_plan),
               row(f"2D-HQ <{opts.residual_bits}b,8b> (clustered layers' set)", bench.plan(filter_bits=all_low)),
               row(f"K-means <{opts.residual_bits}b,8b> residuals ({len(ks)} layers)", plan)]
+    rows, t_codes = None, time.time()
+    if codes is not None:
+        from .learned import learn_rounding
+        plan, rows = learn_rounding(g, plan, session.calib_stream.tensor(), codes, session.device, session.show_progress)
+        table6.append(row(f"K-means <{opts.residual_bits}b,8b> residuals ({len(ks)} layers) + {codes.label()}", plan))
+    t_codes = time.time() - t_codes
     return KMeansResult(*bench.float_test, bench.float_tune, target, bench.n_tune, bench.n_test, plan, ks, table4,
-                        table6, noise, trials, {"search_s": t_search, "total_s": time.time() - t0})
+                        table6, noise, trials, {"search_s": t_search, "codes_s": t_codes,
+                                                "total_s": time.time() - t0}, rows)

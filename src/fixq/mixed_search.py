@@ -84,6 +84,8 @@ class MixedResult:
     sensitivity: dict                 # layer -> {"delta_top1": .., "output_noise": ..}
     thresholds: dict                  # layer -> f used by the tuned plan
     seconds: dict
+    learned: PlanScore | None = None  # the tuned plan with learned rounding / bias correction (``codes``)
+    codes_rows: list | None = None
 
 
 def _low_pct(bits: dict, base: int) -> tuple[float, dict]:
@@ -93,9 +95,11 @@ def _low_pct(bits: dict, base: int) -> tuple[float, dict]:
     return (100.0 * low / tot if tot else 0.0), per
 
 
-def search_mixed(session: Session, config: QuantConfig, opts: MixedOptions) -> MixedResult:
+def search_mixed(session: Session, config: QuantConfig, opts: MixedOptions, codes=None) -> MixedResult:
     """Energies on probe images, then the tuning loop for each strategy, then the
-    Conservative / tuned / Aggressive plans on the test images.
+    Conservative / tuned / Aggressive plans on the test images. ``codes`` (a
+    :class:`fixq.learned.RoundingOptions`): the tuned plan's codes are then learned on the
+    calibration images (after the search, which ran with nearest rounding) and reported too.
 
     >>> res = search_mixed(session, QuantConfig(), MixedOptions(target_drop=1.0))  # doctest: +SKIP
     >>> res.tuned.savings_pct, res.tuned.top1_error                              # doctest: +SKIP
@@ -149,8 +153,8 @@ def search_mixed(session: Session, config: QuantConfig, opts: MixedOptions) -> M
     best, strategy = min(winners, key=lambda w: (w[0].rel_complexity_mmacs, w[1] != "global"))
     t_tune = time.time() - t0 - t_energy - t_sens
 
-    def score(label, bits) -> PlanScore:
-        plan = make_plan(bits)
+    def score(label, bits, plan=None) -> PlanScore:
+        plan = plan or make_plan(bits)
         e1, e5, _ = bench.measure(plan, "test")
         c, sv = bench.cost(plan)
         tot, per = _low_pct(bits, opts.base_bits) if bits else (0.0, {n: 0.0 for n in names})
@@ -163,7 +167,13 @@ def search_mixed(session: Session, config: QuantConfig, opts: MixedOptions) -> M
     cons = score(f"Conservative (all {opts.base_bits}b)", {})
     tuned = score(f"Tuned ({strategy}, f={best.f:.4g})", tuned_bits)
     aggr = score(f"Aggressive (eligible layers {opts.low_bits}b)", aggressive_bits)
+    learned, rows, t_codes = None, None, time.time()
+    if codes is not None:
+        from .learned import learn_rounding
+        plan, rows = learn_rounding(g, tuned.plan, session.calib_stream.tensor(), codes, session.device, session.show_progress)
+        learned = score(f"Tuned + {codes.label()}", tuned_bits, plan)
+    t_codes = time.time() - t_codes
     return MixedResult(bench.float_tune, *bench.float_test, target, bench.n_tune, bench.n_test, cons, tuned, aggr, strategy,
                        tuning, sensitivity, thresholds,
-                       {"energies_s": t_energy, "sensitivity_s": t_sens, "tuning_s": t_tune,
-                        "total_s": time.time() - t0})
+                       {"energies_s": t_energy, "sensitivity_s": t_sens, "tuning_s": t_tune, "codes_s": t_codes,
+                        "total_s": time.time() - t0}, learned, rows)

@@ -154,11 +154,14 @@ class RunResult:
     result: EvalResult
     exact: bool
     seconds: float
+    codes_rows: list | None = None   # per-layer rows of learned rounding / bias correction (fixq.learned)
+    codes_label: str | None = None
 
     def row(self, session: Session) -> dict:
         d = self.config.default
         cost = analyze(session.graph, self.plan).to_json()["total"]
-        return {"format": f"<{_b(d.coeff_bits)},{_b(d.data_bits)}>", "coeff_mode": d.coeff_mode,
+        extra = {} if self.codes_label is None else {"codes": self.codes_label}
+        return {**extra, "format": f"<{_b(d.coeff_bits)},{_b(d.data_bits)}>", "coeff_mode": d.coeff_mode,
                 "data_mode": d.data_mode, "method": method_label(d), "rounding": self.config.rounding,
                 "acc_bits": d.acc_bits, "float_top1_error": session.float_top1,
                 "float_top5_error": session.float_top5, "quant_top1_error": self.result.top1_error,
@@ -179,16 +182,22 @@ def _b(bits) -> str:
 
 
 def run_config(session: Session, config: QuantConfig, exact: bool = False,
-               plan: QuantPlan | None = None) -> RunResult:
-    """Calibrate (unless a plan is given), simulate and evaluate one configuration."""
+               plan: QuantPlan | None = None, codes=None) -> RunResult:
+    """Calibrate (unless a plan is given), decide the coefficient codes when ``codes`` (a
+    :class:`fixq.learned.RoundingOptions`) asks, simulate and evaluate one configuration."""
     t0 = time.time()
     if plan is None:
         obs = session.observations(needs_histograms(session.graph, [config]))
         plan = plan_from(obs, config, session.model_name)
+    rows = None
+    if codes is not None:
+        from .learned import learn_rounding
+        plan, rows = learn_rounding(session.graph, plan, session.calib_stream.tensor(), codes, session.device,
+                                    session.show_progress)
     sim = Simulator(session.graph, plan, exact=exact, device=session.device)
     res = evaluate_quant(sim, session.eval_stream, session.eval_y, session.float_logits,
                          session.batch_size, show_progress=session.show_progress)
-    return RunResult(config, plan, res, exact, time.time() - t0)
+    return RunResult(config, plan, res, exact, time.time() - t0, rows, None if codes is None else codes.label())
 
 
 def layer_table(session: Session, run: RunResult) -> list[dict]:

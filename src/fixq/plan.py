@@ -23,6 +23,7 @@ from .ir import Clamp, Concat, Flatten, Graph, MaxPool, Pad, Slice
 from .ranges import parse_method
 
 __all__ = ["LayerConfig", "QuantConfig", "Formats", "AffineFormats", "LayerPlan", "QuantPlan", "KMeansPlan",
+           "LayerCodes",
            "filter_grid",
            "COEFF_MODES", "DATA_MODES", "load_config", "PlanError"]
 
@@ -271,6 +272,19 @@ class KMeansPlan:
         return torch.tensor(self.basis_codes, dtype=torch.int64).reshape(self.K, *kernel_shape)
 
 
+@dataclass(frozen=True)
+class LayerCodes:
+    """Decided codes of one layer (fixq.coeffs, fixq.learned): ``up`` is the base64 bitmask
+    of round-up decisions (one bit per coefficient, C order; code = sat(floor(x 2**F) + up)),
+    ``bias`` the corrected bias codes at the layer's bias formats, ``digest`` the
+    :func:`fixq.coeffs.weights_digest` of the float weights they were decided for (a
+    mismatch is refused). ``None`` keeps the model's rounding for that part."""
+
+    digest: str
+    up: str | None = None
+    bias: tuple[int, ...] | None = None
+
+
 def filter_grid(F: torch.Tensor, N: int, Mg: int) -> torch.Tensor:
     """A partition grid (``()``, ``(N,)`` or ``(N, Mg)``) expanded to one entry per 2D filter."""
     return (F.reshape(-1, 1) if F.dim() == 1 else F).expand(N, Mg)
@@ -289,6 +303,7 @@ class LayerPlan:
     notes: tuple[str, ...] = ()
     acc_I: tuple[int, ...] | None = None  # calibrated ceil(log2 max|acc_i|) per output channel
     kmeans: KMeansPlan | None = None
+    codes: LayerCodes | None = None  # learned rounding / bias correction (omitted from JSON when None)
 
     def coeff_F(self, N: int, Mg: int) -> torch.Tensor:
         """``Fw[i, j]``: the format each 2D filter's coefficients are exact at; for K-means
@@ -325,10 +340,7 @@ class QuantPlan:
         return {
             "version": self.version, "model": self.model, "config": self.config.to_json(),
             "tensors": {k: _fmt_json(v) for k, v in self.tensors.items()},
-            "layers": {k: {**asdict(v), "weight": _fmt_json(v.weight), "bias": _fmt_json(v.bias),
-                           "kmeans": None if v.kmeans is None else {**asdict(v.kmeans),
-                                                                    "basis": _fmt_json(v.kmeans.basis)}}
-                       for k, v in self.layers.items()},
+            "layers": {k: _layer_json(v) for k, v in self.layers.items()},
             "float_ops": list(self.float_ops), "notes": list(self.notes),
         }
 
@@ -344,7 +356,7 @@ class QuantPlan:
                                       None if v["acc_F"] is None else tuple(v["acc_F"]), v["acc_overflow"],
                                       tuple(v.get("notes", ())),
                                       None if v.get("acc_I") is None else tuple(v["acc_I"]),
-                                      _kmeans_load(v.get("kmeans")))
+                                      _kmeans_load(v.get("kmeans")), _codes_load(v.get("codes")))
             config = QuantConfig.from_json(d["config"])
         except PlanError as e:
             raise PlanError(f"{source}: {e}") from None
@@ -364,6 +376,22 @@ class QuantPlan:
         except (json.JSONDecodeError, UnicodeDecodeError) as e:
             raise PlanError(f"{path} is not a fixq plan: not JSON ({e})") from None
         return QuantPlan.from_json(d, str(path))
+
+
+def _layer_json(v: LayerPlan) -> dict:
+    d = {**asdict(v), "weight": _fmt_json(v.weight), "bias": _fmt_json(v.bias),
+         "kmeans": None if v.kmeans is None else {**asdict(v.kmeans), "basis": _fmt_json(v.kmeans.basis)}}
+    if v.codes is None:  # plans without decided codes keep their JSON byte for byte
+        del d["codes"]
+    else:
+        d["codes"] = {k: x for k, x in asdict(v.codes).items() if x is not None}
+    return d
+
+
+def _codes_load(d):
+    if d is None:
+        return None
+    return LayerCodes(str(d["digest"]), d.get("up"), None if d.get("bias") is None else tuple(int(x) for x in d["bias"]))
 
 
 def _kmeans_load(d):

@@ -33,8 +33,8 @@ from dataclasses import fields, replace
 from pathlib import Path
 
 from .formats import MAX_BITS, MIN_BITS, OVERFLOWS, ROUNDINGS
-from .plan import (COEFF_MODES, DATA_MODES, PLAN_VERSION, AffineFormats, Formats, KMeansPlan, LayerConfig,
-                   LayerPlan, PlanError, QuantConfig, QuantPlan)
+from .plan import (COEFF_MODES, DATA_MODES, PLAN_VERSION, AffineFormats, Formats, KMeansPlan, LayerCodes,
+                   LayerConfig, LayerPlan, PlanError, QuantConfig, QuantPlan)
 
 __all__ = ["plan_schema", "config_schema", "layer_config_schema", "validate_plan_json", "validate_config_json",
            "check_plan_graph", "json_path", "read_config"]
@@ -114,6 +114,12 @@ def plan_schema() -> dict:
                                             "basis": {"$ref": "#/$defs/pow2"}, "basis_codes": INTS,
                                             "seed": {"type": "integer"}},
                                ("K", "assign", "basis", "basis_codes"))
+    codes = _dataclass_object(LayerCodes, {
+        "digest": {"type": "string", "pattern": "^[0-9a-f]{16}$",
+                   "description": "16 hex digits: sha256 of the float weights the codes were decided for"},
+        "up": {"type": "string", "pattern": "^[A-Za-z0-9+/]*={0,2}$",
+               "description": "base64 bitmask of round-up decisions, one bit per coefficient"},
+        "bias": INTS}, ("digest",))
     layer = _dataclass_object(LayerPlan, {
         "name": {"type": "string"}, "weight": _formats(), "bias": {"anyOf": [{"type": "null"},
                                                                              {"$ref": "#/$defs/pow2"}]},
@@ -121,6 +127,7 @@ def plan_schema() -> dict:
         "acc_F": {"anyOf": [{"type": "null"}, INTS]}, "acc_I": {"anyOf": [{"type": "null"}, INTS]},
         "acc_overflow": {"enum": list(OVERFLOWS)}, "notes": {"type": "array", "items": {"type": "string"}},
         "kmeans": {"anyOf": [{"type": "null"}, kmeans]},
+        "codes": codes,
     }, ("name", "weight", "bias", "acc_bits", "acc_F", "acc_overflow"))
     top = _dataclass_object(QuantPlan, {
         "version": {"const": PLAN_VERSION},
@@ -307,6 +314,12 @@ def check_plan_graph(plan, graph, source: str = "plan.json") -> None:
         if lp.acc_F is not None and len(lp.acc_F) != w[0]:
             raise PlanError(f"{source}: {json_path(['layers', name, 'acc_F'])}: {len(lp.acc_F)} entries for "
                             f"{w[0]} output channels")
+        if lp.codes is not None:
+            from .coeffs import check_codes
+            try:
+                check_codes(nodes[name], lp)
+            except PlanError as e:
+                raise PlanError(f"{source}: {e}") from None
         if lp.kmeans is not None and len(lp.kmeans.assign) != w[0]:
             raise PlanError(f"{source}: {json_path(['layers', name, 'kmeans', 'assign'])}: "
                             f"{len(lp.kmeans.assign)} entries for {w[0]} kernels")

@@ -11,7 +11,7 @@ import contextlib
 import sys
 import time
 
-__all__ = ["progress", "progress_label", "image_progress"]
+__all__ = ["progress", "progress_label", "image_progress", "set_status"]
 
 _LABEL: list[str] = []
 
@@ -35,13 +35,33 @@ def _desc(desc: str) -> str:
     return f"{_LABEL[-1]} {desc}" if _LABEL else desc
 
 
-def _lines(it, desc: str, total: int | None):
-    """A log-friendly stand-in for a bar: one line when the loop is done."""
-    t0, n = time.time(), 0
-    for n, x in enumerate(it, 1):
-        yield x
-    print(f"{desc}: {n}{'/' + str(total) if total else ''} done in {time.time() - t0:.1f} s",
-          file=sys.stderr, flush=True)
+class _Lines:
+    """A log-friendly stand-in for a bar: one line when the loop is done (with the last
+    status set by :func:`set_status`, e.g. a loss)."""
+
+    def __init__(self, it, desc: str, total: int | None):
+        self.it, self.desc, self.total, self.status = it, desc, total, ""
+
+    def set_postfix_str(self, s: str, refresh: bool = True) -> None:
+        self.status = s
+
+    def __iter__(self):
+        t0, n = time.time(), 0
+        for n, x in enumerate(self.it, 1):
+            yield x
+        print(f"{self.desc}: {n}{'/' + str(self.total) if self.total else ''} done in {time.time() - t0:.1f} s"
+              + (f" ({self.status})" if self.status else ""), file=sys.stderr, flush=True)
+
+
+def set_status(bar, text: str) -> None:
+    """Show ``text`` (e.g. ``loss 0.0123``) beside a bar from :func:`progress`; a no-op when
+    the bar is disabled.
+
+    >>> set_status(range(3), "loss 1.0")   # disabled bar: nothing happens
+    """
+    f = getattr(bar, "set_postfix_str", None)
+    if f is not None:
+        f(text, refresh=False)
 
 
 def progress(it, desc: str, enabled: bool = True, total: int | None = None):
@@ -54,7 +74,7 @@ def progress(it, desc: str, enabled: bool = True, total: int | None = None):
         return it
     desc = _desc(desc)
     if not sys.stderr.isatty():
-        return _lines(it, desc, total if total is not None else (len(it) if hasattr(it, "__len__") else None))
+        return _Lines(it, desc, total if total is not None else (len(it) if hasattr(it, "__len__") else None))
     from tqdm.auto import tqdm
     return tqdm(it, desc=desc, total=total, leave=False, dynamic_ncols=True)
 

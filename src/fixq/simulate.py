@@ -17,7 +17,7 @@ import torch
 from .formats import bound_codes, exp2, fake_quantize, per_channel, round_values
 from .fused import fused_available, fused_fake_quantize
 from .safety import F64_EXACT_BITS, max_code
-from .kmeans import effective_weight
+from .coeffs import bias_codes, layer_values
 from .ir import (FLOAT_RULES, AdaptiveAvgPool, Add, AvgPool, Clamp, Concat, Conv, Flatten, FloatOp,
                  Graph, Input, Linear, MaxPool, Pad, Slice, apply_act, pre_activation)
 from .partitions import filter_formats, propagate_formats, sum_format
@@ -62,6 +62,17 @@ class Simulator:
             if isinstance(n, (Conv, Linear)):
                 self._prep[n.name] = self._prepare_layer(n)
 
+    def update_layer(self, plan: QuantPlan, name: str) -> None:
+        """Take ``plan``, which differs from the current one only in layer ``name``'s entry
+        (its decided codes, :mod:`fixq.learned`): that layer is proved and prepared again."""
+        from .engine import compile_layer
+        n = self.graph.node(name)
+        self.plan = plan
+        lp = plan.layers.get(name)
+        if lp is not None and lp.acc_F is not None and name in self._bounds:
+            self._bounds[name] = compile_layer(n, plan, self.formats, self.rounding).bound
+        self._prep[name] = self._prepare_layer(n)
+
     # ---- precomputation ----------------------------------------------------------------
     def _t(self, v) -> torch.Tensor:
         return v.to(device=self.device, dtype=self.dtype)
@@ -81,16 +92,13 @@ class Simulator:
             mu = torch.tensor(wf.mu, dtype=torch.float64).reshape(view)
             sigma = torch.tensor(wf.sigma, dtype=torch.float64).reshape(view)
             out["weight"] = self._t(affine_quantize(w, mu, sigma, wf.T, self.rounding))
-        elif lp.kmeans is not None:  # basis + residual: exact in float64 at coeff_F
-            out["weight"] = self._t(effective_weight(w, lp.kmeans, wf, self.rounding))
-        else:
-            T = wf.T if wf.Tp is None else wf.bits().reshape(view)
-            out["weight"] = self._t(fake_quantize(w, wf.F_tensor().reshape(view), T, self.rounding)[0])
+        else:  # the codes every backend uses (fixq.coeffs), times 2**-F (+ the K-means basis): exact
+            out["weight"] = self._t(layer_values(n, lp, self.rounding))
         groups = n.groups if isinstance(n, Conv) else 1
         S = None if lp.acc_F is None else sum_format(lp.coeff_F(*w.shape[:2]), self.formats[n.inputs[0]][1],
                                                       n.weight.shape, groups)
         if b is not None and lp.bias is not None:
-            bq = fake_quantize(b, lp.bias.F_tensor(), lp.bias.T, self.rounding)[0]
+            bq = bias_codes(n, lp, self.rounding).double() * exp2(-lp.bias.F_tensor(), b)
             if S is not None:  # aligned to the exact-sum format, as the engine does
                 bq = round_values(bq * exp2(S, bq), self.rounding) / exp2(S, bq)
             out["bias"] = self._t(bq)
