@@ -12,7 +12,7 @@ candidate F's per channel. Observers are tensor ops on the model's device.
 from __future__ import annotations
 
 import warnings
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 
@@ -358,8 +358,20 @@ def _build_plan(graph, config, cfgs, tensors, acc, model_name, filter_bits, kmea
             if tuple(bits.shape) != tuple(n.weight.shape[:2]):
                 raise PlanError(f"layer '{n.name}': filter bits have shape {tuple(bits.shape)}, "
                                 f"the layer has {tuple(n.weight.shape[:2])} 2D filters")
+            if isinstance(n, Linear) and cfg.fc_mode == "4D":
+                if int(bits.min()) != int(bits.max()):
+                    raise PlanError(f"layer '{n.name}' is fully connected and fc_mode is 4D (one format per "
+                                    "layer, paper §3): it cannot mix word lengths per weight; exclude it "
+                                    "(--exclude) or use --fc-mode auto")
+                mode, bits, cfg = "4D", None, replace(cfg, coeff_bits=int(bits.max()))
+                lnotes.append(f"fully connected layer: 4D at {cfg.coeff_bits}b (fc_mode 4D, paper §3)")
+        if bits is not None:
             lo = int((bits < bits.max()).sum())
             lnotes.append(f"mixed precision: {lo} of {bits.numel()} 2D filters at {int(bits.min())}b")
+        elif isinstance(n, Linear) and cfg.fc_mode == "4D" and mode != "4D":
+            mode = "4D"
+            lnotes.append(f"fully connected layer: 4D (one format per layer; fc_mode 4D, paper §3) instead of "
+                          f"{cfg.coeff_mode}")
         elif mode == "2D" and isinstance(n, Linear):
             mode = "3D"
             lnotes.append("2D asked on a fully connected layer: 3D (per output neuron) used")

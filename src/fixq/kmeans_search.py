@@ -26,7 +26,8 @@ from .pipeline import Session
 from .plan import QuantConfig, QuantPlan
 from .search import PlanBench, base_config, resolve_target
 
-__all__ = ["KMeansOptions", "KMeansResult", "kmeans_layers", "parse_k", "candidate_Ks", "search_kmeans"]
+__all__ = ["KMeansOptions", "KMeansResult", "kmeans_layers", "parse_k", "candidate_Ks", "search_kmeans",
+           "input_point", "only_layer_config"]
 
 
 @dataclass(frozen=True)
@@ -43,8 +44,11 @@ class KMeansOptions:
     restarts: int = 4
     seed: int = 0
     margin_z: float = 1.0  # acceptance margin in standard errors (fixq.search)
+    table4_others: str = "quant"    # Table 4's other layers: quant (the base plan) or flp (the paper's Table 4)
 
     def __post_init__(self) -> None:
+        if self.table4_others not in ("quant", "flp"):
+            raise KMeansError(f"--table4-others must be quant or flp, got {self.table4_others!r}")
         if self.residual_bits > self.base_bits:
             raise KMeansError(f"--residual-bits ({self.residual_bits}) above --base-bits ({self.base_bits})")
 
@@ -118,6 +122,33 @@ def candidate_Ks(N: int) -> list[int]:
         out.append(k)
         k *= 2
     return out
+
+
+def input_point(graph: Graph, layer: str) -> str:
+    """The quantization point whose format ``layer``'s input carries (walking back through
+    format-preserving nodes: pads, pools, flatten...)."""
+    from .ir import QUANT_POINTS
+    name = graph.node(layer).inputs[0]
+    while not isinstance(graph.node(name), QUANT_POINTS) and graph.node(name).inputs:
+        name = graph.node(name).inputs[0]
+    return name
+
+
+def only_layer_config(graph: Graph, config: QuantConfig, layer: str) -> QuantConfig:
+    """The paper's Table 4 setting: ``layer`` (its coefficients and the data it reads)
+    quantized as in ``config``, every other layer and tensor in floating point.
+
+    >>> only_layer_config(g, cfg, "layer2.0.conv1").for_layer("layer3.0.conv1").coeff_bits is None  # doctest: +SKIP
+    True
+    """
+    import glob
+    from dataclasses import replace
+    d = config.default
+    q = input_point(graph, layer)
+    over = config.overrides + (("*", {"coeff_bits": None, "data_bits": None}),
+                               (glob.escape(layer), {"coeff_bits": config.for_layer(layer).coeff_bits}),
+                               (glob.escape(q), {"data_bits": config.for_layer(q).data_bits or d.data_bits}))
+    return replace(config, overrides=over)
 
 
 def search_kmeans(session: Session, config: QuantConfig, opts: KMeansOptions) -> KMeansResult:
@@ -203,6 +234,21 @@ def search_kmeans(session: Session, config: QuantConfig, opts: KMeansOptions) ->
         layer = tied[0]
     K4 = ks.get(layer) or (max(candidate_Ks(N[layer])) if candidate_Ks(N[layer]) else 1)
     rows4 = []
+    flp = opts.table4_others == "flp"
+    if flp:  # the paper's Table 4: every other layer in floating point
+        cfg4 = only_layer_config(g, bench.config, layer)
+
+        def plan4(**kw):
+            return bench.plan(cfg4, **kw)
+
+        def kplan4(K, residual_bits=None):
+            return plan4(kmeans={layer: clusters(layer, K)},
+                         kmeans_bits=(opts.base_bits, residual_bits or opts.residual_bits))
+    else:
+        plan4 = bench.plan
+
+        def kplan4(K, residual_bits=None):
+            return plan_for({layer: K}, residual_bits)
 
     def row(label, p):
         e1, e5, logits = bench.measure(p, "test")
@@ -210,16 +256,18 @@ def search_kmeans(session: Session, config: QuantConfig, opts: KMeansOptions) ->
         c, sv = bench.cost(p)
         lc = {x.name: x for x in analyze(g, p).layers}[layer]
         base_l = costs[layer].rel_complexity_mmacs
+        if flp:  # the network's other layers are float here: savings of this layer vs the all-base network
+            sv = 100.0 * (base_l - lc.rel_complexity_mmacs) / bench.base_cost
         return {"plan": label, "top1_error": e1, "top5_error": e5, "layer_rel_complexity_mmacs": lc.rel_complexity_mmacs,
                 "layer_savings_pct": 100.0 * (1 - lc.rel_complexity_mmacs / base_l), "network_savings_pct": sv,
                 "rel_complexity_mmacs": c, "logit_noise": noise,
                 "logit_sqnr_db": math.inf if noise == 0 else -10.0 * math.log10(noise)}
 
     layer_bits = {layer: torch.full(tuple(g.node(layer).weight.shape[:2]), opts.residual_bits, dtype=torch.int64)}
-    rows4.append(row(f"2D-HQ <{opts.base_bits}b,8b>", bench.base_plan))
-    rows4.append(row(f"2D-HQ <{opts.residual_bits}b,8b>", bench.plan(filter_bits=layer_bits)))
-    rows4.append(row(f"K-means K={K4}, <{opts.base_bits}b,8b> residuals", plan_for({layer: K4}, opts.base_bits)))
-    rows4.append(row(f"K-means K={K4}, <{opts.residual_bits}b,8b> residuals", plan_for({layer: K4})))
+    rows4.append(row(f"2D-HQ <{opts.base_bits}b,8b>", plan4() if flp else bench.base_plan))
+    rows4.append(row(f"2D-HQ <{opts.residual_bits}b,8b>", plan4(filter_bits=layer_bits)))
+    rows4.append(row(f"K-means K={K4}, <{opts.base_bits}b,8b> residuals", kplan4(K4, opts.base_bits)))
+    rows4.append(row(f"K-means K={K4}, <{opts.residual_bits}b,8b> residuals", kplan4(K4)))
     lost = rows4[1]["top1_error"] - rows4[0]["top1_error"]
     # top-1 on one layer is often below the test set's noise; the logit noise is not
     n8, n4 = rows4[0]["logit_noise"], rows4[1]["logit_noise"]
@@ -232,12 +280,11 @@ def search_kmeans(session: Session, config: QuantConfig, opts: KMeansOptions) ->
 
     sweep = []  # the same layer at every candidate K: how recovery trades against layer savings
     for K in sorted(set(candidate_Ks(N[layer])) | {K4}):
-        r = dict(rows4[3]) if K == K4 else row(f"K-means K={K}, <{opts.residual_bits}b,8b> residuals",
-                                                plan_for({layer: K}))
+        r = dict(rows4[3]) if K == K4 else row(f"K-means K={K}, <{opts.residual_bits}b,8b> residuals", kplan4(K))
         r["K"] = K
         r["top1_recovered_pct"], r["noise_recovered_pct"] = recovery(r)
         sweep.append(r)
-    table4 = {"layer": layer, "N": N[layer], "K": K4, "rows": rows4, "recovered_pct": recovered,
+    table4 = {"layer": layer, "N": N[layer], "K": K4, "rows": rows4, "others": opts.table4_others, "recovered_pct": recovered,
               "noise_recovered_pct": noise_recovered, "sweep": sweep, "tied_layers": tied, "plain_low_loss": lost,
               "formula_layer_savings_pct": 100.0 * layer_savings(N[layer], K4, opts.base_bits, opts.residual_bits)}
 
