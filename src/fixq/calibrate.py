@@ -19,7 +19,7 @@ import torch
 from .formats import Word, fake_quantize
 from .ir import (FLOAT_RULES, QUANT_POINTS, Concat, Conv, FloatOp, Graph, Input, Linear, apply_act,
                  nonnegative_nodes, pre_activation)
-from .partitions import accumulator_F, filter_formats, propagate_formats, sum_format
+from .partitions import accumulator_F, filter_formats, layer_sum_format, propagate_formats, sum_format
 from .plan import AffineFormats, Formats, LayerPlan, PlanError, QuantConfig, QuantPlan
 from .progress import progress
 from .safety import bound_spread
@@ -274,14 +274,16 @@ def calibrate(graph: Graph, loader, config: QuantConfig, model_name: str = "mode
 
 def plan_from(obs: Observations, config: QuantConfig, model_name: str = "model",
               filter_bits: dict | None = None, kmeans: dict | None = None,
-              kmeans_bits: tuple[int, int] = (8, 4)) -> QuantPlan:
+              kmeans_bits: tuple[int, ...] = (8, 4)) -> QuantPlan:
     """Choose every format of the plan for ``config`` from calibration statistics.
 
     ``filter_bits`` maps a layer to its coefficient word length per 2D filter, an int
     tensor ``(N, M/groups)`` (mixed precision, :mod:`fixq.mixed`): those layers get 2D
     formats with the given bits whatever the config's mode and bits say. ``kmeans`` maps
     a layer to a :class:`fixq.kmeans.Clustering`: basis kernels at ``kmeans_bits[0]``,
-    residuals at ``kmeans_bits[1]``, both in the layer's coefficient mode."""
+    residuals at ``kmeans_bits[1]``, both in the layer's coefficient mode; a third entry
+    ``kmeans_bits[2]`` (not None) gives the residual branch its own data format of that many
+    bits (``<4b,4b>``, :func:`fixq.kmeans.residual_data_formats`)."""
     graph = obs.graph
     cfgs = {n.name: config.for_layer(n.name) for n in graph.nodes}
     for p in config.unmatched_patterns([n.name for n in graph.nodes]):
@@ -320,8 +322,14 @@ def plan_from(obs: Observations, config: QuantConfig, model_name: str = "model",
                                 signed=signed)
     ordered = {n.name: tensors[n.name] for n in graph.nodes if n.name in tensors}
     _concat_keeps_formats(graph, cfgs, ordered)
+    rdata = {}
+    if kmeans and len(kmeans_bits) > 2 and kmeans_bits[2] is not None:
+        from .kmeans import residual_data_formats
+        from .partitions import input_point
+        rdata = {n: residual_data_formats(obs, n, int(kmeans_bits[2]), cfgs[input_point(graph, n)], config.rounding,
+                                          ordered) for n in kmeans}
     return _build_plan(graph, config, cfgs, ordered, obs.acc, model_name, filter_bits or {}, kmeans or {},
-                       kmeans_bits)
+                       kmeans_bits, rdata)
 
 
 def _concat_keeps_formats(graph, cfgs, tensors) -> None:
@@ -342,7 +350,7 @@ def _concat_keeps_formats(graph, cfgs, tensors) -> None:
                                           signed=f.signed)
 
 
-def _build_plan(graph, config, cfgs, tensors, acc, model_name, filter_bits, kmeans, kmeans_bits) -> QuantPlan:
+def _build_plan(graph, config, cfgs, tensors, acc, model_name, filter_bits, kmeans, kmeans_bits, rdata) -> QuantPlan:
     fmts = propagate_formats(graph, tensors)
     layers: dict[str, LayerPlan] = {}
     notes: list[str] = []
@@ -390,7 +398,10 @@ def _build_plan(graph, config, cfgs, tensors, acc, model_name, filter_bits, kmea
                                   "would read every group's inputs; leave it out of the K-means layers")
             km, wf = kmeans_layer(n.weight, kmeans[n.name], kmeans_bits[0], kmeans_bits[1], mode, cfg.method,
                                   config.rounding)
-            lnotes.append(f"K-means: K={km.K} basis kernels at {kmeans_bits[0]}b + residuals at {kmeans_bits[1]}b")
+            if n.name in rdata:
+                km = replace(km, data=rdata[n.name])
+            lnotes.append(f"K-means: K={km.K} basis kernels at {kmeans_bits[0]}b + residuals at {kmeans_bits[1]}b"
+                          + (f" reading {km.data.T}-bit data" if km.data is not None else ""))
         else:
             wf = weight_formats(n.weight, cfg.coeff_bits, mode, cfg.method, groups, config.rounding, bits)
         bf = bias_formats(n.bias, cfg.bias_bits) if n.bias is not None else None
@@ -399,8 +410,7 @@ def _build_plan(graph, config, cfgs, tensors, acc, model_name, filter_bits, kmea
         A = None
         if isinstance(wf, Formats) and Fx is not None and n.name in tensors:
             A = cfg.acc_bits
-            Fw = LayerPlan(n.name, wf, None, kmeans=km).coeff_F(*n.weight.shape[:2])
-            S = sum_format(Fw, Fx, n.weight.shape, groups)
+            S = layer_sum_format(LayerPlan(n.name, wf, None, kmeans=km), Fx, n.weight.shape, groups)
             st = acc[n.name]
             amax = st.amax.double() if st.amax is not None else torch.zeros(S.shape, dtype=torch.float64)
             acc_I = ceil_log2(amax.cpu()).clamp(min=EXP_LO - 1)

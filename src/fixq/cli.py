@@ -210,6 +210,10 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--k", default="auto", help="auto (under the accuracy budget), N, or layer=K,...")
     g.add_argument("--base-bits", type=int, default=8, help="basis kernel bits")
     g.add_argument("--residual-bits", type=int, default=4, help="residual kernel bits")
+    g.add_argument("--residual-data-bits", type=int, default=None,
+                   help="give the residual kernels their own data format of this many bits (4: the paper's "
+                        "<4b,4b> residuals, eq. 9), calibrated like any data format; default: they read the "
+                        "layer's data, <4b,8b>")
     g.add_argument("--exclude", default="first", help="layers never clustered with --layers auto (first, last, names)")
     t = g.add_mutually_exclusive_group()
     t.add_argument("--target-drop", type=float, default=2.0, help="allowed top-1 points over float")

@@ -46,7 +46,8 @@ def cmd_kmeans(args) -> int:
                          exclude=args.exclude, target_drop=None if args.target_error is not None else args.target_drop,
                          target_error=args.target_error, tune_size=args.tune_size,
                          sensitivity_size=args.sensitivity_size, restarts=args.restarts, seed=args.seed,
-                         margin_z=args.margin_z, table4_others=args.table4_others)
+                         margin_z=args.margin_z, table4_others=args.table4_others,
+                         residual_data_bits=args.residual_data_bits)
     config = search_config(args)
     out = prepare_out(args.out)
     session = _session(args)
@@ -54,7 +55,8 @@ def cmd_kmeans(args) -> int:
     res.plan.save(out / "plan.json")
     from .kmeans import layer_savings
     N = {n.name: n.weight.shape[0] for n in session.graph.layers()}
-    layers = {n: {"k": K, "N": N[n], "layer_savings_pct": 100.0 * layer_savings(N[n], K, args.base_bits, args.residual_bits)}
+    layers = {n: {"k": K, "N": N[n], "layer_savings_pct": 100.0 * layer_savings(N[n], K, args.base_bits, args.residual_bits,
+                                                                 residual_data_bits=args.residual_data_bits)}
               for n, K in res.ks.items()}
     final = res.table6[-1]
     report = {**_common_report(session, args),
@@ -88,10 +90,10 @@ def cmd_kmeans(args) -> int:
     nrec = res.table4["noise_recovered_pct"]
     if nrec is not None:
         rec_s += (f"; of the logit noise (vs float, test images) plain <{args.residual_bits}b,8b> adds over "
-                  f"<{args.base_bits}b,8b>, K-means <{args.residual_bits}b,8b> residuals remove {nrec:.0f}%")
+                  f"<{args.base_bits}b,8b>, K-means {opts.rlabel()} residuals remove {nrec:.0f}%")
     ks = ", ".join(f"{n}: K={K}" for n, K in res.ks.items()) or "none (no K met the target)"
     md = (_header(session, args=args) + f"\n## K-means clustered kernels (basis {args.base_bits}b + residuals "
-          f"{args.residual_bits}b)\n\nTarget: top-1 error <= {res.target:.2f}% on {res.n_tune} tuning images "
+          f"{args.residual_bits}b{' on ' + str(args.residual_data_bits) + '-bit data' if args.residual_data_bits else ''})\n\nTarget: top-1 error <= {res.target:.2f}% on {res.n_tune} tuning images "
           f"(accepted when the {acceptance_rule(opts.margin_z)}); errors below are on the other {res.n_test} images.\n\n### Table 4 shape: layer `{res.table4['layer']}` "
           f"(N={res.table4['N']}, K={res.table4['K']}{others})\n\n{t4}\n\n{rec_s}.\n\nThe same layer at every candidate K "
           f"({args.residual_bits}-bit residuals; recovered = share of what plain <{args.residual_bits}b,8b> adds "

@@ -22,6 +22,7 @@ from .complexity import analyze
 from .ir import Conv, Graph
 from .kmeans import KMeansError, check_K, cluster_kernels, layer_savings
 from .mixed import eligible_layers
+from .partitions import input_point
 from .pipeline import Session
 from .plan import QuantConfig, QuantPlan
 from .search import PlanBench, base_config, resolve_target
@@ -45,10 +46,23 @@ class KMeansOptions:
     seed: int = 0
     margin_z: float = 1.0  # acceptance margin in standard errors (fixq.search)
     table4_others: str = "quant"    # Table 4's other layers: quant (the base plan) or flp (the paper's Table 4)
+    residual_data_bits: int | None = None  # <4b,4b>: the residuals read their own data format (None: 8-bit x)
+
+    def kbits(self, residual_bits: int | None = None) -> tuple:
+        """``kmeans_bits`` for plan_from: the configured residuals, or ``residual_bits`` on the layer's data."""
+        if residual_bits is not None:
+            return (self.base_bits, residual_bits)
+        return (self.base_bits, self.residual_bits, self.residual_data_bits)
+
+    def rlabel(self, data_bits: int = 8) -> str:
+        """``<4b,8b>`` or ``<4b,4b>``: the residual kernels' <coefficient, data> bits."""
+        return f"<{self.residual_bits}b,{self.residual_data_bits or data_bits}b>"
 
     def __post_init__(self) -> None:
         if self.table4_others not in ("quant", "flp"):
             raise KMeansError(f"--table4-others must be quant or flp, got {self.table4_others!r}")
+        if self.residual_data_bits is not None and not 2 <= self.residual_data_bits <= 16:
+            raise KMeansError(f"--residual-data-bits must be 2..16, got {self.residual_data_bits}")
         if self.residual_bits > self.base_bits:
             raise KMeansError(f"--residual-bits ({self.residual_bits}) above --base-bits ({self.base_bits})")
 
@@ -124,16 +138,6 @@ def candidate_Ks(N: int) -> list[int]:
     return out
 
 
-def input_point(graph: Graph, layer: str) -> str:
-    """The quantization point whose format ``layer``'s input carries (walking back through
-    format-preserving nodes: pads, pools, flatten...)."""
-    from .ir import QUANT_POINTS
-    name = graph.node(layer).inputs[0]
-    while not isinstance(graph.node(name), QUANT_POINTS) and graph.node(name).inputs:
-        name = graph.node(name).inputs[0]
-    return name
-
-
 def only_layer_config(graph: Graph, config: QuantConfig, layer: str) -> QuantConfig:
     """The paper's Table 4 setting: ``layer`` (its coefficients and the data it reads)
     quantized as in ``config``, every other layer and tensor in floating point.
@@ -175,8 +179,7 @@ def search_kmeans(session: Session, config: QuantConfig, opts: KMeansOptions) ->
         return cache[(name, K)]
 
     def plan_for(ks: dict, residual_bits: int | None = None) -> QuantPlan:
-        return bench.plan(kmeans={n: clusters(n, K) for n, K in ks.items()},
-                          kmeans_bits=(opts.base_bits, residual_bits or opts.residual_bits))
+        return bench.plan(kmeans={n: clusters(n, K) for n, K in ks.items()}, kmeans_bits=opts.kbits(residual_bits))
 
     noise: dict = {}
     trials: list = []
@@ -242,8 +245,7 @@ def search_kmeans(session: Session, config: QuantConfig, opts: KMeansOptions) ->
             return bench.plan(cfg4, **kw)
 
         def kplan4(K, residual_bits=None):
-            return plan4(kmeans={layer: clusters(layer, K)},
-                         kmeans_bits=(opts.base_bits, residual_bits or opts.residual_bits))
+            return plan4(kmeans={layer: clusters(layer, K)}, kmeans_bits=opts.kbits(residual_bits))
     else:
         plan4 = bench.plan
 
@@ -267,7 +269,7 @@ def search_kmeans(session: Session, config: QuantConfig, opts: KMeansOptions) ->
     rows4.append(row(f"2D-HQ <{opts.base_bits}b,8b>", plan4() if flp else bench.base_plan))
     rows4.append(row(f"2D-HQ <{opts.residual_bits}b,8b>", plan4(filter_bits=layer_bits)))
     rows4.append(row(f"K-means K={K4}, <{opts.base_bits}b,8b> residuals", kplan4(K4, opts.base_bits)))
-    rows4.append(row(f"K-means K={K4}, <{opts.residual_bits}b,8b> residuals", kplan4(K4)))
+    rows4.append(row(f"K-means K={K4}, {opts.rlabel()} residuals", kplan4(K4)))
     lost = rows4[1]["top1_error"] - rows4[0]["top1_error"]
     # top-1 on one layer is often below the test set's noise; the logit noise is not
     n8, n4 = rows4[0]["logit_noise"], rows4[1]["logit_noise"]
@@ -280,17 +282,18 @@ def search_kmeans(session: Session, config: QuantConfig, opts: KMeansOptions) ->
 
     sweep = []  # the same layer at every candidate K: how recovery trades against layer savings
     for K in sorted(set(candidate_Ks(N[layer])) | {K4}):
-        r = dict(rows4[3]) if K == K4 else row(f"K-means K={K}, <{opts.residual_bits}b,8b> residuals", kplan4(K))
+        r = dict(rows4[3]) if K == K4 else row(f"K-means K={K}, {opts.rlabel()} residuals", kplan4(K))
         r["K"] = K
         r["top1_recovered_pct"], r["noise_recovered_pct"] = recovery(r)
         sweep.append(r)
     table4 = {"layer": layer, "N": N[layer], "K": K4, "rows": rows4, "others": opts.table4_others, "recovered_pct": recovered,
               "noise_recovered_pct": noise_recovered, "sweep": sweep, "tied_layers": tied, "plain_low_loss": lost,
-              "formula_layer_savings_pct": 100.0 * layer_savings(N[layer], K4, opts.base_bits, opts.residual_bits)}
+              "formula_layer_savings_pct": 100.0 * layer_savings(N[layer], K4, opts.base_bits, opts.residual_bits,
+                                                                       residual_data_bits=opts.residual_data_bits)}
 
     all_low = {n: torch.full(tuple(g.node(n).weight.shape[:2]), opts.residual_bits, dtype=torch.int64) for n in names}
     table6 = [row(f"2D-HQ <{opts.base_bits}b,8b>", bench.base_plan),
               row(f"2D-HQ <{opts.residual_bits}b,8b> (clustered layers' set)", bench.plan(filter_bits=all_low)),
-              row(f"K-means <{opts.residual_bits}b,8b> residuals ({len(ks)} layers)", plan)]
+              row(f"K-means {opts.rlabel()} residuals ({len(ks)} layers)", plan)]
     return KMeansResult(*bench.float_test, bench.float_tune, target, bench.n_tune, bench.n_test, plan, ks, table4,
                         table6, noise, trials, {"search_s": t_search, "total_s": time.time() - t0})
