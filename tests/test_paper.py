@@ -121,3 +121,15 @@ def test_cli_paper_report_says_so(capsys, tmp_path, digits_dir):
     assert (d.data_sign, d.effective_data_method, d.fc_mode, plan.rounding) == ("signed", "maxabs", "4D", "floor")
     assert all(f.signed for f in plan.tensors.values())
     assert {plan.layers[n].weight.granularity for n in ("fc1", "fc2")} == {"4D"}
+
+
+def test_cli_mixed_paper_keeps_fc_layers_whole(capsys, tmp_path, digits_dir):
+    """fc_mode 4D under --paper: the energy search leaves fully connected layers at base bits."""
+    argv = ["mixed", "--model", "lenet-digits", "--calib", str(digits_dir), "--calib-size", "64", "--eval",
+            str(digits_dir), "--eval-size", "300", "--out", str(tmp_path / "m"), "--paper", "--trials", "3",
+            "--strategy", "global", "--quiet"]
+    assert main(argv) == 0, capsys.readouterr().err
+    rep = json.loads((tmp_path / "m" / "report.json").read_text())
+    assert "first and last layers kept at base bits (§5, Table 3)" in rep["paper"]["used"]
+    plan = QuantPlan.load(tmp_path / "m" / "plan.json")
+    assert plan.layers["fc1"].weight.granularity == "4D" and plan.layers["fc1"].weight.T == 8
