@@ -251,6 +251,7 @@ def test_cli_kmeans_44(capsys, tmp_path, digits_dir):
     assert code == 0, cap.err
     rep = json.loads((tmp_path / "k" / "report.json").read_text())
     assert "<4b,4b> residuals" in rep["table4"]["rows"][3]["plan"] and "<4b,4b>" in rep["table6"][-1]["plan"]
+    assert "<4b,8b> residuals" in rep["table4"]["rows"][4]["plan"] and "<4b,8b>" in rep["table6"][-2]["plan"]
     assert rep["layers"]["conv2"]["layer_savings_pct"] == pytest.approx(100 * (0.75 * 32 - 3) / 32)
     plan = QuantPlan.load(tmp_path / "k" / "plan.json")
     assert plan.layers["conv2"].kmeans.data.T == 4 and plan.layers["fc1"].kmeans.data.T == 4

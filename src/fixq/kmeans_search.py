@@ -270,6 +270,8 @@ def search_kmeans(session: Session, config: QuantConfig, opts: KMeansOptions) ->
     rows4.append(row(f"2D-HQ <{opts.residual_bits}b,8b>", plan4(filter_bits=layer_bits)))
     rows4.append(row(f"K-means K={K4}, <{opts.base_bits}b,8b> residuals", kplan4(K4, opts.base_bits)))
     rows4.append(row(f"K-means K={K4}, {opts.rlabel()} residuals", kplan4(K4)))
+    if opts.residual_data_bits is not None:  # <4b,4b> beside <4b,8b> (the paper's eq. 9 offers both)
+        rows4.append(row(f"K-means K={K4}, <{opts.residual_bits}b,8b> residuals", kplan4(K4, opts.residual_bits)))
     lost = rows4[1]["top1_error"] - rows4[0]["top1_error"]
     # top-1 on one layer is often below the test set's noise; the logit noise is not
     n8, n4 = rows4[0]["logit_noise"], rows4[1]["logit_noise"]
@@ -295,5 +297,8 @@ def search_kmeans(session: Session, config: QuantConfig, opts: KMeansOptions) ->
     table6 = [row(f"2D-HQ <{opts.base_bits}b,8b>", bench.base_plan),
               row(f"2D-HQ <{opts.residual_bits}b,8b> (clustered layers' set)", bench.plan(filter_bits=all_low)),
               row(f"K-means {opts.rlabel()} residuals ({len(ks)} layers)", plan)]
+    if opts.residual_data_bits is not None and ks:
+        table6.insert(2, row(f"K-means <{opts.residual_bits}b,8b> residuals ({len(ks)} layers)",
+                             plan_for(ks, opts.residual_bits)))
     return KMeansResult(*bench.float_test, bench.float_tune, target, bench.n_tune, bench.n_test, plan, ks, table4,
                         table6, noise, trials, {"search_s": t_search, "total_s": time.time() - t0})
