@@ -156,3 +156,102 @@ def test_cli_kmeans_auto_meets_target(capsys, tmp_path, digits_dir):
 def test_cli_kmeans_bad_input_exit_2(capsys, tmp_path, digits_dir, extra, msg):
     code, cap = _km(capsys, digits_dir, tmp_path / "k", *extra)
     assert code == 2 and msg in cap.err
+
+
+# ---- <4b,4b> residuals (issue #20): the residual kernels read their own 4-bit data format ----
+
+def _kmeans44(g, x, ks, mode="2D", rounding="half_up", **cfg):
+    obs = observe(g, [(x, None)], show_progress=False)
+    km = {n: cluster_kernels(g.node(n).weight, K) for n, K in ks.items()}
+    return plan_from(obs, QuantConfig(LayerConfig(coeff_mode=mode, **cfg), rounding), "t", kmeans=km,
+                     kmeans_bits=(8, 4, 4))
+
+
+@pytest.mark.parametrize("mode,dm,method", [("2D", "3D", "mse"), ("3D", "4D", "maxabs")])
+def test_kmeans_44_bit_exact_sim_engine(mode, dm, method, tmp_path):
+    g = make_graph(CifarResNet(20), (3, 32, 32))
+    torch.manual_seed(4)
+    x = torch.randn(8, 3, 32, 32)
+    ks = {"layer1.0.conv2": 3, "layer2.1.conv1": 5, "linear": 2}
+    plan = _kmeans44(g, x, ks, mode, data_mode=dm, data_method=method)
+    for n in ks:
+        d = plan.layers[n].kmeans.data
+        assert d is not None and d.T == 4 and d.granularity == dm
+    plan.save(tmp_path / "p.json")
+    assert QuantPlan.load(tmp_path / "p.json").to_json() == plan.to_json()
+    xt = torch.randn(4, 3, 32, 32) * 1.5
+    sim, eng = Simulator(g, plan, exact=True), Engine(g, plan)
+    got = sim(xt)
+    assert torch.equal(eng.dequantize(eng.run(eng.quantize_input(xt))), got)
+    assert eng.saturations()["layer2.1.conv1"]["data"] == sim.saturations()["layer2.1.conv1"]["data"]
+    fast = Simulator(g, plan, exact=False)(xt).double()
+    assert (fast.argmax(1) == got.argmax(1)).all()
+    # the residual branch really reads 4-bit data: the outputs differ from the <4b,8b> plan's
+    obs = observe(g, [(x, None)], show_progress=False)
+    p48 = plan_from(obs, plan.config, "t", kmeans={n: cluster_kernels(g.node(n).weight, K) for n, K in ks.items()})
+    assert not torch.equal(Simulator(g, p48, exact=True)(xt), got)
+    assert "data" not in plan_from(obs, plan.config, "t", kmeans={"linear": cluster_kernels(
+        g.node("linear").weight, 2)}).to_json()["layers"]["linear"]["kmeans"]  # <4b,8b> plans keep their JSON
+
+
+def test_kmeans_44_complexity_is_hand_computed():
+    g = make_graph(CifarResNet(20), (3, 32, 32))
+    x = torch.randn(8, 3, 32, 32)
+    name, K = "layer3.1.conv1", 6
+    plan = _kmeans44(g, x, {name: K}, mode="3D")
+    c = {r.name: r for r in analyze(g, plan).layers}[name]
+    # 64 kernels of 64x3x3 on 8x8 outputs: K basis kernels at <8b,8b> (1 per MAC) + 64 residuals at <4b,4b> (0.25)
+    macs_per_kernel = 64 * 3 * 3 * 8 * 8
+    assert c.rel_complexity_mmacs == pytest.approx((K * 1.0 + 64 * 0.25) * macs_per_kernel / 1e6, rel=1e-12)
+    assert layer_savings(64, K, residual_data_bits=4) == pytest.approx((0.75 * 64 - K) / 64)
+    assert "on 4b data" in c.coeff_bits
+
+
+@pytest.mark.skipif(shutil.which("cc") is None or shutil.which("make") is None, reason="needs cc and make")
+@pytest.mark.parametrize("dm", ["3D", "4D"])
+def test_kmeans_44_runs_in_c(tmp_path, dm):
+    from test_export_c import c_vs_engine
+    g = make_graph(DepthwiseNet(), (3, 16, 16))
+    x = torch.randn(16, 3, 16, 16)
+    plan = _kmeans44(g, x, {"stem": 3, "pw": 2, "fc": 2}, data_mode=dm, acc_bits=24)
+    res, _ = c_vs_engine(g, plan, (3, 16, 16), tmp_path)
+    src = (res.out / "model.c").read_text()
+    assert "fixq_rx" in src and src.count("fixq_requant(") >= 3
+    xt = torch.randn(4, 3, 16, 16)
+    eng = Engine(g, plan)
+    assert torch.equal(eng.dequantize(eng.run(eng.quantize_input(xt))), Simulator(g, plan, exact=True)(xt))
+
+
+def test_kmeans_44_qdq_onnx(tmp_path):
+    pytest.importorskip("onnxruntime")
+    from fixq.onnx_out import compare_qdq, export_qdq
+    g = make_graph(DepthwiseNet(), (3, 16, 16))
+    torch.manual_seed(2)
+    x = torch.randn(16, 3, 16, 16)
+    plan = _kmeans44(g, x, {"pw": 2, "fc": 2}, rounding="nearest_even", data_mode="3D")
+    export_qdq(g, plan, tmp_path / "k.onnx")
+    cmp = compare_qdq(tmp_path / "k.onnx", g, plan, torch.randn(32, 3, 16, 16))
+    assert cmp["max_diff_output_steps"] == 0 and cmp["agreement_top1_pct"] == 100.0
+
+
+def test_kmeans_44_plan_schema_refuses_a_wrong_grid():
+    from fixq.plan import PlanError
+    from fixq.plan_schema import check_plan_graph
+    g = make_graph(DepthwiseNet(), (3, 16, 16))
+    plan = _kmeans44(g, torch.randn(8, 3, 16, 16), {"pw": 2}, data_mode="3D")
+    d = plan.to_json()
+    assert d["layers"]["pw"]["kmeans"]["data"]["T"] == 4
+    d["layers"]["pw"]["kmeans"]["data"].update(F=[1, 2], shape=[2])
+    with pytest.raises(PlanError, match=r"kmeans\.data\.shape"):
+        check_plan_graph(QuantPlan.from_json(d), g)
+
+
+def test_cli_kmeans_44(capsys, tmp_path, digits_dir):
+    code, cap = _km(capsys, digits_dir, tmp_path / "k", "--k", "conv2=3,fc1=2", "--residual-data-bits", "4")
+    assert code == 0, cap.err
+    rep = json.loads((tmp_path / "k" / "report.json").read_text())
+    assert "<4b,4b> residuals" in rep["table4"]["rows"][3]["plan"] and "<4b,4b>" in rep["table6"][-1]["plan"]
+    assert "<4b,8b> residuals" in rep["table4"]["rows"][4]["plan"] and "<4b,8b>" in rep["table6"][-2]["plan"]
+    assert rep["layers"]["conv2"]["layer_savings_pct"] == pytest.approx(100 * (0.75 * 32 - 3) / 32)
+    plan = QuantPlan.load(tmp_path / "k" / "plan.json")
+    assert plan.layers["conv2"].kmeans.data.T == 4 and plan.layers["fc1"].kmeans.data.T == 4

@@ -16,7 +16,7 @@ from dataclasses import dataclass, replace
 import torch
 
 from .partitions import accumulator_F
-from .engine import Engine, compile_layer, exact_sum, layer_forward
+from .engine import Engine, compile_layer, exact_sum, layer_forward, residual_input
 
 __all__ = ["AccumulatorRow", "accumulator_table", "with_acc_bits"]
 
@@ -49,7 +49,7 @@ def accumulator_table(graph, plan, x: torch.Tensor, A_min: int = 8) -> list[Accu
     for n in graph.layers():
         L = eng.layers[n.name]
         xin = env[n.inputs[0]]
-        peak = int(exact_sum(L, n, xin).abs().max())
+        peak = int(exact_sum(L, n, xin, residual_input(L, xin, eng.rounding)).abs().max())
         A_exact = max(2, peak.bit_length() + 1)
         ref = env[n.name]
         ident = 32

@@ -10,6 +10,7 @@ exponent histograms, accumulator ranges; pass 2 for ``mse`` data), streamed batc
 from __future__ import annotations
 
 import warnings
+from dataclasses import replace
 
 import torch
 
@@ -17,7 +18,7 @@ from .formats import fake_quantize
 from .ir import QUANT_POINTS, Concat, Conv, FloatOp, Graph, Linear, nonnegative_nodes
 from .observe import (CalibrationError, Observations, _data_F, _magnitude_T, _nonzero, needs_histograms,
                       observe)
-from .partitions import accumulator_F, filter_formats, propagate_formats, sum_format
+from .partitions import accumulator_F, filter_formats, layer_sum_format, propagate_formats, sum_format
 from .plan import AffineFormats, Formats, LayerPlan, PlanError, QuantConfig, QuantPlan
 from .safety import bound_spread
 from .ranges import (EXP_LO, MSE_CANDIDATES, F_from_maxabs, F_from_percentile_rows, affine_params,
@@ -107,14 +108,16 @@ def calibrate(graph: Graph, loader, config: QuantConfig, model_name: str = "mode
 
 def plan_from(obs: Observations, config: QuantConfig, model_name: str = "model",
               filter_bits: dict | None = None, kmeans: dict | None = None,
-              kmeans_bits: tuple[int, int] = (8, 4)) -> QuantPlan:
+              kmeans_bits: tuple[int, ...] = (8, 4)) -> QuantPlan:
     """Choose every format of the plan for ``config`` from calibration statistics.
 
     ``filter_bits`` maps a layer to its coefficient word length per 2D filter, an int
     tensor ``(N, M/groups)`` (mixed precision, :mod:`fixq.mixed`): those layers get 2D
     formats with the given bits whatever the config's mode and bits say. ``kmeans`` maps
     a layer to a :class:`fixq.kmeans.Clustering`: basis kernels at ``kmeans_bits[0]``,
-    residuals at ``kmeans_bits[1]``, both in the layer's coefficient mode."""
+    residuals at ``kmeans_bits[1]``, both in the layer's coefficient mode; a third entry
+    ``kmeans_bits[2]`` (not None) gives the residual branch its own data format of that many
+    bits (``<4b,4b>``, :func:`fixq.kmeans.residual_data_formats`)."""
     graph = obs.graph
     cfgs = {n.name: config.for_layer(n.name) for n in graph.nodes}
     for p in config.unmatched_patterns([n.name for n in graph.nodes]):
@@ -153,8 +156,14 @@ def plan_from(obs: Observations, config: QuantConfig, model_name: str = "model",
                                 signed=signed)
     ordered = {n.name: tensors[n.name] for n in graph.nodes if n.name in tensors}
     _concat_keeps_formats(graph, cfgs, ordered)
+    rdata = {}
+    if kmeans and len(kmeans_bits) > 2 and kmeans_bits[2] is not None:
+        from .kmeans import residual_data_formats
+        from .partitions import input_point
+        rdata = {n: residual_data_formats(obs, n, int(kmeans_bits[2]), cfgs[input_point(graph, n)], config.rounding,
+                                          ordered) for n in kmeans}
     return _build_plan(graph, config, cfgs, ordered, obs.acc, model_name, filter_bits or {}, kmeans or {},
-                       kmeans_bits)
+                       kmeans_bits, rdata)
 
 
 def _concat_keeps_formats(graph, cfgs, tensors) -> None:
@@ -175,7 +184,7 @@ def _concat_keeps_formats(graph, cfgs, tensors) -> None:
                                           signed=f.signed)
 
 
-def _build_plan(graph, config, cfgs, tensors, acc, model_name, filter_bits, kmeans, kmeans_bits) -> QuantPlan:
+def _build_plan(graph, config, cfgs, tensors, acc, model_name, filter_bits, kmeans, kmeans_bits, rdata) -> QuantPlan:
     fmts = propagate_formats(graph, tensors)
     layers: dict[str, LayerPlan] = {}
     notes: list[str] = []
@@ -191,8 +200,20 @@ def _build_plan(graph, config, cfgs, tensors, acc, model_name, filter_bits, kmea
             if tuple(bits.shape) != tuple(n.weight.shape[:2]):
                 raise PlanError(f"layer '{n.name}': filter bits have shape {tuple(bits.shape)}, "
                                 f"the layer has {tuple(n.weight.shape[:2])} 2D filters")
+            if isinstance(n, Linear) and cfg.fc_mode == "4D":
+                if int(bits.min()) != int(bits.max()):
+                    raise PlanError(f"layer '{n.name}' is fully connected and fc_mode is 4D (one format per "
+                                    "layer, paper §3): it cannot mix word lengths per weight; exclude it "
+                                    "(--exclude) or use --fc-mode auto")
+                mode, bits, cfg = "4D", None, replace(cfg, coeff_bits=int(bits.max()))
+                lnotes.append(f"fully connected layer: 4D at {cfg.coeff_bits}b (fc_mode 4D, paper §3)")
+        if bits is not None:
             lo = int((bits < bits.max()).sum())
             lnotes.append(f"mixed precision: {lo} of {bits.numel()} 2D filters at {int(bits.min())}b")
+        elif isinstance(n, Linear) and cfg.fc_mode == "4D" and mode != "4D":
+            mode = "4D"
+            lnotes.append(f"fully connected layer: 4D (one format per layer; fc_mode 4D, paper §3) instead of "
+                          f"{cfg.coeff_mode}")
         elif mode == "2D" and isinstance(n, Linear):
             mode = "3D"
             lnotes.append("2D asked on a fully connected layer: 3D (per output neuron) used")
@@ -211,7 +232,10 @@ def _build_plan(graph, config, cfgs, tensors, acc, model_name, filter_bits, kmea
                                   "would read every group's inputs; leave it out of the K-means layers")
             km, wf = kmeans_layer(n.weight, kmeans[n.name], kmeans_bits[0], kmeans_bits[1], mode, cfg.method,
                                   config.rounding)
-            lnotes.append(f"K-means: K={km.K} basis kernels at {kmeans_bits[0]}b + residuals at {kmeans_bits[1]}b")
+            if n.name in rdata:
+                km = replace(km, data=rdata[n.name])
+            lnotes.append(f"K-means: K={km.K} basis kernels at {kmeans_bits[0]}b + residuals at {kmeans_bits[1]}b"
+                          + (f" reading {km.data.T}-bit data" if km.data is not None else ""))
         else:
             wf = weight_formats(n.weight, cfg.coeff_bits, mode, cfg.method, groups, config.rounding, bits)
         bf = bias_formats(n.bias, cfg.bias_bits) if n.bias is not None else None
@@ -220,8 +244,7 @@ def _build_plan(graph, config, cfgs, tensors, acc, model_name, filter_bits, kmea
         A = None
         if isinstance(wf, Formats) and Fx is not None and n.name in tensors:
             A = cfg.acc_bits
-            Fw = LayerPlan(n.name, wf, None, kmeans=km).coeff_F(*n.weight.shape[:2])
-            S = sum_format(Fw, Fx, n.weight.shape, groups)
+            S = layer_sum_format(LayerPlan(n.name, wf, None, kmeans=km), Fx, n.weight.shape, groups)
             st = acc[n.name]
             amax = st.amax.double() if st.amax is not None else torch.zeros(S.shape, dtype=torch.float64)
             acc_I = ceil_log2(amax.cpu()).clamp(min=EXP_LO - 1)

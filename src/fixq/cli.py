@@ -9,7 +9,7 @@ import sys
 
 from .errors import FixqError
 
-__all__ = ["main", "build_parser", "UsageError"]
+__all__ = ["main", "build_parser", "UsageError", "explicit_options"]
 
 
 class UsageError(FixqError):
@@ -89,6 +89,13 @@ def _add_model(p: argparse.ArgumentParser, data: bool = True) -> None:
                    help="image decoding processes per rank (0: in the main process; default: the CPUs available)")
 
 
+PAPER_HELP = ("the paper's choices in one switch: maxabs ranges (eq. 6) for coefficients and data, signed Q(T,F) "
+              "data, half-up rounding, 32-bit accumulators, 8-bit biases, fully connected layers 4D, the paper's "
+              "first/last-layer exclusions (and, for kmeans, Table 4 with every other layer in floating point); "
+              "options given explicitly win, wherever they appear, and the report names them as departures")
+FC_HELP = "fully connected layers: auto (follow --coeff-mode; 2D means 3D) or 4D (one format per layer, paper §3)"
+
+
 def _add_quant(p: argparse.ArgumentParser, multi: bool = False) -> None:
     g = p.add_argument_group("quantization" + (" (comma-separated lists form the grid)" if multi else ""))
     t = str if multi else None
@@ -103,6 +110,7 @@ def _add_quant(p: argparse.ArgumentParser, multi: bool = False) -> None:
     g.add_argument("--data-sign", default="auto", choices=["auto", "signed"],
                    help="auto: unsigned U(T,F) data where the graph proves x >= 0 (after ReLU/ReLU6, "
                         "pools of such tensors...); signed: Q(T,F) everywhere, as in the paper")
+    g.add_argument("--fc-mode", default="auto", choices=["auto", "4D"], help=FC_HELP)
     g.add_argument("--bias-bits", type=int, default=8, help="bias word length 2..32")
     g.add_argument("--acc-bits", type=int, default=32, help="accumulator word length 2..32")
     g.add_argument("--acc-overflow", default="saturate", choices=["saturate", "wrap"],
@@ -111,6 +119,7 @@ def _add_quant(p: argparse.ArgumentParser, multi: bool = False) -> None:
                    help="one rounding mode for the whole model")
     g.add_argument("--config", help="YAML/JSON of per-layer overrides {layer-glob: {coeff_bits: 4, ...}}")
     g.add_argument("--exact", action="store_true", help="float64 simulation, bit-exact with the integer engine")
+    g.add_argument("--paper", action="store_true", help=PAPER_HELP)
 
 
 def _add_codes(p: argparse.ArgumentParser) -> None:
@@ -154,6 +163,8 @@ def _add_search_quant(g) -> None:
     g.add_argument("--data-method", help="range method of the data (default: --method, else mse)")
     g.add_argument("--data-sign", default="auto", choices=["auto", "signed"],
                    help="auto: unsigned data where the graph proves x >= 0; signed: as in the paper")
+    g.add_argument("--fc-mode", default="auto", choices=["auto", "4D"], help=FC_HELP)
+    g.add_argument("--paper", action="store_true", help=PAPER_HELP)
     g.add_argument("--bias-bits", type=int, default=8, help="bias word length 2..32")
     g.add_argument("--acc-bits", type=int, default=32, help="accumulator word length 2..32")
     g.add_argument("--rounding", default="half_up", choices=["half_up", "nearest_even", "floor"],
@@ -221,6 +232,10 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--k", default="auto", help="auto (under the accuracy budget), N, or layer=K,...")
     g.add_argument("--base-bits", type=int, default=8, help="basis kernel bits")
     g.add_argument("--residual-bits", type=int, default=4, help="residual kernel bits")
+    g.add_argument("--residual-data-bits", type=int, default=None,
+                   help="give the residual kernels their own data format of this many bits (4: the paper's "
+                        "<4b,4b> residuals, eq. 9), calibrated like any data format; default: they read the "
+                        "layer's data, <4b,8b>")
     g.add_argument("--exclude", default="first", help="layers never clustered with --layers auto (first, last, names)")
     t = g.add_mutually_exclusive_group()
     t.add_argument("--target-drop", type=float, default=2.0, help="allowed top-1 points over float")
@@ -228,6 +243,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--tune-size", type=int, help="evaluation images used for the K search (default half)")
     g.add_argument("--sensitivity-size", type=int, default=256, help="tuning images per candidate K measurement")
     g.add_argument("--restarts", type=int, default=4, help="k-means++ initialisations per clustering")
+    g.add_argument("--table4-others", default="quant", choices=["quant", "flp"],
+                   help="Table 4's other layers: quant (the 2D-HQ base plan) or flp (floating point, as the "
+                        "paper's Table 4)")
     _add_search_quant(g)
     _add_codes(p)
     _add_output(p)
@@ -328,6 +346,27 @@ def _bug(e: Exception) -> int:
     return 1
 
 
+_UNSET = object()
+
+
+def explicit_options(argv: list[str]) -> set[str]:
+    """The argparse dests the user gave on the command line (abbreviations included):
+    ``argv`` parsed again with every optional default replaced by a marker.
+
+    >>> sorted(explicit_options(["models", "--json"]))
+    ['command', 'json']
+    """
+    parser = build_parser()
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            for sp in action.choices.values():
+                for a in sp._actions:
+                    if a.option_strings and not a.required and a.dest != "help":
+                        a.default = _UNSET
+    ns = parser.parse_args(argv)
+    return {k for k, v in vars(ns).items() if v is not _UNSET}
+
+
 def main(argv: list[str] | None = None) -> int:
     """Run one ``fixq`` command; returns the exit code (0 ok, 2 user problem, 1 bug in fixq).
 
@@ -342,6 +381,10 @@ def main(argv: list[str] | None = None) -> int:
     from . import commands
     restore = _clean_warnings()
     try:
+        args.paper_info = None
+        if getattr(args, "paper", False):
+            from .paper import apply_paper
+            args.paper_info = apply_paper(args, args.command, explicit_options(sys.argv[1:] if argv is None else argv))
         return commands.dispatch(args) or 0
     except FixqError as e:
         hint = _hint(e)

@@ -87,9 +87,13 @@ class CoeffGrid:
         q = torch.floor(self.scaled()) + up.reshape(self.x.shape).to(self.x.dtype)
         return saturate(q, self.T)[0].long()
 
+    def steps(self, codes: torch.Tensor) -> torch.Tensor:
+        """``q 2**-F`` (float64, exact): the rounded part alone (a K-means layer's residual branch)."""
+        return codes.double() * exp2(-self.F, self.x)
+
     def values(self, codes: torch.Tensor) -> torch.Tensor:
         """Real coefficients of codes (float64, exact): ``O + q 2**-F``."""
-        v = codes.double() * exp2(-self.F, self.x)
+        v = self.steps(codes)
         return v if self.offset is None else self.offset + v
 
 

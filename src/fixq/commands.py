@@ -51,6 +51,12 @@ def _say(args, *msg) -> None:
         print(*msg)
 
 
+def _say_paper(args) -> None:
+    from .paper import paper_sentence
+    if getattr(args, "paper_info", None):
+        _say(args, "\n" + paper_sentence(args.paper_info))
+
+
 def resolve_preprocess(args) -> tuple[Preprocess, tuple[int, ...] | None]:
     entry = ZOO.get(args.model)
     shape = getattr(args, "input_shape", None)
@@ -83,14 +89,14 @@ def resolve_preprocess(args) -> tuple[Preprocess, tuple[int, ...] | None]:
 def make_config(coeff_bits="8", data_bits="8", coeff_mode="3D", data_mode="4D", method=None,
                 bias_bits=8, acc_bits=32, acc_overflow="saturate", rounding="half_up",
                 config_file: str | None = None, data_method: str | None = None,
-                data_sign: str = "auto") -> QuantConfig:
+                data_sign: str = "auto", fc_mode: str = "auto") -> QuantConfig:
     """The CLI's config: ``method`` names the range method of coefficients and data alike
     (unless ``data_method``); neither given: the defaults of :class:`LayerConfig`."""
     d = LayerConfig()
     cfg = QuantConfig(LayerConfig(coeff_bits=coeff_bits, data_bits=data_bits, coeff_mode=coeff_mode,
                                   data_mode=data_mode, method=method or d.method,
                                   data_method=data_method or method or d.data_method, data_sign=data_sign,
-                                  bias_bits=bias_bits, acc_bits=acc_bits, acc_overflow=acc_overflow), rounding)
+                                  fc_mode=fc_mode, bias_bits=bias_bits, acc_bits=acc_bits, acc_overflow=acc_overflow), rounding)
     return load_config(config_file, cfg) if config_file else cfg
 
 
@@ -98,7 +104,7 @@ def search_config(args) -> QuantConfig:
     """The 2D-HQ base config of ``fixq mixed`` / ``fixq kmeans`` from their shared options."""
     return make_config(str(args.base_bits), args.data_bits, "2D", args.data_mode, args.method, args.bias_bits,
                        args.acc_bits, "saturate", args.rounding, data_method=args.data_method,
-                       data_sign=args.data_sign)
+                       data_sign=args.data_sign, fc_mode=args.fc_mode)
 
 
 def rounding_options(args):
@@ -144,8 +150,11 @@ def _float_row(session: Session) -> dict:
     return {"top1": session.float_top1, "top5": session.float_top5, "rel_complexity_mmacs": cost["rel_complexity_mmacs"]}
 
 
-def _header(session: Session, extra: str = "") -> str:
+def _header(session: Session, extra: str = "", args=None) -> str:
+    """The report's opening lines (``args`` with ``--paper``: the sentence naming the paper's choices)."""
+    from .paper import paper_sentence
     im = session.images
+    paper = paper_sentence(getattr(args, "paper_info", None))
     return (f"# fixq report: {session.model_name}\n\n{time.strftime('%Y-%m-%d %H:%M:%S')}{extra}\n\n"
             f"Calibration: {im['n_calib']} images from `{im['calib_dir']}`; evaluation: {im['n_eval']} images "
             f"from `{im['eval_dir']}` (seed {im['seed']}"
@@ -153,10 +162,11 @@ def _header(session: Session, extra: str = "") -> str:
             + (f"Skipped {im['skipped_images']['n']} unreadable images (--skip-bad-images; listed in "
                "report.json).\n" if im.get("skipped_images", {}).get("n") else "")
             + f"Preprocessing: {asdict(session.preprocess)}\n"
-            + "".join(f"\nModel note: {x}\n" for x in session.graph.notes))
+            + "".join(f"\nModel note: {x}\n" for x in session.graph.notes)
+            + (f"\n{paper}\n" if paper else ""))
 
 
-def _common_report(session: Session) -> dict:
+def _common_report(session: Session, args=None) -> dict:
     im = {k: v for k, v in session.images.items() if k not in ("eval_files", "calib_files")}
     return {"model": session.model_name, "n_eval": session.images["n_eval"], "images": im,
             "preprocess": asdict(session.preprocess),
@@ -164,13 +174,14 @@ def _common_report(session: Session) -> dict:
             "complexity_float": analyze(session.graph).to_json()["total"], "complexity_note": COMPLEXITY_NOTE,
             "timings": session.timings,
             "processes": dist.world(),
-            "model_notes": list(session.graph.notes)}
+            "model_notes": list(session.graph.notes),
+            **({"paper": args.paper_info} if getattr(args, "paper_info", None) else {})}
 
 
 def cmd_quantize(args) -> int:
     config = make_config(args.coeff_bits, args.data_bits, args.coeff_mode, args.data_mode, args.method,
                          args.bias_bits, args.acc_bits, args.acc_overflow, args.rounding, args.config,
-                         args.data_method, args.data_sign)
+                         args.data_method, args.data_sign, args.fc_mode)
     out = prepare_out(args.out)
     session = _session(args)
     d = config.default
@@ -184,7 +195,7 @@ def cmd_quantize(args) -> int:
     row = run.row(session)
     layers = layer_table(session, run)
     cost = analyze(session.graph, run.plan).to_json()
-    report = {**_common_report(session), "config": {**config.to_json(), "exact": args.exact,
+    report = {**_common_report(session, args), "config": {**config.to_json(), "exact": args.exact,
                                                     "device": args.device, "batch_size": args.batch_size,
                                                     "calib_size": args.calib_size, "eval_size": args.eval_size,
                                                     "seed": args.seed, "weights": weights_label(args)},
@@ -202,7 +213,7 @@ def cmd_quantize(args) -> int:
         np.save(args.save_logits, run.result.logits.numpy())
     _plots_for_run(session, layers, out, args.model)
     table = results_table([row], _float_row(session))
-    md = (_header(session) + "\n## Accuracy\n\n" + table + "\n\n" + COMPLEXITY_NOTE +
+    md = (_header(session, args=args) + "\n## Accuracy\n\n" + table + "\n\n" + COMPLEXITY_NOTE +
           "\n\n## Layers\n\nSQNR measured on the first "
           f"{run.result.sqnr_images} evaluation images.\n\n" + layers_markdown(layers) +
           "\n\n" + _figure("sqnr.png") + "\n\n" + _figure("fig3_ranges.png") +
@@ -216,6 +227,7 @@ def cmd_quantize(args) -> int:
         print(json.dumps({k: v for k, v in report.items() if k != "layers"}, default=str))
     else:
         print(table)
+        _say_paper(args)
         _say(args, f"\nplan, report.json and report.md written to {out}/")
     return 0
 
@@ -278,7 +290,7 @@ def cmd_sweep(args) -> int:
     grid = _grid(args)
     configs = [make_config(g["coeff_bits"], g["data_bits"], g["coeff_mode"], g["data_mode"], g["method"],
                            args.bias_bits, args.acc_bits, args.acc_overflow, args.rounding, args.config,
-                           args.data_method, args.data_sign)
+                           args.data_method, args.data_sign, args.fc_mode)
                for g in grid]
     out = prepare_out(args.out)
     session = _session(args)
@@ -298,7 +310,7 @@ def cmd_sweep(args) -> int:
         run.plan.save(out / row["plan"])
         _say(args, f"[{i + 1}/{len(configs)}] {row['format']} {row['coeff_mode']}/{row['data_mode']} "
                    f"{row['method']}: top-1 error {row['quant_top1_error']:.2f}%")
-    report = {**_common_report(session), "config": {"grid": grid, "rounding": args.rounding,
+    report = {**_common_report(session, args), "config": {"grid": grid, "rounding": args.rounding,
                                                     "acc_bits": args.acc_bits, "bias_bits": args.bias_bits,
                                                     "exact": args.exact, "seed": args.seed,
                                                     "weights": weights_label(args)},
@@ -311,12 +323,13 @@ def cmd_sweep(args) -> int:
     table = results_table(rows, _float_row(session), plans=True)
     from .plots import plot_pareto
     plot_pareto(rows, out / "pareto.png", session.float_top1, f"{args.model}: top-1 error vs complexity")
-    (out / "report.md").write_text(_header(session) + "\n## Sweep\n\n" + table + "\n\n" + COMPLEXITY_NOTE +
+    (out / "report.md").write_text(_header(session, args=args) + "\n## Sweep\n\n" + table + "\n\n" + COMPLEXITY_NOTE +
                                    "\n\n" + _figure("pareto.png") + "\n")
     if args.json:
         print(json.dumps(report, default=str))
     else:
         print(table)
+        _say_paper(args)
         _say(args, f"\nreport.json, report.md and one plan per row written to {out}/")
     return 0
 

@@ -4,7 +4,8 @@ from __future__ import annotations
 import json
 
 from . import distributed as dist
-from .commands import _common_report, _header, _say, _session, codes_markdown, prepare_out, rounding_options, search_config
+from .commands import (_common_report, _header, _say, _say_paper, _session, codes_markdown, prepare_out,
+                       rounding_options, search_config)
 from .kmeans_search import KMeansOptions, search_kmeans
 from .search import acceptance_rule
 from .report import markdown_table, write_json
@@ -47,7 +48,8 @@ def cmd_kmeans(args) -> int:
                          exclude=args.exclude, target_drop=None if args.target_error is not None else args.target_drop,
                          target_error=args.target_error, tune_size=args.tune_size,
                          sensitivity_size=args.sensitivity_size, restarts=args.restarts, seed=args.seed,
-                         margin_z=args.margin_z)
+                         margin_z=args.margin_z, table4_others=args.table4_others,
+                         residual_data_bits=args.residual_data_bits)
     config = search_config(args)
     codes = rounding_options(args)
     out = prepare_out(args.out)
@@ -58,10 +60,11 @@ def cmd_kmeans(args) -> int:
     res.plan.save(out / "plan.json")
     from .kmeans import layer_savings
     N = {n.name: n.weight.shape[0] for n in session.graph.layers()}
-    layers = {n: {"k": K, "N": N[n], "layer_savings_pct": 100.0 * layer_savings(N[n], K, args.base_bits, args.residual_bits)}
+    layers = {n: {"k": K, "N": N[n], "layer_savings_pct": 100.0 * layer_savings(N[n], K, args.base_bits, args.residual_bits,
+                                                                 residual_data_bits=args.residual_data_bits)}
               for n, K in res.ks.items()}
     final = res.table6[-1]
-    report = {**_common_report(session),
+    report = {**_common_report(session, args),
               "float": {"top1_error": res.float_top1_test, "top5_error": res.float_top5_test,
                         "top1_error_tune": res.float_top1_tune},
               "quant": {"top1_error": final["top1_error"], "top5_error": final["top5_error"]},
@@ -82,6 +85,8 @@ def cmd_kmeans(args) -> int:
     write_json(out / "images.json", {"calib_files": session.images["calib_files"],
                                      "eval_files": session.images["eval_files"]})
     t4, t6 = table4(res), table6(res)
+    others = ("; every other layer in floating point, as the paper's Table 4; network savings = this layer's "
+              "savings over the all-base network" if res.table4.get("others") == "flp" else "")
     rec = res.table4["recovered_pct"]
     lost = res.table4["plain_low_loss"]
     if rec is None or lost < MIN_LOSS:
@@ -92,12 +97,12 @@ def cmd_kmeans(args) -> int:
     nrec = res.table4["noise_recovered_pct"]
     if nrec is not None:
         rec_s += (f"; of the logit noise (vs float, test images) plain <{args.residual_bits}b,8b> adds over "
-                  f"<{args.base_bits}b,8b>, K-means <{args.residual_bits}b,8b> residuals remove {nrec:.0f}%")
+                  f"<{args.base_bits}b,8b>, K-means {opts.rlabel()} residuals remove {nrec:.0f}%")
     ks = ", ".join(f"{n}: K={K}" for n, K in res.ks.items()) or "none (no K met the target)"
-    md = (_header(session) + f"\n## K-means clustered kernels (basis {args.base_bits}b + residuals "
-          f"{args.residual_bits}b)\n\nTarget: top-1 error <= {res.target:.2f}% on {res.n_tune} tuning images "
+    md = (_header(session, args=args) + f"\n## K-means clustered kernels (basis {args.base_bits}b + residuals "
+          f"{args.residual_bits}b{' on ' + str(args.residual_data_bits) + '-bit data' if args.residual_data_bits else ''})\n\nTarget: top-1 error <= {res.target:.2f}% on {res.n_tune} tuning images "
           f"(accepted when the {acceptance_rule(opts.margin_z)}); errors below are on the other {res.n_test} images.\n\n### Table 4 shape: layer `{res.table4['layer']}` "
-          f"(N={res.table4['N']}, K={res.table4['K']})\n\n{t4}\n\n{rec_s}.\n\nThe same layer at every candidate K "
+          f"(N={res.table4['N']}, K={res.table4['K']}{others})\n\n{t4}\n\n{rec_s}.\n\nThe same layer at every candidate K "
           f"({args.residual_bits}-bit residuals; recovered = share of what plain <{args.residual_bits}b,8b> adds "
           f"over <{args.base_bits}b,8b> that K-means removes):\n\n{sweep_table(res)}\n\n"
           f"### Table 6 shape: network\n\n{t6}\n\n"
@@ -109,5 +114,6 @@ def cmd_kmeans(args) -> int:
         print(json.dumps({k: v for k, v in report.items() if k != "k_search"}, default=str))
     else:
         print(f"Layer {res.table4['layer']} (N={res.table4['N']}, K={res.table4['K']}):\n{t4}\n{rec_s}.\n\nNetwork:\n{t6}")
+        _say_paper(args)
         _say(args, f"\nK per layer: {ks}\nplan.json, report.json and report.md written to {out}/")
     return 0

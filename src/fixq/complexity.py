@@ -128,11 +128,15 @@ def analyze(graph: Graph, plan: QuantPlan | None = None, coeff_bits: dict | None
         km = None if lp is None else lp.kmeans
         if km is not None:  # K basis kernels at their bits + N residual kernels at theirs (DESIGN §7, §9)
             gb = filter_grid(km.basis.bits(), km.K, Mg)
-            costs = [mac_cost(int(c), d) for c in torch.cat([gb.reshape(-1), cb.reshape(-1)]).tolist()]
+            dr = d if km.data is None else km.data.word  # <4b,4b>: residual MACs at the residual data bits
+            costs = [mac_cost(int(c), d) for c in gb.reshape(-1).tolist()] + [
+                mac_cost(int(c), dr) for c in cb.reshape(-1).tolist()]
             rel = float(sum(costs)) * per_filter
             cstore = (int(gb.sum()) + int(cb.sum())) * H * W + N * assign_bits(km.K)
-            desc = (_n_partitions(km.basis) + _n_partitions(lp.weight)) * 8
-            label = f"K={km.K}: {_bits_label(gb)} basis + {_bits_label(cb)} residuals"
+            desc = (_n_partitions(km.basis) + _n_partitions(lp.weight)
+                    + (0 if km.data is None else _n_partitions(km.data))) * 8
+            label = f"K={km.K}: {_bits_label(gb)} basis + {_bits_label(cb)} residuals" + (
+                "" if km.data is None else f" on {int(km.data.T)}b data")
         elif cb is None:
             rel = per_filter * N * Mg * mac_cost(None, d)
             cstore = N * Mg * H * W * 32

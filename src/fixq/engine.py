@@ -9,7 +9,8 @@ coefficient/input formats; ``S[i] = max_j Fw[i,j] + Fx[j]`` exact-sum format; ``
 
 Conv/linear, per output channel i:
   1. ``sum = Σ_j (Σ_hw w_q[i,j] x_q[j]) << (S[i] - Fw[i,j] - Fx[j])``   (exact, wide);
-     a K-means layer adds its basis map ``g[l(i)] << (S[i] - Sg[l(i)])`` (DESIGN §9)
+     a K-means layer adds its basis map ``g[l(i)] << (S[i] - Sg[l(i)])`` (DESIGN §9); with
+     ``<4b,4b>`` residuals the residual kernels read ``xr = sat_Tr(round_shift(x, Fx - Fxr))``
   2. ``acc = sat_A(round_shift(sum + round_shift(b_q, Fb - S), S - Facc))``
   3. fused activation: clamp at the bounds' codes at Facc
   4. ``y = sat_Ty(round_shift(acc, Facc - Fy))``
@@ -30,13 +31,13 @@ from .coeffs import bias_codes, layer_codes
 from .formats import bound_codes, per_channel, quantize_codes, round_div, round_shift, round_shift_int, saturate
 from .ir import (AdaptiveAvgPool, Add, AvgPool, Clamp, Concat, Conv, Flatten, FloatOp, Graph, Input,
                  Linear, MaxPool, Pad, Slice)
-from .partitions import filter_formats, propagate_formats
+from .partitions import filter_formats, layer_sum_format, propagate_formats
 from .plan import QuantPlan
 from .pooling import adaptive_windows, pool_divisors
 from .safety import check_headroom, check_shift, max_code, prove_layer, prove_op
 
 __all__ = ["Engine", "EngineError", "ENGINE_RULES", "LayerInts", "BasisInts", "compile_layer", "exact_matmul",
-           "exact_sum", "layer_forward", "pool_out_size", "check_plan"]
+           "exact_sum", "residual_input", "layer_forward", "pool_out_size", "check_plan"]
 
 EXACT = 2 ** 53
 INT64_SAFE = 2 ** 62
@@ -68,6 +69,7 @@ class LayerInts:
     Fy: torch.Tensor
     basis: "BasisInts | None" = None
     bound: float = 0.0       # proved worst-case max_i |sum_i| at S (DESIGN §5a), < 2**62
+    rdata: "tuple | None" = None  # <4b,4b> K-means: (shift Fx - Fxr per input channel, word Tr)
 
 
 @dataclass(frozen=True)
@@ -87,14 +89,19 @@ def compile_layer(n: Conv | Linear, plan: QuantPlan, fmts, rounding: str) -> Lay
     w4 = w if w.dim() == 4 else w[:, :, None, None]
     N, Mg = w4.shape[:2]
     Tx, Fx = fmts[n.inputs[0]]
-    Fw2, Fxg = filter_formats(lp.weight.F_tensor(), Fx, w4.shape, groups)  # residual formats for K-means
-    S = (lp.coeff_F(N, Mg) + Fxg).amax(dim=1)
-    km, basis = lp.kmeans, None
+    km, basis, rdata = lp.kmeans, None, None
+    Fxr = Fx if km is None else km.residual_F(Fx)  # <4b,4b>: the residuals read their own data format
+    Fw2, Fxg = filter_formats(lp.weight.F_tensor(), Fxr, w4.shape, groups)  # residual formats for K-means
+    S = layer_sum_format(lp, Fx, w4.shape, groups)
     wq = layer_codes(n, lp, rounding).reshape(w4.shape)  # the one place codes come from (fixq.coeffs)
     if km is not None:
         from .kmeans import basis_grid
         Fg = basis_grid(km, Mg)
-        Fxb = Fxg[:1].expand(km.K, Mg)  # groups == 1: every kernel reads every input channel
+        Fxb = filter_formats(Fg, Fx, (km.K, Mg), 1)[1]  # groups == 1: every kernel reads every input channel
+        if km.data is not None:
+            rsh = per_channel(Fx, Mg) - per_channel(Fxr, Mg)
+            check_shift(f"layer '{n.name}'", "residual data requantization (Fx - Fxr)", rsh)
+            rdata = (rsh, km.data.word)
         Sg = (Fg + Fxb).amax(dim=1)
         a = km.assign_tensor()
         basis = BasisInts(km.basis_tensor(w4.shape[1:]), Sg[:, None] - Fg - Fxb, a, S - Sg[a])
@@ -114,10 +121,12 @@ def compile_layer(n: Conv | Linear, plan: QuantPlan, fmts, rounding: str) -> Lay
     lo, hi = (None, None) if n.act is None else bound_codes(n.act, Facc, N, rounding)
     wq = wq.long()
     bsum = None if basis is None else (basis.w.abs().sum(dim=(2, 3)), basis.wshift, basis.assign, basis.align)
+    if rdata is not None and max_code(rdata[1]) > max_code(Tx):  # |x|, |xr| <= the larger code: a valid bound
+        Tx = rdata[1]
     bound = prove_layer(n.name, wq.abs().sum(dim=(2, 3)), wshift, Tx, bias, S - Facc, Facc - Fy, lp.acc_bits,
                         (lo, hi), bsum)
     return LayerInts(wq, wshift, bias, S - Facc, lp.acc_bits, lp.acc_overflow, lo, hi,
-                     Facc - Fy, fmts[n.name][0], S, Facc, Fy, basis, bound)
+                     Facc - Fy, fmts[n.name][0], S, Facc, Fy, basis, bound, rdata)
 
 
 def prove_ops(graph: Graph, fmts) -> None:
@@ -290,10 +299,22 @@ def _sum(w: torch.Tensor, wshift: torch.Tensor, n, x: torch.Tensor) -> torch.Ten
     return exact_matmul(x, (w[:, :, 0, 0] << wshift).t(), proved=True)
 
 
-def exact_sum(L: LayerInts, n, x: torch.Tensor) -> torch.Tensor:
+def residual_input(L: LayerInts, x: torch.Tensor, rounding: str, count=lambda what, ev: None) -> torch.Tensor:
+    """What the (residual) kernels read: ``x``, or for ``<4b,4b>`` K-means residuals
+    ``xr = sat_Tr(round_shift(x, Fx - Fxr))`` (saturations counted as the layer's data)."""
+    if L.rdata is None:
+        return x
+    sh, Tr = L.rdata
+    xr, ev = saturate(round_shift(x, _bc(sh, x), rounding), Tr)
+    count("data", ev)
+    return xr
+
+
+def exact_sum(L: LayerInts, n, x: torch.Tensor, xr: torch.Tensor | None = None) -> torch.Tensor:
     """Step 1 of a conv/linear: the exact wide sum at S, bias included. A K-means layer
-    adds its shared basis maps: ``sum_i += basis[l(i)] << (S[i] - Sg[l(i)])``."""
-    s = _sum(L.w, L.wshift, n, x)
+    adds its shared basis maps: ``sum_i += basis[l(i)] << (S[i] - Sg[l(i)])``; its
+    residual kernels read ``xr`` (:func:`residual_input`; default ``x``)."""
+    s = _sum(L.w, L.wshift, n, x if xr is None else xr)
     if L.basis is not None:
         b = _sum(L.basis.w, L.basis.wshift, n, x)[:, L.basis.assign]
         s = s + (b << _bc(L.basis.align, b))
@@ -302,7 +323,7 @@ def exact_sum(L: LayerInts, n, x: torch.Tensor) -> torch.Tensor:
 
 def layer_forward(L: LayerInts, n, x: torch.Tensor, rounding: str, count=lambda what, ev: None) -> torch.Tensor:
     """Steps 1-4 of a conv/linear on integer codes (see the module docstring)."""
-    s = exact_sum(L, n, x)
+    s = exact_sum(L, n, x, residual_input(L, x, rounding, count))
     acc = round_shift(s, _bc(L.acc_shift, s), rounding)
     acc, ev = saturate(acc, L.A, L.overflow)
     count("acc", ev)

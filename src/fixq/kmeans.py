@@ -20,7 +20,7 @@ from .formats import exp2, quantize_codes
 from .plan import Formats, KMeansPlan, PlanError, filter_grid
 
 __all__ = ["KMeansError", "Clustering", "check_K", "cluster_kernels", "kmeans_layer", "basis_values",
-           "residual", "layer_savings", "assign_bits"]
+           "residual", "layer_savings", "assign_bits", "residual_data_formats"]
 
 
 class KMeansError(PlanError):
@@ -97,18 +97,56 @@ def kmeans_layer(w: torch.Tensor, c: Clustering, base_bits: int, residual_bits: 
     return km, rf
 
 
+def residual_data_formats(obs, layer: str, T: int, cfg, rounding: str, tensors: dict) -> Formats:
+    """``<4b,4b>`` residuals (paper eq. 9): the format the residual kernels of ``layer``
+    read, ``T`` bits calibrated like any data format (the input's quantization point's
+    statistics, range method, 4D/3D mode and sign; ``cfg`` is that point's LayerConfig),
+    then carried to the layer input as its 8-bit format is (pads, pools, flatten).
+
+    >>> residual_data_formats(obs, "layer2.0.conv1", 4, cfg, "half_up", plan.tensors).T   # doctest: +SKIP
+    4
+    """
+    from .calibrate import _data_F, _magnitude_T, _nonzero
+    from .partitions import input_point, propagate_formats
+    from .ranges import parse_method
+    from .safety import bound_spread
+    graph = obs.graph
+    q = input_point(graph, layer)
+    base = tensors.get(q)
+    if not isinstance(base, Formats):
+        raise KMeansError(f"layer '{layer}': residual data bits need a fixed-point input (its input '{q}' is "
+                          "floating point or affine)")
+    method = parse_method(cfg.effective_data_method)
+    st, mode, signed = obs.stats[q], base.granularity, base.signed
+    Tm = _magnitude_T(T, signed)
+    if method.kind == "mse":
+        F = obs.mse_F([(q, T, mode, signed)], rounding)[(q, T, mode, signed)]
+    else:
+        F = _data_F(st, Tm, mode, str(method))
+    F = bound_spread(F, Tm, _nonzero(st, mode))
+    own = Formats(T, mode, tuple(int(v) for v in F.tolist()), (F.numel(),) if mode == "3D" else (), signed=signed)
+    word, Fin = propagate_formats(graph, {**tensors, q: own})[graph.node(layer).inputs[0]]
+    return Formats(T, "4D" if Fin.dim() == 0 else "3D", tuple(int(v) for v in Fin.reshape(-1).tolist()),
+                   () if Fin.dim() == 0 else (Fin.numel(),), signed=word.signed)
+
+
 def assign_bits(K: int) -> int:
     return max(1, math.ceil(math.log2(K)))
 
 
-def layer_savings(N: int, K: int, base_bits: int = 8, residual_bits: int = 4) -> float:
-    """Complexity savings of a K-means layer vs all kernels at ``base_bits`` (DESIGN §7):
-    K basis kernels at full cost plus N residual kernels at ``residual_bits/base_bits``.
+def layer_savings(N: int, K: int, base_bits: int = 8, residual_bits: int = 4, data_bits: int = 8,
+                  residual_data_bits: int | None = None) -> float:
+    """Complexity savings of a K-means layer vs all kernels at ``<base_bits, data_bits>``
+    (DESIGN §7): K basis kernels at full cost plus N residual kernels at
+    ``<residual_bits, residual_data_bits>`` (default: the layer's data bits).
 
     >>> layer_savings(64, 6)   # (0.5 N - K) / N
     0.40625
+    >>> layer_savings(64, 6, residual_data_bits=4)   # <4b,4b> residuals: (0.75 N - K) / N
+    0.65625
     """
-    return (N - K - N * residual_bits / base_bits) / N
+    rdb = data_bits if residual_data_bits is None else residual_data_bits
+    return (N - K - N * (residual_bits * rdb) / (base_bits * data_bits)) / N
 
 
 def basis_grid(km: KMeansPlan, Mg: int) -> torch.Tensor:

@@ -22,11 +22,13 @@ from .complexity import analyze
 from .ir import Conv, Graph
 from .kmeans import KMeansError, check_K, cluster_kernels, layer_savings
 from .mixed import eligible_layers
+from .partitions import input_point
 from .pipeline import Session
 from .plan import QuantConfig, QuantPlan
 from .search import PlanBench, base_config, resolve_target
 
-__all__ = ["KMeansOptions", "KMeansResult", "kmeans_layers", "parse_k", "candidate_Ks", "search_kmeans"]
+__all__ = ["KMeansOptions", "KMeansResult", "kmeans_layers", "parse_k", "candidate_Ks", "search_kmeans",
+           "input_point", "only_layer_config"]
 
 
 @dataclass(frozen=True)
@@ -43,8 +45,24 @@ class KMeansOptions:
     restarts: int = 4
     seed: int = 0
     margin_z: float = 1.0  # acceptance margin in standard errors (fixq.search)
+    table4_others: str = "quant"    # Table 4's other layers: quant (the base plan) or flp (the paper's Table 4)
+    residual_data_bits: int | None = None  # <4b,4b>: the residuals read their own data format (None: 8-bit x)
+
+    def kbits(self, residual_bits: int | None = None) -> tuple:
+        """``kmeans_bits`` for plan_from: the configured residuals, or ``residual_bits`` on the layer's data."""
+        if residual_bits is not None:
+            return (self.base_bits, residual_bits)
+        return (self.base_bits, self.residual_bits, self.residual_data_bits)
+
+    def rlabel(self, data_bits: int = 8) -> str:
+        """``<4b,8b>`` or ``<4b,4b>``: the residual kernels' <coefficient, data> bits."""
+        return f"<{self.residual_bits}b,{self.residual_data_bits or data_bits}b>"
 
     def __post_init__(self) -> None:
+        if self.table4_others not in ("quant", "flp"):
+            raise KMeansError(f"--table4-others must be quant or flp, got {self.table4_others!r}")
+        if self.residual_data_bits is not None and not 2 <= self.residual_data_bits <= 16:
+            raise KMeansError(f"--residual-data-bits must be 2..16, got {self.residual_data_bits}")
         if self.residual_bits > self.base_bits:
             raise KMeansError(f"--residual-bits ({self.residual_bits}) above --base-bits ({self.base_bits})")
 
@@ -121,6 +139,23 @@ def candidate_Ks(N: int) -> list[int]:
     return out
 
 
+def only_layer_config(graph: Graph, config: QuantConfig, layer: str) -> QuantConfig:
+    """The paper's Table 4 setting: ``layer`` (its coefficients and the data it reads)
+    quantized as in ``config``, every other layer and tensor in floating point.
+
+    >>> only_layer_config(g, cfg, "layer2.0.conv1").for_layer("layer3.0.conv1").coeff_bits is None  # doctest: +SKIP
+    True
+    """
+    import glob
+    from dataclasses import replace
+    d = config.default
+    q = input_point(graph, layer)
+    over = config.overrides + (("*", {"coeff_bits": None, "data_bits": None}),
+                               (glob.escape(layer), {"coeff_bits": config.for_layer(layer).coeff_bits}),
+                               (glob.escape(q), {"data_bits": config.for_layer(q).data_bits or d.data_bits}))
+    return replace(config, overrides=over)
+
+
 def search_kmeans(session: Session, config: QuantConfig, opts: KMeansOptions, codes=None) -> KMeansResult:
     """Cluster, choose K per layer (or take the given K), report Tables 4 and 6. ``codes`` (a
     :class:`fixq.learned.RoundingOptions`): the final plan's codes (K-means residuals
@@ -148,8 +183,7 @@ def search_kmeans(session: Session, config: QuantConfig, opts: KMeansOptions, co
         return cache[(name, K)]
 
     def plan_for(ks: dict, residual_bits: int | None = None) -> QuantPlan:
-        return bench.plan(kmeans={n: clusters(n, K) for n, K in ks.items()},
-                          kmeans_bits=(opts.base_bits, residual_bits or opts.residual_bits))
+        return bench.plan(kmeans={n: clusters(n, K) for n, K in ks.items()}, kmeans_bits=opts.kbits(residual_bits))
 
     noise: dict = {}
     trials: list = []
@@ -207,6 +241,20 @@ def search_kmeans(session: Session, config: QuantConfig, opts: KMeansOptions, co
         layer = tied[0]
     K4 = ks.get(layer) or (max(candidate_Ks(N[layer])) if candidate_Ks(N[layer]) else 1)
     rows4 = []
+    flp = opts.table4_others == "flp"
+    if flp:  # the paper's Table 4: every other layer in floating point
+        cfg4 = only_layer_config(g, bench.config, layer)
+
+        def plan4(**kw):
+            return bench.plan(cfg4, **kw)
+
+        def kplan4(K, residual_bits=None):
+            return plan4(kmeans={layer: clusters(layer, K)}, kmeans_bits=opts.kbits(residual_bits))
+    else:
+        plan4 = bench.plan
+
+        def kplan4(K, residual_bits=None):
+            return plan_for({layer: K}, residual_bits)
 
     def row(label, p):
         e1, e5, logits = bench.measure(p, "test")
@@ -214,16 +262,20 @@ def search_kmeans(session: Session, config: QuantConfig, opts: KMeansOptions, co
         c, sv = bench.cost(p)
         lc = {x.name: x for x in analyze(g, p).layers}[layer]
         base_l = costs[layer].rel_complexity_mmacs
+        if flp:  # the network's other layers are float here: savings of this layer vs the all-base network
+            sv = 100.0 * (base_l - lc.rel_complexity_mmacs) / bench.base_cost
         return {"plan": label, "top1_error": e1, "top5_error": e5, "layer_rel_complexity_mmacs": lc.rel_complexity_mmacs,
                 "layer_savings_pct": 100.0 * (1 - lc.rel_complexity_mmacs / base_l), "network_savings_pct": sv,
                 "rel_complexity_mmacs": c, "logit_noise": noise,
                 "logit_sqnr_db": math.inf if noise == 0 else -10.0 * math.log10(noise)}
 
     layer_bits = {layer: torch.full(tuple(g.node(layer).weight.shape[:2]), opts.residual_bits, dtype=torch.int64)}
-    rows4.append(row(f"2D-HQ <{opts.base_bits}b,8b>", bench.base_plan))
-    rows4.append(row(f"2D-HQ <{opts.residual_bits}b,8b>", bench.plan(filter_bits=layer_bits)))
-    rows4.append(row(f"K-means K={K4}, <{opts.base_bits}b,8b> residuals", plan_for({layer: K4}, opts.base_bits)))
-    rows4.append(row(f"K-means K={K4}, <{opts.residual_bits}b,8b> residuals", plan_for({layer: K4})))
+    rows4.append(row(f"2D-HQ <{opts.base_bits}b,8b>", plan4() if flp else bench.base_plan))
+    rows4.append(row(f"2D-HQ <{opts.residual_bits}b,8b>", plan4(filter_bits=layer_bits)))
+    rows4.append(row(f"K-means K={K4}, <{opts.base_bits}b,8b> residuals", kplan4(K4, opts.base_bits)))
+    rows4.append(row(f"K-means K={K4}, {opts.rlabel()} residuals", kplan4(K4)))
+    if opts.residual_data_bits is not None:  # <4b,4b> beside <4b,8b> (the paper's eq. 9 offers both)
+        rows4.append(row(f"K-means K={K4}, <{opts.residual_bits}b,8b> residuals", kplan4(K4, opts.residual_bits)))
     lost = rows4[1]["top1_error"] - rows4[0]["top1_error"]
     # top-1 on one layer is often below the test set's noise; the logit noise is not
     n8, n4 = rows4[0]["logit_noise"], rows4[1]["logit_noise"]
@@ -236,24 +288,27 @@ def search_kmeans(session: Session, config: QuantConfig, opts: KMeansOptions, co
 
     sweep = []  # the same layer at every candidate K: how recovery trades against layer savings
     for K in sorted(set(candidate_Ks(N[layer])) | {K4}):
-        r = dict(rows4[3]) if K == K4 else row(f"K-means K={K}, <{opts.residual_bits}b,8b> residuals",
-                                                plan_for({layer: K}))
+        r = dict(rows4[3]) if K == K4 else row(f"K-means K={K}, {opts.rlabel()} residuals", kplan4(K))
         r["K"] = K
         r["top1_recovered_pct"], r["noise_recovered_pct"] = recovery(r)
         sweep.append(r)
-    table4 = {"layer": layer, "N": N[layer], "K": K4, "rows": rows4, "recovered_pct": recovered,
+    table4 = {"layer": layer, "N": N[layer], "K": K4, "rows": rows4, "others": opts.table4_others, "recovered_pct": recovered,
               "noise_recovered_pct": noise_recovered, "sweep": sweep, "tied_layers": tied, "plain_low_loss": lost,
-              "formula_layer_savings_pct": 100.0 * layer_savings(N[layer], K4, opts.base_bits, opts.residual_bits)}
+              "formula_layer_savings_pct": 100.0 * layer_savings(N[layer], K4, opts.base_bits, opts.residual_bits,
+                                                                       residual_data_bits=opts.residual_data_bits)}
 
     all_low = {n: torch.full(tuple(g.node(n).weight.shape[:2]), opts.residual_bits, dtype=torch.int64) for n in names}
     table6 = [row(f"2D-HQ <{opts.base_bits}b,8b>", bench.base_plan),
               row(f"2D-HQ <{opts.residual_bits}b,8b> (clustered layers' set)", bench.plan(filter_bits=all_low)),
-              row(f"K-means <{opts.residual_bits}b,8b> residuals ({len(ks)} layers)", plan)]
+              row(f"K-means {opts.rlabel()} residuals ({len(ks)} layers)", plan)]
+    if opts.residual_data_bits is not None and ks:
+        table6.insert(2, row(f"K-means <{opts.residual_bits}b,8b> residuals ({len(ks)} layers)",
+                             plan_for(ks, opts.residual_bits)))
     rows, t_codes = None, time.time()
     if codes is not None:
         from .learned import learn_rounding
         plan, rows = learn_rounding(g, plan, session.calib_stream.tensor(), codes, session.device, session.show_progress)
-        table6.append(row(f"K-means <{opts.residual_bits}b,8b> residuals ({len(ks)} layers) + {codes.label()}", plan))
+        table6.append(row(f"K-means {opts.rlabel()} residuals ({len(ks)} layers) + {codes.label()}", plan))
     t_codes = time.time() - t_codes
     return KMeansResult(*bench.float_test, bench.float_tune, target, bench.n_tune, bench.n_test, plan, ks, table4,
                         table6, noise, trials, {"search_s": t_search, "codes_s": t_codes,

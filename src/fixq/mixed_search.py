@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 import torch
 
 from .progress import progress
+from .ir import Linear
 from .mixed import (MixedError, Trial, TuneResult, eligible_layers, filter_bits, filter_energies,
                     layer_thresholds, tune_threshold)
 from .pipeline import Session
@@ -107,6 +108,11 @@ def search_mixed(session: Session, config: QuantConfig, opts: MixedOptions, code
     t0 = time.time()
     g = session.graph
     names = eligible_layers(g, opts.exclude)
+    # fc_mode 4D (the paper's §3): one format per fully connected layer, so no per-weight 8/4 mix there
+    names = [n for n in names if not (isinstance(g.node(n), Linear) and config.for_layer(n).fc_mode == "4D")]
+    if not names:
+        raise MixedError("no layer is left for low precision: the others are excluded or fully connected with "
+                         "--fc-mode 4D (one format per layer)")
     bench = PlanBench(session, base_config(config, opts.base_bits), opts.tune_size, opts.seed, opts.margin_z)
     target = resolve_target(bench.float_tune, opts.target_drop, opts.target_error)
     bench.require_base(target, "tune", MixedError)  # refuse before energies and sensitivity

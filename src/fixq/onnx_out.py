@@ -12,7 +12,8 @@ is ``2**-F`` with zero point 0. Patterns (all exact in real arithmetic):
   (per 2D filter) formats and mixed 8/4-bit filters: ``DequantizeLinear(codes, 1) *
   S2D`` where ``S2D[i, j] = 2**-F[i, j]`` (an initializer (N, M/groups, 1, 1)); 4-bit
   filters are int8 codes in [-8, 7]. K-means layers: ``Gather(DQ(basis), l) +
-  DQ(residual)``. Bias: float32 initializer of the bias already aligned to S.
+  DQ(residual)``; with ``<4b,4b>`` residuals ``Conv(x, Gather(DQ(basis), l)) +
+  Conv(QDQ_r(x), DQ(residual))``, ``QDQ_r`` the residual branch's own data format. Bias: float32 initializer of the bias already aligned to S.
 - fused activations: ``Max``/``Min`` with the bounds quantized on the accumulator grid.
 
 Known differences from fixq (reported by ``compare``): ONNX rounds half to even (use
@@ -66,16 +67,18 @@ class _B:
         self.nodes.append(self.h.make_node(op, list(inputs), [o], name=o, **attrs))
         return o
 
-    def qdq(self, x: str, name: str) -> str:
-        """Requantize ``x`` to the data format of IR node ``name`` (identity when flp)."""
-        T, F = self.fmts[name]
+    def qdq(self, x: str, name: str, fmt=None, tag: str | None = None) -> str:
+        """Requantize ``x`` to the data format of IR node ``name`` (identity when flp), or
+        to ``fmt = (T, F)`` on a tensor shaped like ``name``'s (``tag`` names its nodes)."""
+        T, F = self.fmts[name] if fmt is None else fmt
+        shape_of, name = name, tag or name
         if T is None or F is None:
             return x
         if T > 8:
             raise QDQError(f"'{name}' has {T}-bit data: the QDQ export writes int8 activations (T <= 8)")
         per_channel = F.dim() > 0 and bool((F != F.reshape(-1)[0]).any())
         if per_channel:  # x * 2**F (exact), then unit-scale Q/DQ, then * 2**-F
-            dims = len(self.graph.shapes[name]) + 1
+            dims = len(self.graph.shapes[shape_of]) + 1
             up = np.power(2.0, F.double().numpy()).astype(np.float32).reshape((1, -1) + (1,) * (dims - 2))
             x = self.node("Mul", [x, self.init(f"{name}_up", up)], f"{name}_up")
             scale = np.array(1.0, np.float32)
@@ -134,21 +137,31 @@ def _layer(b: _B, n, x: str) -> str:
     Fr, _ = filter_formats(lp.weight.F_tensor(), b.fmts[n.inputs[0]][1], L.w.shape, groups)
     codes = L.w if isinstance(n, Conv) else L.w[:, :, 0, 0]
     w = _weights(b, codes, Fr if len(lp.weight.shape) == 2 else lp.weight.F_tensor(), n.name)
+    xr = None
     if L.basis is not None:
         km = lp.kmeans
         bc = L.basis.w if isinstance(n, Conv) else L.basis.w[:, :, 0, 0]
         g = _weights(b, bc, km.basis.F_tensor(), f"{n.name}_basis")
         g = b.node("Gather", [g, b.init(f"{n.name}_assign", L.basis.assign.numpy().astype(np.int64))],
                    f"{n.name}_gather", axis=0)
-        w = b.node("Add", [g, w], f"{n.name}_kmeans")
+        if km.data is None:
+            w = b.node("Add", [g, w], f"{n.name}_kmeans")
+        else:  # <4b,4b>: the residual conv reads x requantized to its own data format
+            xr = b.qdq(x, n.inputs[0], (km.data.word, km.data.F_tensor()), f"{n.name}_rx")
+            w, g = g, w  # basis conv on x (with the bias), then the residual conv on xr
     bias = (L.bias.double() * torch.pow(2.0, -L.S.double())).numpy().astype(np.float32)
     bi = b.init(f"{n.name}_bias", bias)
-    if isinstance(n, Conv):
-        p = list(n.padding)
-        y = b.node("Conv", [x, w, bi], n.name, strides=list(n.stride), pads=p + p, dilations=list(n.dilation),
-                   group=n.groups, kernel_shape=list(L.w.shape[2:]))
-    else:
-        y = b.node("Gemm", [x, w, bi], n.name, transB=1)
+
+    def apply(inp, weight, bias_in, tag):
+        if isinstance(n, Conv):
+            p = list(n.padding)
+            return b.node("Conv", [inp, weight] + bias_in, tag, strides=list(n.stride), pads=p + p,
+                          dilations=list(n.dilation), group=n.groups, kernel_shape=list(L.w.shape[2:]))
+        return b.node("Gemm", [inp, weight] + bias_in, tag, transB=1)
+
+    y = apply(x, w, [bi], n.name)
+    if xr is not None:
+        y = b.node("Add", [y, apply(xr, g, [], f"{n.name}_residual")], f"{n.name}_sum")
     if n.act is not None:
         y = b.bounds(y, L.lo, L.hi, L.Facc, L.w.shape[0], 4 if isinstance(n, Conv) else 2, n.name)
     return b.qdq(y, n.name)

@@ -17,7 +17,17 @@ import torch
 from .ir import Clamp, Concat, Flatten, Graph, MaxPool, Pad, Slice
 from .plan import Formats, PlanError, filter_grid
 
-__all__ = ["propagate_formats", "filter_formats", "sum_format", "accumulator_F"]
+__all__ = ["input_point", "propagate_formats", "filter_formats", "sum_format", "layer_sum_format", "accumulator_F"]
+
+
+def input_point(graph: Graph, layer: str) -> str:
+    """The quantization point whose format ``layer``'s input carries (walking back through
+    the format-preserving nodes :func:`propagate_formats` derives: pads, pools, flatten...)."""
+    from .ir import QUANT_POINTS
+    name = graph.node(layer).inputs[0]
+    while not isinstance(graph.node(name), QUANT_POINTS) and graph.node(name).inputs:
+        name = graph.node(name).inputs[0]
+    return name
 
 
 def propagate_formats(graph: Graph, tensors: dict[str, Formats]) -> dict[str, tuple[int | None, torch.Tensor | None]]:
@@ -69,6 +79,19 @@ def sum_format(weight_F: torch.Tensor, Fx: torch.Tensor, weight_shape, groups: i
     """``S[i] = max_j Fw[i,j] + Fx[j]`` over the input channels j of kernel i's group."""
     Fw, Fxg = filter_formats(weight_F, Fx, weight_shape, groups)
     return (Fw + Fxg).amax(dim=1)
+
+
+def layer_sum_format(lp, Fx: torch.Tensor, weight_shape, groups: int) -> torch.Tensor:
+    """``S[i]`` of a conv/linear plan ``lp`` reading data at ``Fx``. A K-means layer whose
+    residuals read their own data format ``Fxr`` (``<4b,4b>``, DESIGN §9) sums both
+    branches at ``S[i] = max_j max(Fr[i,j] + Fxr[j], Fg[l(i),j] + Fx[j])``."""
+    N, Mg = weight_shape[0], weight_shape[1]
+    km = lp.kmeans
+    if km is None or km.data is None:
+        return sum_format(lp.coeff_F(N, Mg), Fx, weight_shape, groups)
+    Fg = filter_grid(km.basis.F_tensor(), km.K, Mg)[km.assign_tensor()]
+    return torch.maximum(sum_format(lp.weight.F_tensor(), km.data.F_tensor(), weight_shape, groups),
+                         sum_format(Fg, Fx, weight_shape, groups))
 
 
 def accumulator_F(S: torch.Tensor, acc_I: torch.Tensor, A: int) -> tuple[int, ...]:

@@ -25,11 +25,12 @@ from .ranges import parse_method
 __all__ = ["LayerConfig", "QuantConfig", "Formats", "AffineFormats", "LayerPlan", "QuantPlan", "KMeansPlan",
            "LayerCodes",
            "filter_grid",
-           "COEFF_MODES", "DATA_MODES", "load_config", "PlanError"]
+           "COEFF_MODES", "DATA_MODES", "FC_MODES", "load_config", "PlanError"]
 
 COEFF_MODES = ("4D", "3D", "2D")
 DATA_MODES = ("4D", "3D")
 DATA_SIGNS = ("auto", "signed")
+FC_MODES = ("auto", "4D")
 PLAN_VERSION = 1
 
 
@@ -76,6 +77,7 @@ class LayerConfig:
     method: str = "maxabs"          # coefficients' range method (maxabs: paper eq. 6)
     data_method: str | None = "mse"  # data's range method; None: same as ``method`` (fixq 0.1 plans)
     data_sign: str = "auto"  # auto: unsigned U(T,F) where the graph proves x >= 0; signed: the paper
+    fc_mode: str = "auto"  # fully connected layers: auto = coeff_mode (2D means 3D); 4D = the paper's §3 rule
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "coeff_bits", _bits_or_flp(self.coeff_bits, "coefficient bits"))
@@ -92,6 +94,10 @@ class LayerConfig:
         object.__setattr__(self, "data_mode", dmode)
         if self.data_sign not in DATA_SIGNS:
             raise PlanError(f"data sign must be one of {', '.join(DATA_SIGNS)}, got {self.data_sign!r}")
+        fc = str(self.fc_mode).upper() if str(self.fc_mode).lower() != "auto" else "auto"
+        if fc not in FC_MODES:
+            raise PlanError(f"fully connected mode must be one of {', '.join(FC_MODES)}, got {self.fc_mode!r}")
+        object.__setattr__(self, "fc_mode", fc)
         if self.acc_overflow not in OVERFLOWS:
             raise PlanError(f"accumulator overflow must be one of {', '.join(OVERFLOWS)}")
         try:
@@ -145,7 +151,7 @@ class QuantConfig:
         return [p for p, _ in self.overrides if not any(fnmatch.fnmatchcase(n, p) for n in names)]
 
     def to_json(self) -> dict:
-        return {"default": asdict(self.default), "rounding": self.rounding,
+        return {"default": _config_json(self.default), "rounding": self.rounding,
                 "overrides": [[p, kv] for p, kv in self.overrides]}
 
     @staticmethod
@@ -156,6 +162,15 @@ class QuantConfig:
         # plans written before unsigned data (no data_sign key) used signed data everywhere
         return QuantConfig(LayerConfig(**{"data_sign": "signed", **d["default"]}), d["rounding"],
                            tuple((p, dict(kv)) for p, kv in d.get("overrides", [])))
+
+
+# fields added after plan version 1 was frozen: left out of the JSON at their default, so
+# plans that do not use them keep their bytes (and older fixq versions can read them)
+_OMIT_AT_DEFAULT = {"fc_mode": "auto"}
+
+
+def _config_json(c: LayerConfig) -> dict:
+    return {k: v for k, v in asdict(c).items() if _OMIT_AT_DEFAULT.get(k, object()) != v}
 
 
 def load_config(path: str | Path, base: QuantConfig) -> QuantConfig:
@@ -256,13 +271,20 @@ class KMeansPlan:
     clustering library); ``LayerPlan.weight`` holds the residuals' formats.
 
     ``basis_codes`` are the K x (M/groups) x kh x kw basis coefficients as integer codes
-    at ``basis`` (formats per basis kernel, 3D, or per basis 2D filter, 2D)."""
+    at ``basis`` (formats per basis kernel, 3D, or per basis 2D filter, 2D). ``data``
+    (``<4b,4b>`` residuals): the residual kernels read the layer input requantized to
+    these formats, ``xr = sat(round_shift(x, Fx - Fxr))``, the basis kernels read ``x``."""
 
     K: int
     assign: tuple[int, ...]
     basis: Formats
     basis_codes: tuple[int, ...]
     seed: int = 0
+    data: Formats | None = None  # residual branch's input format (<4b,4b>, paper eq. 9); None: it reads x
+
+    def residual_F(self, Fx: torch.Tensor) -> torch.Tensor:
+        """The input format the residual kernels read: ``data``'s, else the layer's ``Fx``."""
+        return Fx if self.data is None else self.data.F_tensor()
 
     def assign_tensor(self) -> torch.Tensor:
         return torch.tensor(self.assign, dtype=torch.int64)
@@ -380,7 +402,7 @@ class QuantPlan:
 
 def _layer_json(v: LayerPlan) -> dict:
     d = {**asdict(v), "weight": _fmt_json(v.weight), "bias": _fmt_json(v.bias),
-         "kmeans": None if v.kmeans is None else {**asdict(v.kmeans), "basis": _fmt_json(v.kmeans.basis)}}
+         "kmeans": _kmeans_json(v.kmeans)}
     if v.codes is None:  # plans without decided codes keep their JSON byte for byte
         del d["codes"]
     else:
@@ -394,8 +416,17 @@ def _codes_load(d):
     return LayerCodes(str(d["digest"]), d.get("up"), None if d.get("bias") is None else tuple(int(x) for x in d["bias"]))
 
 
+def _kmeans_json(km):
+    if km is None:
+        return None
+    d = {**asdict(km), "basis": _fmt_json(km.basis), "data": _fmt_json(km.data)}
+    if km.data is None:  # <4b,8b> plans keep their bytes
+        del d["data"]
+    return d
+
+
 def _kmeans_load(d):
     if d is None:
         return None
     return KMeansPlan(int(d["K"]), tuple(d["assign"]), _fmt_load(d["basis"]), tuple(d["basis_codes"]),
-                      int(d.get("seed", 0)))
+                      int(d.get("seed", 0)), _fmt_load(d.get("data")))

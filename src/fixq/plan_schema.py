@@ -58,6 +58,8 @@ _CONFIG_FIELDS = {
     "method": {"type": "string", "description": "maxabs, percentile:P, mse or affine"},
     "data_method": {"type": ["string", "null"], "description": "maxabs, percentile:P, mse, affine or null"},
     "data_sign": {"enum": ["auto", "signed"], "description": "auto or signed"},
+    "fc_mode": {"enum": ["auto", "4D", "4d"], "description": "auto (fully connected layers follow coeff_mode; "
+                "2D means 3D) or 4D (the paper's rule)"},
 }
 _PY_TYPES = {"str": "string", "int": "integer", "float": "number", "bool": "boolean"}
 
@@ -112,7 +114,10 @@ def plan_schema() -> dict:
     """The JSON schema of plan.json, version ``PLAN_VERSION``."""
     kmeans = _dataclass_object(KMeansPlan, {"K": {"type": "integer", "minimum": 1}, "assign": INTS,
                                             "basis": {"$ref": "#/$defs/pow2"}, "basis_codes": INTS,
-                                            "seed": {"type": "integer"}},
+                                            "seed": {"type": "integer"},
+                                            "data": {"anyOf": [{"type": "null"}, {"$ref": "#/$defs/pow2"}],
+                                                     "description": "null or the residual branch's input "
+                                                                    "formats (<4b,4b> residuals)"}},
                                ("K", "assign", "basis", "basis_codes"))
     codes = _dataclass_object(LayerCodes, {
         "digest": {"type": "string", "pattern": "^[0-9a-f]{16}$",
@@ -254,6 +259,8 @@ def _formats_in(d: dict):
                 yield ["layers", k, part], lp[part]
         if lp.get("kmeans") is not None:
             yield ["layers", k, "kmeans", "basis"], lp["kmeans"]["basis"]
+            if lp["kmeans"].get("data") is not None:
+                yield ["layers", k, "kmeans", "data"], lp["kmeans"]["data"]
 
 
 def _check_partitions(f: dict, where: list, source: str) -> None:
@@ -323,4 +330,10 @@ def check_plan_graph(plan, graph, source: str = "plan.json") -> None:
         if lp.kmeans is not None and len(lp.kmeans.assign) != w[0]:
             raise PlanError(f"{source}: {json_path(['layers', name, 'kmeans', 'assign'])}: "
                             f"{len(lp.kmeans.assign)} entries for {w[0]} kernels")
+        if lp.kmeans is not None and lp.kmeans.data is not None:
+            f = lp.kmeans.data
+            want = _grid(f.granularity, tuple(graph.shapes.get(nodes[name].inputs[0], ())))
+            if f.granularity == "2D" or tuple(f.shape) != want:
+                raise PlanError(f"{source}: {json_path(['layers', name, 'kmeans', 'data', 'shape'])}: "
+                                f"{list(f.shape)} does not match the layer input's {f.granularity} grid {list(want)}")
 

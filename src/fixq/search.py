@@ -130,11 +130,12 @@ class PlanBench:
         self.base_plan = self.plan()
         self.base_cost = analyze(s.graph, self.base_plan).rel_complexity_mmacs
 
-    def plan(self, **kw) -> QuantPlan:
-        """``plan_from`` with this bench's calibration; ``kw``: filter_bits, kmeans, kmeans_bits."""
+    def plan(self, config: QuantConfig | None = None, **kw) -> QuantPlan:
+        """``plan_from`` with this bench's calibration (and its config unless ``config``);
+        ``kw``: filter_bits, kmeans, kmeans_bits."""
         with warnings.catch_warnings():  # "2D on a linear layer" is noted in the plan itself
             warnings.simplefilter("ignore")
-            return plan_from(self.obs, self.config, self.session.model_name, **kw)
+            return plan_from(self.obs, config or self.config, self.session.model_name, **kw)
 
     def measure(self, plan: QuantPlan, part: str = "tune", limit: int | None = None):
         """``(top1, top5, logits)`` of the fast simulation on the tuning or test images."""

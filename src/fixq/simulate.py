@@ -17,10 +17,10 @@ import torch
 from .formats import bound_codes, exp2, fake_quantize, per_channel, round_values
 from .fused import fused_available, fused_fake_quantize
 from .safety import F64_EXACT_BITS, max_code
-from .coeffs import bias_codes, layer_values
+from .coeffs import bias_codes, coeff_grid, layer_codes, layer_values
 from .ir import (FLOAT_RULES, AdaptiveAvgPool, Add, AvgPool, Clamp, Concat, Conv, Flatten, FloatOp,
                  Graph, Input, Linear, MaxPool, Pad, Slice, apply_act, pre_activation)
-from .partitions import filter_formats, propagate_formats, sum_format
+from .partitions import filter_formats, layer_sum_format, propagate_formats
 from .plan import AffineFormats, Formats, PlanError, QuantPlan
 from .pooling import pool_divisors, window_sum
 from .ranges import affine_quantize
@@ -92,11 +92,15 @@ class Simulator:
             mu = torch.tensor(wf.mu, dtype=torch.float64).reshape(view)
             sigma = torch.tensor(wf.sigma, dtype=torch.float64).reshape(view)
             out["weight"] = self._t(affine_quantize(w, mu, sigma, wf.T, self.rounding))
+        elif lp.kmeans is not None and lp.kmeans.data is not None:  # <4b,4b>: two branches, two inputs
+            km, g = lp.kmeans, coeff_grid(n, lp)
+            out["weight"] = self._t(g.offset)  # the quantized basis kernel of each output channel
+            out["rweight"] = self._t(g.steps(layer_codes(n, lp, self.rounding)))  # the codes every backend uses
+            out["rdata"] = (km.data.F_tensor().to(self.device), km.data.word)
         else:  # the codes every backend uses (fixq.coeffs), times 2**-F (+ the K-means basis): exact
             out["weight"] = self._t(layer_values(n, lp, self.rounding))
         groups = n.groups if isinstance(n, Conv) else 1
-        S = None if lp.acc_F is None else sum_format(lp.coeff_F(*w.shape[:2]), self.formats[n.inputs[0]][1],
-                                                      n.weight.shape, groups)
+        S = None if lp.acc_F is None else layer_sum_format(lp, self.formats[n.inputs[0]][1], n.weight.shape, groups)
         if b is not None and lp.bias is not None:
             bq = bias_codes(n, lp, self.rounding).double() * exp2(-lp.bias.F_tensor(), b)
             if S is not None:  # aligned to the exact-sum format, as the engine does
@@ -105,7 +109,8 @@ class Simulator:
         if S is not None:
             bound = self._bounds.get(n.name, float("inf"))
             if self.exact and bound >= 2.0 ** F64_EXACT_BITS:  # rule 4: guard the float64 sums at S
-                out["guard"] = (self._t(w).abs(), self._t(S.double()))
+                out["guard"] = (out["weight"].abs() if "rweight" in out else self._t(w).abs(), self._t(S.double()),
+                                out["rweight"].abs() if "rweight" in out else None)
             Facc = torch.tensor(lp.acc_F, dtype=torch.int64)
             out["acc"] = (Facc.to(self.device), lp.acc_bits, lp.acc_overflow)
             out["acc_identity"] = bool((Facc == S).all()) and self._sum_fits(n, lp.acc_bits, out, S, groups)
@@ -122,6 +127,11 @@ class Simulator:
         _, Fxg = filter_formats(torch.zeros(()), Fx, w.shape, groups)
         xlim = float(max_code(T_in)) * torch.pow(2.0, -Fxg.double())
         bound = (w.reshape(N, Mg, -1).sum(dim=2) * xlim).sum(dim=1)
+        if "rweight" in prep:  # <4b,4b>: the residual kernels read xr at Fxr
+            Fxr, Tr = prep["rdata"]
+            _, Fxgr = filter_formats(torch.zeros(()), Fxr.cpu(), w.shape, groups)
+            xlim_r = float(max_code(Tr)) * torch.pow(2.0, -Fxgr.double())
+            bound = bound + (prep["rweight"].double().cpu().abs().reshape(N, Mg, -1).sum(dim=2) * xlim_r).sum(dim=1)
         if prep["bias"] is not None:
             bound = bound + prep["bias"].double().cpu().abs()
         return bool((bound * torch.pow(2.0, S.double()) < 2.0 ** (A - 1) - 1).all())
@@ -156,16 +166,18 @@ class Simulator:
             v = torch.clamp(v, min=0)
         return fake_quantize(v, _bc(F.to(v.device), v), T, self.rounding, overflow)
 
-    def check_exact(self, n, x: torch.Tensor) -> None:
+    def check_exact(self, n, x: torch.Tensor, xr: torch.Tensor | None = None) -> None:
         """DESIGN §5a rule 4: float64 sums are exact while ``Σ|w||x| + |b| < 2**53`` at S
         (every partial sum, any order); a layer whose proved bound is larger is checked
         here on the actual data, and a trip is an error naming the layer."""
         p = self._prep[n.name]
         if "guard" not in p:
             return
-        wabs, S = p["guard"]
+        wabs, S, rabs = p["guard"]
         b = None if p["bias"] is None else p["bias"].abs()
         m = pre_activation(n, x.abs(), wabs, b)
+        if rabs is not None:  # <4b,4b>: + the residual branch on its own input
+            m = m + pre_activation(n, xr.abs(), rabs, None)
         if bool((m * exp2(_bc(S, m), m) >= 2.0 ** F64_EXACT_BITS).any()):
             raise PlanError(f"layer '{n.name}': a partial sum reaches 2^{F64_EXACT_BITS} at the exact-sum format S, "
                             "so the float64 simulation is no longer exact there; use the integer engine "
@@ -201,8 +213,14 @@ class Simulator:
 
 def _sim_layer(sim: Simulator, n, x):
     p = sim._prep[n.name]
-    sim.check_exact(n, x)
+    xr = None
+    if "rdata" in p:  # <4b,4b> K-means: the residual kernels read x requantized to their own format
+        xr, ev = sim.fq(x, p["rdata"][0], p["rdata"][1])
+        sim.count(n.name, "data", ev)
+    sim.check_exact(n, x, xr)
     y = pre_activation(n, x, p["weight"], p["bias"])
+    if xr is not None:
+        y = y + pre_activation(n, xr, p["rweight"], None)
     relu = n.act == (0.0, None)  # ReLU fuses into the requantization exactly
     if p["acc"] is not None:
         Facc, A, overflow = p["acc"]

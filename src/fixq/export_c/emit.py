@@ -50,6 +50,7 @@ class _Ctx:
     index: dict[str, int] = field(default_factory=dict)
     w_type: str = "int8_t"
     scratch: int = 0  # int64 words for K-means basis maps
+    rx: int = 0       # FIXQ_ACT_T words for <4b,4b> residual inputs
 
     def array(self, name: str, ctype: str, values) -> str:
         vals = [int(v) for v in torch.as_tensor(values).reshape(-1).tolist()]
@@ -108,6 +109,15 @@ def _emit_layer(ctx: _Ctx, n) -> str:
         pre = f"fixq_conv_sums(&KB_{t}, {ctx.buf(n.inputs[0])}, fixq_kscratch);\n    "
         basis = (f"fixq_kscratch, {ctx.array(f'la_{t}', 'int32_t', B.assign)}, "
                  f"{ctx.array(f'ls_{t}', 'uint8_t', B.align)}")
+    x_in = ctx.buf(n.inputs[0])
+    if L.rdata is not None:  # <4b,4b>: the residual kernels read x requantized to their own format
+        C_in = ctx.shape(n.inputs[0])[0]
+        hw = int(torch.tensor(ctx.shape(n.inputs[0])[1:]).prod()) if len(ctx.shape(n.inputs[0])) > 1 else 1
+        ctx.rx = max(ctx.rx, C_in * hw)
+        rs = ctx.array(f"rs_{t}", "int8_t", L.rdata[0])
+        pre += (f"fixq_requant({C_in}, {hw}, {rs}, {_word(L.rdata[1])}, {ROUNDING_C[ctx.eng.rounding]}, {x_in}, "
+                f"fixq_rx, {ctx.counts(n)});\n    ")
+        x_in = "fixq_rx"
     w, ws, ws_cols = weights(t, L.w, L.wshift)
     b = ctx.array(f"b_{t}", "int64_t", L.bias)
     accs = ctx.array(f"as_{t}", "uint8_t", L.acc_shift)
@@ -117,7 +127,7 @@ def _emit_layer(ctx: _Ctx, n) -> str:
     ctx.decls.append(f"static const fixq_conv_t L_{t} = {{{', '.join(map(str, geo))}, {w}, {ws}, {ws_cols}, {b}, {accs}, "
                      f"{lo}, {hi}, {os_}, {L.A}, {_word(L.Ty)}, {OVERFLOW_C[L.overflow]}, {ROUNDING_C[ctx.eng.rounding]}, "
                      f"{basis}}};")
-    return pre + f"fixq_conv(&L_{t}, {ctx.buf(n.inputs[0])}, {ctx.buf(n.name)}, {ctx.counts(n)});"
+    return pre + f"fixq_conv(&L_{t}, {x_in}, {ctx.buf(n.name)}, {ctx.counts(n)});"
 
 
 def _emit_maxpool(ctx: _Ctx, n: MaxPool) -> str:
@@ -274,7 +284,8 @@ def export_c(graph: Graph, plan: QuantPlan, out: str | Path, meta: dict | None =
     out.mkdir(parents=True, exist_ok=True)
     offsets, arena = _allocate(graph)
     # unsigned U(T,F) codes need T + 1 bits in a signed C type (0..255 does not fit int8_t)
-    act_bits = max(int(t) + (0 if t.signed else 1) for t, _ in eng.fmts.values() if t is not None)
+    words = [t for t, _ in eng.fmts.values() if t is not None] + [L.rdata[1] for L in eng.layers.values() if L.rdata]
+    act_bits = max(int(t) + (0 if t.signed else 1) for t in words)
     w_bits = max(max(lp.weight.T, lp.kmeans.basis.T if lp.kmeans else 0) for lp in plan.layers.values())
     act_t, w_t = _storage_type(act_bits), _storage_type(w_bits)
     ctx = _Ctx(graph, eng, offsets, index={n.name: k for k, n in enumerate(graph.nodes)}, w_type=w_t)
@@ -303,13 +314,15 @@ def export_c(graph: Graph, plan: QuantPlan, out: str | Path, meta: dict | None =
         "#include \"model.h\"\n\n"
         f"static FIXQ_ACT_T arena[FIXQ_ARENA_SIZE];\nfixq_counts_t fixq_counts[FIXQ_N_NODES];\n"
         + (f"static int64_t fixq_kscratch[{ctx.scratch}]; /* K-means basis maps */\n" if ctx.scratch else "")
+        + (f"static FIXQ_ACT_T fixq_rx[{ctx.rx}]; /* K-means <4b,4b>: residual kernels' input codes */\n"
+           if ctx.rx else "")
         + f"\n{body}\n\n"
         f"FIXQ_ACT_T *fixq_model_input(void) {{ return {ctx.buf(graph.input)}; }}\n"
         f"const FIXQ_ACT_T *fixq_model_output(void) {{ return {ctx.buf(graph.output)}; }}\n\n"
         "void fixq_model_run(void) {\n    " + "\n    ".join(calls) + "\n}\n")
     for f in ("fixq_rt.h", "fixq_rt.c", "main.c", "Makefile"):
         shutil.copy(RUNTIME_DIR / f, out / f)
-    ram = arena * CTYPE_BYTES[act_t] + 8 * ctx.scratch
+    ram = (arena + ctx.rx) * CTYPE_BYTES[act_t] + 8 * ctx.scratch
     T_in, F_in = eng.fmts[graph.input]
     T_out, F_out = eng.fmts[graph.output]
     info = {"model": plan.model, "rom_bytes": ctx.rom, "ram_bytes": ram, "act_type": act_t, "weight_type": w_t,

@@ -1,0 +1,135 @@
+"""``--paper`` (issue #20): the paper's choices in one switch, field by field, and the FC 4D rule."""
+import argparse
+import json
+import math
+
+import pytest
+import torch
+
+from fixq.calibrate import calibrate
+from fixq.cli import explicit_options, main
+from fixq.commands import make_config
+from fixq.ir import QUANT_POINTS, Linear
+from fixq.paper import apply_paper
+from fixq.plan import LayerConfig, PlanError, QuantConfig, QuantPlan
+
+from helpers import DepthwiseNet, make_graph
+
+
+def _eq6(m: float, T: int) -> int:
+    """Paper eq. 6 written out: I = ceil(log2 max|x|), F = T - 1 - I (all-zero: T - 1)."""
+    return T - 1 if m == 0 else T - 1 - math.ceil(math.log2(m))
+
+
+def _paper_config(**explicit):
+    a = argparse.Namespace(method=None, data_method=None, data_sign="auto", rounding="nearest_even", acc_bits=24,
+                           acc_overflow="wrap", bias_bits=16, fc_mode="auto", coeff_bits="8", data_bits="8",
+                           coeff_mode="3D", data_mode="4D")
+    for k, v in explicit.items():
+        setattr(a, k, v)
+    info = apply_paper(a, "quantize", set(explicit))
+    cfg = make_config(a.coeff_bits, a.data_bits, a.coeff_mode, a.data_mode, a.method, a.bias_bits, a.acc_bits,
+                      a.acc_overflow, a.rounding, data_method=a.data_method, data_sign=a.data_sign,
+                      fc_mode=a.fc_mode)
+    return cfg, info
+
+
+def test_paper_plan_matches_the_papers_rules_field_by_field():
+    g = make_graph(DepthwiseNet(), (3, 16, 16))
+    torch.manual_seed(3)
+    x = torch.randn(32, 3, 16, 16)
+    cfg, info = _paper_config()
+    assert info["departures"] == []
+    d = cfg.default
+    assert (d.method, d.effective_data_method, d.data_sign, d.bias_bits, d.acc_bits, d.acc_overflow, d.fc_mode,
+            cfg.rounding) == ("maxabs", "maxabs", "signed", 8, 32, "saturate", "4D", "half_up")
+    plan = calibrate(g, [(x, None)], cfg, show_progress=False)
+    # data: signed Q(8,F), one format per tensor, F from eq. 6 over the calibration images
+    env = {g.input: x}
+    for n in g.nodes:
+        if n.inputs:
+            torch.set_grad_enabled(False)
+            from fixq.ir import FLOAT_RULES, apply_act, pre_activation
+            args = [env[i] for i in n.inputs]
+            env[n.name] = apply_act(pre_activation(n, *args), n.act) if n.name in plan.layers else \
+                FLOAT_RULES[type(n)](n, *args)
+    torch.set_grad_enabled(True)
+    checked = 0
+    for n in g.nodes:
+        if isinstance(n, QUANT_POINTS) and n.name in plan.tensors:
+            f = plan.tensors[n.name]
+            assert f.signed and f.T == 8 and f.granularity == "4D", n.name
+            assert f.F == (_eq6(float(env[n.name].abs().max()), 8),), n.name
+            checked += 1
+    assert checked >= 6
+    for n in g.layers():
+        lp = plan.layers[n.name]
+        w = n.weight.detach().double()
+        if isinstance(n, Linear):  # §3: fully connected layers only 4D
+            assert lp.weight.granularity == "4D" and lp.weight.F == (_eq6(float(w.abs().max()), 8),)
+        else:  # coefficients 3D as asked, eq. 6 per kernel
+            assert lp.weight.granularity == "3D"
+            assert list(lp.weight.F) == [_eq6(float(k.abs().max()), 8) for k in w]
+        assert lp.bias.T == 8 and list(lp.bias.F) == [_eq6(abs(float(b)), 8) for b in n.bias.detach().double()]
+        assert lp.acc_bits == 32 and lp.acc_overflow == "saturate"
+    assert any("fc_mode 4D" in s for s in plan.layers["fc"].notes)
+
+
+def test_explicit_options_win_and_are_named():
+    cfg, info = _paper_config(data_sign="auto", method="mse")
+    assert cfg.default.data_sign == "auto" and cfg.default.method == "mse" and cfg.default.data_method == "mse"
+    assert sorted(info["departures"]) == ["--data-sign auto", "--method mse"]
+    cfg, info = _paper_config(data_method="mse")  # the data alone: coefficients stay maxabs
+    assert (cfg.default.method, cfg.default.data_method, info["departures"]) == ("maxabs", "mse", ["--data-method mse"])
+    assert explicit_options(["sweep", "--model", "m", "--calib", "c", "--eval", "e", "--out", "o", "--paper",
+                             "--acc-b", "24"]) >= {"paper", "acc_bits"}
+
+
+def test_fc_mode_4d_and_its_json():
+    g = make_graph(DepthwiseNet(), (3, 16, 16))
+    x = torch.randn(16, 3, 16, 16)
+    base = calibrate(g, [(x, None)], QuantConfig(LayerConfig(coeff_mode="3D")), show_progress=False)
+    fc4 = calibrate(g, [(x, None)], QuantConfig(LayerConfig(coeff_mode="3D", fc_mode="4D")), show_progress=False)
+    assert base.layers["fc"].weight.granularity == "3D" and fc4.layers["fc"].weight.granularity == "4D"
+    assert fc4.layers["pw"].weight == base.layers["pw"].weight
+    assert "fc_mode" not in base.to_json()["config"]["default"]  # default left out: old plans keep their bytes
+    assert fc4.to_json()["config"]["default"]["fc_mode"] == "4D"
+    assert QuantPlan.from_json(json.loads(json.dumps(fc4.to_json()))).config.default.fc_mode == "4D"
+    with pytest.raises(PlanError, match="fully connected mode"):
+        LayerConfig(fc_mode="2D")
+    from fixq.calibrate import observe, plan_from
+    obs = observe(g, [(x, None)], show_progress=False)
+    mixed = torch.full((5, 32), 8)
+    mixed[0, 0] = 4
+    with pytest.raises(PlanError, match="'fc' is fully connected"):
+        plan_from(obs, QuantConfig(LayerConfig(fc_mode="4D")), filter_bits={"fc": mixed})
+    p = plan_from(obs, QuantConfig(LayerConfig(fc_mode="4D")), filter_bits={"fc": torch.full((5, 32), 4)})
+    assert p.layers["fc"].weight.granularity == "4D" and p.layers["fc"].weight.T == 4
+
+
+def test_cli_paper_report_says_so(capsys, tmp_path, digits_dir):
+    argv = ["quantize", "--model", "lenet-digits", "--calib", str(digits_dir), "--calib-size", "64", "--eval",
+            str(digits_dir), "--eval-size", "100", "--out", str(tmp_path / "q"), "--paper", "--rounding", "floor"]
+    assert main(argv) == 0
+    out = capsys.readouterr().out
+    assert "paper's choices were used" in out and "--rounding floor" in out
+    rep = json.loads((tmp_path / "q" / "report.json").read_text())
+    assert rep["paper"]["departures"] == ["--rounding floor"]
+    assert "paper's choices were used" in (tmp_path / "q" / "report.md").read_text()
+    plan = QuantPlan.load(tmp_path / "q" / "plan.json")
+    d = plan.config.default
+    assert (d.data_sign, d.effective_data_method, d.fc_mode, plan.rounding) == ("signed", "maxabs", "4D", "floor")
+    assert all(f.signed for f in plan.tensors.values())
+    assert {plan.layers[n].weight.granularity for n in ("fc1", "fc2")} == {"4D"}
+
+
+def test_cli_mixed_paper_keeps_fc_layers_whole(capsys, tmp_path, digits_dir):
+    """fc_mode 4D under --paper: the energy search leaves fully connected layers at base bits."""
+    argv = ["mixed", "--model", "lenet-digits", "--calib", str(digits_dir), "--calib-size", "64", "--eval",
+            str(digits_dir), "--eval-size", "300", "--out", str(tmp_path / "m"), "--paper", "--trials", "3",
+            "--strategy", "global", "--quiet"]
+    assert main(argv) == 0, capsys.readouterr().err
+    rep = json.loads((tmp_path / "m" / "report.json").read_text())
+    assert "first and last layers kept at base bits (§5, Table 3)" in rep["paper"]["used"]
+    plan = QuantPlan.load(tmp_path / "m" / "plan.json")
+    assert plan.layers["fc1"].weight.granularity == "4D" and plan.layers["fc1"].weight.T == 8
