@@ -132,8 +132,9 @@ UNARY_FUNCS: dict[str, Callable[[torch.Tensor, float | None], torch.Tensor]] = {
     "elu": lambda x, a: Fn.elu(x, 1.0 if a is None else a),
     "leaky_relu": lambda x, a: Fn.leaky_relu(x, 0.01 if a is None else a),
     "softplus": lambda x, a: Fn.softplus(x),
+    "relu6": lambda x, a: torch.clamp(x, 0.0, 6.0),  # (benchmarks: ReLU6 as a table instead of a clamp)
 }
-NONNEG_UNARY = {"sigmoid", "hardsigmoid", "softplus"}  # f(x) >= 0 for every x
+NONNEG_UNARY = {"sigmoid", "hardsigmoid", "softplus", "relu6"}  # f(x) >= 0 for every x
 
 
 @dataclass

@@ -272,7 +272,8 @@ def export_c(graph: Graph, plan: QuantPlan, out: str | Path, meta: dict | None =
     eng = Engine(graph, plan)
     for n in graph.nodes:
         if not isinstance(n, Input) and type(n) not in C_EMITTERS:
-            raise EngineError(f"node '{n.name}' ({n.kind}) has no C emitter")
+            raise EngineError(f"node '{n.name}' ({n.kind}) has no C emitter: the C export cannot run this op; "
+                              "replace it or cut the model before it", hint="")
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     offsets, arena = _allocate(graph)
