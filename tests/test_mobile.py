@@ -313,3 +313,29 @@ def test_onnx_package_graphs_bit_exact(name, hw, tmp_path):
     plan = plan_for(g, (3, hw, hw), n=2, data_method="maxabs")
     sim, eng = Simulator(g, plan, exact=True), Engine(g, plan)
     assert torch.equal(eng.dequantize(eng.run(eng.quantize_input(x))), sim(x))
+
+
+@pytest.mark.skipif(not HAS_CC, reason="needs a C compiler (cc) and make")
+def test_cli_quantize_and_export_c_list_the_tables(capsys, tmp_path, digits_dir):
+    """A user model with hardswish and squeeze-and-excitation: quantize, then export-c
+    prints every lookup table with its ROM (the float op is no longer refused)."""
+    from test_cli import run
+    f = tmp_path / "se.py"
+    f.write_text("import torch, torch.nn as nn\n"
+                 "class SE(nn.Module):\n"
+                 "    def __init__(self):\n"
+                 "        super().__init__()\n"
+                 "        self.c, self.g, self.fc = nn.Conv2d(1, 4, 3), nn.Conv2d(4, 4, 1), nn.Linear(144, 10)\n"
+                 "    def forward(self, x):\n"
+                 "        y = nn.functional.hardswish(self.c(x))\n"
+                 "        y = y * torch.sigmoid(self.g(nn.functional.adaptive_avg_pool2d(y, 1)))\n"
+                 "        return self.fc(torch.flatten(y, 1))\n"
+                 "def build():\n    return SE()\n")
+    common = ["--model", f"{f}:build", "--input-shape", "1,8,8", "--preprocess", "digits"]
+    code, _, _ = run(capsys, "quantize", *common, "--random-weights", "--calib", digits_dir, "--calib-size", 16,
+                     "--eval", digits_dir, "--eval-size", 16, "--quiet", "--out", tmp_path / "u")
+    assert code == 0
+    code, out, err = run(capsys, "export-c", "--plan", tmp_path / "u" / "plan.json", *common, "--random-weights",
+                         "--out", tmp_path / "c")
+    assert code == 0, err
+    assert "lookup tables: 2 nodes" in out and "hardswish (hardswish): 1 x 256" in out and "sigmoid (sigmoid)" in out

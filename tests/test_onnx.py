@@ -41,7 +41,9 @@ def _without_softmax(m):
 
 
 @pytest.mark.parametrize("name", ["light_bvlc_alexnet", "light_inception_v1", "light_resnet50", "light_vgg19",
-                                  "light_squeezenet", "light_zfnet512"])
+                                  "light_squeezenet", "light_zfnet512"] + [
+    pytest.param(n, marks=pytest.mark.slow)  # issue 21: Scale layers, channel shuffle
+    for n in ("light_densenet121", "light_inception_v2", "light_shufflenet")])
 def test_light_graph_import_equals_onnxruntime(name, tmp_path):
     src = os.path.join(LIGHT, name + ".onnx")
     if not os.path.isfile(src):

@@ -45,6 +45,13 @@ def cmd_export_c(args) -> int:
     print(f"wrote {res.out}/ (model.c, model.h, fixq_rt.c, fixq_rt.h, main.c, Makefile): {res.n_calls} kernel calls, "
           f"ROM {res.rom_bytes:,} bytes (weights and tables), RAM {res.ram_bytes:,} bytes (activation arena, "
           f"{res.act_type})")
+    if res.tables:  # table functions (DESIGN §5b): each lookup table and its ROM
+        own = [t for t in res.tables if not t["shared_with"]]
+        print(f"lookup tables: {len(res.tables)} nodes, {len(own)} stored ({sum(t['bytes'] for t in res.tables):,} "
+              "bytes of ROM with their channel index and saturation flags; listed in export.json)")
+        for t in res.tables:
+            shared = f", shares {t['shared_with']}" if t["shared_with"] else ""
+            print(f"  {t['node']} ({t['op']}): {t['tables']} x {t['entries']} {t['ctype']}, {t['bytes']:,} bytes{shared}")
     return 0
 
 

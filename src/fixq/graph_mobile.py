@@ -58,13 +58,13 @@ class MobileLowering:
         as BatchNorm folding). False when c's shape is not per channel."""
         xs = tuple(self.values[x.name].shape)
         c = torch.as_tensor(c)
-        if len(xs) != 4 or not c.is_floating_point() or c.numel() not in (1, xs[1]) or \
-                (c.numel() > 1 and tuple(d for d in c.shape if d != 1) != (xs[1],)) or c.dim() > 4 or \
-                (c.dim() >= 3 and c.shape[-1] * c.shape[-2] != 1) or (c.dim() == 1 and c.numel() != 1):
+        per_channel = c.numel() == 1 or (len(xs) == 4 and tuple(c.shape) in ((xs[1], 1, 1), (1, xs[1], 1, 1)))
+        if len(xs) != 4 or not c.is_floating_point() or not per_channel:
             return False
         C = xs[1]
-        v = c.detach().reshape(-1).expand(C).clone().float()
-        w = v.reshape(C, 1, 1, 1) if is_mul else torch.ones(C, 1, 1, 1)
+        dt = self.values[x.name].dtype
+        v = c.detach().reshape(-1).expand(C).clone().to(dt)
+        w = v.reshape(C, 1, 1, 1) if is_mul else torch.ones(C, 1, 1, 1, dtype=dt)
         self.emit(n, Conv, [x], weight=w, bias=None if is_mul else v, groups=C)
         self.affine.add(self.alias[n.name])
         return True
