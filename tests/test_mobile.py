@@ -339,3 +339,25 @@ def test_cli_quantize_and_export_c_list_the_tables(capsys, tmp_path, digits_dir)
                          "--out", tmp_path / "c")
     assert code == 0, err
     assert "lookup tables: 2 nodes" in out and "hardswish (hardswish): 1 x 256" in out and "sigmoid (sigmoid)" in out
+
+
+@pytest.mark.parametrize("scale", [1e-7, 1e-3, 1e3, 1e7])
+@pytest.mark.parametrize("bits", [4, 8, 10])
+def test_extreme_ranges_exact_or_refused(scale, bits):
+    """Tables and products at far-off formats: engine == exact simulation, or a PlanError
+    naming the node (never a silently wrong integer)."""
+    from fixq.plan import PlanError
+    torch.manual_seed(3)
+    m = _SE()
+    with torch.no_grad():
+        m.c.weight.mul_(scale)
+        m.c.bias.mul_(scale)
+    g = make_graph(m, (4, 8, 8))
+    try:
+        plan = plan_for(g, (4, 8, 8), n=8, data_bits=bits, coeff_bits=min(bits, 8), data_mode="3D")
+        x = torch.randn(2, 4, 8, 8) * 2
+        sim, eng = Simulator(g, plan, exact=True), Engine(g, plan)
+        assert torch.equal(eng.dequantize(eng.run(eng.quantize_input(x))), sim(x))
+        assert _nonzero(sim.saturations()) == _nonzero(eng.saturations())
+    except PlanError as e:
+        assert "node '" in str(e) or "layer '" in str(e)

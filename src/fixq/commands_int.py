@@ -39,7 +39,8 @@ def cmd_export_c(args) -> int:
     from .export_c.run import build
     plan, graph, pre = _plan_and_graph(args)
     prepare_out(args.out)
-    res = export_c(graph, plan, args.out, meta={"preprocess": asdict(pre), "weights": args.weights})
+    pd = {k: v for k, v in asdict(pre).items() if (k, v) != ("interpolation", "bilinear")}  # as before: default omitted
+    res = export_c(graph, plan, args.out, meta={"preprocess": pd, "weights": args.weights})
     if not args.no_build:
         build(res.out)
     print(f"wrote {res.out}/ (model.c, model.h, fixq_rt.c, fixq_rt.h, main.c, Makefile): {res.n_calls} kernel calls, "
