@@ -117,11 +117,13 @@ def build(name: str, n_calib: int):
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--images", type=int, default=8, help="calibration images (as many again are measured)")
+    ap.add_argument("--models", default="mobilenet_v3_small,efficientnet_b0,mobilenet_v3_large,"
+                    "efficientnet-lite0 (ReLU6 as table)", help="comma-separated subset")
     args = ap.parse_args()
     t0 = time.time()
     cfg = QuantConfig(LayerConfig())  # fixq's defaults: 8-bit, 3D coefficients, mse data, half_up
     rows, crows = [], []
-    for name in ("mobilenet_v3_small", "efficientnet_b0", "mobilenet_v3_large", "efficientnet-lite0 (ReLU6 as table)"):
+    for name in args.models.split(","):
         t = time.time()
         g, x = build(name, args.images)
         plan = calibrate(g, [(x[:args.images], None)], cfg, name, show_progress=False)
@@ -148,7 +150,7 @@ def main() -> None:
                          "tables shared", "RAM [B]", "arena type", "gcc -std=c99 -Wall -Wextra -Werror -pedantic"], crows)
     data = "ImageNet-sample images (../shared)" if SHARED.is_dir() else "random normal inputs (no ../shared)"
     text = (f"# Mobile-CNN ops: table / multiply SQNR and C size\n\nCommand: `python benchmarks/mobile_ops.py "
-            f"--images {args.images}`; {time.strftime('%Y-%m-%d')}; {platform.machine()} 2-core CPU; wall "
+            f"--images {args.images} --models '{args.models}'`; {time.strftime('%Y-%m-%d')}; {platform.machine()} 2-core CPU; wall "
             f"{wall:.0f} s. {args.images} calibration images, {args.images} more measured; {data}. "
             "torchvision nets: random weights (seed 0), BatchNorm statistics from the calibration images; "
             "EfficientNet-Lite0: its ImageNet weights. Default plan (8-bit, 3D coefficients, mse data, half_up, "
