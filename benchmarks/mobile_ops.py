@@ -158,8 +158,9 @@ def main() -> None:
             "## Per-op SQNR: rule vs plain quantization of the float op's output\n\n"
             "Reference: the float64 op on the node's quantized inputs. Equal SQNR and 0 steps: the table "
             "(and the multiply) adds no error beyond rounding the exact result into the output format.\n\n"
-            f"{t1}\n\n## C export\n\nROM counts weights, shift/bias tables and the lookup tables (with their "
-            f"per-channel index and saturation flags); RAM is the activation arena.\n\n{t2}\n")
+            f"{t1}\n" + (f"\n## C export\n\nROM counts weights, shift/bias tables and the lookup tables (with "
+                         f"their per-channel index and saturation flags); RAM is the activation arena.\n\n{t2}\n"
+                         if crows else ""))
     out = Path(__file__).parent / "results" / "mobile_ops.md"
     out.write_text(text)
     print(text)
