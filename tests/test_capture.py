@@ -98,12 +98,12 @@ class _Sig(nn.Module):
         self.c = nn.Conv2d(2, 2, 1)
 
     def forward(self, x):
-        return torch.sigmoid(self.c(x))
+        return torch.softmax(self.c(x), dim=1)
 
 
 def test_float_only_op_is_marked():
     g = capture(_Sig(), torch.randn(1, 2, 4, 4))
-    assert isinstance(g.nodes[-1], FloatOp) and g.nodes[-1].op == "sigmoid"
+    assert isinstance(g.nodes[-1], FloatOp) and g.nodes[-1].op == "softmax"
 
 
 def test_nan_weights_name_the_layer():

@@ -39,12 +39,20 @@ def cmd_export_c(args) -> int:
     from .export_c.run import build
     plan, graph, pre = _plan_and_graph(args)
     prepare_out(args.out)
-    res = export_c(graph, plan, args.out, meta={"preprocess": asdict(pre), "weights": args.weights})
+    pd = {k: v for k, v in asdict(pre).items() if (k, v) != ("interpolation", "bilinear")}  # as before: default omitted
+    res = export_c(graph, plan, args.out, meta={"preprocess": pd, "weights": args.weights})
     if not args.no_build:
         build(res.out)
     print(f"wrote {res.out}/ (model.c, model.h, fixq_rt.c, fixq_rt.h, main.c, Makefile): {res.n_calls} kernel calls, "
           f"ROM {res.rom_bytes:,} bytes (weights and tables), RAM {res.ram_bytes:,} bytes (activation arena, "
           f"{res.act_type})")
+    if res.tables:  # table functions (DESIGN §5b): each lookup table and its ROM
+        own = [t for t in res.tables if not t["shared_with"]]
+        print(f"lookup tables: {len(res.tables)} nodes, {len(own)} stored ({sum(t['bytes'] for t in res.tables):,} "
+              "bytes of ROM with their channel index and saturation flags; listed in export.json)")
+        for t in res.tables:
+            shared = f", shares {t['shared_with']}" if t["shared_with"] else ""
+            print(f"  {t['node']} ({t['op']}): {t['tables']} x {t['entries']} {t['ctype']}, {t['bytes']:,} bytes{shared}")
     return 0
 
 

@@ -29,8 +29,9 @@ import torch.nn.functional as Fn
 
 from .coeffs import bias_codes, layer_codes
 from .formats import bound_codes, per_channel, quantize_codes, round_div, round_shift, round_shift_int, saturate
+from .elementwise import ENGINE_ELEMENTWISE, compile_table, prove_elementwise, table_ready, table_refusal
 from .ir import (AdaptiveAvgPool, Add, AvgPool, Clamp, Concat, Conv, Flatten, FloatOp, Graph, Input,
-                 Linear, MaxPool, Pad, Slice)
+                 Linear, MaxPool, Pad, Slice, Table)
 from .partitions import filter_formats, layer_sum_format, propagate_formats
 from .plan import QuantPlan
 from .pooling import adaptive_windows, pool_divisors
@@ -155,6 +156,7 @@ def prove_ops(graph: Graph, fmts) -> None:
             sh = per_channel(Fy, C) - per_channel(Fx, C)
             prove_op(n.name, [(K * max_code(Tx), sh.clamp(min=0))])  # numerator: window sum << (Fy - Fx)
             prove_op(n.name, [(K, (-sh).clamp(min=0))])              # divisor: K << (Fx - Fy)
+    prove_elementwise(graph, fmts)
 
 
 def check_plan(graph: Graph, plan: QuantPlan) -> dict[str, float]:
@@ -226,8 +228,10 @@ class Engine:
                               "engine and the C export cannot run it; use maxabs, percentile:P or mse")
         for n in graph.nodes:
             if isinstance(n, FloatOp):
-                raise EngineError(f"node '{n.name}' ({n.op}) has no integer rule: the integer engine and the C "
-                                  "export cannot run it (the simulation runs it in float)")
+                raise EngineError(f"node '{n.name}' ({n.op}) has no integer rule in fixq: the integer engine and the "
+                                  "C export cannot run it (the simulation runs it in float between quantizers). "
+                                  "Replace the op with one fixq has an integer rule for (README 'Supported ops'), or "
+                                  "cut the model before it and run it yourself on the exported output", hint="")
             if isinstance(n, (Conv, Linear)) and (plan.layers.get(n.name) is None or plan.layers[n.name].acc_F is None):
                 raise EngineError(f"layer '{n.name}' keeps coefficients or data in floating point (flp): the "
                                   "integer engine needs fixed-point formats for every tensor")
@@ -235,7 +239,12 @@ class Engine:
             raise EngineError("the plan keeps the input in floating point: the integer engine needs data bits")
         self.graph, self.plan, self.rounding = graph, plan, plan.rounding
         self.fmts = propagate_formats(graph, plan.tensors)
+        for n in graph.nodes:
+            if isinstance(n, Table) and not table_ready(n, self.fmts, plan.tensors):
+                raise EngineError(table_refusal(n, self.fmts, plan.tensors), hint="")
         self.layers = {n.name: compile_layer(n, plan, self.fmts, self.rounding) for n in graph.layers()}
+        self.tables = {n.name: compile_table(n, self.fmts, graph.shapes[n.name][0], self.rounding)
+                       for n in graph.nodes if isinstance(n, Table)}
         prove_ops(graph, self.fmts)
         self._sat: dict[str, dict[str, int]] = {}
 
@@ -396,4 +405,5 @@ ENGINE_RULES: dict[type, Callable] = {
     Pad: lambda eng, n, x: Fn.pad(x, n.pads),
     Slice: lambda eng, n, x: x[tuple(slice(*s) for s in n.index)],
     Flatten: lambda eng, n, x: x.reshape(x.shape[0], -1),
+    **ENGINE_ELEMENTWISE,  # table functions, multiply, channel shuffle (DESIGN §5b)
 }

@@ -19,8 +19,9 @@ import torch.nn.functional as Fn
 from .errors import FixqError
 from .ir import (AdaptiveAvgPool, Add, AvgPool, Clamp, Concat, Conv, Flatten, FloatOp,
                  Graph, Input, Linear, MaxPool, Node, Pad, Slice, run_float)
+from .graph_mobile import MobileLowering
 from .graph_onnx import is_onnx2torch, lower_onnx
-from .passes import fold_bn, fuse_acts, users_of
+from .passes import fold_affine, fold_bn, fuse_acts, users_of
 
 __all__ = ["capture", "UnsupportedOpError", "CaptureError"]
 
@@ -37,11 +38,9 @@ def _pair(v) -> tuple[int, int]:
     return tuple(v) if isinstance(v, (tuple, list)) else (int(v), int(v))
 
 
-_FLOAT_MODULES = (nn.Sigmoid, nn.Tanh, nn.SiLU, nn.Hardswish, nn.Hardsigmoid, nn.GELU,
-                  nn.Softmax, nn.LogSoftmax, nn.LocalResponseNorm)
-_FLOAT_FUNCS = {torch.sigmoid, Fn.sigmoid, torch.tanh, Fn.silu, Fn.hardswish, Fn.gelu,
-                Fn.softmax, torch.softmax, Fn.log_softmax, Fn.local_response_norm,
-                operator.mul, torch.mul}
+_FLOAT_MODULES = (nn.Softmax, nn.LogSoftmax, nn.LocalResponseNorm)
+_FLOAT_FUNCS = {Fn.softmax, torch.softmax, Fn.log_softmax, Fn.local_response_norm}
+_MUL = {operator.mul, operator.imul, torch.mul}
 _IDENTITY_MODULES = (nn.Dropout, nn.Dropout2d, nn.Identity, nn.AlphaDropout)
 _IDENTITY_FUNCS = {Fn.dropout, Fn.dropout2d}
 _IDENTITY_METHODS = {"contiguous", "clone", "detach"}
@@ -49,8 +48,9 @@ _ADD = {operator.add, operator.iadd, torch.add}
 _RELU_FUNCS = {Fn.relu, torch.relu}
 
 
-class _Lowering:
-    """One pass over the traced fx graph producing IR nodes."""
+class _Lowering(MobileLowering):
+    """One pass over the traced fx graph producing IR nodes (table functions, multiply,
+    channel shuffle and chunks: :class:`fixq.graph_mobile.MobileLowering`)."""
 
     def __init__(self, gm: fx.GraphModule, values: dict[str, Any]):
         self.gm = gm
@@ -62,6 +62,8 @@ class _Lowering:
         self.dep: set[str] = set()
         self.input: str | None = None
         self.output: str | None = None
+        self.pending: dict[str, tuple] = {}  # fx node -> a channel shuffle in progress
+        self.affine: set[str] = set()  # depthwise 1x1 convs from x * c / x + c (per-channel constants)
 
     # ---- helpers -------------------------------------------------------------------
     def is_tensor(self, a) -> bool:
@@ -80,6 +82,10 @@ class _Lowering:
         return a
 
     def ref(self, a: fx.Node) -> str:
+        if a.name in self.pending:
+            raise UnsupportedOpError(f"node '{a.name}' reshapes/transposes channels in a way fixq has no rule for: "
+                                     "only ShuffleNet's channel shuffle (reshape (N, g, C/g, H, W), transpose(1, 2), "
+                                     "reshape back to (N, C, H, W)) is supported")
         return self.alias[a.name]
 
     def name_for(self, n: fx.Node) -> str:
@@ -99,8 +105,9 @@ class _Lowering:
         return UnsupportedOpError(
             f"node '{n.name}' ({n.op} {what}) is not supported by fixq: it has no fixed-point "
             f"rule. Replace it with a supported op (conv, linear, BatchNorm, ReLU/ReLU6, "
-            f"max/avg pool, add, cat, flatten, pad, slicing), or wrap the model so that this "
-            f"op runs outside the part you quantize.")
+            f"max/avg pool, add, multiply, cat, flatten, pad, slicing, channel shuffle, or an "
+            f"element-wise function such as sigmoid/hardswish/SiLU/tanh/GELU), or wrap the model "
+            f"so that this op runs outside the part you quantize.")
 
     def tensor_args(self, n: fx.Node) -> list[fx.Node]:
         return [a for a in n.args if self.is_tensor(a)]
@@ -181,6 +188,8 @@ class _Lowering:
             self.emit(n, Pad, [x], pads=tuple(m.padding))
         elif isinstance(m, _FLOAT_MODULES):
             self.emit(n, FloatOp, self.tensor_args(n), op=type(m).__name__, fn=m)
+        elif self.lower_mobile_module(n, m):
+            pass
         elif is_onnx2torch(m):
             lower_onnx(self, n, m)
         else:
@@ -204,6 +213,8 @@ class _Lowering:
         self.emit(n, AdaptiveAvgPool, [x], output_size=size)
 
     def flatten(self, n, x) -> None:
+        if self.reshape_shuffle(n, x):
+            return
         xs, ys = self.values[x.name].shape, self.values[n.name].shape
         if len(ys) == 2 and ys[0] == xs[0] and ys[1] == xs[1:].numel():
             if len(xs) == 2:
@@ -219,8 +230,12 @@ class _Lowering:
         kw = n.kwargs
         if f in _ADD:
             ts = self.tensor_args(n)
+            if len(ts) == 1 and len(args) == 2 and self.affine_const(
+                    n, ts[0], self.const(args[1] if args[0] is ts[0] else args[0]), False):
+                return
             if len(ts) != 2 or len(args) != 2:
-                raise self.unsupported(n, "add with a constant (only tensor + tensor has an integer rule)")
+                raise self.unsupported(n, "add with a constant (only tensor + tensor, or a per-channel "
+                                          "constant, has an integer rule)")
             self.emit(n, Add, ts)
         elif f is torch.cat:
             xs = args[0]
@@ -263,11 +278,21 @@ class _Lowering:
                 raise self.unsupported(n, f"pad(mode={mode!r}, value={value!r}) (only zero padding)")
             self.emit(n, Pad, [args[0]], pads=pads)
         elif f is operator.getitem:
-            self.slice(n)
+            if not self.chunk_piece(n):
+                self.slice(n)
         elif f in _IDENTITY_FUNCS:
             self.alias[n.name] = self.ref(args[0])
         elif f in _FLOAT_FUNCS:
             self.float_fn(n, f)
+        elif f in _MUL and len(self.tensor_args(n)) == 2 and len(args) == 2:
+            self.mul(n, *self.tensor_args(n))
+        elif f in _MUL and len(self.tensor_args(n)) == 1 and len(args) == 2 and self.affine_const(
+                n, self.tensor_args(n)[0], self.const(args[1] if self.is_tensor(args[0]) else args[0]), True):
+            pass
+        elif f in _MUL:
+            self.float_fn(n, f)
+        elif self.lower_mobile_function(n, f):
+            pass
         elif f is torch.mean:
             self.mean(n, args[0], args[1:], kw)
         else:
@@ -326,6 +351,8 @@ class _Lowering:
         m, x = n.target, n.args[0]
         if m in ("view", "reshape", "flatten"):
             self.flatten(n, x)
+        elif m in _IDENTITY_METHODS and x.name in self.pending:
+            self.pending[n.name] = self.pending[x.name]
         elif m in _IDENTITY_METHODS:
             self.alias[n.name] = self.ref(x)
         elif m in ("relu", "relu_"):
@@ -334,8 +361,12 @@ class _Lowering:
             self.lower_function(fx.Node(n.graph, n.name, "call_function", operator.add, n.args, n.kwargs))
         elif m == "mean":
             self.mean(n, x, n.args[1:], n.kwargs)
-        elif m in ("sigmoid", "tanh", "softmax"):
+        elif m in ("mul", "mul_", "__mul__"):
+            self.lower_function(fx.Node(n.graph, n.name, "call_function", operator.mul, n.args, n.kwargs))
+        elif m == "softmax":
             self.float_fn(n, getattr(torch, m))
+        elif self.lower_mobile_method(n, m):
+            pass
         else:
             raise self.unsupported(n, f"method .{m}()")
 
@@ -381,6 +412,8 @@ def capture(model: nn.Module, example: torch.Tensor, check: bool = True) -> Grap
     users = users_of(nodes, low.output)
     nodes, r1 = fold_bn(nodes, low.bns, users)
     output = r1.get(low.output, low.output)
+    nodes, r1 = fold_affine(nodes, low.affine, users_of(nodes, output))
+    output = r1.get(output, output)
     nodes, r2 = fuse_acts(nodes, users_of(nodes, output))
     output = r2.get(output, output)
     graph = Graph(nodes, low.input, output)

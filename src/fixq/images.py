@@ -110,7 +110,8 @@ def _transform(pre: Preprocess):
     if pre.grayscale:
         steps.append(T.Grayscale(1))
     if pre.resize:
-        steps.append(T.Resize(pre.resize, interpolation=T.InterpolationMode.BILINEAR))
+        steps.append(T.Resize(pre.resize, interpolation=T.InterpolationMode.BICUBIC
+                              if getattr(pre, "interpolation", "bilinear") == "bicubic" else T.InterpolationMode.BILINEAR))
     if pre.crop:
         steps.append(T.CenterCrop(pre.crop))
     steps += [T.ToTensor(), T.Normalize(pre.mean, pre.std)]

@@ -15,7 +15,8 @@ import torch.nn.functional as Fn
 
 __all__ = [
     "Node", "Input", "Conv", "Linear", "Add", "Concat", "MaxPool", "AvgPool",
-    "AdaptiveAvgPool", "Clamp", "Pad", "Slice", "Flatten", "FloatOp", "Graph",
+    "AdaptiveAvgPool", "Clamp", "Pad", "Slice", "Flatten", "FloatOp", "Table", "Mul", "ChannelShuffle",
+    "UNARY_FUNCS", "NONNEG_UNARY", "shuffle_perm", "Graph",
     "FLOAT_RULES", "run_float", "apply_act", "pre_activation", "QUANT_POINTS", "nonnegative_nodes",
 ]
 
@@ -118,8 +119,63 @@ class FloatOp(Node):
     fn: Callable[..., torch.Tensor] | None = None
 
 
+# Unary element-wise functions with a table rule (DESIGN §5b): name -> f(x, alpha) in float64.
+UNARY_FUNCS: dict[str, Callable[[torch.Tensor, float | None], torch.Tensor]] = {
+    "sigmoid": lambda x, a: torch.sigmoid(x),
+    "hardsigmoid": lambda x, a: Fn.hardsigmoid(x),
+    "hardswish": lambda x, a: Fn.hardswish(x),
+    "silu": lambda x, a: Fn.silu(x),
+    "tanh": lambda x, a: torch.tanh(x),
+    "gelu": lambda x, a: Fn.gelu(x),
+    "gelu_tanh": lambda x, a: Fn.gelu(x, approximate="tanh"),
+    "mish": lambda x, a: Fn.mish(x),
+    "elu": lambda x, a: Fn.elu(x, 1.0 if a is None else a),
+    "leaky_relu": lambda x, a: Fn.leaky_relu(x, 0.01 if a is None else a),
+    "softplus": lambda x, a: Fn.softplus(x),
+    "relu6": lambda x, a: torch.clamp(x, 0.0, 6.0),  # (benchmarks: ReLU6 as a table instead of a clamp)
+}
+NONNEG_UNARY = {"sigmoid", "hardsigmoid", "softplus", "relu6"}  # f(x) >= 0 for every x
+
+
+@dataclass
+class Table(Node):
+    """A unary element-wise function ``UNARY_FUNCS[op]`` (``alpha``: its parameter, e.g. the
+    leaky ReLU slope). Integer rule: a lookup table over every input code (DESIGN §5b)."""
+    op: str = "sigmoid"
+    alpha: float | None = None
+
+    def fn(self, x: torch.Tensor) -> torch.Tensor:
+        return UNARY_FUNCS[self.op](x, self.alpha)
+
+
+@dataclass
+class Mul(Node):
+    """Element-wise product of two tensors; either may be (C, 1, 1) and broadcast over H, W
+    (squeeze-and-excitation). Integer rule: exact product, one rounding (DESIGN §5b)."""
+
+
+@dataclass
+class ChannelShuffle(Node):
+    """ShuffleNet's ``reshape(N, g, C/g, H, W) -> transpose(1, 2) -> reshape(N, C, H, W)``:
+    output channel ``k = i * g + j`` is input channel ``j * C/g + i``. Exact."""
+    groups: int = 2
+
+
+def shuffle_perm(C: int, groups: int) -> torch.Tensor:
+    """Input channel of every output channel of a channel shuffle.
+
+    >>> shuffle_perm(6, 2).tolist()
+    [0, 3, 1, 4, 2, 5]
+    """
+    return torch.arange(C).reshape(groups, C // groups).t().reshape(-1)
+
+
+def _shuffle(x: torch.Tensor, groups: int) -> torch.Tensor:
+    return x[:, shuffle_perm(x.shape[1], groups).to(x.device)]
+
+
 # Ops whose output gets its own data format (a requantization point).
-QUANT_POINTS = (Input, Conv, Linear, Add, Concat, AvgPool, AdaptiveAvgPool, FloatOp)
+QUANT_POINTS = (Input, Conv, Linear, Add, Concat, AvgPool, AdaptiveAvgPool, FloatOp, Table, Mul)
 
 
 @dataclass
@@ -184,6 +240,9 @@ FLOAT_RULES: dict[type, Callable] = {
     Slice: lambda n, x: _slice(x, n),
     Flatten: lambda n, x: torch.flatten(x, 1),
     FloatOp: lambda n, *xs: n.fn(*xs),
+    Table: lambda n, x: n.fn(x),
+    Mul: lambda n, a, b: a * b,
+    ChannelShuffle: lambda n, x: _shuffle(x, n.groups),
 }
 
 
@@ -212,7 +271,8 @@ def _clamps_nonneg(act) -> bool:
 def nonnegative_nodes(graph: Graph) -> set[str]:
     """Nodes whose output is >= 0 by construction (a graph rule, never observed data):
     conv/linear/add with a fused clamp at >= 0 (ReLU, ReLU6), a standalone clamp at >= 0,
-    and max/average pooling, zero padding, slicing, flattening, concat or add of such
+    a table function that is >= 0 everywhere (sigmoid, hardsigmoid, softplus),
+    and max/average pooling, multiply, channel shuffle, zero padding, slicing, flattening, concat or add of such
     tensors. Their data formats can be unsigned, ``U(T, F)`` (DESIGN.md §2).
 
     >>> g = Graph([Input("x", ()), Clamp("r", ("x",)), MaxPool("p", ("r",)), Add("a", ("p", "x"))], "x", "a")
@@ -227,8 +287,10 @@ def nonnegative_nodes(graph: Graph) -> set[str]:
             ok = _clamps_nonneg(n.act) or all(i in out for i in n.inputs)
         elif isinstance(n, Clamp):
             ok = (n.lo is not None and n.lo >= 0) or n.inputs[0] in out
-        elif isinstance(n, (MaxPool, AvgPool, AdaptiveAvgPool, Pad, Slice, Flatten, Concat)):
+        elif isinstance(n, (MaxPool, AvgPool, AdaptiveAvgPool, Pad, Slice, Flatten, Concat, Mul, ChannelShuffle)):
             ok = all(i in out for i in n.inputs)
+        elif isinstance(n, Table):
+            ok = n.op in NONNEG_UNARY
         else:  # Input, FloatOp: unknown sign
             ok = False
         if ok:

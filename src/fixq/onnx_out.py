@@ -15,6 +15,10 @@ is ``2**-F`` with zero point 0. Patterns (all exact in real arithmetic):
   DQ(residual)``; with ``<4b,4b>`` residuals ``Conv(x, Gather(DQ(basis), l)) +
   Conv(QDQ_r(x), DQ(residual))``, ``QDQ_r`` the residual branch's own data format. Bias: float32 initializer of the bias already aligned to S.
 - fused activations: ``Max``/``Min`` with the bounds quantized on the accumulator grid.
+- table functions (DESIGN §5b): the same lookup table, exactly: ``idx = Cast(x * 2**Fin +
+  offset[c], int64)`` (x is on its grid, so exact), ``Gather(values, idx)`` with
+  ``values = table codes * 2**-Fout`` (float32, exact), then the output's Q/DQ (an exact
+  identity). Multiply: ``Mul`` then Q/DQ. Channel shuffle: ``Reshape -> Transpose -> Reshape``.
 
 Known differences from fixq (reported by ``compare``): ONNX rounds half to even (use
 ``--rounding nearest_even``), and a float runtime accumulates in float32, not in an A-bit
@@ -27,8 +31,8 @@ import torch
 
 from .engine import EngineError, check_plan, compile_layer
 from .formats import bound_codes, code_limits
-from .ir import (AdaptiveAvgPool, Add, AvgPool, Clamp, Concat, Conv, Flatten, FloatOp, Graph, Input, Linear,
-                 MaxPool, Pad, Slice)
+from .ir import (AdaptiveAvgPool, Add, AvgPool, ChannelShuffle, Clamp, Concat, Conv, Flatten, FloatOp, Graph,
+                 Input, Linear, MaxPool, Mul, Pad, Slice, Table)
 from .partitions import filter_formats, propagate_formats
 from .plan import AffineFormats, QuantPlan
 
@@ -235,6 +239,34 @@ def _slice(b: _B, n: Slice, x: str) -> str:
     return b.node("Slice", [x, *(b.init(f"{n.name}_{k}", a) for k, a in zip(("s", "e", "a", "t"), arrs))], n.name)
 
 
+def _table(b: _B, n: Table, x: str) -> str:
+    from .elementwise import compile_table, table_ready, table_refusal
+    if not table_ready(n, b.fmts, b.plan.tensors):
+        raise QDQError(table_refusal(n, b.fmts, b.plan.tensors))
+    shape = b.graph.shapes[n.name]
+    C = shape[0]
+    ti = compile_table(n, b.fmts, C, b.plan.rounding)
+    size = ti.tables.shape[1]
+    bshape = (1, C) + (1,) * (len(shape) - 1)
+    up = np.power(2.0, ti.Fin.double().numpy()).astype(np.float32).reshape(bshape)
+    off = (ti.index * size - ti.qmin).numpy().astype(np.float32).reshape(bshape)
+    v = b.node("Mul", [x, b.init(f"{n.name}_up", up)], f"{n.name}_codes")
+    v = b.node("Add", [v, b.init(f"{n.name}_offset", off)], f"{n.name}_index")
+    idx = b.node("Cast", [v], f"{n.name}_cast", to=7)  # INT64
+    vals = np.concatenate([ti.tables[k].double().numpy() * 2.0 ** -int(ti.Fout[int((ti.index == k).nonzero()[0])])
+                           for k in range(ti.tables.shape[0])]).astype(np.float32)
+    y = b.node("Gather", [b.init(f"{n.name}_table", vals), idx], n.name, axis=0)
+    return b.qdq(y, n.name)
+
+
+def _shuffle(b: _B, n: ChannelShuffle, x: str) -> str:
+    C, *hw = b.graph.shapes[n.name]
+    split = b.init(f"{n.name}_split", np.array([0, n.groups, C // n.groups, *hw], np.int64))
+    y = b.node("Reshape", [x, split], f"{n.name}_split")
+    y = b.node("Transpose", [y], f"{n.name}_transpose", perm=[0, 2, 1] + list(range(3, 3 + len(hw))))
+    return b.node("Reshape", [y, b.init(f"{n.name}_shape", np.array([0, C, *hw], np.int64))], n.name)
+
+
 def _float(b: _B, n: FloatOp, x: str) -> str:
     m = n.fn
     if n.op == "LocalResponseNorm":
@@ -250,6 +282,7 @@ ONNX_EMITTERS = {
     Conv: _layer, Linear: _layer, Add: _add, Concat: _concat, AvgPool: _avgpool, AdaptiveAvgPool: _avgpool,
     MaxPool: _maxpool, Clamp: _clamp, Pad: _pad, Slice: _slice,
     Flatten: lambda b, n, x: b.node("Flatten", [x], n.name, axis=1), FloatOp: _float,
+    Table: _table, Mul: lambda b, n, x, z: b.qdq(b.node("Mul", [x, z], n.name), n.name), ChannelShuffle: _shuffle,
 }
 
 

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import torch
 
-from .ir import Clamp, Concat, Flatten, Graph, MaxPool, Pad, Slice
+from .ir import ChannelShuffle, Clamp, Concat, Flatten, Graph, MaxPool, Pad, Slice, shuffle_perm
 from .plan import Formats, PlanError, filter_grid
 
 __all__ = ["input_point", "propagate_formats", "filter_formats", "sum_format", "layer_sum_format", "accumulator_F"]
@@ -51,6 +51,8 @@ def propagate_formats(graph: Graph, tensors: dict[str, Formats]) -> dict[str, tu
             for s in graph.shapes[n.inputs[0]][1:]:
                 hw *= s
             out[n.name] = (T, F.repeat_interleave(hw))
+        elif isinstance(n, ChannelShuffle):
+            out[n.name] = (T, F[shuffle_perm(F.numel(), n.groups)])
         elif isinstance(n, Slice):
             ch = n.index[1] if len(n.index) > 1 else (None, None, None)
             out[n.name] = (T, F[slice(*ch)])

@@ -5,7 +5,7 @@ import torch
 
 from .ir import Add, Clamp, Conv, Linear, Node
 
-__all__ = ["fold_bn", "fuse_acts", "users_of"]
+__all__ = ["fold_bn", "fold_affine", "fuse_acts", "users_of"]
 
 
 def fold_bn(nodes: list[Node], bns, users) -> list[Node]:
@@ -36,6 +36,28 @@ def fold_bn(nodes: list[Node], bns, users) -> list[Node]:
             dt = bn.running_var.dtype
             out.append(Conv(n.name, (src,), weight=scale.to(dt).reshape(C, 1, 1, 1), bias=shift.to(dt),
                             groups=C))
+    return out, rename
+
+
+def fold_affine(nodes: list[Node], affine: set[str], users) -> tuple[list[Node], dict[str, str]]:
+    """Fold the depthwise 1x1 convs that capture made from ``x * c`` / ``x + c`` (per-channel
+    constants, Caffe's Scale layer) into a producing conv/linear without activation and with
+    no other user: ``W' = W * s``, ``b' = b * s + t`` in float64 (as BatchNorm folding)."""
+    by_name = {n.name: n for n in nodes}
+    out, rename = [], {}
+    for n in nodes:
+        n.inputs = tuple(rename.get(i, i) for i in n.inputs)
+        p = by_name.get(n.inputs[0]) if n.inputs else None
+        if n.name in affine and isinstance(p, (Conv, Linear)) and p.act is None and len(users[p.name]) == 1:
+            s = n.weight.double().reshape(-1)
+            t = n.bias.double() if n.bias is not None else torch.zeros_like(s)
+            w = p.weight.double() * s.reshape(-1, *([1] * (p.weight.dim() - 1)))
+            b = (p.bias.double() if p.bias is not None else torch.zeros_like(s)) * s + t
+            p.weight, p.bias = w.to(p.weight.dtype), b.to(p.weight.dtype)
+            users[p.name] = users[n.name]
+            rename[n.name] = p.name
+            continue
+        out.append(n)
     return out, rename
 
 

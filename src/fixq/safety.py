@@ -156,7 +156,7 @@ def prove_op(name: str, operands, out_shift=None) -> float:
     return total
 
 
-C_LIMITS = {"int8_t": (-128, 127), "uint8_t": (0, 255), "int16_t": (-2 ** 15, 2 ** 15 - 1),
+C_LIMITS = {"int8_t": (-128, 127), "uint8_t": (0, 255), "int16_t": (-2 ** 15, 2 ** 15 - 1), "uint16_t": (0, 2 ** 16 - 1),
             "int32_t": (-2 ** 31, 2 ** 31 - 1), "int64_t": (-2 ** 63, 2 ** 63 - 1)}
 
 

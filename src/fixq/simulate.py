@@ -18,8 +18,9 @@ from .formats import bound_codes, exp2, fake_quantize, per_channel, round_values
 from .fused import fused_available, fused_fake_quantize
 from .safety import F64_EXACT_BITS, max_code
 from .coeffs import bias_codes, coeff_grid, layer_codes, layer_values
+from .elementwise import SIM_ELEMENTWISE, compile_table, table_ready
 from .ir import (FLOAT_RULES, AdaptiveAvgPool, Add, AvgPool, Clamp, Concat, Conv, Flatten, FloatOp,
-                 Graph, Input, Linear, MaxPool, Pad, Slice, apply_act, pre_activation)
+                 Graph, Input, Linear, MaxPool, Pad, Slice, Table, apply_act, pre_activation)
 from .partitions import filter_formats, layer_sum_format, propagate_formats
 from .plan import AffineFormats, Formats, PlanError, QuantPlan
 from .pooling import pool_divisors, window_sum
@@ -61,6 +62,11 @@ class Simulator:
         for n in graph.nodes:
             if isinstance(n, (Conv, Linear)):
                 self._prep[n.name] = self._prepare_layer(n)
+        # DESIGN §5b: the engine's tables; a table op without an integer rule under this plan
+        # (flp/affine data, input wider than MAX_TABLE_BITS) runs in float between quantizers
+        self.elementwise_tables = {n.name: compile_table(n, self.formats, graph.shapes[n.name][0], self.rounding)
+                                   for n in graph.nodes if isinstance(n, Table) and not plan.is_affine
+                                   and table_ready(n, self.formats, plan.tensors)}
 
     def update_layer(self, plan: QuantPlan, name: str) -> None:
         """Take ``plan``, which differs from the current one only in layer ``name``'s entry
@@ -304,4 +310,5 @@ SIM_RULES: dict[type, Callable] = {
     Slice: lambda sim, n, x: FLOAT_RULES[Slice](n, x),
     Flatten: lambda sim, n, x: FLOAT_RULES[Flatten](n, x),
     FloatOp: lambda sim, n, *xs: sim.requant(n.name, FLOAT_RULES[FloatOp](n, *xs)),
+    **SIM_ELEMENTWISE,  # table functions, multiply, channel shuffle (DESIGN §5b)
 }

@@ -42,6 +42,7 @@ class Preprocess:
     mean: tuple[float, ...] = IMAGENET_MEAN
     std: tuple[float, ...] = IMAGENET_STD
     grayscale: bool = False
+    interpolation: str = "bilinear"  # of the resize: "bilinear" or "bicubic" (torchvision's EfficientNets)
 
     def input_shape(self, default_hw: int | None = None) -> tuple[int, int, int]:
         c = 1 if self.grayscale else 3
@@ -57,6 +58,7 @@ PRESETS: dict[str, Preprocess] = {
     # TF EfficientNet-Lite normalisation: (x*255 - 127) / 128
     "efficientnet-lite": Preprocess(resize=256, crop=224, mean=(127 / 255,) * 3, std=(128 / 255,) * 3),
     "googlenet": Preprocess(resize=256, crop=224, mean=(0.5,) * 3, std=(0.5,) * 3),
+    "imagenet-bicubic": Preprocess(resize=256, crop=224, interpolation="bicubic"),  # torchvision EfficientNet-B0
 }
 
 
@@ -197,6 +199,12 @@ ZOO: dict[str, ZooEntry] = {
                    torchvision=True, classes="imagenet")
        for n in ("alexnet", "vgg19", "vgg19_bn", "resnet18", "resnet50", "resnet101", "resnet152",
                  "mobilenet_v2")},
+    # mobile CNNs with table functions, squeeze-and-excitation and channel shuffle (DESIGN §5b);
+    # weights are not bundled: --weights FILE, --weights torchvision (network), or --random-weights
+    **{n: ZooEntry(n, _tv(n), "imagenet-bicubic" if n == "efficientnet_b0" else "imagenet", 224,
+                   "--weights FILE, or --weights torchvision (download; not bundled)", torchvision=True,
+                   classes="imagenet")
+       for n in ("mobilenet_v3_small", "mobilenet_v3_large", "efficientnet_b0", "mnasnet0_5", "shufflenet_v2_x0_5")},
     "googlenet": ZooEntry("googlenet", _tv("googlenet", aux_logits=False, transform_input=False, init_weights=True),
                           "googlenet", 224,
                           "--weights FILE, or --weights torchvision (download); input_transform folded "

@@ -1,0 +1,88 @@
+"""C emitters of the element-wise ops of mobile CNNs (DESIGN.md §5b), registered into
+:data:`fixq.export_c.emit.C_EMITTERS`; kernels in ``runtime/fixq_rt_elementwise.{h,c}``.
+
+Notation: codes at F fractional bits; a table function's tables hold the output code of
+every input code (``2**Tin`` entries each, one per distinct ``(Fin, Fout)`` of the node's
+channels, stored in the narrowest C type that holds the output codes, identical tables
+shared between nodes); a multiply's shift is ``Fa + Fb - Fy`` per channel.
+
+>>> res = export_c(graph, plan, "build/mnv3")              # doctest: +SKIP
+>>> [(t["node"], t["op"], t["bytes"]) for t in res.tables][:1]  # doctest: +SKIP
+[('hardswish', 'hardswish', 256)]
+"""
+from __future__ import annotations
+
+import hashlib
+
+from ..elementwise import mul_shift
+from ..formats import code_limits
+from ..ir import ChannelShuffle, Mul, Table
+from .emit import C_EMITTERS, CTYPE_BYTES, ROUNDING_C, _cid, _Ctx, _word
+
+__all__ = ["register"]
+
+HEADER = "fixq_rt_elementwise.h"
+
+
+def _ch_hw(ctx: _Ctx, name: str) -> tuple[int, int]:
+    C, *rest = ctx.shape(name)
+    hw = 1
+    for s in rest:
+        hw *= s
+    return C, hw
+
+
+def _table_ctype(Tout) -> str:
+    lo, hi = code_limits(Tout)
+    if lo >= 0 and hi <= 255:
+        return "uint8_t"
+    return "int8_t" if lo >= -128 and hi <= 127 else "int16_t" if lo >= -2 ** 15 and hi < 2 ** 15 else "int32_t"
+
+
+def _emit_table(ctx: _Ctx, n: Table) -> str:
+    ti = ctx.eng.tables[n.name]
+    C, hw = _ch_hw(ctx, n.name)
+    t = _cid(n.name)
+    ctype = _table_ctype(ti.Tout)
+    cache = ctx.__dict__.setdefault("_table_cache", {})
+    key = (ctype, hashlib.sha1(ti.tables.numpy().tobytes()).hexdigest(), tuple(ti.tables.shape))
+    rom0 = ctx.rom
+    if key in cache:  # an identical table of an earlier node: shared, stored once
+        tab, sat, shared = cache[key] + (True,)
+    else:
+        tab = ctx.array(f"tab_{t}", ctype, ti.tables)
+        sat = ctx.array(f"tsat_{t}", "uint8_t", ti.sat.long()) if bool(ti.sat.any()) else "NULL"
+        cache[key], shared = (tab, sat), False
+    idx = ctx.array(f"tix_{t}", "uint16_t", ti.index)
+    ptrs = ", ".join(tab if c == ctype else "NULL" for c in ("int8_t", "uint8_t", "int16_t", "int32_t"))
+    ctx.decls.append(f"static const fixq_table_t T_{t} = {{{C}, {hw}, {_word(ti.Tin)}, {ptrs}, {idx}, {sat}}};")
+    ctx.headers.add(HEADER)
+    ctx.tables.append({"node": n.name, "op": n.op, "tables": int(ti.tables.shape[0]), "entries": int(ti.tables.shape[1]),
+                       "ctype": ctype, "bytes": ctx.rom - rom0, "shared_with": tab if shared else None})
+    return f"fixq_table(&T_{t}, {ctx.buf(n.inputs[0])}, {ctx.buf(n.name)}, {ctx.counts(n)});"
+
+
+def _emit_mul(ctx: _Ctx, n: Mul) -> str:
+    C, hw = _ch_hw(ctx, n.name)
+    hwa, hwb = (_ch_hw(ctx, i)[1] for i in n.inputs)
+    t = _cid(n.name)
+    sh = ctx.array(f"ms_{t}", "int8_t", mul_shift(ctx.eng.fmts, n, C))
+    ctx.decls.append(f"static const fixq_mul_t M_{t} = {{{C}, {hwa}, {hwb}, {sh}, {_word(ctx.eng.fmts[n.name][0])}, "
+                     f"{ROUNDING_C[ctx.eng.rounding]}}};")
+    ctx.headers.add(HEADER)
+    return f"fixq_mul(&M_{t}, {ctx.buf(n.inputs[0])}, {ctx.buf(n.inputs[1])}, {ctx.buf(n.name)}, {ctx.counts(n)});"
+
+
+def _emit_shuffle(ctx: _Ctx, n: ChannelShuffle) -> str:
+    C, hw = _ch_hw(ctx, n.name)
+    ctx.headers.add(HEADER)
+    return f"fixq_shuffle({C}, {hw}, {n.groups}, {ctx.buf(n.inputs[0])}, {ctx.buf(n.name)});"
+
+
+def register() -> None:
+    """Add the element-wise emitters to the C emitter table (idempotent)."""
+    CTYPE_BYTES.setdefault("uint16_t", 2)
+    C_EMITTERS.update({Table: _emit_table, Mul: _emit_mul, ChannelShuffle: _emit_shuffle})
+
+
+register()
