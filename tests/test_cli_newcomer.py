@@ -292,7 +292,8 @@ def test_quantize_progress_in_a_log_is_labelled_lines(capsys, tmp_path, digits):
     argv = [a for a in _q(digits, tmp_path, "--model", "lenet-digits", "--coeff-bits", "4") if a != "--quiet"]
     code, _, err = run(capsys, *argv)
     assert code == 0 and "\r" not in err
-    assert "<4b,8b> 3D/4D maxabs/mse fixed-point eval: 1/1 done" in err and "load evaluation images: 1/1 done" in err
+    assert "<4b,8b> 3D/4D maxabs/mse fixed-point eval: 16/16 images in" in err and "float eval: 16/16 images in" in err
+    assert "img/s)" in err  # images are streamed: lines count images, with the rate
 
 
 def test_corrupt_json_files_from_earlier_runs_exit_2(capsys, tmp_path, digits):

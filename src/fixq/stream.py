@@ -6,7 +6,7 @@ A stream is a fixed sequence of images cut into *global batches* of ``batch_size
 ``b`` holds images ``b * batch_size ...``. Under ``torchrun`` rank ``r`` decodes only the
 batches ``b % W == r`` (:mod:`fixq.distributed`); :func:`stream_map` hands every rank the
 per-batch results of all batches in order. Decoding runs in ``workers`` DataLoader
-processes (persistent across passes), with pinned memory when the model is on CUDA.
+processes (started per pass, gone when it ends), with pinned memory when the model is on CUDA.
 
 >>> s = TensorStream([torch.zeros(2, 1, 4, 4), torch.ones(1, 1, 4, 4)])
 >>> len(s), s.n_batches, [float(x.sum()) for x in stream_map(s, lambda b, x: x, "demo", False)]
@@ -46,13 +46,9 @@ class ImageStream:
         self.s, self.idx, self.pre = s, tuple(idx), pre
         self.batch_size, self.workers, self.pin_memory = batch_size, workers, pin_memory
         self.n_batches = (len(self.idx) + batch_size - 1) // batch_size
-        self._loader = None
 
     def __len__(self) -> int:
         return len(self.idx)
-
-    def __getstate__(self):  # a stream pickles without its worker processes
-        return {**self.__dict__, "_loader": None}
 
     def batch_len(self, b: int) -> int:
         return min(self.batch_size, len(self.idx) - b * self.batch_size)
@@ -76,17 +72,17 @@ class ImageStream:
         ids = self._batch_ids()
         if not ids:
             return
-        if self._loader is None:
-            bs = self.batch_size
-            sampler = [list(range(b * bs, min((b + 1) * bs, len(self.idx)))) for b in ids]
-            self._loader = torch.utils.data.DataLoader(
-                _Files(self.s, self.idx, self.pre), batch_sampler=sampler, num_workers=self.workers,
-                collate_fn=_collate, pin_memory=self.pin_memory, persistent_workers=self.workers > 0)
+        bs = self.batch_size
+        sampler = [list(range(b * bs, min((b + 1) * bs, len(self.idx)))) for b in ids]
+        workers = self.workers if len(ids) > 1 else 0  # one batch: nothing to overlap
+        # a loader per pass, read to the end: its workers exit with the pass (none linger)
+        loader = torch.utils.data.DataLoader(_Files(self.s, self.idx, self.pre), batch_sampler=sampler,
+                                             num_workers=workers, collate_fn=_collate, pin_memory=self.pin_memory)
         try:
-            for j, (x, _, _) in enumerate(self._loader):  # read to the end: a persistent loader restarts clean
+            for j, (x, _, _) in enumerate(loader):
                 yield ids[j], x
         except DataError as e:
-            raise worker_error(e, self.workers) from None
+            raise worker_error(e, workers) from None
 
     def first(self, n: int) -> torch.Tensor:
         """The first ``n`` images decoded in this process (graph capture, shape checks)."""
