@@ -57,7 +57,7 @@ def main() -> None:
         todo = [("nearest (plain)", plain.plan, 0.0, None)]
         for v in args.variants.split(","):
             t1 = time.time()
-            plan, lrows = learn_rounding(session.graph, plain.plan, session.calib_x, variants[v], session.device,
+            plan, lrows = learn_rounding(session.graph, plain.plan, session.calib_stream.tensor(), variants[v], session.device,
                                          show_progress=False)
             todo.append((v, plan, time.time() - t1, lrows))
         for label, plan, secs, lrows in todo:
