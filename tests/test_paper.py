@@ -133,3 +133,25 @@ def test_cli_mixed_paper_keeps_fc_layers_whole(capsys, tmp_path, digits_dir):
     assert "first and last layers kept at base bits (§5, Table 3)" in rep["paper"]["used"]
     plan = QuantPlan.load(tmp_path / "m" / "plan.json")
     assert plan.layers["fc1"].weight.granularity == "4D" and plan.layers["fc1"].weight.T == 8
+
+
+def test_cli_kmeans_paper_table4_with_float_elsewhere(capsys, tmp_path, digits_dir):
+    """--paper on kmeans: Table 4 with every other layer in floating point (the paper's Table 4)."""
+    argv = ["kmeans", "--model", "lenet-digits", "--calib", str(digits_dir), "--calib-size", "64", "--eval",
+            str(digits_dir), "--eval-size", "300", "--out", str(tmp_path / "k"), "--k", "conv2=3", "--paper",
+            "--quiet"]
+    assert main(argv) == 0, capsys.readouterr().err
+    rep = json.loads((tmp_path / "k" / "report.json").read_text())
+    t4 = rep["table4"]
+    assert t4["others"] == "flp" and "every other layer in floating point" in (tmp_path / "k" / "report.md").read_text()
+    base_net = rep["table6"][0]["rel_complexity_mmacs"]
+    base_layer = t4["rows"][0]["layer_rel_complexity_mmacs"]
+    for r in t4["rows"]:  # network savings: this layer's savings over the all-base network
+        assert r["network_savings_pct"] == pytest.approx(100 * (base_layer - r["layer_rel_complexity_mmacs"]) / base_net)
+    # one layer quantized, the rest float: less logit noise than the whole 2D-HQ <8b,8b> network
+    assert t4["rows"][0]["logit_sqnr_db"] > rep["table6"][0]["logit_sqnr_db"]
+    from fixq.kmeans_search import only_layer_config
+    g = make_graph(DepthwiseNet(), (3, 16, 16))
+    cfg = only_layer_config(g, QuantConfig(LayerConfig(coeff_mode="2D")), "pw")
+    assert cfg.for_layer("pw").coeff_bits == 8 and cfg.for_layer("grp").coeff_bits is None
+    assert cfg.for_layer("fc").data_bits is None and cfg.for_layer(g.node("pw").inputs[0]).data_bits == 8
