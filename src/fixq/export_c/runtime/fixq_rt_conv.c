@@ -1,0 +1,291 @@
+/* fixq runtime: convolution and linear kernels (DESIGN.md section 5; notation in fixq_rt.h).
+ *
+ * sum[i] = sum_j (sum_hw w[i,j] x[j]) << wshift[i,j], exact. Two loop nests:
+ *  - dense (cin/groups > 1): one output row at a time, the receptive fields of the row are
+ *    copied into the scratch (im2col, zeros for the padding), then each output is one
+ *    contiguous dot product of length K = cin/groups * kh * kw (vectorisable);
+ *  - depthwise (cin/groups == 1): a row of sums accumulates kh * kw scaled input rows, the
+ *    padded border cut off by the range of valid outputs, outside the inner loop.
+ * Both run in int32 when the exporter proved every partial sum below 2^31 (acc32), else in
+ * int64. Packed 4-bit weight rows are unpacked into the scratch before use.
+ */
+#include "fixq_rt.h"
+
+#define FIXQ_ALIGN8(n) (((n) + 7u) & ~(size_t)7u)
+
+static int conv_k(const fixq_conv_t *p) {
+    return (p->cin / p->groups) * p->kh * p->kw;
+}
+
+size_t fixq_conv_scratch(const fixq_conv_t *p) {
+    size_t k = (size_t)conv_k(p), ow = (size_t)p->ow;
+    size_t col = p->cin / p->groups > 1 ? FIXQ_ALIGN8(k * ow * sizeof(FIXQ_ACT_T)) : 0u;
+    return col + 2u * 8u * ow + FIXQ_ALIGN8(k * sizeof(FIXQ_W_T));
+}
+
+/* outputs o in [lo, hi) with 0 <= o * s + off < n_in, at most n_out */
+static void valid_range(int n_out, int n_in, int s, int off, int *lo, int *hi) {
+    int a = off < 0 ? (-off + s - 1) / s : 0;
+    int b = n_in - off <= 0 ? 0 : (n_in - off + s - 1) / s;
+    if (b > n_out) {
+        b = n_out;
+    }
+    if (a > b) {
+        a = b;
+    }
+    *lo = a;
+    *hi = b;
+}
+
+/* the K weight codes of output channel i, as FIXQ_W_T (unpacked or widened into buf) */
+static const FIXQ_W_T *weight_row(const fixq_conv_t *p, int i, int K, FIXQ_W_T *buf) {
+    size_t e0 = (size_t)i * (size_t)K;
+    int k;
+    if (p->wstore == FIXQ_W_WS) {
+        return (const FIXQ_W_T *)p->weight + e0;
+    }
+    for (k = 0; k < K; k++) {
+        size_t e = e0 + (size_t)k;
+        int32_t v;
+        if (p->wstore == FIXQ_WS_P4) {
+            unsigned nib = ((unsigned)((const uint8_t *)p->weight)[e >> 1] >> ((e & 1u) * 4u)) & 15u;
+            v = (int32_t)nib - (int32_t)((nib & 8u) << 1);
+        } else if (p->wstore == FIXQ_WS_I8) {
+            v = ((const int8_t *)p->weight)[e];
+        } else if (p->wstore == FIXQ_WS_I16) {
+            v = ((const int16_t *)p->weight)[e];
+        } else {
+            v = ((const int32_t *)p->weight)[e];
+        }
+        buf[k] = (FIXQ_W_T)v;
+    }
+    return buf;
+}
+
+static int32_t dot32(const FIXQ_W_T *FIXQ_RESTRICT w, const FIXQ_ACT_T *FIXQ_RESTRICT x, int n) {
+    int32_t s = 0;
+    int k;
+    for (k = 0; k < n; k++) {
+        s += (int32_t)w[k] * (int32_t)x[k];
+    }
+    return s;
+}
+
+static int64_t dot64(const FIXQ_W_T *FIXQ_RESTRICT w, const FIXQ_ACT_T *FIXQ_RESTRICT x, int n) {
+    int64_t s = 0;
+    int k;
+    for (k = 0; k < n; k++) {
+        s += (int64_t)w[k] * (int64_t)x[k];
+    }
+    return s;
+}
+
+/* the receptive fields of output row oy, group g: col[ox][k], k = (j, ky, kx) as the weights */
+static void im2col_row(const fixq_conv_t *p, const FIXQ_ACT_T *x, int g, int oy, FIXQ_ACT_T *FIXQ_RESTRICT col) {
+    int mg = p->cin / p->groups, khw = p->kh * p->kw, K = mg * khw, j, ky, kx, ox;
+    for (j = 0; j < mg; j++) {
+        const FIXQ_ACT_T *xj = x + (size_t)(g * mg + j) * (size_t)p->h * (size_t)p->w;
+        for (ky = 0; ky < p->kh; ky++) {
+            int iy = oy * p->sh - p->ph + ky * p->dh;
+            for (kx = 0; kx < p->kw; kx++) {
+                FIXQ_ACT_T *c = col + j * khw + ky * p->kw + kx;
+                int a = 0, b = 0, off = kx * p->dw - p->pw;
+                if (iy >= 0 && iy < p->h) {
+                    valid_range(p->ow, p->w, p->sw, off, &a, &b);
+                }
+                for (ox = 0; ox < a; ox++) {
+                    c[ox * K] = 0;
+                }
+                if (b > a) {
+                    const FIXQ_ACT_T *xr = xj + (size_t)iy * (size_t)p->w;
+                    for (ox = a; ox < b; ox++) {
+                        c[ox * K] = xr[ox * p->sw + off];
+                    }
+                }
+                for (ox = b; ox < p->ow; ox++) {
+                    c[ox * K] = 0;
+                }
+            }
+        }
+    }
+}
+
+/* exact sums of output channel i along one output row, from its im2col row */
+static void dense_row(const fixq_conv_t *p, const FIXQ_ACT_T *col, const FIXQ_W_T *wr, int i, int64_t *rs) {
+    int K = conv_k(p), ox, j;
+    if (p->wshift_cols == 1) {
+        int s = p->wshift[i];
+        if (p->acc32) {
+            for (ox = 0; ox < p->ow; ox++) {
+                rs[ox] = fixq_shl_proved((int64_t)dot32(wr, col + (size_t)ox * (size_t)K, K), s);
+            }
+        } else {
+            for (ox = 0; ox < p->ow; ox++) {
+                rs[ox] = fixq_shl_proved(dot64(wr, col + (size_t)ox * (size_t)K, K), s);
+            }
+        }
+        return;
+    }
+    {
+        int khw = p->kh * p->kw, mg = p->cin / p->groups;
+        const uint8_t *ws = p->wshift + (size_t)i * (size_t)p->wshift_cols;
+        for (ox = 0; ox < p->ow; ox++) {
+            const FIXQ_ACT_T *c = col + (size_t)ox * (size_t)K;
+            if (p->acc32) { /* acc32 also proves every wshift <= 30 here */
+                int32_t s = 0;
+                for (j = 0; j < mg; j++) {
+                    s += dot32(wr + j * khw, c + j * khw, khw) * ((int32_t)1 << ws[j]);
+                }
+                rs[ox] = s;
+            } else {
+                int64_t s = 0;
+                for (j = 0; j < mg; j++) {
+                    s += fixq_shl_proved(dot64(wr + j * khw, c + j * khw, khw), ws[j]);
+                }
+                rs[ox] = s;
+            }
+        }
+    }
+}
+
+/* exact sums of output channel i (one input channel) along one output row */
+static void depthwise_row(const fixq_conv_t *p, const FIXQ_ACT_T *x, const FIXQ_W_T *wr, int i, int oy,
+                          void *acc, int64_t *rs) {
+    int g = i / (p->cout / p->groups), ky, kx, ox, a, b;
+    const FIXQ_ACT_T *xg = x + (size_t)g * (size_t)p->h * (size_t)p->w;
+    int32_t *a32 = (int32_t *)acc;
+    int64_t *a64 = (int64_t *)acc;
+    for (ox = 0; ox < p->ow; ox++) {
+        if (p->acc32) {
+            a32[ox] = 0;
+        } else {
+            a64[ox] = 0;
+        }
+    }
+    for (ky = 0; ky < p->kh; ky++) {
+        int iy = oy * p->sh - p->ph + ky * p->dh;
+        const FIXQ_ACT_T *xr;
+        if (iy < 0 || iy >= p->h) {
+            continue;
+        }
+        xr = xg + (size_t)iy * (size_t)p->w;
+        for (kx = 0; kx < p->kw; kx++) {
+            int off = kx * p->dw - p->pw, sw = p->sw;
+            int32_t wv = wr[ky * p->kw + kx];
+            valid_range(p->ow, p->w, sw, off, &a, &b);
+            if (p->acc32 && sw == 1) {
+                for (ox = a; ox < b; ox++) {
+                    a32[ox] += wv * (int32_t)xr[ox + off];
+                }
+            } else if (p->acc32) {
+                for (ox = a; ox < b; ox++) {
+                    a32[ox] += wv * (int32_t)xr[ox * sw + off];
+                }
+            } else {
+                for (ox = a; ox < b; ox++) {
+                    a64[ox] += (int64_t)wv * (int64_t)xr[ox * sw + off];
+                }
+            }
+        }
+    }
+    {
+        int s = p->wshift[(size_t)i * (size_t)p->wshift_cols];
+        for (ox = 0; ox < p->ow; ox++) {
+            rs[ox] = fixq_shl_proved(p->acc32 ? (int64_t)a32[ox] : a64[ox], s);
+        }
+    }
+}
+
+/* bias, K-means basis, accumulator rounding and saturation, activation clamp, output format */
+static void epilogue(const fixq_conv_t *p, int i, int oy, const int64_t *rs, FIXQ_ACT_T *y, uint64_t *sat) {
+    int ox, as = p->acc_shift[i], os = p->out_shift[i], rnd = p->rounding;
+    int64_t bias = FIXQ_TAB(p->bias, i), bs = 0;
+    int has_lo = FIXQ_TAB_HAS(p->lo), has_hi = FIXQ_TAB_HAS(p->hi);
+    int64_t lo = has_lo ? FIXQ_TAB(p->lo, i) : 0, hi = has_hi ? FIXQ_TAB(p->hi, i) : 0;
+    int ab = p->acc_bits & FIXQ_BITS_MASK, yb = p->out_bits & FIXQ_BITS_MASK;
+    int64_t amax = ((int64_t)1 << (ab - 1)) - 1, amin = -amax - 1;
+    int64_t ymax = (p->out_bits & FIXQ_UNSIGNED) ? ((int64_t)1 << yb) - 1 : ((int64_t)1 << (yb - 1)) - 1;
+    int64_t ymin = (p->out_bits & FIXQ_UNSIGNED) ? 0 : -ymax - 1;
+    const int64_t *bm = NULL;
+    FIXQ_ACT_T *yr = y + ((size_t)i * (size_t)p->oh + (size_t)oy) * (size_t)p->ow;
+    if (p->basis) {
+        bm = p->basis + ((size_t)p->assign[i] * (size_t)p->oh + (size_t)oy) * (size_t)p->ow;
+        bs = p->basis_shift[i];
+    }
+    for (ox = 0; ox < p->ow; ox++) {
+        int64_t v = rs[ox] + bias;
+        if (bm) {
+            v += fixq_shl_proved(bm[ox], (int)bs);
+        }
+        if (as > 0) {
+            v = fixq_rshift_proved(v, as, rnd);
+        }
+        if (v < amin || v > amax) {
+            v = fixq_sat(v, p->acc_bits, p->overflow, sat);
+        }
+        if (has_lo && v < lo) {
+            v = lo;
+        }
+        if (has_hi && v > hi) {
+            v = hi;
+        }
+        v = os > 0 ? fixq_rshift_proved(v, os, rnd) : fixq_shl_proved(v, -os);
+        if (v < ymin || v > ymax) {
+            v = fixq_sat(v, p->out_bits, FIXQ_SATURATE, sat ? sat + 1 : NULL);
+        }
+        yr[ox] = (FIXQ_ACT_T)v;
+    }
+}
+
+/* y != NULL: the layer's outputs; else the exact sums into s (K-means basis maps) */
+static void conv_run(const fixq_conv_t *p, const FIXQ_ACT_T *x, FIXQ_ACT_T *y, int64_t *s, void *scratch,
+                     uint64_t *sat) {
+    int K = conv_k(p), mg = p->cin / p->groups, ng = p->cout / p->groups, g, i, oy;
+    unsigned char *base = (unsigned char *)scratch;
+    size_t col_bytes = mg > 1 ? FIXQ_ALIGN8((size_t)K * (size_t)p->ow * sizeof(FIXQ_ACT_T)) : 0u;
+    FIXQ_ACT_T *col = (FIXQ_ACT_T *)(void *)base;
+    int64_t *rs = (int64_t *)(void *)(base + col_bytes);
+    void *acc = (void *)(base + col_bytes + 8u * (size_t)p->ow);
+    FIXQ_W_T *wbuf = (FIXQ_W_T *)(void *)(base + col_bytes + 16u * (size_t)p->ow);
+    for (g = 0; g < p->groups; g++) {
+        if (mg > 1) {
+            for (oy = 0; oy < p->oh; oy++) {
+                im2col_row(p, x, g, oy, col);
+                for (i = g * ng; i < (g + 1) * ng; i++) {
+                    dense_row(p, col, weight_row(p, i, K, wbuf), i, rs);
+                    if (y) {
+                        epilogue(p, i, oy, rs, y, sat);
+                    } else {
+                        int ox;
+                        for (ox = 0; ox < p->ow; ox++) {
+                            s[((size_t)i * (size_t)p->oh + (size_t)oy) * (size_t)p->ow + (size_t)ox] = rs[ox];
+                        }
+                    }
+                }
+            }
+        } else {
+            for (i = g * ng; i < (g + 1) * ng; i++) {
+                const FIXQ_W_T *wr = weight_row(p, i, K, wbuf);
+                for (oy = 0; oy < p->oh; oy++) {
+                    depthwise_row(p, x, wr, i, oy, acc, rs);
+                    if (y) {
+                        epilogue(p, i, oy, rs, y, sat);
+                    } else {
+                        int ox;
+                        for (ox = 0; ox < p->ow; ox++) {
+                            s[((size_t)i * (size_t)p->oh + (size_t)oy) * (size_t)p->ow + (size_t)ox] = rs[ox];
+                        }
+                    }
+                }
+            }
+        }
+    }
+}
+
+void fixq_conv(const fixq_conv_t *p, const FIXQ_ACT_T *x, FIXQ_ACT_T *y, void *scratch, uint64_t *sat) {
+    conv_run(p, x, y, NULL, scratch, sat);
+}
+
+void fixq_conv_sums(const fixq_conv_t *p, const FIXQ_ACT_T *x, int64_t *s, void *scratch) {
+    conv_run(p, x, NULL, s, scratch, NULL);
+}
