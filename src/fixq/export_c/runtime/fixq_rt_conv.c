@@ -71,6 +71,24 @@ static int32_t dot32(const FIXQ_W_T *FIXQ_RESTRICT w, const FIXQ_ACT_T *FIXQ_RES
     return s;
 }
 
+/* four dot products sharing the weight row: x0..x3 are K apart */
+static void dot32x4(const FIXQ_W_T *FIXQ_RESTRICT w, const FIXQ_ACT_T *FIXQ_RESTRICT x, int K, int32_t *out) {
+    int32_t s0 = 0, s1 = 0, s2 = 0, s3 = 0;
+    const FIXQ_ACT_T *x1 = x + K, *x2 = x + 2 * K, *x3 = x + 3 * K;
+    int k;
+    for (k = 0; k < K; k++) {
+        int32_t wk = w[k];
+        s0 += wk * (int32_t)x[k];
+        s1 += wk * (int32_t)x1[k];
+        s2 += wk * (int32_t)x2[k];
+        s3 += wk * (int32_t)x3[k];
+    }
+    out[0] = s0;
+    out[1] = s1;
+    out[2] = s2;
+    out[3] = s3;
+}
+
 static int64_t dot64(const FIXQ_W_T *FIXQ_RESTRICT w, const FIXQ_ACT_T *FIXQ_RESTRICT x, int n) {
     int64_t s = 0;
     int k;
@@ -80,30 +98,35 @@ static int64_t dot64(const FIXQ_W_T *FIXQ_RESTRICT w, const FIXQ_ACT_T *FIXQ_RES
     return s;
 }
 
-/* the receptive fields of output row oy, group g: col[ox][k], k = (j, ky, kx) as the weights */
+/* the receptive fields of output row oy, group g: col[ox][k], k = (j, ky, kx) as the weights;
+ * written in order, the padding as zeros */
 static void im2col_row(const fixq_conv_t *p, const FIXQ_ACT_T *x, int g, int oy, FIXQ_ACT_T *FIXQ_RESTRICT col) {
-    int mg = p->cin / p->groups, khw = p->kh * p->kw, K = mg * khw, j, ky, kx, ox;
-    for (j = 0; j < mg; j++) {
-        const FIXQ_ACT_T *xj = x + (size_t)(g * mg + j) * (size_t)p->h * (size_t)p->w;
-        for (ky = 0; ky < p->kh; ky++) {
-            int iy = oy * p->sh - p->ph + ky * p->dh;
-            for (kx = 0; kx < p->kw; kx++) {
-                FIXQ_ACT_T *c = col + j * khw + ky * p->kw + kx;
-                int a = 0, b = 0, off = kx * p->dw - p->pw;
-                if (iy >= 0 && iy < p->h) {
-                    valid_range(p->ow, p->w, p->sw, off, &a, &b);
-                }
-                for (ox = 0; ox < a; ox++) {
-                    c[ox * K] = 0;
-                }
-                if (b > a) {
-                    const FIXQ_ACT_T *xr = xj + (size_t)iy * (size_t)p->w;
-                    for (ox = a; ox < b; ox++) {
-                        c[ox * K] = xr[ox * p->sw + off];
+    int mg = p->cin / p->groups, j, ky, kx, ox;
+    size_t plane = (size_t)p->h * (size_t)p->w;
+    const FIXQ_ACT_T *xg = x + (size_t)(g * mg) * plane;
+    FIXQ_ACT_T *c = col;
+    for (ox = 0; ox < p->ow; ox++) {
+        int ix0 = ox * p->sw - p->pw;
+        int inside_x = ix0 >= 0 && ix0 + (p->kw - 1) * p->dw < p->w;
+        for (j = 0; j < mg; j++) {
+            const FIXQ_ACT_T *xj = xg + (size_t)j * plane;
+            for (ky = 0; ky < p->kh; ky++) {
+                int iy = oy * p->sh - p->ph + ky * p->dh;
+                if (iy < 0 || iy >= p->h) {
+                    for (kx = 0; kx < p->kw; kx++) {
+                        *c++ = 0;
                     }
-                }
-                for (ox = b; ox < p->ow; ox++) {
-                    c[ox * K] = 0;
+                } else if (inside_x) {
+                    const FIXQ_ACT_T *xr = xj + (size_t)iy * (size_t)p->w + ix0;
+                    for (kx = 0; kx < p->kw; kx++) {
+                        *c++ = xr[kx * p->dw];
+                    }
+                } else {
+                    const FIXQ_ACT_T *xr = xj + (size_t)iy * (size_t)p->w;
+                    for (kx = 0; kx < p->kw; kx++) {
+                        int ix = ix0 + kx * p->dw;
+                        *c++ = (ix >= 0 && ix < p->w) ? xr[ix] : 0;
+                    }
                 }
             }
         }
@@ -116,7 +139,15 @@ static void dense_row(const fixq_conv_t *p, const FIXQ_ACT_T *col, const FIXQ_W_
     if (p->wshift_cols == 1) {
         int s = p->wshift[i];
         if (p->acc32) {
-            for (ox = 0; ox < p->ow; ox++) {
+            int32_t d[4];
+            for (ox = 0; ox + 4 <= p->ow; ox += 4) {
+                dot32x4(wr, col + (size_t)ox * (size_t)K, K, d);
+                rs[ox] = fixq_shl_proved((int64_t)d[0], s);
+                rs[ox + 1] = fixq_shl_proved((int64_t)d[1], s);
+                rs[ox + 2] = fixq_shl_proved((int64_t)d[2], s);
+                rs[ox + 3] = fixq_shl_proved((int64_t)d[3], s);
+            }
+            for (; ox < p->ow; ox++) {
                 rs[ox] = fixq_shl_proved((int64_t)dot32(wr, col + (size_t)ox * (size_t)K, K), s);
             }
         } else {

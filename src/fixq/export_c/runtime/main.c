@@ -13,12 +13,18 @@ static fixq_model_in_t in[FIXQ_MODEL_IN_SIZE];
 static uint8_t pix[FIXQ_MODEL_IN_SIZE];
 static fixq_model_out_t out[FIXQ_MODEL_OUT_SIZE];
 FIXQ_MODEL_ARENA_DEFINE(arena);
+#ifdef FIXQ_TICKS
+uint64_t fixq_ticks(void); /* the target's clock (the Cortex-M4 start file: SysTick) */
+#endif
 
 int main(int argc, char **argv) {
     FILE *fi, *fo;
     long n, k;
     int j, pixels, st;
     fixq_model_ctx ctx;
+#ifdef FIXQ_TICKS
+    uint64_t ticks = 0, t0;
+#endif
     if (argc != 4 && argc != 5) {
         fprintf(stderr, "usage: %s inputs.bin outputs.bin N [codes|pixels]\n", argv[0]);
         return 2;
@@ -46,7 +52,13 @@ int main(int argc, char **argv) {
             fprintf(stderr, "input %ld: file too short\n", k);
             return 2;
         }
+#ifdef FIXQ_TICKS
+        t0 = fixq_ticks();
         st = fixq_model_run(&ctx, in, out);
+        ticks += fixq_ticks() - t0;
+#else
+        st = fixq_model_run(&ctx, in, out);
+#endif
         if (st != FIXQ_OK) {
             fprintf(stderr, "input %ld: fixq_model_run returned %d\n", k, st);
             return 3;
@@ -65,6 +77,9 @@ int main(int argc, char **argv) {
         }
         fprintf(stderr, "saturations acc %llu data %llu\n", (unsigned long long)acc, (unsigned long long)data);
     }
+#endif
+#ifdef FIXQ_TICKS
+    fprintf(stderr, "ticks %llu\n", (unsigned long long)ticks);
 #endif
     fclose(fi);
     fclose(fo);
