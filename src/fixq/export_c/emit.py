@@ -98,8 +98,10 @@ class EmitCtx:
     def conv_scratch(self, mg: int, K: int, ow: int) -> None:
         """Mirror of fixq_conv_scratch() in fixq_rt_conv.c."""
         a8 = lambda n: (n + 7) // 8 * 8  # noqa: E731
-        col = a8(K * ow * CTYPE_BYTES[self.act_type]) if mg > 1 else 0
-        self.scratch_bytes = max(self.scratch_bytes, col + 16 * ow + a8(K * CTYPE_BYTES[self.w_type]))
+        from .files import mac_bytes
+        m = mac_bytes(self.act_type, self.w_type)
+        col = a8(K * ow * m) if mg > 1 else 0
+        self.scratch_bytes = max(self.scratch_bytes, col + 16 * ow + a8(K * m))
 
     def buf(self, name: str) -> str:
         return f"act + {self.offsets[name]}"

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from ..errors import DataError
+from ..evaluate import DataError
 
 __all__ = ["load_pixels"]
 

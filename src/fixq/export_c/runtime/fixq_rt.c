@@ -175,23 +175,42 @@ void fixq_avgpool(const fixq_avgpool_t *p, const FIXQ_ACT_T *x, FIXQ_ACT_T *y, u
     }
 }
 
+/* the codes of data word `word` (T [| FIXQ_UNSIGNED]) */
+static void word_limits(int word, int64_t *lo, int64_t *hi) {
+    int bits = word & FIXQ_BITS_MASK;
+    if (word & FIXQ_UNSIGNED) {
+        *lo = 0;
+        *hi = ((int64_t)1 << bits) - 1;
+    } else {
+        *hi = ((int64_t)1 << (bits - 1)) - 1;
+        *lo = -*hi - 1;
+    }
+}
+
 void fixq_add(const fixq_add_t *p, const FIXQ_ACT_T *a, const FIXQ_ACT_T *b, FIXQ_ACT_T *y, uint64_t *sat) {
     int ch, k;
+    int64_t ylo, yhi;
+    word_limits(p->out_bits, &ylo, &yhi);
     for (ch = 0; ch < p->ch; ch++) {
         int has_lo = FIXQ_TAB_HAS(p->lo), has_hi = FIXQ_TAB_HAS(p->hi);
         int64_t lo = has_lo ? FIXQ_TAB(p->lo, ch) : 0, hi = has_hi ? FIXQ_TAB(p->hi, ch) : 0;
         int sa = p->sa[ch], sb = p->sb[ch], os = p->out_shift[ch];
+        const FIXQ_ACT_T *ac = a + (size_t)ch * (size_t)p->hw, *bc = b + (size_t)ch * (size_t)p->hw;
+        FIXQ_ACT_T *yc = y + (size_t)ch * (size_t)p->hw;
         for (k = 0; k < p->hw; k++) {
-            size_t o = (size_t)ch * (size_t)p->hw + (size_t)k;
-            int64_t s = fixq_shl_proved(a[o], sa) + fixq_shl_proved(b[o], sb);
+            /* proved (DESIGN 5a): the aligned sum and the output shift stay below 2^62 */
+            int64_t s = fixq_shl_proved(ac[k], sa) + fixq_shl_proved(bc[k], sb);
             if (has_lo && s < lo) {
                 s = lo;
             }
             if (has_hi && s > hi) {
                 s = hi;
             }
-            y[o] = (FIXQ_ACT_T)fixq_sat(fixq_round_shift(s, os, p->rounding), p->out_bits, FIXQ_SATURATE,
-                                        data_events(sat));
+            s = os > 0 ? fixq_rshift_proved(s, os, p->rounding) : fixq_shl_proved(s, -os);
+            if (s < ylo || s > yhi) {
+                s = fixq_sat(s, p->out_bits, FIXQ_SATURATE, data_events(sat));
+            }
+            yc[k] = (FIXQ_ACT_T)s;
         }
     }
 }

@@ -11,6 +11,13 @@
  */
 #include "fixq_rt.h"
 
+/* the operand type of the dot products (im2col rows, unpacked weight rows): int16 where
+ * activations and weights fit 16 bits, so that compilers use 16x16->32 multiply-adds */
+#ifndef FIXQ_MAC_T
+#define FIXQ_MAC_T int32_t
+#define FIXQ_MAC_WS FIXQ_WS_I32
+#endif
+
 #define FIXQ_ALIGN8(n) (((n) + 7u) & ~(size_t)7u)
 
 static int conv_k(const fixq_conv_t *p) {
@@ -19,8 +26,8 @@ static int conv_k(const fixq_conv_t *p) {
 
 size_t fixq_conv_scratch(const fixq_conv_t *p) {
     size_t k = (size_t)conv_k(p), ow = (size_t)p->ow;
-    size_t col = p->cin / p->groups > 1 ? FIXQ_ALIGN8(k * ow * sizeof(FIXQ_ACT_T)) : 0u;
-    return col + 2u * 8u * ow + FIXQ_ALIGN8(k * sizeof(FIXQ_W_T));
+    size_t col = p->cin / p->groups > 1 ? FIXQ_ALIGN8(k * ow * sizeof(FIXQ_MAC_T)) : 0u;
+    return col + 2u * 8u * ow + FIXQ_ALIGN8(k * sizeof(FIXQ_MAC_T));
 }
 
 /* outputs o in [lo, hi) with 0 <= o * s + off < n_in, at most n_out */
@@ -37,12 +44,12 @@ static void valid_range(int n_out, int n_in, int s, int off, int *lo, int *hi) {
     *hi = b;
 }
 
-/* the K weight codes of output channel i, as FIXQ_W_T (unpacked or widened into buf) */
-static const FIXQ_W_T *weight_row(const fixq_conv_t *p, int i, int K, FIXQ_W_T *buf) {
+/* the K weight codes of output channel i, as FIXQ_MAC_T (unpacked or widened into buf) */
+static const FIXQ_MAC_T *weight_row(const fixq_conv_t *p, int i, int K, FIXQ_MAC_T *buf) {
     size_t e0 = (size_t)i * (size_t)K;
     int k;
-    if (p->wstore == FIXQ_W_WS) {
-        return (const FIXQ_W_T *)p->weight + e0;
+    if (p->wstore == FIXQ_MAC_WS) {
+        return (const FIXQ_MAC_T *)p->weight + e0;
     }
     for (k = 0; k < K; k++) {
         size_t e = e0 + (size_t)k;
@@ -57,12 +64,12 @@ static const FIXQ_W_T *weight_row(const fixq_conv_t *p, int i, int K, FIXQ_W_T *
         } else {
             v = ((const int32_t *)p->weight)[e];
         }
-        buf[k] = (FIXQ_W_T)v;
+        buf[k] = (FIXQ_MAC_T)v;
     }
     return buf;
 }
 
-static int32_t dot32(const FIXQ_W_T *FIXQ_RESTRICT w, const FIXQ_ACT_T *FIXQ_RESTRICT x, int n) {
+static int32_t dot32(const FIXQ_MAC_T *FIXQ_RESTRICT w, const FIXQ_MAC_T *FIXQ_RESTRICT x, int n) {
     int32_t s = 0;
     int k;
     for (k = 0; k < n; k++) {
@@ -72,9 +79,9 @@ static int32_t dot32(const FIXQ_W_T *FIXQ_RESTRICT w, const FIXQ_ACT_T *FIXQ_RES
 }
 
 /* four dot products sharing the weight row: x0..x3 are K apart */
-static void dot32x4(const FIXQ_W_T *FIXQ_RESTRICT w, const FIXQ_ACT_T *FIXQ_RESTRICT x, int K, int32_t *out) {
+static void dot32x4(const FIXQ_MAC_T *FIXQ_RESTRICT w, const FIXQ_MAC_T *FIXQ_RESTRICT x, int K, int32_t *out) {
     int32_t s0 = 0, s1 = 0, s2 = 0, s3 = 0;
-    const FIXQ_ACT_T *x1 = x + K, *x2 = x + 2 * K, *x3 = x + 3 * K;
+    const FIXQ_MAC_T *x1 = x + K, *x2 = x + 2 * K, *x3 = x + 3 * K;
     int k;
     for (k = 0; k < K; k++) {
         int32_t wk = w[k];
@@ -89,7 +96,7 @@ static void dot32x4(const FIXQ_W_T *FIXQ_RESTRICT w, const FIXQ_ACT_T *FIXQ_REST
     out[3] = s3;
 }
 
-static int64_t dot64(const FIXQ_W_T *FIXQ_RESTRICT w, const FIXQ_ACT_T *FIXQ_RESTRICT x, int n) {
+static int64_t dot64(const FIXQ_MAC_T *FIXQ_RESTRICT w, const FIXQ_MAC_T *FIXQ_RESTRICT x, int n) {
     int64_t s = 0;
     int k;
     for (k = 0; k < n; k++) {
@@ -100,11 +107,11 @@ static int64_t dot64(const FIXQ_W_T *FIXQ_RESTRICT w, const FIXQ_ACT_T *FIXQ_RES
 
 /* the receptive fields of output row oy, group g: col[ox][k], k = (j, ky, kx) as the weights;
  * written in order, the padding as zeros */
-static void im2col_row(const fixq_conv_t *p, const FIXQ_ACT_T *x, int g, int oy, FIXQ_ACT_T *FIXQ_RESTRICT col) {
+static void im2col_row(const fixq_conv_t *p, const FIXQ_ACT_T *x, int g, int oy, FIXQ_MAC_T *FIXQ_RESTRICT col) {
     int mg = p->cin / p->groups, j, ky, kx, ox;
     size_t plane = (size_t)p->h * (size_t)p->w;
     const FIXQ_ACT_T *xg = x + (size_t)(g * mg) * plane;
-    FIXQ_ACT_T *c = col;
+    FIXQ_MAC_T *c = col;
     for (ox = 0; ox < p->ow; ox++) {
         int ix0 = ox * p->sw - p->pw;
         int inside_x = ix0 >= 0 && ix0 + (p->kw - 1) * p->dw < p->w;
@@ -116,6 +123,12 @@ static void im2col_row(const fixq_conv_t *p, const FIXQ_ACT_T *x, int g, int oy,
                     for (kx = 0; kx < p->kw; kx++) {
                         *c++ = 0;
                     }
+                } else if (inside_x && p->kw == 3 && p->dw == 1) {
+                    const FIXQ_ACT_T *xr = xj + (size_t)iy * (size_t)p->w + ix0;
+                    c[0] = xr[0];
+                    c[1] = xr[1];
+                    c[2] = xr[2];
+                    c += 3;
                 } else if (inside_x) {
                     const FIXQ_ACT_T *xr = xj + (size_t)iy * (size_t)p->w + ix0;
                     for (kx = 0; kx < p->kw; kx++) {
@@ -134,7 +147,7 @@ static void im2col_row(const fixq_conv_t *p, const FIXQ_ACT_T *x, int g, int oy,
 }
 
 /* exact sums of output channel i along one output row, from its im2col row */
-static void dense_row(const fixq_conv_t *p, const FIXQ_ACT_T *col, const FIXQ_W_T *wr, int i, int64_t *rs) {
+static void dense_row(const fixq_conv_t *p, const FIXQ_MAC_T *col, const FIXQ_MAC_T *wr, int i, int64_t *rs) {
     int K = conv_k(p), ox, j;
     if (p->wshift_cols == 1) {
         int s = p->wshift[i];
@@ -161,7 +174,7 @@ static void dense_row(const fixq_conv_t *p, const FIXQ_ACT_T *col, const FIXQ_W_
         int khw = p->kh * p->kw, mg = p->cin / p->groups;
         const uint8_t *ws = p->wshift + (size_t)i * (size_t)p->wshift_cols;
         for (ox = 0; ox < p->ow; ox++) {
-            const FIXQ_ACT_T *c = col + (size_t)ox * (size_t)K;
+            const FIXQ_MAC_T *c = col + (size_t)ox * (size_t)K;
             if (p->acc32) { /* acc32 also proves every wshift <= 30 here */
                 int32_t s = 0;
                 for (j = 0; j < mg; j++) {
@@ -180,7 +193,7 @@ static void dense_row(const fixq_conv_t *p, const FIXQ_ACT_T *col, const FIXQ_W_
 }
 
 /* exact sums of output channel i (one input channel) along one output row */
-static void depthwise_row(const fixq_conv_t *p, const FIXQ_ACT_T *x, const FIXQ_W_T *wr, int i, int oy,
+static void depthwise_row(const fixq_conv_t *p, const FIXQ_ACT_T *x, const FIXQ_MAC_T *wr, int i, int oy,
                           void *acc, int64_t *rs) {
     int g = i / (p->cout / p->groups), ky, kx, ox, a, b;
     const FIXQ_ACT_T *xg = x + (size_t)g * (size_t)p->h * (size_t)p->w;
@@ -273,11 +286,11 @@ static void conv_run(const fixq_conv_t *p, const FIXQ_ACT_T *x, FIXQ_ACT_T *y, i
                      uint64_t *sat) {
     int K = conv_k(p), mg = p->cin / p->groups, ng = p->cout / p->groups, g, i, oy;
     unsigned char *base = (unsigned char *)scratch;
-    size_t col_bytes = mg > 1 ? FIXQ_ALIGN8((size_t)K * (size_t)p->ow * sizeof(FIXQ_ACT_T)) : 0u;
-    FIXQ_ACT_T *col = (FIXQ_ACT_T *)(void *)base;
+    size_t col_bytes = mg > 1 ? FIXQ_ALIGN8((size_t)K * (size_t)p->ow * sizeof(FIXQ_MAC_T)) : 0u;
+    FIXQ_MAC_T *col = (FIXQ_MAC_T *)(void *)base;
     int64_t *rs = (int64_t *)(void *)(base + col_bytes);
     void *acc = (void *)(base + col_bytes + 8u * (size_t)p->ow);
-    FIXQ_W_T *wbuf = (FIXQ_W_T *)(void *)(base + col_bytes + 16u * (size_t)p->ow);
+    FIXQ_MAC_T *wbuf = (FIXQ_MAC_T *)(void *)(base + col_bytes + 16u * (size_t)p->ow);
     for (g = 0; g < p->groups; g++) {
         if (mg > 1) {
             for (oy = 0; oy < p->oh; oy++) {
@@ -296,7 +309,7 @@ static void conv_run(const fixq_conv_t *p, const FIXQ_ACT_T *x, FIXQ_ACT_T *y, i
             }
         } else {
             for (i = g * ng; i < (g + 1) * ng; i++) {
-                const FIXQ_W_T *wr = weight_row(p, i, K, wbuf);
+                const FIXQ_MAC_T *wr = weight_row(p, i, K, wbuf);
                 for (oy = 0; oy < p->oh; oy++) {
                     depthwise_row(p, x, wr, i, oy, acc, rs);
                     if (y) {
