@@ -95,12 +95,16 @@ class EmitCtx:
                 return self.array(name, ct, vals, "weights"), WSTORE[ct], ct
         raise EngineError(f"C table {name}: weight codes beyond int32")
 
-    def conv_scratch(self, mg: int, K: int, ow: int) -> None:
+    def conv_scratch(self, mg: int, K: int, geo: list, hwc: bool) -> None:
         """Mirror of fixq_conv_scratch() in fixq_rt_conv.c."""
-        a8 = lambda n: (n + 7) // 8 * 8  # noqa: E731
         from .files import mac_bytes
+        a8 = lambda n: (n + 7) // 8 * 8  # noqa: E731
         m = mac_bytes(self.act_type, self.w_type)
-        col = a8(K * ow * m) if mg > 1 else 0
+        W, kh, kw, sw, pw, ow = geo[2], geo[5], geo[6], geo[8], geo[10], geo[-1]
+        if hwc:
+            col = a8(kh * max(pw + W, (ow - 1) * sw + kw) * mg * m)
+        else:
+            col = a8(K * ow * m) if mg > 1 else 0
         self.scratch_bytes = max(self.scratch_bytes, col + 16 * ow + a8(K * m))
 
     def buf(self, name: str) -> str:
@@ -130,12 +134,14 @@ def _conv_struct(ctx: EmitCtx, tag: str, geo: list, w, wshift, Tx, rest: str) ->
     the fields after ``acc32``); returns its name."""
     uniform = bool((wshift == wshift[:, :1]).all())  # 4D/3D formats, per-tensor data
     ws = ctx.array(f"ws_{tag}", "uint8_t", wshift[:, :1] if uniform else wshift)
-    warr, wstore, wname = ctx.weights(f"w_{tag}", w)
-    acc32 = sum_fits_int32(w.abs().sum(dim=(2, 3)), wshift, Tx)
     mg, K = w.shape[1], w.shape[1] * w.shape[2] * w.shape[3]
-    ctx.conv_scratch(mg, K, geo[-1])
+    # fixq_rt_conv.c's hwc loop nest: weights [cout][kh][kw][cin/groups]
+    hwc = mg > 1 and uniform and geo[11] == 1 and geo[12] == 1
+    warr, wstore, wname = ctx.weights(f"w_{tag}", w.permute(0, 2, 3, 1) if hwc else w)
+    acc32 = sum_fits_int32(w.abs().sum(dim=(2, 3)), wshift, Tx)
+    ctx.conv_scratch(mg, K, geo, hwc)
     ctx.decls.append(f"static const fixq_conv_t {tag} = {{{', '.join(map(str, geo))}, {warr}, {wstore}, {ws}, "
-                     f"{1 if uniform else wshift.shape[1]}, {int(acc32)}, {rest}}};")
+                     f"{1 if uniform else wshift.shape[1]}, {int(acc32)}, {int(hwc)}, {rest}}};")
     ctx.layers[tag] = {"weights": wname, "acc": "int32" if acc32 else "int64"}
     return tag
 

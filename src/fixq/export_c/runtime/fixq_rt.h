@@ -51,6 +51,8 @@ typedef struct {
     const uint8_t *wshift;    /* [cout][wshift_cols]: S - Fw - Fx */
     int wshift_cols;          /* cin/groups (2D formats or per-channel data), or 1 per kernel */
     int acc32;                /* 1: every partial sum proved below 2^31 (int32 loops) */
+    int hwc;                  /* 1: weights [cout][kh][kw][cin/groups], rows of the input transposed
+                               * to (x, channel) order: one shift per kernel, no dilation */
     fixq_tab_t bias;          /* [cout]: bias codes aligned to S */
     const uint8_t *acc_shift; /* [cout]: S - Facc */
     fixq_tab_t lo, hi;        /* [cout] activation bounds at Facc, or absent */

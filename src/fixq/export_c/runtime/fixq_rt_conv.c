@@ -1,7 +1,11 @@
 /* fixq runtime: convolution and linear kernels (DESIGN.md section 5; notation in fixq_rt.h).
  *
- * sum[i] = sum_j (sum_hw w[i,j] x[j]) << wshift[i,j], exact. Two loop nests:
- *  - dense (cin/groups > 1): one output row at a time, the receptive fields of the row are
+ * sum[i] = sum_j (sum_hw w[i,j] x[j]) << wshift[i,j], exact. Three loop nests:
+ *  - hwc (cin/groups > 1, one shift per kernel, no dilation): the kh input rows an output row
+ *    reads are kept transposed to [x][channel] with their zero padding (a ring of kh rows,
+ *    each input row transposed once); an output is kh contiguous dot products of length
+ *    kw * cin/groups against weights stored [cout][kh][kw][cin/groups];
+ *  - im2col (other cin/groups > 1): one output row at a time, the receptive fields of the row are
  *    copied into the scratch (im2col, zeros for the padding), then each output is one
  *    contiguous dot product of length K = cin/groups * kh * kw (vectorisable);
  *  - depthwise (cin/groups == 1): a row of sums accumulates kh * kw scaled input rows, the
@@ -24,10 +28,23 @@ static int conv_k(const fixq_conv_t *p) {
     return (p->cin / p->groups) * p->kh * p->kw;
 }
 
+/* padded width of the hwc rows: every column an output reads */
+static int hwc_width(const fixq_conv_t *p) {
+    int a = p->pw + p->w, b = (p->ow - 1) * p->sw + p->kw;
+    return a > b ? a : b;
+}
+
+static size_t col_bytes(const fixq_conv_t *p) {
+    size_t mg = (size_t)(p->cin / p->groups), ow = (size_t)p->ow;
+    if (p->hwc) {
+        return FIXQ_ALIGN8((size_t)p->kh * (size_t)hwc_width(p) * mg * sizeof(FIXQ_MAC_T));
+    }
+    return mg > 1 ? FIXQ_ALIGN8((size_t)conv_k(p) * ow * sizeof(FIXQ_MAC_T)) : 0u;
+}
+
 size_t fixq_conv_scratch(const fixq_conv_t *p) {
     size_t k = (size_t)conv_k(p), ow = (size_t)p->ow;
-    size_t col = p->cin / p->groups > 1 ? FIXQ_ALIGN8(k * ow * sizeof(FIXQ_MAC_T)) : 0u;
-    return col + 2u * 8u * ow + FIXQ_ALIGN8(k * sizeof(FIXQ_MAC_T));
+    return col_bytes(p) + 2u * 8u * ow + FIXQ_ALIGN8(k * sizeof(FIXQ_MAC_T));
 }
 
 /* outputs o in [lo, hi) with 0 <= o * s + off < n_in, at most n_out */
@@ -78,10 +95,11 @@ static int32_t dot32(const FIXQ_MAC_T *FIXQ_RESTRICT w, const FIXQ_MAC_T *FIXQ_R
     return s;
 }
 
-/* four dot products sharing the weight row: x0..x3 are K apart */
-static void dot32x4(const FIXQ_MAC_T *FIXQ_RESTRICT w, const FIXQ_MAC_T *FIXQ_RESTRICT x, int K, int32_t *out) {
+/* four dot products of length K sharing the weight row: x0..x3 are `step` apart; added to out */
+static void dot32x4(const FIXQ_MAC_T *FIXQ_RESTRICT w, const FIXQ_MAC_T *FIXQ_RESTRICT x, int K, int step,
+                    int32_t *out) {
     int32_t s0 = 0, s1 = 0, s2 = 0, s3 = 0;
-    const FIXQ_MAC_T *x1 = x + K, *x2 = x + 2 * K, *x3 = x + 3 * K;
+    const FIXQ_MAC_T *x1 = x + step, *x2 = x + 2 * step, *x3 = x + 3 * step;
     int k;
     for (k = 0; k < K; k++) {
         int32_t wk = w[k];
@@ -90,10 +108,10 @@ static void dot32x4(const FIXQ_MAC_T *FIXQ_RESTRICT w, const FIXQ_MAC_T *FIXQ_RE
         s2 += wk * (int32_t)x2[k];
         s3 += wk * (int32_t)x3[k];
     }
-    out[0] = s0;
-    out[1] = s1;
-    out[2] = s2;
-    out[3] = s3;
+    out[0] += s0;
+    out[1] += s1;
+    out[2] += s2;
+    out[3] += s3;
 }
 
 static int64_t dot64(const FIXQ_MAC_T *FIXQ_RESTRICT w, const FIXQ_MAC_T *FIXQ_RESTRICT x, int n) {
@@ -154,7 +172,8 @@ static void dense_row(const fixq_conv_t *p, const FIXQ_MAC_T *col, const FIXQ_MA
         if (p->acc32) {
             int32_t d[4];
             for (ox = 0; ox + 4 <= p->ow; ox += 4) {
-                dot32x4(wr, col + (size_t)ox * (size_t)K, K, d);
+                d[0] = d[1] = d[2] = d[3] = 0;
+                dot32x4(wr, col + (size_t)ox * (size_t)K, K, K, d);
                 rs[ox] = fixq_shl_proved((int64_t)d[0], s);
                 rs[ox + 1] = fixq_shl_proved((int64_t)d[1], s);
                 rs[ox + 2] = fixq_shl_proved((int64_t)d[2], s);
@@ -188,6 +207,70 @@ static void dense_row(const fixq_conv_t *p, const FIXQ_MAC_T *col, const FIXQ_MA
                 }
                 rs[ox] = s;
             }
+        }
+    }
+}
+
+/* padded input row r (input row r - ph, zeros outside) of group g as dst[x][j] */
+static void hwc_fill(const fixq_conv_t *p, const FIXQ_ACT_T *x, int g, int r, FIXQ_MAC_T *FIXQ_RESTRICT dst) {
+    int mg = p->cin / p->groups, wp = hwc_width(p), iy = r - p->ph, j, ix;
+    size_t plane = (size_t)p->h * (size_t)p->w, n = (size_t)wp * (size_t)mg, k;
+    if (iy < 0 || iy >= p->h) {
+        for (k = 0; k < n; k++) {
+            dst[k] = 0;
+        }
+        return;
+    }
+    for (k = 0; k < (size_t)p->pw * (size_t)mg; k++) {
+        dst[k] = 0;
+    }
+    for (k = (size_t)(p->pw + p->w) * (size_t)mg; k < n; k++) {
+        dst[k] = 0;
+    }
+    for (j = 0; j < mg; j++) {
+        const FIXQ_ACT_T *xr = x + (size_t)(g * mg + j) * plane + (size_t)iy * (size_t)p->w;
+        FIXQ_MAC_T *d = dst + (size_t)p->pw * (size_t)mg + (size_t)j;
+        for (ix = 0; ix < p->w; ix++) {
+            d[(size_t)ix * (size_t)mg] = (FIXQ_MAC_T)xr[ix];
+        }
+    }
+}
+
+/* exact sums of output channel i along output row oy from the ring of transposed rows */
+static void hwc_row(const fixq_conv_t *p, const FIXQ_MAC_T *ring, const FIXQ_MAC_T *wr, int i, int oy,
+                    int64_t *rs) {
+    int mg = p->cin / p->groups, L = p->kw * mg, wp = hwc_width(p), step = p->sw * mg, ky, ox;
+    int s = p->wshift[i];
+    size_t rowlen = (size_t)wp * (size_t)mg;
+    if (p->acc32) {
+        int32_t d[4];
+        for (ox = 0; ox + 4 <= p->ow; ox += 4) {
+            d[0] = d[1] = d[2] = d[3] = 0;
+            for (ky = 0; ky < p->kh; ky++) {
+                const FIXQ_MAC_T *xr = ring + (size_t)((oy * p->sh + ky) % p->kh) * rowlen;
+                dot32x4(wr + ky * L, xr + (size_t)ox * (size_t)step, L, step, d);
+            }
+            rs[ox] = fixq_shl_proved((int64_t)d[0], s);
+            rs[ox + 1] = fixq_shl_proved((int64_t)d[1], s);
+            rs[ox + 2] = fixq_shl_proved((int64_t)d[2], s);
+            rs[ox + 3] = fixq_shl_proved((int64_t)d[3], s);
+        }
+        for (; ox < p->ow; ox++) {
+            int32_t t = 0;
+            for (ky = 0; ky < p->kh; ky++) {
+                const FIXQ_MAC_T *xr = ring + (size_t)((oy * p->sh + ky) % p->kh) * rowlen;
+                t += dot32(wr + ky * L, xr + (size_t)ox * (size_t)step, L);
+            }
+            rs[ox] = fixq_shl_proved((int64_t)t, s);
+        }
+    } else {
+        for (ox = 0; ox < p->ow; ox++) {
+            int64_t t = 0;
+            for (ky = 0; ky < p->kh; ky++) {
+                const FIXQ_MAC_T *xr = ring + (size_t)((oy * p->sh + ky) % p->kh) * rowlen;
+                t += dot64(wr + ky * L, xr + (size_t)ox * (size_t)step, L);
+            }
+            rs[ox] = fixq_shl_proved(t, s);
         }
     }
 }
@@ -281,24 +364,93 @@ static void epilogue(const fixq_conv_t *p, int i, int oy, const int64_t *rs, FIX
     }
 }
 
+static int64_t asr64(int64_t v, int s) { /* floor(v / 2^s), 0 <= s <= 62 */
+    return v >= 0 ? v >> s : ~((~v) >> s);
+}
+
+/* the epilogue for half_up or floor rounding, a saturating accumulator and no K-means basis:
+ * branch-free, saturation events counted by comparison */
+static void epilogue_fast(const fixq_conv_t *p, int i, int oy, const int64_t *FIXQ_RESTRICT rs,
+                          FIXQ_ACT_T *FIXQ_RESTRICT y, uint64_t *sat) {
+    int ox, as = p->acc_shift[i], os = p->out_shift[i], up = p->rounding == FIXQ_HALF_UP;
+    int ab = p->acc_bits & FIXQ_BITS_MASK, yb = p->out_bits & FIXQ_BITS_MASK;
+    int64_t bias = FIXQ_TAB(p->bias, i) + (up && as > 0 ? (int64_t)1 << (as - 1) : 0);
+    int64_t ho = up && os > 0 ? (int64_t)1 << (os - 1) : 0;
+    int64_t amax = ((int64_t)1 << (ab - 1)) - 1, amin = -amax - 1;
+    int64_t lo = FIXQ_TAB_HAS(p->lo) && FIXQ_TAB(p->lo, i) > amin ? FIXQ_TAB(p->lo, i) : amin;
+    int64_t hi = FIXQ_TAB_HAS(p->hi) && FIXQ_TAB(p->hi, i) < amax ? FIXQ_TAB(p->hi, i) : amax;
+    int64_t ymax = (p->out_bits & FIXQ_UNSIGNED) ? ((int64_t)1 << yb) - 1 : ((int64_t)1 << (yb - 1)) - 1;
+    int64_t ymin = (p->out_bits & FIXQ_UNSIGNED) ? 0 : -ymax - 1;
+    uint64_t ea = 0, ed = 0;
+    FIXQ_ACT_T *yr = y + ((size_t)i * (size_t)p->oh + (size_t)oy) * (size_t)p->ow;
+    if (lo > hi) { /* bounds outside the accumulator range: the general order of operations */
+        epilogue(p, i, oy, rs, y, sat);
+        return;
+    }
+    for (ox = 0; ox < p->ow; ox++) {
+        int64_t v = asr64(rs[ox] + bias, as);
+        ea += (uint64_t)((v < amin) | (v > amax));
+        v = v < lo ? lo : v;
+        v = v > hi ? hi : v;
+        v = os >= 0 ? asr64(v + ho, os) : fixq_shl_proved(v, -os);
+        ed += (uint64_t)((v < ymin) | (v > ymax));
+        v = v < ymin ? ymin : v;
+        v = v > ymax ? ymax : v;
+        yr[ox] = (FIXQ_ACT_T)v;
+    }
+    if (sat) {
+        sat[0] += ea;
+        sat[1] += ed;
+    }
+}
+
 /* y != NULL: the layer's outputs; else the exact sums into s (K-means basis maps) */
+static void conv_epilogue(const fixq_conv_t *p, int i, int oy, const int64_t *rs, FIXQ_ACT_T *y, uint64_t *sat) {
+    if (p->basis == NULL && p->overflow == FIXQ_SATURATE && p->rounding != FIXQ_NEAREST_EVEN) {
+        epilogue_fast(p, i, oy, rs, y, sat);
+    } else {
+        epilogue(p, i, oy, rs, y, sat);
+    }
+}
+
 static void conv_run(const fixq_conv_t *p, const FIXQ_ACT_T *x, FIXQ_ACT_T *y, int64_t *s, void *scratch,
                      uint64_t *sat) {
     int K = conv_k(p), mg = p->cin / p->groups, ng = p->cout / p->groups, g, i, oy;
     unsigned char *base = (unsigned char *)scratch;
-    size_t col_bytes = mg > 1 ? FIXQ_ALIGN8((size_t)K * (size_t)p->ow * sizeof(FIXQ_MAC_T)) : 0u;
+    size_t cb = col_bytes(p);
     FIXQ_MAC_T *col = (FIXQ_MAC_T *)(void *)base;
-    int64_t *rs = (int64_t *)(void *)(base + col_bytes);
-    void *acc = (void *)(base + col_bytes + 8u * (size_t)p->ow);
-    FIXQ_MAC_T *wbuf = (FIXQ_MAC_T *)(void *)(base + col_bytes + 16u * (size_t)p->ow);
+    int64_t *rs = (int64_t *)(void *)(base + cb);
+    void *acc = (void *)(base + cb + 8u * (size_t)p->ow);
+    FIXQ_MAC_T *wbuf = (FIXQ_MAC_T *)(void *)(base + cb + 16u * (size_t)p->ow);
     for (g = 0; g < p->groups; g++) {
-        if (mg > 1) {
+        if (p->hwc) {
+            size_t rowlen = (size_t)hwc_width(p) * (size_t)mg;
+            int next = 0, r;
+            for (oy = 0; oy < p->oh; oy++) {
+                int r0 = oy * p->sh;
+                for (r = next > r0 ? next : r0; r < r0 + p->kh; r++) {
+                    hwc_fill(p, x, g, r, col + (size_t)(r % p->kh) * rowlen);
+                }
+                next = r0 + p->kh;
+                for (i = g * ng; i < (g + 1) * ng; i++) {
+                    hwc_row(p, col, weight_row(p, i, K, wbuf), i, oy, rs);
+                    if (y) {
+                        conv_epilogue(p, i, oy, rs, y, sat);
+                    } else {
+                        int ox;
+                        for (ox = 0; ox < p->ow; ox++) {
+                            s[((size_t)i * (size_t)p->oh + (size_t)oy) * (size_t)p->ow + (size_t)ox] = rs[ox];
+                        }
+                    }
+                }
+            }
+        } else if (mg > 1) {
             for (oy = 0; oy < p->oh; oy++) {
                 im2col_row(p, x, g, oy, col);
                 for (i = g * ng; i < (g + 1) * ng; i++) {
                     dense_row(p, col, weight_row(p, i, K, wbuf), i, rs);
                     if (y) {
-                        epilogue(p, i, oy, rs, y, sat);
+                        conv_epilogue(p, i, oy, rs, y, sat);
                     } else {
                         int ox;
                         for (ox = 0; ox < p->ow; ox++) {
@@ -313,7 +465,7 @@ static void conv_run(const fixq_conv_t *p, const FIXQ_ACT_T *x, FIXQ_ACT_T *y, i
                 for (oy = 0; oy < p->oh; oy++) {
                     depthwise_row(p, x, wr, i, oy, acc, rs);
                     if (y) {
-                        epilogue(p, i, oy, rs, y, sat);
+                        conv_epilogue(p, i, oy, rs, y, sat);
                     } else {
                         int ox;
                         for (ox = 0; ox < p->ow; ox++) {
