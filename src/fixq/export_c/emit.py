@@ -157,18 +157,18 @@ def _emit_layer(ctx: EmitCtx, n) -> str:
     else:
         OH = OW = 1
         geo = [L.w.shape[1], 1, 1, L.w.shape[0], 1, 1, 1, 1, 1, 0, 0, 1, 1, 1, 1]
-    pre, basis = "", "NULL, NULL, NULL"
+    pre, basis, bmaps = "", "NULL, NULL", "NULL"
     if L.basis is not None:  # K-means: the K shared basis maps first, into the int64 scratch
         B = L.basis
         K = B.w.shape[0]
         bgeo = list(geo)
         bgeo[3] = K
         kb = _conv_struct(ctx, f"KB_{t}", bgeo, B.w, B.wshift, Tx,
-                          "{NULL, NULL}, NULL, {NULL, NULL}, {NULL, NULL}, NULL, 64, 64, 0, 0, NULL, NULL, NULL")
+                          "{NULL, NULL}, NULL, {NULL, NULL}, {NULL, NULL}, NULL, 64, 64, 0, 0, NULL, NULL")
         ctx.scratch = max(ctx.scratch, K * OH * OW)
         pre = f"fixq_conv_sums(&{kb}, {ctx.buf(n.inputs[0])}, kscr, scr);\n    "
-        basis = (f"kscr, {ctx.array(f'la_{t}', 'int32_t', B.assign)}, "
-                 f"{ctx.array(f'ls_{t}', 'uint8_t', B.align)}")
+        basis, bmaps = (f"{ctx.array(f'la_{t}', 'int32_t', B.assign)}, "
+                        f"{ctx.array(f'ls_{t}', 'uint8_t', B.align)}"), "kscr"
     b = ctx.tab(f"b_{t}", L.bias)
     accs = ctx.array(f"as_{t}", "uint8_t", L.acc_shift)
     lo = _ABSENT if L.lo is None else ctx.tab(f"lo_{t}", L.lo)
@@ -177,7 +177,7 @@ def _emit_layer(ctx: EmitCtx, n) -> str:
     lt = _conv_struct(ctx, f"L_{t}", geo, L.w, L.wshift, Tx,
                       f"{b}, {accs}, {lo}, {hi}, {os_}, {L.A}, {_word(L.Ty)}, {OVERFLOW_C[L.overflow]}, "
                       f"{ROUNDING_C[ctx.eng.rounding]}, {basis}")
-    return pre + f"fixq_conv(&{lt}, {ctx.buf(n.inputs[0])}, {ctx.buf(n.name)}, scr, {ctx.counts(n)});"
+    return pre + f"fixq_conv(&{lt}, {ctx.buf(n.inputs[0])}, {ctx.buf(n.name)}, {bmaps}, scr, {ctx.counts(n)});"
 
 
 def _emit_maxpool(ctx: EmitCtx, n: MaxPool) -> str:

@@ -58,8 +58,8 @@ typedef struct {
     fixq_tab_t lo, hi;        /* [cout] activation bounds at Facc, or absent */
     const int8_t *out_shift;  /* [cout]: Facc - Fy */
     int acc_bits, out_bits, overflow, rounding; /* out_bits: data word, T [| FIXQ_UNSIGNED] */
-    /* K-means layers (DESIGN section 9), else NULL: sum[i] += basis[assign[i]] << basis_shift[i] */
-    const int64_t *basis;     /* [K][oh][ow] exact basis sums from fixq_conv_sums */
+    /* K-means layers (DESIGN section 9), else NULL: sum[i] += basis[assign[i]] << basis_shift[i],
+     * basis: [K][oh][ow] exact basis sums from fixq_conv_sums (an arena buffer, fixq_conv's argument) */
     const int32_t *assign;    /* [cout]: l(i) */
     const uint8_t *basis_shift; /* [cout]: S - Sg[l(i)] */
 } fixq_conv_t;
@@ -67,7 +67,8 @@ typedef struct {
 size_t fixq_conv_scratch(const fixq_conv_t *p);
 /* conv and linear (a linear layer is a 1x1 conv on a 1x1 map); scratch: fixq_conv_scratch(p)
  * bytes, 8-byte aligned */
-void fixq_conv(const fixq_conv_t *p, const FIXQ_ACT_T *x, FIXQ_ACT_T *y, void *scratch, uint64_t *sat);
+void fixq_conv(const fixq_conv_t *p, const FIXQ_ACT_T *x, FIXQ_ACT_T *y, const int64_t *basis, void *scratch,
+               uint64_t *sat);
 /* the exact sums only (no bias, no rounding) into s[cout][oh][ow]: K-means basis maps */
 void fixq_conv_sums(const fixq_conv_t *p, const FIXQ_ACT_T *x, int64_t *s, void *scratch);
 

@@ -324,7 +324,8 @@ static void depthwise_row(const fixq_conv_t *p, const FIXQ_ACT_T *x, const FIXQ_
 }
 
 /* bias, K-means basis, accumulator rounding and saturation, activation clamp, output format */
-static void epilogue(const fixq_conv_t *p, int i, int oy, const int64_t *rs, FIXQ_ACT_T *y, uint64_t *sat) {
+static void epilogue(const fixq_conv_t *p, const int64_t *basis, int i, int oy, const int64_t *rs, FIXQ_ACT_T *y,
+                     uint64_t *sat) {
     int ox, as = p->acc_shift[i], os = p->out_shift[i], rnd = p->rounding;
     int64_t bias = FIXQ_TAB(p->bias, i), bs = 0;
     int has_lo = FIXQ_TAB_HAS(p->lo), has_hi = FIXQ_TAB_HAS(p->hi);
@@ -335,8 +336,8 @@ static void epilogue(const fixq_conv_t *p, int i, int oy, const int64_t *rs, FIX
     int64_t ymin = (p->out_bits & FIXQ_UNSIGNED) ? 0 : -ymax - 1;
     const int64_t *bm = NULL;
     FIXQ_ACT_T *yr = y + ((size_t)i * (size_t)p->oh + (size_t)oy) * (size_t)p->ow;
-    if (p->basis) {
-        bm = p->basis + ((size_t)p->assign[i] * (size_t)p->oh + (size_t)oy) * (size_t)p->ow;
+    if (basis) {
+        bm = basis + ((size_t)p->assign[i] * (size_t)p->oh + (size_t)oy) * (size_t)p->ow;
         bs = p->basis_shift[i];
     }
     for (ox = 0; ox < p->ow; ox++) {
@@ -384,7 +385,7 @@ static void epilogue_fast(const fixq_conv_t *p, int i, int oy, const int64_t *FI
     uint64_t ea = 0, ed = 0;
     FIXQ_ACT_T *yr = y + ((size_t)i * (size_t)p->oh + (size_t)oy) * (size_t)p->ow;
     if (lo > hi) { /* bounds outside the accumulator range: the general order of operations */
-        epilogue(p, i, oy, rs, y, sat);
+        epilogue(p, NULL, i, oy, rs, y, sat);
         return;
     }
     for (ox = 0; ox < p->ow; ox++) {
@@ -405,16 +406,17 @@ static void epilogue_fast(const fixq_conv_t *p, int i, int oy, const int64_t *FI
 }
 
 /* y != NULL: the layer's outputs; else the exact sums into s (K-means basis maps) */
-static void conv_epilogue(const fixq_conv_t *p, int i, int oy, const int64_t *rs, FIXQ_ACT_T *y, uint64_t *sat) {
-    if (p->basis == NULL && p->overflow == FIXQ_SATURATE && p->rounding != FIXQ_NEAREST_EVEN) {
+static void conv_epilogue(const fixq_conv_t *p, const int64_t *basis, int i, int oy, const int64_t *rs, FIXQ_ACT_T *y,
+                          uint64_t *sat) {
+    if (basis == NULL && p->overflow == FIXQ_SATURATE && p->rounding != FIXQ_NEAREST_EVEN) {
         epilogue_fast(p, i, oy, rs, y, sat);
     } else {
-        epilogue(p, i, oy, rs, y, sat);
+        epilogue(p, basis, i, oy, rs, y, sat);
     }
 }
 
-static void conv_run(const fixq_conv_t *p, const FIXQ_ACT_T *x, FIXQ_ACT_T *y, int64_t *s, void *scratch,
-                     uint64_t *sat) {
+static void conv_run(const fixq_conv_t *p, const FIXQ_ACT_T *x, FIXQ_ACT_T *y, const int64_t *basis, int64_t *s,
+                     void *scratch, uint64_t *sat) {
     int K = conv_k(p), mg = p->cin / p->groups, ng = p->cout / p->groups, g, i, oy;
     unsigned char *base = (unsigned char *)scratch;
     size_t cb = col_bytes(p);
@@ -435,7 +437,7 @@ static void conv_run(const fixq_conv_t *p, const FIXQ_ACT_T *x, FIXQ_ACT_T *y, i
                 for (i = g * ng; i < (g + 1) * ng; i++) {
                     hwc_row(p, col, weight_row(p, i, K, wbuf), i, oy, rs);
                     if (y) {
-                        conv_epilogue(p, i, oy, rs, y, sat);
+                        conv_epilogue(p, basis, i, oy, rs, y, sat);
                     } else {
                         int ox;
                         for (ox = 0; ox < p->ow; ox++) {
@@ -450,7 +452,7 @@ static void conv_run(const fixq_conv_t *p, const FIXQ_ACT_T *x, FIXQ_ACT_T *y, i
                 for (i = g * ng; i < (g + 1) * ng; i++) {
                     dense_row(p, col, weight_row(p, i, K, wbuf), i, rs);
                     if (y) {
-                        conv_epilogue(p, i, oy, rs, y, sat);
+                        conv_epilogue(p, basis, i, oy, rs, y, sat);
                     } else {
                         int ox;
                         for (ox = 0; ox < p->ow; ox++) {
@@ -465,7 +467,7 @@ static void conv_run(const fixq_conv_t *p, const FIXQ_ACT_T *x, FIXQ_ACT_T *y, i
                 for (oy = 0; oy < p->oh; oy++) {
                     depthwise_row(p, x, wr, i, oy, acc, rs);
                     if (y) {
-                        conv_epilogue(p, i, oy, rs, y, sat);
+                        conv_epilogue(p, basis, i, oy, rs, y, sat);
                     } else {
                         int ox;
                         for (ox = 0; ox < p->ow; ox++) {
@@ -478,10 +480,11 @@ static void conv_run(const fixq_conv_t *p, const FIXQ_ACT_T *x, FIXQ_ACT_T *y, i
     }
 }
 
-void fixq_conv(const fixq_conv_t *p, const FIXQ_ACT_T *x, FIXQ_ACT_T *y, void *scratch, uint64_t *sat) {
-    conv_run(p, x, y, NULL, scratch, sat);
+void fixq_conv(const fixq_conv_t *p, const FIXQ_ACT_T *x, FIXQ_ACT_T *y, const int64_t *basis, void *scratch,
+               uint64_t *sat) {
+    conv_run(p, x, y, basis, NULL, scratch, sat);
 }
 
 void fixq_conv_sums(const fixq_conv_t *p, const FIXQ_ACT_T *x, int64_t *s, void *scratch) {
-    conv_run(p, x, NULL, s, scratch, NULL);
+    conv_run(p, x, NULL, NULL, s, scratch, NULL);
 }
