@@ -285,36 +285,6 @@ C_EMITTERS: dict[type, Callable[[EmitCtx, object], str]] = {
 }
 
 
-def _allocate(graph: Graph) -> tuple[dict[str, int], int]:
-    """Arena offsets by liveness with first-fit reuse; flatten aliases its input."""
-    root = {}
-    for n in graph.nodes:
-        root[n.name] = root[n.inputs[0]] if isinstance(n, Flatten) else n.name
-    order = {n.name: k for k, n in enumerate(graph.nodes)}
-    last = {r: order[r] for r in set(root.values())}
-    for n in graph.nodes:
-        for i in n.inputs:
-            last[root[i]] = max(last[root[i]], order[n.name])
-    last[root[graph.output]] = len(graph.nodes)
-    size = {n.name: int(torch.tensor(graph.shapes[n.name]).prod()) for n in graph.nodes}
-    live: list[tuple[int, int, str]] = []  # (offset, size, buffer)
-    offsets, arena = {}, 0
-    for n in graph.nodes:
-        k = order[n.name]
-        live = [b for b in live if last[b[2]] >= k]
-        if root[n.name] != n.name:
-            continue
-        need, off = size[n.name], 0
-        for o, s, _ in sorted(live):
-            if off + need <= o:
-                break
-            off = max(off, o + s)
-        live.append((off, need, n.name))
-        offsets[n.name] = off
-        arena = max(arena, off + need)
-    return {name: offsets[root[name]] for name in root}, arena
-
-
 @dataclass(frozen=True)
 class ExportResult:
     out: Path
@@ -346,7 +316,7 @@ def export_c(graph: Graph, plan: QuantPlan, out: str | Path, meta: dict | None =
     >>> res = export_c(graph, plan, "build/lenet", name="lenet")   # doctest: +SKIP
     >>> res.rom_bytes, res.ram_bytes                                 # doctest: +SKIP
     """
-    from .files import api_c, config_h, io_type, model_h, pixel_table, plan_hash, prefixed, runtime_symbols
+    from .files import allocate, api_c, config_h, io_type, model_h, pixel_table, plan_hash, prefixed, runtime_symbols
     name = _cname(name)
     eng = Engine(graph, plan)
     for n in graph.nodes:
@@ -354,7 +324,7 @@ def export_c(graph: Graph, plan: QuantPlan, out: str | Path, meta: dict | None =
             raise EngineError(f"node '{n.name}' ({n.kind}) has no C emitter")
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    offsets, arena = _allocate(graph)
+    offsets, arena = allocate(graph)
     # unsigned U(T,F) codes need T + 1 bits in a signed C type (0..255 does not fit int8_t)
     act_bits = max(int(t) + (0 if t.signed else 1) for t, _ in eng.fmts.values() if t is not None)
     w_bits = max(max(lp.weight.T, lp.kmeans.basis.T if lp.kmeans else 0) for lp in plan.layers.values())

@@ -20,7 +20,9 @@ from pathlib import Path
 
 import torch
 
-__all__ = ["io_type", "config_h", "model_h", "api_c", "pixel_table", "runtime_symbols", "prefixed", "mac_bytes"]
+from ..ir import Flatten, Graph
+
+__all__ = ["allocate", "io_type", "config_h", "model_h", "api_c", "pixel_table", "runtime_symbols", "prefixed", "mac_bytes"]
 
 _IO = {(8, True): ("int8_t", "FIXQ_IO_I8"), (8, False): ("uint8_t", "FIXQ_IO_U8"),
        (16, True): ("int16_t", "FIXQ_IO_I16"), (16, False): ("uint16_t", "FIXQ_IO_U16"),
@@ -244,3 +246,33 @@ int {p}_run({p}_ctx *ctx, const {p}_in_t *in, {p}_out_t *out) {{
 
 def plan_hash(plan_json: str) -> str:
     return hashlib.sha256(plan_json.encode()).hexdigest()[:16]
+
+
+def allocate(graph: Graph) -> tuple[dict[str, int], int]:
+    """Arena offsets by liveness with first-fit reuse; flatten aliases its input."""
+    root = {}
+    for n in graph.nodes:
+        root[n.name] = root[n.inputs[0]] if isinstance(n, Flatten) else n.name
+    order = {n.name: k for k, n in enumerate(graph.nodes)}
+    last = {r: order[r] for r in set(root.values())}
+    for n in graph.nodes:
+        for i in n.inputs:
+            last[root[i]] = max(last[root[i]], order[n.name])
+    last[root[graph.output]] = len(graph.nodes)
+    size = {n.name: int(torch.tensor(graph.shapes[n.name]).prod()) for n in graph.nodes}
+    live: list[tuple[int, int, str]] = []  # (offset, size, buffer)
+    offsets, arena = {}, 0
+    for n in graph.nodes:
+        k = order[n.name]
+        live = [b for b in live if last[b[2]] >= k]
+        if root[n.name] != n.name:
+            continue
+        need, off = size[n.name], 0
+        for o, s, _ in sorted(live):
+            if off + need <= o:
+                break
+            off = max(off, o + s)
+        live.append((off, need, n.name))
+        offsets[n.name] = off
+        arena = max(arena, off + need)
+    return {name: offsets[root[name]] for name in root}, arena
