@@ -19,7 +19,7 @@ def load_pixels(s, idx, pre) -> np.ndarray:
     from PIL import Image
     from torchvision import transforms as T
 
-    from ..evaluate import _transform
+    from ..images import _transform
     geometric = T.Compose(_transform(pre).transforms[:-2])  # everything before ToTensor, Normalize
     out = []
     for i in idx:
