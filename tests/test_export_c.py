@@ -96,7 +96,8 @@ def test_resnet20_shared_weights(tmp_path):
     assert res.act_type == "int8_t" and res.ram_bytes < 64 * 1024
     # unsigned 8-bit data (the default) needs a 16-bit arena: same code, twice the RAM
     uns, _ = c_vs_engine(g, plan_for(g, (3, 32, 32), coeff_mode="3D"), (3, 32, 32), tmp_path / "u")
-    assert uns.act_type == "int16_t" and uns.ram_bytes == 2 * res.ram_bytes
+    assert uns.act_type == "int16_t" and uns.act_bytes == 2 * res.act_bytes
+    assert all(v["acc"] == "int32" for v in res.layers.values())  # every 8-bit layer proved to fit int32
     n_w = sum(n.weight.numel() for n in g.layers())
     n_ch = sum(n.weight.shape[0] for n in g.layers())
     # int8 weights plus per-kernel tables (bias 8 B, shifts, bounds): no per-filter shift table in 3D
@@ -156,7 +157,7 @@ def test_compiles_with_strict_flags_on_gcc_and_clang(tmp_path):
         if shutil.which(cc) is None:
             continue
         r = subprocess.run([cc, "-std=c99", "-Wall", "-Wextra", "-Werror", "-pedantic", "-O2", "-o",
-                            str(tmp_path / f"m_{cc}"), "main.c", "model.c", "fixq_rt.c"], cwd=res.out,
+                            str(tmp_path / f"m_{cc}"), "-DFIXQ_COUNTS=1", "main.c", "model.c", "fixq_rt.c", "fixq_rt_conv.c"], cwd=res.out,
                            capture_output=True, text=True)
         assert r.returncode == 0, r.stderr
     text = (res.out / "model.c").read_text()

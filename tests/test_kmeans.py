@@ -216,7 +216,10 @@ def test_kmeans_44_runs_in_c(tmp_path, dm):
     plan = _kmeans44(g, x, {"stem": 3, "pw": 2, "fc": 2}, data_mode=dm, acc_bits=24)
     res, _ = c_vs_engine(g, plan, (3, 16, 16), tmp_path)
     src = (res.out / "model.c").read_text()
-    assert "fixq_rx" in src and src.count("fixq_requant(") >= 3
+    assert src.count("fixq_requant(") >= 3
+    info = json.loads((res.out / "export.json").read_text())  # the residual inputs live in the caller's arena
+    assert "static FIXQ_ACT_T" not in src and info["rx_bytes"] > 0 and res.act_bytes >= info["rx_bytes"]
+    assert res.ram_bytes == res.arena_bytes >= res.act_bytes + info["kmeans_bytes"]
     xt = torch.randn(4, 3, 16, 16)
     eng = Engine(g, plan)
     assert torch.equal(eng.dequantize(eng.run(eng.quantize_input(xt))), Simulator(g, plan, exact=True)(xt))

@@ -302,3 +302,18 @@ def test_spread_cap_binds_on_no_real_plan(monkeypatch):
                         m.setattr(cal, "bound_spread", lambda F, T, nz: bound_spread(F, T, nz, D=10 ** 6))
                         free = plan_for(g, shape, **kw).to_json()
                     assert capped == free, (type(model).__name__, kw)
+
+
+def test_int32_rule_boundary():
+    """The C's 32-bit loops: a dot product bound of exactly 2^31 - 1 fits, 2^31 does not;
+    per-filter shifts count, and a shift above 30 always takes int64."""
+    from fixq.safety import sum_fits_int32
+    z = torch.zeros(1, 2, dtype=torch.long)
+    # 8-bit signed data: max |x| = 128 = 2^7
+    assert sum_fits_int32(torch.tensor([[2 ** 23, 2 ** 23]]), z, 8) is False     # exactly 2^31
+    assert sum_fits_int32(torch.tensor([[2 ** 23, 2 ** 23 - 1]]), z, 8) is True  # 2^31 - 2^7
+    per_j = torch.tensor([[0, 3]])
+    assert sum_fits_int32(torch.tensor([[2 ** 20, 2 ** 20]]), per_j, 8) is True   # (2^20 + 2^23) 2^7 < 2^31
+    assert sum_fits_int32(torch.tensor([[2 ** 20, 2 ** 21]]), per_j, 8) is False  # (2^20 + 2^24) 2^7 > 2^31
+    assert sum_fits_int32(torch.tensor([[1, 1]]), per_j, 8) is True
+    assert sum_fits_int32(torch.tensor([[0, 0]]), torch.tensor([[0, 31]]), 8) is False

@@ -262,6 +262,8 @@ def build_parser() -> argparse.ArgumentParser:
     _add_plan_model(p, "plan.json of a quantize run")
     p.add_argument("--out", required=True, help="folder for the C sources")
     p.add_argument("--no-build", action="store_true", help="do not run make")
+    p.add_argument("--name", default="model", help="C symbol prefix: fixq_<name>_run, FIXQ_<NAME>_* (default model)")
+    p.add_argument("--no-pack", action="store_true", help="store 4-bit weight layers one per byte (no unpacking)")
 
     p = add("export-onnx", help="write a QDQ ONNX model for a plan and compare it with the simulation")
     _add_plan_model(p, "plan.json of a quantize/mixed/kmeans run")
@@ -276,6 +278,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--n", type=int, help="first N images (default: all)")
     p.add_argument("--images", help="images.json of a quantize run: use its eval_files, in that order")
     p.add_argument("--out", required=True, help="logits .npy")
+    p.add_argument("--target", default="host", choices=["host", "cortex-m4", "arm-linux"],
+                   help="where the C runs: this machine, qemu-system-arm mps2-an386 (Cortex-M4), qemu-arm")
 
     p = add("accumulators", help="per layer: accumulator bits for the exact sum and for bit-identical output")
     _add_plan_model(p, "plan.json of a quantize run")

@@ -40,12 +40,13 @@ def cmd_export_c(args) -> int:
     plan, graph, pre = _plan_and_graph(args)
     prepare_out(args.out)
     pd = {k: v for k, v in asdict(pre).items() if (k, v) != ("interpolation", "bilinear")}  # as before: default omitted
-    res = export_c(graph, plan, args.out, meta={"preprocess": pd, "weights": args.weights})
+    res = export_c(graph, plan, args.out, meta={"preprocess": pd, "weights": args.weights},
+                   name=args.name, pack=not args.no_pack)
     if not args.no_build:
         build(res.out)
-    print(f"wrote {res.out}/ (model.c, model.h, fixq_rt.c, fixq_rt.h, main.c, Makefile): {res.n_calls} kernel calls, "
-          f"ROM {res.rom_bytes:,} bytes (weights and tables), RAM {res.ram_bytes:,} bytes (activation arena, "
-          f"{res.act_type})")
+    print(f"wrote {res.out}/ (model.c, model.h: fixq_{res.name}_run, fixq_rt*.c/h, main.c, Makefile): "
+          f"{res.n_calls} kernel calls, ROM {res.rom_bytes:,} bytes (weights and tables), RAM {res.ram_bytes:,} "
+          f"bytes (caller-owned arena: {res.act_bytes:,} activations ({res.act_type}) + kernel scratch)")
     if res.tables:  # table functions (DESIGN §5b): each lookup table and its ROM
         own = [t for t in res.tables if not t["shared_with"]]
         print(f"lookup tables: {len(res.tables)} nodes, {len(own)} stored ({sum(t['bytes'] for t in res.tables):,} "
@@ -53,6 +54,9 @@ def cmd_export_c(args) -> int:
         for t in res.tables:
             shared = f", shares {t['shared_with']}" if t["shared_with"] else ""
             print(f"  {t['node']} ({t['op']}): {t['tables']} x {t['entries']} {t['ctype']}, {t['bytes']:,} bytes{shared}")
+    from .export_c.targets import size_report
+    for line in size_report(res.out):
+        print(line)
     return 0
 
 
@@ -67,7 +71,7 @@ def _read_json(path) -> dict:
     return d
 
 
-def _images(args, pre: Preprocess):
+def _image_index(args):
     from .labels import scan_flat  # a flat folder (a --labels run's images) works too: outputs only
     s = scan_flat(args.data)
     if args.images:
@@ -83,26 +87,39 @@ def _images(args, pre: Preprocess):
         idx = list(range(len(s)))
     if args.n is not None:
         idx = idx[:args.n]
+    return s, idx
+
+
+def _images(args, pre: Preprocess):
+    s, idx = _image_index(args)
     return load_images(s, idx, pre, show_progress=False)
 
 
 def cmd_run_c(args) -> int:
     from .export_c import run_c_program
+    from .export_c.targets import build_target, runner_for
     cdir = Path(args.cdir)
     if not (cdir / "export.json").is_file():
         raise DataError(f"{cdir} is not a fixq C export (no export.json): run `fixq export-c --out {cdir}` first")
     info = _read_json(cdir / "export.json")
     pre = Preprocess(**{k: tuple(v) if isinstance(v, list) else v for k, v in info["preprocess"].items()})
-    x, _ = _images(args, pre)
-    F_in = torch.tensor(info["input_F"])
-    F_in = F_in.reshape(1, -1, 1, 1) if F_in.numel() > 1 else F_in.reshape(())
-    word = Word(info["input_T"], info.get("input_signed", True))
-    codes, _ = quantize_codes(x.double(), F_in, word, info["rounding"])
-    out, sat = run_c_program(cdir, codes.long())
+    exe = build_target(cdir, args.target)
+    runner = runner_for(args.target)
+    if info.get("pixels"):  # the model's own pixel-to-code table (model.h) does the quantization
+        from .export_c.pixels import load_pixels
+        s, idx = _image_index(args)
+        out, sat = run_c_program(cdir, pixels=load_pixels(s, idx, pre), runner=runner, exe=exe)
+    else:
+        x, _ = _images(args, pre)
+        F_in = torch.tensor(info["input_F"])
+        F_in = F_in.reshape(1, -1, 1, 1) if F_in.numel() > 1 else F_in.reshape(())
+        word = Word(info["input_T"], info.get("input_signed", True))
+        codes, _ = quantize_codes(x.double(), F_in, word, info["rounding"])
+        out, sat = run_c_program(cdir, codes.long(), runner=runner, exe=exe)
     F_out = torch.tensor(info["output_F"], dtype=torch.float64)
     logits = out.double() * torch.pow(2.0, -(F_out if F_out.numel() > 1 else F_out.reshape(())))
     np.save(args.out, logits.float().numpy())
-    print(f"ran {cdir / 'model'} on {out.shape[0]} images; outputs in {args.out}; saturations {sat}")
+    print(f"ran {exe} ({args.target}) on {out.shape[0]} images; outputs in {args.out}; saturations {sat}")
     return 0
 
 

@@ -38,11 +38,12 @@ from .formats import Word, code_limits
 from .plan import PlanError
 
 __all__ = ["SPREAD_BITS", "MAX_SHIFT", "HEADROOM_BITS", "F64_EXACT_BITS", "max_code", "bound_spread",
-           "check_shift", "check_headroom", "prove_layer", "prove_op", "C_LIMITS", "check_table"]
+           "check_shift", "check_headroom", "prove_layer", "prove_op", "C_LIMITS", "check_table", "INT32_BITS", "sum_fits_int32"]
 
 SPREAD_BITS = 24
 MAX_SHIFT = 62
 HEADROOM_BITS = 62
+INT32_BITS = 31  # the generated C sums a layer in int32 when its partial sums stay below 2**31
 F64_EXACT_BITS = 53
 _MARGIN = 1.0 + 1e-9  # float64 sums of nonnegative terms: far below this relative error
 
@@ -156,7 +157,33 @@ def prove_op(name: str, operands, out_shift=None) -> float:
     return total
 
 
-C_LIMITS = {"int8_t": (-128, 127), "uint8_t": (0, 255), "int16_t": (-2 ** 15, 2 ** 15 - 1), "uint16_t": (0, 2 ** 16 - 1),
+def sum_fits_int32(wabs: torch.Tensor, wshift: torch.Tensor, Tx) -> bool:
+    """The C runtime's 32-bit rule for one conv/linear (the bias, K-means basis and the
+    rounding stay in int64): with one weight shift per output channel (``wshift`` (N, Mg)
+    constant along j) the dot products ``Σ_j Σ_hw w_q x_q`` are summed before the shift, so
+    ``max_i Σ_j Σ_hw |w_q| max_code(Tx) < 2**31`` suffices; with per-filter shifts the shifted
+    partial sums are summed in int32, so ``max_i Σ_j Σ_hw |w_q| max_code(Tx) 2**wshift < 2**31``
+    and every shift <= 30. ``wabs`` (N, Mg) is ``Σ_hw |w_q|``.
+
+    >>> sum_fits_int32(torch.tensor([[127 * 9] * 16]), torch.zeros(1, 16, dtype=torch.long), 8)
+    True
+    >>> sum_fits_int32(torch.tensor([[32767 * 9] * 16]), torch.zeros(1, 16, dtype=torch.long), 16)
+    False
+    """
+    if wabs.numel() == 0:
+        return True
+    xmax = float(max_code(Tx))
+    if bool((wshift == wshift[:, :1]).all()):
+        worst = float(wabs.double().sum(dim=1).max()) * xmax
+    else:
+        if int(wshift.max()) > INT32_BITS - 1:
+            return False
+        worst = float((wabs.double() * _pow2(wshift)).sum(dim=1).max()) * xmax
+    return worst < 2.0 ** INT32_BITS
+
+
+C_LIMITS = {"int8_t": (-128, 127), "uint8_t": (0, 255), "int16_t": (-2 ** 15, 2 ** 15 - 1),
+            "uint16_t": (0, 2 ** 16 - 1),
             "int32_t": (-2 ** 31, 2 ** 31 - 1), "int64_t": (-2 ** 63, 2 ** 63 - 1)}
 
 

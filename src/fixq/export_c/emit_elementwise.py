@@ -17,14 +17,14 @@ import hashlib
 from ..elementwise import mul_shift
 from ..formats import code_limits
 from ..ir import ChannelShuffle, Mul, Table
-from .emit import C_EMITTERS, CTYPE_BYTES, ROUNDING_C, _cid, _Ctx, _word
+from .emit import C_EMITTERS, CTYPE_BYTES, ROUNDING_C, _cid, EmitCtx, _word
 
 __all__ = ["register"]
 
 HEADER = "fixq_rt_elementwise.h"
 
 
-def _ch_hw(ctx: _Ctx, name: str) -> tuple[int, int]:
+def _ch_hw(ctx: EmitCtx, name: str) -> tuple[int, int]:
     C, *rest = ctx.shape(name)
     hw = 1
     for s in rest:
@@ -39,7 +39,7 @@ def _table_ctype(Tout) -> str:
     return "int8_t" if lo >= -128 and hi <= 127 else "int16_t" if lo >= -2 ** 15 and hi < 2 ** 15 else "int32_t"
 
 
-def _emit_table(ctx: _Ctx, n: Table) -> str:
+def _emit_table(ctx: EmitCtx, n: Table) -> str:
     ti = ctx.eng.tables[n.name]
     C, hw = _ch_hw(ctx, n.name)
     t = _cid(n.name)
@@ -62,7 +62,7 @@ def _emit_table(ctx: _Ctx, n: Table) -> str:
     return f"fixq_table(&T_{t}, {ctx.buf(n.inputs[0])}, {ctx.buf(n.name)}, {ctx.counts(n)});"
 
 
-def _emit_mul(ctx: _Ctx, n: Mul) -> str:
+def _emit_mul(ctx: EmitCtx, n: Mul) -> str:
     C, hw = _ch_hw(ctx, n.name)
     hwa, hwb = (_ch_hw(ctx, i)[1] for i in n.inputs)
     t = _cid(n.name)
@@ -73,7 +73,7 @@ def _emit_mul(ctx: _Ctx, n: Mul) -> str:
     return f"fixq_mul(&M_{t}, {ctx.buf(n.inputs[0])}, {ctx.buf(n.inputs[1])}, {ctx.buf(n.name)}, {ctx.counts(n)});"
 
 
-def _emit_shuffle(ctx: _Ctx, n: ChannelShuffle) -> str:
+def _emit_shuffle(ctx: EmitCtx, n: ChannelShuffle) -> str:
     C, hw = _ch_hw(ctx, n.name)
     ctx.headers.add(HEADER)
     return f"fixq_shuffle({C}, {hw}, {n.groups}, {ctx.buf(n.inputs[0])}, {ctx.buf(n.name)});"

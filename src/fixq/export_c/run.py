@@ -11,7 +11,7 @@ import torch
 
 from ..engine import EngineError
 
-__all__ = ["build", "run_c_program", "UBSAN_FLAGS"]
+__all__ = ["build", "run_c_program", "UBSAN_FLAGS", "NP_TYPES"]
 
 
 UBSAN_FLAGS = "-std=c99 -Wall -Wextra -Werror -O1 -fsanitize=undefined -fno-sanitize-recover=all"
@@ -32,26 +32,39 @@ def build(cdir: str | Path, cc: str | None = None, cflags: str | None = None) ->
     return cdir / "model"
 
 
-def run_c_program(cdir: str | Path, codes: torch.Tensor) -> tuple[torch.Tensor, dict]:
-    """Run the compiled program on int input codes (N, C, H, W); returns int64 output codes
-    (N, out) and the saturation totals it printed."""
+NP_TYPES = {"int8_t": np.int8, "uint8_t": np.uint8, "int16_t": np.int16, "uint16_t": np.uint16, "int32_t": np.int32}
+
+
+def run_c_program(cdir: str | Path, codes: torch.Tensor | None = None, pixels=None,
+                  runner: list[str] | None = None, exe: str | Path | None = None) -> tuple[torch.Tensor, dict]:
+    """Run the compiled program on int input codes (N, C, H, W), or on uint8 ``pixels``
+    (N, C, H, W) that the model's ``fixq_<name>_pixels()`` table turns into codes; returns
+    int64 output codes (N, out) and the saturation totals it printed. ``runner(exe, args)``
+    builds the command (an emulator, :func:`fixq.export_c.targets.runner_for`), ``exe`` names
+    another binary than ``cdir/model``; a Cortex-M4 run adds ``ticks`` (SysTick) to the totals."""
     cdir = Path(cdir)
     info = json.loads((cdir / "export.json").read_text())
-    exe = cdir / "model"
+    exe = Path(exe) if exe else cdir / "model"
     if not exe.exists():
         build(cdir)
-    dtype = {"int8_t": np.int8, "int16_t": np.int16, "int32_t": np.int32}[info["act_type"]]
-    n = codes.shape[0]
+    n = (codes if codes is not None else pixels).shape[0]
     with tempfile.TemporaryDirectory() as tmp:
         fin, fout = Path(tmp) / "in.bin", Path(tmp) / "out.bin"
-        codes.cpu().numpy().astype(dtype).tofile(fin)
-        r = subprocess.run([str(exe), str(fin), str(fout), str(n)], capture_output=True, text=True)
+        if pixels is not None:
+            np.asarray(pixels, dtype=np.uint8).tofile(fin)
+        else:
+            codes.cpu().numpy().astype(NP_TYPES[info.get("input_ctype", info["act_type"])]).tofile(fin)
+        args = [str(fin), str(fout), str(n)] + (["pixels"] if pixels is not None else [])
+        cmd = runner(exe, args) if runner else [str(exe), *args]
+        r = subprocess.run(cmd, capture_output=True, text=True)
         if r.returncode != 0:
             raise EngineError(f"{exe} failed: {r.stderr.strip()}")
         out = np.fromfile(fout, dtype=np.int32).reshape(n, -1)
     sat = {}
-    for line in r.stderr.splitlines():
+    for line in (r.stderr + "\n" + r.stdout).splitlines():  # semihosting prints stderr on stdout
+        parts = line.split()
         if line.startswith("saturations"):
-            parts = line.split()
-            sat = {parts[1]: int(parts[2]), parts[3]: int(parts[4])}
+            sat.update({parts[1]: int(parts[2]), parts[3]: int(parts[4])})
+        elif line.startswith("ticks"):
+            sat["ticks"] = int(parts[1])
     return torch.from_numpy(out.astype(np.int64)), sat

@@ -1,41 +1,49 @@
 /* fixq runtime: element-wise kernels; see fixq_rt_elementwise.h for the notation. */
 #include "fixq_rt_elementwise.h"
 
-void fixq_table(const fixq_table_t *p, const FIXQ_ACT_T *x, FIXQ_ACT_T *y, fixq_counts_t *c) {
+void fixq_table(const fixq_table_t *p, const FIXQ_ACT_T *x, FIXQ_ACT_T *y, uint64_t *sat) {
     int bits = p->in_bits & FIXQ_BITS_MASK, ch, k;
     int64_t size = (int64_t)1 << bits;
     int64_t qmin = (p->in_bits & FIXQ_UNSIGNED) ? 0 : -(size >> 1);
     for (ch = 0; ch < p->ch; ch++) {
         int64_t base = (int64_t)p->index[ch] * size;
-        const FIXQ_ACT_T *xc = x + (size_t)ch * p->hw;
-        FIXQ_ACT_T *yc = y + (size_t)ch * p->hw;
+        const FIXQ_ACT_T *xc = x + (size_t)ch * (size_t)p->hw;
+        FIXQ_ACT_T *yc = y + (size_t)ch * (size_t)p->hw;
         for (k = 0; k < p->hw; k++) {
-            int64_t e = base + ((int64_t)xc[k] - qmin);
-            yc[k] = (FIXQ_ACT_T)(p->t8 ? p->t8[e] : p->u8 ? p->u8[e] : p->t16 ? p->t16[e] : p->t32[e]);
-            if (p->sat && p->sat[e]) c->data += 1;
+            size_t e = (size_t)(base + ((int64_t)xc[k] - qmin));
+            int64_t v = p->t8 ? (int64_t)p->t8[e] : p->u8 ? (int64_t)p->u8[e]
+                      : p->t16 ? (int64_t)p->t16[e] : (int64_t)p->t32[e];
+            yc[k] = (FIXQ_ACT_T)v;
+            if (sat && p->flags && p->flags[e]) {
+                sat[1] += 1u;
+            }
         }
     }
 }
 
-void fixq_mul(const fixq_mul_t *p, const FIXQ_ACT_T *a, const FIXQ_ACT_T *b, FIXQ_ACT_T *y, fixq_counts_t *c) {
+void fixq_mul(const fixq_mul_t *p, const FIXQ_ACT_T *a, const FIXQ_ACT_T *b, FIXQ_ACT_T *y, uint64_t *sat) {
     int hw = p->hw_a > p->hw_b ? p->hw_a : p->hw_b, ch, k;
+    uint64_t *events = sat ? sat + 1 : NULL;
     for (ch = 0; ch < p->ch; ch++) {
-        const FIXQ_ACT_T *ac = a + (size_t)ch * p->hw_a, *bc = b + (size_t)ch * p->hw_b;
-        FIXQ_ACT_T *yc = y + (size_t)ch * hw;
+        const FIXQ_ACT_T *ac = a + (size_t)ch * (size_t)p->hw_a, *bc = b + (size_t)ch * (size_t)p->hw_b;
+        FIXQ_ACT_T *yc = y + (size_t)ch * (size_t)hw;
         for (k = 0; k < hw; k++) {
             int64_t prod = (int64_t)ac[p->hw_a == 1 ? 0 : k] * (int64_t)bc[p->hw_b == 1 ? 0 : k]; /* exact */
             yc[k] = (FIXQ_ACT_T)fixq_sat(fixq_round_shift(prod, p->shift[ch], p->rounding), p->out_bits,
-                                         FIXQ_SATURATE, &c->data);
+                                         FIXQ_SATURATE, events);
         }
     }
 }
 
 void fixq_shuffle(int ch, int hw, int groups, const FIXQ_ACT_T *x, FIXQ_ACT_T *y) {
     int per = ch / groups, i, j, k;
-    for (i = 0; i < per; i++)
+    for (i = 0; i < per; i++) {
         for (j = 0; j < groups; j++) {
-            const FIXQ_ACT_T *src = x + (size_t)(j * per + i) * hw;
-            FIXQ_ACT_T *dst = y + (size_t)(i * groups + j) * hw;
-            for (k = 0; k < hw; k++) dst[k] = src[k];
+            const FIXQ_ACT_T *src = x + (size_t)(j * per + i) * (size_t)hw;
+            FIXQ_ACT_T *dst = y + (size_t)(i * groups + j) * (size_t)hw;
+            for (k = 0; k < hw; k++) {
+                dst[k] = src[k];
+            }
         }
+    }
 }

@@ -1,7 +1,8 @@
 /* fixq runtime: element-wise kernels of mobile CNNs (DESIGN.md section 5b).
  *
  * Notation as in fixq_rt.h: codes at F fractional bits, data word T [| FIXQ_UNSIGNED],
- * round_shift and sat as there. Activations are NCHW, batch 1; no heap, no floating point.
+ * round_shift and sat as there. Activations are NCHW, batch 1; no heap, no floating point, no
+ * mutable globals; `uint64_t *sat` counts saturation events (sat[1]: data) or is NULL.
  * - table function: y = table[index[c]][x - qmin] (output codes computed by the exporter
  *   from the float function and the formats; qmin = -2^(T-1), or 0 for unsigned data)
  * - multiply: y = sat(round_shift(a * b, Fa + Fb - Fy)), one operand may be one value per
@@ -20,16 +21,16 @@ typedef struct {
     const int16_t *t16;
     const int32_t *t32;
     const uint16_t *index;   /* [ch]: which of the K tables serves channel c */
-    const uint8_t *sat;      /* [K][2^T]: 1 where the entry saturated (counted), or NULL: none did */
+    const uint8_t *flags;    /* [K][2^T]: 1 where the entry saturated (counted), or NULL: none did */
 } fixq_table_t;
-void fixq_table(const fixq_table_t *p, const FIXQ_ACT_T *x, FIXQ_ACT_T *y, fixq_counts_t *c);
+void fixq_table(const fixq_table_t *p, const FIXQ_ACT_T *x, FIXQ_ACT_T *y, uint64_t *sat);
 
 typedef struct {
     int ch, hw_a, hw_b;      /* values per channel of each operand: hw, or 1 (broadcast) */
     const int8_t *shift;     /* [ch]: Fa + Fb - Fy */
     int out_bits, rounding;
 } fixq_mul_t;
-void fixq_mul(const fixq_mul_t *p, const FIXQ_ACT_T *a, const FIXQ_ACT_T *b, FIXQ_ACT_T *y, fixq_counts_t *c);
+void fixq_mul(const fixq_mul_t *p, const FIXQ_ACT_T *a, const FIXQ_ACT_T *b, FIXQ_ACT_T *y, uint64_t *sat);
 
 void fixq_shuffle(int ch, int hw, int groups, const FIXQ_ACT_T *x, FIXQ_ACT_T *y);
 #endif
