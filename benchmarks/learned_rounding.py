@@ -81,7 +81,7 @@ def main() -> None:
           f"{time.strftime('%Y-%m-%d')}, {cpu_name()} (shared 2-core machine, CPU only), wall time {wall / 60:.1f} min "
           f"in all. Calibration: {n_calib} images of `{data}`; evaluation: the other {n_eval} images (seed 0, "
           f"disjoint). Data: 8-bit, 4D, mse (fixq's defaults); coefficients 4-bit maxabs per kernel (3D) or per 2D "
-          f"filter (2D); rounding half_up. Learned rounding: {args.iters} Adam steps per layer, batch 32, "
+          f"filter (2D); rounding half_up. Learned rounding: {args.iters} Adam steps per layer, 1,024 sampled pixels per step, "
           "seed 0; a layer keeps nearest rounding when learned rounding does not lower its output error on the "
           "calibration images (\"layers learned\" counts the others). \"codes CPU wall s\" is the time to decide "
           "the codes (learned rounding and/or bias correction), measured in this run.\n\n"

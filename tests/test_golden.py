@@ -33,6 +33,7 @@ from fixq.simulate import Simulator  # noqa: E402
 from fixq.zoo import CifarResNet, build_model  # noqa: E402
 
 from helpers import DepthwiseNet, make_graph  # noqa: E402
+from test_mobile import MobileNet  # noqa: E402
 
 GOLDEN = Path(__file__).parent / "golden" / "digests.json"
 
@@ -44,6 +45,8 @@ CONFIGS = {  # name -> (LayerConfig kwargs, rounding, extra): extra is "mixed", 
     "8b-4D-floor-pct": (dict(coeff_mode="4D", method="percentile:99.99"), "floor", None),
     "mixed-2D": (dict(coeff_mode="2D", data_mode="3D", acc_bits=20), "half_up", "mixed"),
     "kmeans-3D": (dict(coeff_mode="3D", data_mode="4D", acc_bits=24), "half_up", "kmeans"),
+    "kmeans44-2D": (dict(coeff_mode="2D", data_mode="3D", acc_bits=24), "half_up", "kmeans44"),
+    "learned-4b-2D": (dict(coeff_bits=4, coeff_mode="2D"), "half_up", "learned"),
 }
 
 
@@ -51,11 +54,14 @@ def _models():
     lenet, _ = build_model("lenet-digits")
     return {"lenet-digits": (lenet.eval(), (1, 8, 8), 0.5),
             "depthwise": (DepthwiseNet(), (3, 16, 16), 1.5),
-            "resnet20-random": (CifarResNet(20), (3, 32, 32), 1.5)}
+            "resnet20-random": (CifarResNet(20), (3, 32, 32), 1.5),
+            "mobile": (MobileNet(), (3, 16, 16), 1.5)}
 
 
-MATRIX = [(m, c) for m in ("lenet-digits", "depthwise", "resnet20-random") for c in CONFIGS
-          if not (m == "resnet20-random" and c in ("4b-2D-even-acc24", "8b-4D-floor-pct"))]
+SMALL = ("lenet-digits", "depthwise")
+MATRIX = ([(m, c) for m in SMALL + ("resnet20-random",) for c in CONFIGS
+           if not (m == "resnet20-random" and c not in ("default", "paper-8b-3D", "mixed-2D", "kmeans-3D"))]
+          + [("mobile", c) for c in ("default", "paper-8b-3D", "4b-2D-even-acc24")])
 
 
 def _sha(b: bytes) -> str:
@@ -70,11 +76,15 @@ def _plan(g, x, cfg: str):
         E = filter_energies(g, [x], show_progress=False)
         eligible = [n for n in E if n != g.nodes[1].name][:3]
         return plan_from(obs, qc, "golden", filter_bits=filter_bits({k: E[k] for k in eligible}, 0.3))
-    if extra == "kmeans":
+    if extra in ("kmeans", "kmeans44"):
         convs = [n for n in E_names(g)][1:3]
         km = {n: cluster_kernels(g.node(n).weight, 2, seed=0) for n in convs}
-        return plan_from(obs, qc, "golden", kmeans=km)
-    return plan_from(obs, qc, "golden")
+        return plan_from(obs, qc, "golden", kmeans=km, kmeans_bits=(8, 4, 4) if extra == "kmeans44" else (8, 4))
+    plan = plan_from(obs, qc, "golden")
+    if extra == "learned":
+        from fixq.learned import RoundingOptions, learn_rounding
+        plan = learn_rounding(g, plan, x, RoundingOptions(iters=40, samples=2048, batch=256), show_progress=False)[0]
+    return plan
 
 
 def E_names(g):
@@ -100,6 +110,8 @@ def digests(model: str, cfg: str) -> dict[str, str]:
         res = export_c(g, plan, Path(d) / "c")
         for f in sorted(p.name for p in res.out.iterdir() if p.name.startswith("model")):
             out[f"c/{f}"] = _sha((res.out / f).read_bytes())
+        rt = sorted(p for p in res.out.iterdir() if p.name.startswith("fixq_rt"))  # the hand-written runtime
+        out["c/runtime"] = _sha(b"".join(p.name.encode() + p.read_bytes() for p in rt))
         try:
             import onnx  # noqa: F401
         except ImportError:

@@ -144,6 +144,8 @@ def ordered(local_batches, n_batches: int, fn, on_done=None):
                 local = ("ok", _cpu(fn(*item)))
             except FixqError as e:
                 local = ("err", _portable(e))
+            except Exception as e:  # any other failure: every rank stops with the same message, none waits
+                local = ("err", (RuntimeError, (f"rank {r}: {type(e).__name__}: {e}",), None))
         got = gather(local)
         for res in got:
             if res is not None and res[0] == "err":

@@ -19,8 +19,9 @@ Per conv/linear layer, in graph order (AdaRound, Nagel et al. 2020):
   ``lambda sum (1 - |2h - 1|**beta)`` after a warm-up, ``beta`` annealed linearly from 20
   to 2: it drives every ``h`` to 0 or 1; Adam on ``V``, seeded minibatches;
 - decision ``up = h >= 1/2``. Guard: the layer's output error with the learned codes is
-  measured (float64) on all calibration images against nearest rounding's; when it is not
-  lower, the layer keeps nearest rounding. So, on the calibration data, a layer's output
+  measured (float64) on all calibration images against nearest rounding's; when it is
+  higher, the layer keeps nearest rounding (a tie keeps the learned codes). So, on the
+  calibration data, a layer's output
   error never increases (a guard, not a property of the optimiser).
 Bias correction (optional, after the codes): per output channel ``e_i = mean(conv(x~, Wq) +
 b - y)_i`` over the calibration images and pixels; the bias becomes ``b - e``, with new

@@ -45,7 +45,8 @@ def _emit_table(ctx: EmitCtx, n: Table) -> str:
     t = _cid(n.name)
     ctype = _table_ctype(ti.Tout)
     cache = ctx.__dict__.setdefault("_table_cache", {})
-    key = (ctype, hashlib.sha1(ti.tables.numpy().tobytes()).hexdigest(), tuple(ti.tables.shape))
+    key = (ctype, hashlib.sha1(ti.tables.numpy().tobytes()).hexdigest(), tuple(ti.tables.shape),
+           hashlib.sha1(ti.sat.numpy().tobytes()).hexdigest())  # shared only with the same saturation flags
     rom0 = ctx.rom
     if key in cache:  # an identical table of an earlier node: shared, stored once
         tab, sat, shared = cache[key] + (True,)
