@@ -103,11 +103,28 @@ def test_bias_correction_leaves_at_most_one_bias_lsb_per_channel():
     assert corrected.layers[n.name].codes.up is None and len(corrected.layers[n.name].codes.bias) == 12
 
 
+def test_bias_less_layer_is_reported_not_silently_skipped():
+    torch.manual_seed(0)
+    m = nn.Sequential(nn.Conv2d(3, 4, 3, padding=1, bias=False), nn.ReLU(), nn.Conv2d(4, 5, 1)).eval()
+    g = capture(m, torch.randn(2, 3, 8, 8))
+    x = torch.rand(32, 3, 8, 8)
+    plan = plan_from(observe(g, [(x, None)], show_progress=False), QuantConfig(LayerConfig(coeff_bits=4)))
+    out, rows = learn_rounding(g, plan, x, RoundingOptions(learned=False), show_progress=False)
+    no_bias, with_bias = g.layers()
+    assert no_bias.bias is None and with_bias.bias is not None
+    by = {r["layer"]: r for r in rows}
+    assert by[no_bias.name]["bias"].startswith("not corrected") and "no bias" in by[no_bias.name]["bias"]
+    assert by[with_bias.name]["bias"] == "corrected"
+    assert any("bias correction not applied" in t for t in out.layers[no_bias.name].notes)
+    assert out.layers[no_bias.name].codes is None and out.layers[with_bias.name].codes.bias is not None
+
+
 def _rich_plan(learned=True):
     """DepthwiseNet (depthwise, grouped, linear, concat) at 4 bits 2D with one mixed 8/4 layer and one
     K-means layer (learned residual codes)."""
     shape = (3, 16, 16)
-    g = make_graph(DepthwiseNet(), shape)
+    torch.manual_seed(3)  # the weights too, not whatever an earlier test left in the global generator
+    g = make_graph(DepthwiseNet(), shape)  # (seed 3: every layer, K-means stem included, keeps learned codes)
     torch.manual_seed(2)
     x = torch.randn(48, *shape)
     obs = observe(g, [(x, None)], show_progress=False)

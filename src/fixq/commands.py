@@ -240,10 +240,11 @@ def codes_markdown(opts, rows: list[dict]) -> str:
             "layer's output on the calibration images (float64), per layer with the inputs of the already-decided "
             f"earlier layers; a layer keeps nearest rounding when learned rounding is not lower ({kept} of "
             f"{len(rows)} layers use learned codes).\n\n")
-    return head + markdown_table(["layer", "error nearest", "error learned", "kept", "codes changed", "s"],
+    return head + markdown_table(["layer", "error nearest", "error learned", "kept", "codes changed", "bias", "s"],
                                  [[r["layer"], f"{r['nearest_error']:.4g}",
                                    "-" if r["learned_error"] is None else f"{r['learned_error']:.4g}", r["kept"],
-                                   r["changed_codes"], f"{r['seconds']:.1f}"] for r in rows]) + "\n"
+                                   r["changed_codes"], r.get("bias", "-"), f"{r['seconds']:.1f}"]
+                                  for r in rows]) + "\n"
 
 
 def _figure(png: str) -> str:

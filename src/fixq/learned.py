@@ -226,9 +226,16 @@ def _decide(n, lp, x, y, opts: RoundingOptions, rounding: str, seed: int, show: 
         notes.append(f"learned rounding: {row['changed_codes']} of {near.numel()} codes differ from nearest; "
                      f"calibration output error {err_n:.4g} (nearest) -> {err_l:.4g} (learned), kept {row['kept']}")
     bf, bcodes = lp.bias, None
+    row["bias"] = "-"
     if opts.bias_correction and n.bias is not None and lp.bias is not None:
         bf, bcodes = _bias_from(n, lp, dsum, count, rounding)
+        row["bias"] = "corrected"
         notes.append("bias correction: per-channel mean output error on the calibration images folded into the bias")
+    elif opts.bias_correction:  # said, never skipped silently
+        why = "the layer has no bias" if n.bias is None else "its bias stays in floating point in this plan"
+        row["bias"] = f"not corrected: {why}"
+        notes.append(f"bias correction not applied: {why} (a corrected bias would add a term the model does not have)"
+                     if n.bias is None else f"bias correction not applied: {why}; give it bias bits to correct it")
     lc = None if up is None and bcodes is None else LayerCodes(weights_digest(n), up, bcodes)
     row["seconds"] = time.time() - t0
     return replace(lp, bias=bf, codes=lc, notes=tuple(notes)), row
