@@ -123,6 +123,19 @@ def test_cli_paper_report_says_so(capsys, tmp_path, digits_dir):
     assert {plan.layers[n].weight.granularity for n in ("fc1", "fc2")} == {"4D"}
 
 
+def test_cli_paper_names_config_file_departures(capsys, tmp_path, digits_dir):
+    cfg = tmp_path / "over.json"
+    cfg.write_text(json.dumps({"fc*": {"data_method": "mse", "coeff_bits": 4}, "conv1": {"bias_bits": 8}}))
+    argv = ["quantize", "--model", "lenet-digits", "--calib", str(digits_dir), "--calib-size", "64", "--eval",
+            str(digits_dir), "--eval-size", "64", "--out", str(tmp_path / "q"), "--paper", "--config", str(cfg)]
+    assert main(argv) == 0
+    rep = json.loads((tmp_path / "q" / "report.json").read_text())
+    assert rep["paper"]["departures"] == ["--config 'fc*': data_method mse"]  # bias_bits 8 is the paper's
+    assert "--config 'fc*': data_method mse" in capsys.readouterr().out
+    plan = QuantPlan.load(tmp_path / "q" / "plan.json")
+    assert plan.config.for_layer("fc1").data_method == "mse" and plan.config.default.data_method == "maxabs"
+
+
 def test_cli_mixed_paper_keeps_fc_layers_whole(capsys, tmp_path, digits_dir):
     """fc_mode 4D under --paper: the energy search leaves fully connected layers at base bits."""
     argv = ["mixed", "--model", "lenet-digits", "--calib", str(digits_dir), "--calib-size", "64", "--eval",

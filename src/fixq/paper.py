@@ -33,7 +33,7 @@ departure from the paper (``paper.departures``), so nothing is silently not the 
 """
 from __future__ import annotations
 
-__all__ = ["PAPER_CHOICES", "apply_paper", "paper_sentence"]
+__all__ = ["PAPER_CHOICES", "apply_paper", "config_departures", "paper_sentence"]
 
 # dest -> (value, reason); commands without the option skip it
 PAPER_CHOICES: dict[str, tuple[object, str]] = {
@@ -84,7 +84,28 @@ def apply_paper(args, command: str, explicit: set[str]) -> dict:
     if "method" in explicit and "data_method" not in explicit and hasattr(args, "data_method") \
             and str(args.method).lower() != "maxabs":
         args.data_method = None
+    if getattr(args, "config", None):
+        departures += config_departures(args.config)
     return {"used": used, "departures": departures}
+
+
+def config_departures(path) -> list[str]:
+    """Per-layer overrides of a ``--config`` file that set one of the paper's choices to
+    another value: they win over ``--paper`` for their layers, and the report says so.
+
+    >>> import json, tempfile, os
+    >>> f = os.path.join(tempfile.mkdtemp(), "c.json")
+    >>> _ = open(f, "w").write(json.dumps({"layer1.*": {"data_method": "mse", "coeff_bits": 4}}))
+    >>> config_departures(f)
+    ["--config 'layer1.*': data_method mse"]
+    """
+    from .plan import QuantConfig, load_config
+    out = []
+    for pattern, kv in load_config(path, QuantConfig()).overrides:
+        for key, value in kv.items():
+            if key in PAPER_CHOICES and str(value).lower() != str(PAPER_CHOICES[key][0]).lower():
+                out.append(f"--config {pattern!r}: {key} {value}")
+    return out
 
 
 def paper_sentence(info: dict | None) -> str:
