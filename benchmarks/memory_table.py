@@ -7,8 +7,8 @@
 
 Each run is ``python -m fixq quantize`` in a child process, with ``PYTHONPATH`` set to the
 old or the new ``src``; its memory is polled every 0.2 s from ``/proc``: the main process's
-peak resident set (``VmHWM``, exact) and the peak of the whole process tree's proportional
-set size (PSS: decoding workers counted with their shared pages split, not twice). A run
+peak resident set (``VmHWM``, exact) and the peak of the whole process tree's summed
+resident sets (``VmRSS``; an upper bound: pages shared after fork count in every process). A run
 whose tree passes ``--cap-gb`` is stopped (the machine is shared) and reported as such.
 Rows: CIFAR-10 ResNet-20 (256 calibration images, N evaluation images, batch 128) on the
 shared test set and on a larger ImageFolder of symlinks to it (``--big`` copies), and with
@@ -60,17 +60,23 @@ def _tree(pid: int) -> list[int]:
 
 
 def measure(src: str, argv: list[str], cap_gb: float) -> dict:
-    """Run ``python -m fixq`` + argv with PYTHONPATH=src; peak memory (GB), wall time, status."""
+    """Run ``python -m fixq`` + argv with PYTHONPATH=src; peak memory (GB), wall time, status.
+
+    Only ``/proc/<pid>/status`` is polled (VmHWM, VmRSS): polling ``smaps_rollup`` (PSS) every
+    0.2 s, as this script did before, raised the main process's own peak from 0.84-1.16 GB to
+    2.0-2.3 GB on the same ResNet-20 command (3 of 3 runs against 4 of 4 without it), so it
+    measured itself. The tree figure is the peak of the summed VmRSS of the process and its
+    decoding workers: an upper bound (pages shared after fork are counted in every process)."""
     env = {**os.environ, "PYTHONPATH": src}
     t0 = time.time()
     p = subprocess.Popen([sys.executable, "-m", "fixq", *argv], env=env, stdout=subprocess.DEVNULL,
                          stderr=subprocess.PIPE, text=True)
-    hwm = pss = 0
+    hwm = tree = 0
     status = "ok"
     while p.poll() is None:
         hwm = max(hwm, _kb(Path(f"/proc/{p.pid}/status"), "VmHWM:"))
-        tot = sum(_kb(Path(f"/proc/{q}/smaps_rollup"), "Pss:") for q in _tree(p.pid))
-        pss = max(pss, tot)
+        tot = sum(_kb(Path(f"/proc/{q}/status"), "VmRSS:") for q in _tree(p.pid))
+        tree = max(tree, tot)
         if tot > cap_gb * 2 ** 20:
             p.kill()
             status = f"stopped at the {cap_gb:g} GB cap"
@@ -79,7 +85,7 @@ def measure(src: str, argv: list[str], cap_gb: float) -> dict:
     err = p.communicate()[1]
     if status == "ok" and p.returncode != 0:
         status = f"exit {p.returncode}: " + (err.strip().splitlines() or ["?"])[-1][:120]
-    return {"hwm_gb": hwm / 2 ** 20, "pss_gb": pss / 2 ** 20, "wall_s": time.time() - t0, "status": status}
+    return {"hwm_gb": hwm / 2 ** 20, "pss_gb": tree / 2 ** 20, "wall_s": time.time() - t0, "status": status}
 
 
 def big_folder(src: Path, copies: int, root: Path) -> Path:
@@ -99,6 +105,7 @@ def main() -> int:
     ap.add_argument("--lite0", action="store_true", help="also EfficientNet-Lite0, 128/872 (minutes on 2 cores)")
     ap.add_argument("--no-cifar", action="store_true", help="skip the ResNet-20 rows (keep those measured before)")
     ap.add_argument("--cap-gb", type=float, default=9.0)
+    ap.add_argument("--fresh", action="store_true", help="forget rows of earlier runs (measured another way)")
     ap.add_argument("--big", type=int, default=2, help="copies of the CIFAR test set in the large folder")
     ap.add_argument("--sizes", default="1000,9744", help="CIFAR evaluation sizes on the test set")
     ap.add_argument("--out", default=str(Path(__file__).parent / "results" / "memory.md"))
@@ -131,7 +138,7 @@ def main() -> int:
                 rows.append(["EfficientNet-Lite0", im.name, 872, which, m])
                 print(rows[-1], flush=True)
     store = Path(args.out).with_suffix(".json")  # rows of earlier runs (e.g. --no-cifar --lite0 later)
-    old_rows = json.loads(store.read_text()) if store.exists() else []
+    old_rows = json.loads(store.read_text()) if store.exists() and not args.fresh else []
     key = (lambda r: (r[0], r[1], r[2], r[3]))
     mine = {key(r) for r in rows}
     rows = [r for r in old_rows if tuple(key(r)) not in mine] + rows
@@ -145,10 +152,12 @@ def main() -> int:
              "`fixq quantize` (default formats: <8b,8b>, data range method mse: two calibration passes), "
              "256 (ResNet-20) / 128 (Lite0) calibration images; *before* = commit 918aad5 (whole image sets "
              "in memory, `--workers 0`), *after* = this branch (streamed, default `--workers` = CPUs). "
-             "Main RSS = the fixq process's peak resident set (VmHWM); tree PSS = the peak of the "
-             "process and its decoding workers together (shared pages split between them). Wall times "
+             "Main RSS = the fixq process's peak resident set (VmHWM); tree RSS = the peak of the summed "
+             "resident sets of the process and its decoding workers (an upper bound: pages shared after "
+             "fork count in each). Only /proc/<pid>/status is polled (polling smaps_rollup for PSS "
+             "raised the main process's own peak by about 1 GB on ResNet-20). Wall times "
              "are side by side in one run on a shared machine.", "",
-             "| model | eval folder | eval images | code | main peak RSS GB | tree peak PSS GB | wall s | status |",
+             "| model | eval folder | eval images | code | main peak RSS GB | tree peak RSS GB (sum) | wall s | status |",
              "|---|---|---|---|---|---|---|---|"]
     for model, folder, n, which, m in rows:
         lines.append(f"| {model} | {folder} | {n} | {which} | {m['hwm_gb']:.2f} | {m['pss_gb']:.2f} | "
