@@ -254,14 +254,14 @@ def _build_plan(graph, config, cfgs, tensors, acc, model_name, filter_bits, kmea
                               "partial sums are rounded into the accumulator")
         layers[n.name] = LayerPlan(n.name, wf, bf, A, acc_F, cfg.acc_overflow, tuple(lnotes),
                                    None if acc_F is None else tuple(int(v) for v in acc_I.tolist()), km)
-    from .elementwise import table_ready
+    from .elementwise import MAX_SEGMENTED_BITS, table_ready
     float_ops = tuple(n.name for n in graph.nodes if isinstance(n, FloatOp))
     float_tables = tuple(n.name for n in graph.nodes if isinstance(n, Table) and not table_ready(n, fmts, tensors))
     if float_ops:
         notes.append("ops with no integer rule run in float between quantizers: " + ", ".join(float_ops))
     if float_tables:
-        notes.append("table functions whose data are flp, affine or wider than 10 bits run in float between "
-                     "quantizers (no integer rule): " + ", ".join(float_tables))
+        notes.append("table functions whose data are flp, affine or wider than "
+                     f"{MAX_SEGMENTED_BITS} bits run in float between quantizers (no integer rule): " + ", ".join(float_tables))
         float_ops = float_ops + float_tables
     plan = QuantPlan(model_name, config, tensors, layers, float_ops, tuple(notes))
     from .engine import check_plan  # DESIGN §5a: refuse at plan time what int64 cannot hold

@@ -53,7 +53,8 @@ def cmd_export_c(args) -> int:
               "bytes of ROM with their channel index and saturation flags; listed in export.json)")
         for t in res.tables:
             shared = f", shares {t['shared_with']}" if t["shared_with"] else ""
-            print(f"  {t['node']} ({t['op']}): {t['tables']} x {t['entries']} {t['ctype']}, {t['bytes']:,} bytes{shared}")
+            form = f" in {t['segments']:,} segments" if "segments" in t else ""
+            print(f"  {t['node']} ({t['op']}): {t['tables']} x {t['entries']} {t['ctype']}{form}, {t['bytes']:,} bytes{shared}")
     from .export_c.targets import size_report
     for line in size_report(res.out):
         print(line)

@@ -7,11 +7,19 @@ fractional bits, ``[qmin, qmax]`` their range; output word ``Tout`` at ``Fout``;
 is the plan's (``half_up``, ``nearest_even`` or ``floor``); ``sat`` saturates to Tout bits.
 
 - Table function f (sigmoid, hardsigmoid, hardswish, SiLU, tanh, GELU, ...), defined for
-  ``Tin <= MAX_TABLE_BITS``: ``table[q - qmin] = sat_Tout(round(f(q * 2**-Fin) * 2**Fout))``
-  for every input code, computed once in float64 when the integer tables are built; the
-  program then does ``y = table[q - qmin]``. With per-channel data each distinct
-  ``(Fin, Fout)`` pair gets one table and every channel an index into them. The only error
-  is the output rounding (and saturation) of the exact float function.
+  ``Tin <= MAX_SEGMENTED_BITS``: ``table[q - qmin] = sat_Tout(round(f(q * 2**-Fin) * 2**Fout))``
+  for every input code, computed once in float64 when the integer tables are built. For
+  ``Tin <= MAX_TABLE_BITS`` the program does ``y = table[q - qmin]`` (dense form). Wider
+  inputs use the segmented form, a lossless encoding of the same table: segments ``i`` with
+  a first input code ``start[i]`` (ascending), the code ``code[i]`` there, an int8 ``step[i]``,
+  a shift ``k[i]`` and a saturation flag; ``y = code[i] + step[i] * ((q - start[i]) >> k[i])``
+  for the last segment with ``start[i] <= q``. Segments are the runs of equal (code, flag) of
+  the table, except that consecutive runs of one length ``2**k`` whose codes advance by one
+  constant step merge into one (stretches of slope ``step / 2**k`` codes per input code,
+  such as identity-like ones); :func:`compile_table` checks the expansion against the table
+  on every input code. With per-channel data each distinct ``(Fin, Fout)`` pair gets one
+  table and every channel an index into them. The only error is the output rounding (and
+  saturation) of the exact float function.
 - Multiply (either operand may be (C, 1, 1), broadcast over H, W):
   ``y = sat_Tout(round_shift(qa * qb, Fa + Fb - Fout))``; the product is exact in int64 and
   in float64 (``max_code(Ta) * max_code(Tb) < 2**53`` is proved at plan time).
@@ -22,7 +30,7 @@ is the plan's (``half_up``, ``nearest_even`` or ``floor``); ``sat`` saturates to
 >>> from fixq.formats import Word
 >>> t = unary_table("hardsigmoid", None, Word(4), 2, Word(4, signed=False), 4, "half_up")
 >>> t.codes.tolist()
-[5, 5, 6, 6, 6, 7, 7, 7, 8, 8, 8, 9, 9, 9, 10, 10]
+[3, 3, 4, 5, 5, 6, 7, 7, 8, 9, 9, 10, 11, 11, 12, 13]
 """
 from __future__ import annotations
 
@@ -35,10 +43,13 @@ from .ir import UNARY_FUNCS, ChannelShuffle, Graph, Mul, Table, shuffle_perm
 from .plan import Formats, PlanError
 from .safety import F64_EXACT_BITS, max_code, prove_op
 
-__all__ = ["MAX_TABLE_BITS", "UnaryTable", "TableInts", "unary_table", "compile_table", "table_ready",
-           "table_refusal", "prove_elementwise", "ENGINE_ELEMENTWISE", "SIM_ELEMENTWISE", "mul_shift"]
+__all__ = ["MAX_TABLE_BITS", "MAX_SEGMENTED_BITS", "STEP_LIMIT", "UnaryTable", "Segments", "TableInts",
+           "unary_table", "segment_table", "compile_table", "table_ready", "table_refusal", "prove_elementwise",
+           "ENGINE_ELEMENTWISE", "SIM_ELEMENTWISE", "mul_shift"]
 
-MAX_TABLE_BITS = 10
+MAX_TABLE_BITS = 10       # dense tables (2**Tin entries) up to here
+MAX_SEGMENTED_BITS = 16   # segmented above: float64 over <= 2**16 codes at plan time; C starts are uint16
+STEP_LIMIT = 127          # |step| of a segment: stored as int8
 
 
 @dataclass(frozen=True)
@@ -59,30 +70,101 @@ def unary_table(op: str, alpha, Tin, Fin: int, Tout, Fout: int, rounding: str) -
 
 
 @dataclass(frozen=True)
+class Segments:
+    """The segmented form of K tables of one node, concatenated: table k is segments
+    ``offset[k] .. offset[k+1]-1``; segment i covers input codes ``start[i]`` up to the next
+    start (or the end of the code range), where ``y = code[i] + step[i] * ((q - start[i]) >> shift[i])``
+    and every entry saturated iff ``sat[i]``."""
+    start: torch.Tensor   # int64 (S,) input codes, ascending within a table (the first is qmin)
+    code: torch.Tensor    # int64 (S,)
+    step: torch.Tensor    # int64 (S,), |step| <= STEP_LIMIT
+    shift: torch.Tensor   # int64 (S,), 0 <= shift <= Tin
+    sat: torch.Tensor     # bool (S,)
+    offset: torch.Tensor  # int64 (K + 1,)
+
+
+def segment_table(t: UnaryTable, qmin: int) -> tuple[torch.Tensor, ...]:
+    """``(start, code, step, shift, sat)`` of one dense table whose entry k is input code ``qmin + k``.
+
+    >>> from fixq.formats import Word
+    >>> t = unary_table("hardswish", None, Word(12), 4, Word(12), 4, "half_up")
+    >>> start, code, step, shift, sat = segment_table(t, -2048)
+    >>> (len(start), start[-1].item(), code[-1].item(), step[-1].item(), shift[-1].item())  # x >= 3: y = x
+    (29, 48, 48, 1, 0)
+    """
+    codes, flags = t.codes, t.sat
+    n = codes.numel()
+    new = torch.ones(n, dtype=torch.bool)
+    new[1:] = (codes[1:] != codes[:-1]) | (flags[1:] != flags[:-1])
+    r = new.nonzero().flatten()  # runs of equal (code, flag)
+    length = torch.diff(r, append=torch.tensor([n]))
+    c, f = codes[r], flags[r]
+    e = torch.zeros_like(c)
+    e[1:] = c[1:] - c[:-1]
+    # run j may extend the segment of run j-1: the same power-of-two length, the same flag, an int8 step
+    link = torch.zeros_like(f)
+    link[1:] = (length[1:] == length[:-1]) & ((length[1:] & (length[1:] - 1)) == 0) & (f[1:] == f[:-1]) & \
+        (e[1:].abs() <= STEP_LIMIT)
+    first = ~link  # run j starts a segment unless it links and keeps the step of the link before it
+    first[1:] |= link[:-1] & (e[1:] != e[:-1])
+    a = first.nonzero().flatten()
+    step, shift = torch.zeros_like(a), torch.zeros_like(a)
+    inner = a + 1 < len(r)
+    inner[inner.clone()] = ~first[a[inner] + 1]  # the segment holds more than its first run
+    step[inner] = e[a[inner] + 1]
+    shift[inner] = torch.log2(length[a[inner]].double()).round().long()  # every run of it: 2**shift codes
+    return r[a] + qmin, c[a], step, shift, f[a]
+
+
+@dataclass(frozen=True)
 class TableInts:
-    """The tables of one Table node: ``tables[index[c]]`` serves channel c."""
-    tables: torch.Tensor  # int64 (K, 2**Tin)
-    sat: torch.Tensor     # bool (K, 2**Tin)
+    """The tables of one Table node: ``tables[index[c]]`` serves channel c (dense form,
+    ``Tin <= MAX_TABLE_BITS``), or the segments ``seg`` (wider inputs; ``tables``, ``sat`` None)."""
+    tables: torch.Tensor | None  # int64 (K, 2**Tin)
+    sat: torch.Tensor | None     # bool (K, 2**Tin)
     index: torch.Tensor   # int64 (C,)
     qmin: int
     Tin: int
     Tout: int
     Fin: torch.Tensor     # int64 (C,)
     Fout: torch.Tensor    # int64 (C,)
+    seg: Segments | None = None
 
     def lookup(self, q: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Integer codes (N, C, ...) -> (output codes, saturation events)."""
+        if self.seg is not None:
+            y, sat = self._seg_lookup(q)
+            return y, sat.sum()
         size = self.tables.shape[1]
         base = (self.index * size).reshape(1, -1, *([1] * (q.dim() - 2))).to(q.device)
         g = base + (q - self.qmin)
         return self.tables.to(q.device).reshape(-1)[g], self.sat.to(q.device).reshape(-1)[g].sum()
 
+    def _seg_lookup(self, q: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        s, size = self.seg, 2 ** int(self.Tin)
+        owner = torch.repeat_interleave(torch.arange(len(s.offset) - 1), torch.diff(s.offset))
+        keys = (owner * size + (s.start - self.qmin)).to(q.device)  # ascending over all K tables
+        g = (self.index * size).reshape(1, -1, *([1] * (q.dim() - 2))).to(q.device) + (q - self.qmin)
+        i = torch.searchsorted(keys, g.contiguous(), right=True) - 1  # the last segment starting at or before q
+        code, step, start, shift, sat = (v.to(q.device) for v in (s.code, s.step, s.start, s.shift, s.sat))
+        return code[i] + step[i] * torch.bitwise_right_shift(q - start[i], shift[i]), sat[i]
+
+    def dense(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(tables, sat)`` (K, 2**Tin) of either form."""
+        if self.seg is None:
+            return self.tables, self.sat
+        K, (lo, hi) = len(self.seg.offset) - 1, code_limits(self.Tin)
+        q = torch.arange(lo, hi + 1, dtype=torch.int64).reshape(1, 1, -1).expand(1, K, -1)
+        flat = TableInts(None, None, torch.arange(K), self.qmin, self.Tin, self.Tout, self.Fin, self.Fout, self.seg)
+        codes, sat = flat._seg_lookup(q)
+        return codes[0], sat[0]
+
 
 def table_ready(n: Table, fmts, tensors) -> bool:
     """Whether a Table node has an integer rule under this plan: fixed-point input of at
-    most MAX_TABLE_BITS bits and a power-of-two output format."""
+    most MAX_SEGMENTED_BITS bits and a power-of-two output format."""
     Tin, Fin = fmts.get(n.inputs[0], (None, None))
-    return Fin is not None and isinstance(tensors.get(n.name), Formats) and int(Tin) <= MAX_TABLE_BITS
+    return Fin is not None and isinstance(tensors.get(n.name), Formats) and int(Tin) <= MAX_SEGMENTED_BITS
 
 
 def table_refusal(n: Table, fmts, tensors) -> str:
@@ -91,23 +173,38 @@ def table_refusal(n: Table, fmts, tensors) -> str:
     if Fin is None or not isinstance(tensors.get(n.name), Formats):
         return (f"node '{n.name}' ({n.op}) keeps its input or output in floating point (or affine formats): its "
                 "integer rule is a lookup table between two fixed-point data formats; give both data bits")
-    return (f"node '{n.name}' ({n.op}) has a {int(Tin)}-bit input: its integer rule is a 2^T-entry lookup table, "
-            f"defined for inputs of at most {MAX_TABLE_BITS} bits; quantize the data into it with <= "
-            f"{MAX_TABLE_BITS} bits (e.g. --data-bits 8, or a per-layer override on '{n.inputs[0]}')")
+    return (f"node '{n.name}' ({n.op}) has a {int(Tin)}-bit input: its integer rule is a lookup table over every "
+            f"input code (dense up to {MAX_TABLE_BITS} bits, segmented up to {MAX_SEGMENTED_BITS}), defined for "
+            f"inputs of at most {MAX_SEGMENTED_BITS} bits; quantize the data into it with <= {MAX_SEGMENTED_BITS} "
+            f"bits (e.g. --data-bits 16, or a per-layer override on '{n.inputs[0]}')")
 
 
 def compile_table(n: Table, fmts, C: int, rounding: str) -> TableInts:
+    """The integer rule of Table node ``n`` with ``C`` channels: dense tables for inputs of at
+    most MAX_TABLE_BITS bits, else their segments (checked equal on every input code)."""
     Tin, Fin = fmts[n.inputs[0]]
     Tout, Fout = fmts[n.name]
     Fin, Fout = per_channel(Fin, C), per_channel(Fout, C)
+    qmin = code_limits(Tin)[0]
     pairs, index, tabs = {}, [], []
     for a, b in zip(Fin.tolist(), Fout.tolist()):
         if (a, b) not in pairs:
             pairs[(a, b)] = len(pairs)
             tabs.append(unary_table(n.op, n.alpha, Tin, a, Tout, b, rounding))
         index.append(pairs[(a, b)])
-    return TableInts(torch.stack([t.codes for t in tabs]), torch.stack([t.sat for t in tabs]),
-                     torch.tensor(index, dtype=torch.int64), code_limits(Tin)[0], Tin, Tout, Fin, Fout)
+    index = torch.tensor(index, dtype=torch.int64)
+    if int(Tin) <= MAX_TABLE_BITS:
+        return TableInts(torch.stack([t.codes for t in tabs]), torch.stack([t.sat for t in tabs]),
+                         index, qmin, Tin, Tout, Fin, Fout)
+    parts = [segment_table(t, qmin) for t in tabs]
+    offset = torch.tensor([0] + [len(p[0]) for p in parts], dtype=torch.int64).cumsum(0)
+    seg = Segments(*(torch.cat([p[j] for p in parts]) for j in range(5)), offset)
+    ti = TableInts(None, None, index, qmin, Tin, Tout, Fin, Fout, seg)
+    codes, sat = ti.dense()  # lossless by construction; checked on every input code
+    if not (torch.equal(codes, torch.stack([t.codes for t in tabs]))
+            and torch.equal(sat, torch.stack([t.sat for t in tabs]))):
+        raise PlanError(f"node '{n.name}' ({n.op}): the segmented table differs from the dense one (a fixq bug)")
+    return ti
 
 
 def mul_shift(fmts, n: Mul, C: int) -> torch.Tensor:
@@ -163,6 +260,13 @@ def _sim_table(sim, n: Table, x):
     if ti is None:  # no integer rule under this plan: float between quantizers (plan.float_ops)
         return sim.requant(n.name, n.fn(x))
     key = ("table", n.name, x.dtype, x.device)
+    if ti.seg is not None:  # segmented: the engine's lookup on the codes (exact: |codes| < 2**24)
+        if key not in sim._prep:
+            sim._prep[key] = tuple(torch.pow(2.0, s * F.double()).to(x.dtype) for s, F in ((1, ti.Fin), (-1, ti.Fout)))
+        up, down = sim._prep[key]
+        y, ev = ti.lookup(torch.round(x * _bcv(up, x)).long())
+        sim.count(n.name, "data", ev)
+        return y.to(x.dtype) * _bcv(down, x)
     if key not in sim._prep:
         vals = torch.empty(ti.tables.shape, dtype=torch.float64)
         for k in range(ti.tables.shape[0]):  # each table's values at its channels' Fout

@@ -246,15 +246,16 @@ def _table(b: _B, n: Table, x: str) -> str:
     shape = b.graph.shapes[n.name]
     C = shape[0]
     ti = compile_table(n, b.fmts, C, b.plan.rounding)
-    size = ti.tables.shape[1]
+    tables, _ = ti.dense()  # a segmented table (inputs > 10 bits) expanded: a Gather has no search
+    size = tables.shape[1]
     bshape = (1, C) + (1,) * (len(shape) - 1)
     up = np.power(2.0, ti.Fin.double().numpy()).astype(np.float32).reshape(bshape)
     off = (ti.index * size - ti.qmin).numpy().astype(np.float32).reshape(bshape)
     v = b.node("Mul", [x, b.init(f"{n.name}_up", up)], f"{n.name}_codes")
     v = b.node("Add", [v, b.init(f"{n.name}_offset", off)], f"{n.name}_index")
     idx = b.node("Cast", [v], f"{n.name}_cast", to=7)  # INT64
-    vals = np.concatenate([ti.tables[k].double().numpy() * 2.0 ** -int(ti.Fout[int((ti.index == k).nonzero()[0])])
-                           for k in range(ti.tables.shape[0])]).astype(np.float32)
+    vals = np.concatenate([tables[k].double().numpy() * 2.0 ** -int(ti.Fout[int((ti.index == k).nonzero()[0])])
+                           for k in range(tables.shape[0])]).astype(np.float32)
     y = b.node("Gather", [b.init(f"{n.name}_table", vals), idx], n.name, axis=0)
     return b.qdq(y, n.name)
 

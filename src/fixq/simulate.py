@@ -63,7 +63,7 @@ class Simulator:
             if isinstance(n, (Conv, Linear)):
                 self._prep[n.name] = self._prepare_layer(n)
         # DESIGN §5b: the engine's tables; a table op without an integer rule under this plan
-        # (flp/affine data, input wider than MAX_TABLE_BITS) runs in float between quantizers
+        # (flp/affine data, input wider than MAX_SEGMENTED_BITS) runs in float between quantizers
         self.elementwise_tables = {n.name: compile_table(n, self.formats, graph.shapes[n.name][0], self.rounding)
                                    for n in graph.nodes if isinstance(n, Table) and not plan.is_affine
                                    and table_ready(n, self.formats, plan.tensors)}

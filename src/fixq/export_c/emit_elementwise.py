@@ -4,7 +4,9 @@
 Notation: codes at F fractional bits; a table function's tables hold the output code of
 every input code (``2**Tin`` entries each, one per distinct ``(Fin, Fout)`` of the node's
 channels, stored in the narrowest C type that holds the output codes, identical tables
-shared between nodes); a multiply's shift is ``Fa + Fb - Fy`` per channel.
+shared between nodes); above MAX_TABLE_BITS input bits the same tables are stored as
+segments (uint16 starts, codes, int8 steps, shift and saturation bytes, int32 offsets
+per table: ``fixq_table_seg``); a multiply's shift is ``Fa + Fb - Fy`` per channel.
 
 >>> res = export_c(graph, plan, "build/mnv3")              # doctest: +SKIP
 >>> [(t["node"], t["op"], t["bytes"]) for t in res.tables][:1]  # doctest: +SKIP
@@ -39,8 +41,43 @@ def _table_ctype(Tout) -> str:
     return "int8_t" if lo >= -128 and hi <= 127 else "int16_t" if lo >= -2 ** 15 and hi < 2 ** 15 else "int32_t"
 
 
+def _emit_table_seg(ctx: EmitCtx, n: Table, ti) -> str:
+    """The segmented form (inputs wider than MAX_TABLE_BITS, at most 16 bits): int32 offsets,
+    uint16 starts (minus qmin), codes in the narrowest type, int8 steps (NULL when all 0),
+    modes = shift | 128 * saturated (NULL when all 0)."""
+    s = ti.seg
+    C, hw = _ch_hw(ctx, n.name)
+    t = _cid(n.name)
+    ctype = _table_ctype(ti.Tout)
+    mode = s.shift + 128 * s.sat.long()
+    cache = ctx.__dict__.setdefault("_table_cache", {})
+    key = ("seg", ctype, *(hashlib.sha1(v.numpy().tobytes()).hexdigest()
+                           for v in (s.start, s.code, s.step, mode, s.offset)))
+    rom0 = ctx.rom
+    if key in cache:  # identical segments (and flags) of an earlier node: shared, stored once
+        arrs, shared = cache[key], True
+    else:
+        arrs = (ctx.array(f"tso_{t}", "int32_t", s.offset), ctx.array(f"tss_{t}", "uint16_t", s.start - ti.qmin),
+                ctx.array(f"tab_{t}", ctype, s.code),
+                ctx.array(f"tst_{t}", "int8_t", s.step) if bool(s.step.any()) else "NULL",
+                ctx.array(f"tsm_{t}", "uint8_t", mode) if bool(mode.any()) else "NULL")
+        cache[key], shared = arrs, False
+    off, start, tab, step, mod = arrs
+    idx = ctx.array(f"tix_{t}", "uint16_t", ti.index)
+    ptrs = ", ".join(tab if c == ctype else "NULL" for c in ("int8_t", "uint8_t", "int16_t", "int32_t"))
+    ctx.decls.append(f"static const fixq_table_seg_t T_{t} = {{{C}, {hw}, {_word(ti.Tin)}, {off}, {start}, {ptrs}, "
+                     f"{step}, {mod}, {idx}}};")
+    ctx.headers.add(HEADER)
+    ctx.tables.append({"node": n.name, "op": n.op, "tables": len(s.offset) - 1, "entries": 2 ** int(ti.Tin),
+                       "segments": len(s.start), "ctype": ctype, "bytes": ctx.rom - rom0,
+                       "shared_with": tab if shared else None})
+    return f"fixq_table_seg(&T_{t}, {ctx.buf(n.inputs[0])}, {ctx.buf(n.name)}, {ctx.counts(n)});"
+
+
 def _emit_table(ctx: EmitCtx, n: Table) -> str:
     ti = ctx.eng.tables[n.name]
+    if ti.seg is not None:
+        return _emit_table_seg(ctx, n, ti)
     C, hw = _ch_hw(ctx, n.name)
     t = _cid(n.name)
     ctype = _table_ctype(ti.Tout)
