@@ -84,6 +84,18 @@ def test_compile_table_per_channel_formats():
     assert compile_table(n8, fmts8, 2, "half_up").seg is None
 
 
+def test_c_stores_the_smaller_exact_form():
+    """A steep table at high output resolution (SiLU 12 -> 16 bits, F8 -> F12: a new output
+    code at nearly every input code) is smaller dense; a 12 -> 12-bit one is smaller segmented."""
+    from fixq.export_c.emit_elementwise import _seg_bytes, table_form
+    n = SimpleNamespace(name="t", op="silu", alpha=None, inputs=["x"])
+    steep = compile_table(n, {"x": (Word(12), torch.tensor(8)), "t": (Word(16), torch.tensor(12))}, 1, "half_up")
+    flat = compile_table(n, {"x": (Word(12), torch.tensor(8)), "t": (Word(12), torch.tensor(8))}, 1, "half_up")
+    assert steep.seg is not None and flat.seg is not None
+    assert _seg_bytes(steep) > 2 ** 12 * 2 and table_form(steep) == "dense"
+    assert _seg_bytes(flat) < 2 ** 12 * 2 and table_form(flat) == "segmented"
+
+
 class _Gates(nn.Module):
     """SiLU, hardswish, a sigmoid squeeze-and-excitation gate."""
 
@@ -146,12 +158,26 @@ def test_fast_sim_tables_exact(bits):
 
 
 @pytest.mark.skipif(not HAS_CC, reason="needs a C compiler (cc) and make")
+def test_c_dense_form_of_a_wide_input_equals_the_engine(gates, tmp_path, monkeypatch):
+    """The dense C kernel with a 12-bit input (what the emitter stores when it is smaller)."""
+    import fixq.export_c.emit_elementwise as ee
+    from test_export_c import c_vs_engine
+    monkeypatch.setattr(ee, "table_form", lambda ti: "dense")
+    plan = plan_for(gates, SHAPE, n=8, data_mode="3D", data_bits=12, coeff_bits=8, rounding="nearest_even")
+    res, totals = c_vs_engine(gates, plan, SHAPE, tmp_path, scale=3.0)
+    text = (res.out / "model.c").read_text()
+    assert "fixq_table(" in text and "fixq_table_seg(" not in text and totals["data"] > 0
+    assert {t["entries"] for t in res.tables} == {2 ** 12}
+
+
+@pytest.mark.skipif(not HAS_CC, reason="needs a C compiler (cc) and make")
 @pytest.mark.parametrize("bits,dm,rounding", [(12, "4D", "half_up"), (16, "3D", "floor")])
 def test_c_bit_exact_wide(gates, tmp_path, bits, dm, rounding):
     import subprocess
     from test_export_c import c_vs_engine
     from test_export_c_api import STRICT
     from fixq.export_c.emit import CTYPE_BYTES
+    from fixq.export_c.emit_elementwise import table_form
     plan = plan_for(gates, SHAPE, n=8, data_mode=dm, data_bits=bits, coeff_bits=8, rounding=rounding)
     res, totals = c_vs_engine(gates, plan, SHAPE, tmp_path, scale=3.0)
     assert totals["data"] > 0
@@ -161,6 +187,7 @@ def test_c_bit_exact_wide(gates, tmp_path, bits, dm, rounding):
         seg = eng.tables[t["node"]].seg
         dense = t["tables"] * t["entries"] * CTYPE_BYTES[t["ctype"]]
         assert t["entries"] == 2 ** bits and t["segments"] == len(seg.start) and 0 < t["bytes"] < dense, t
+        assert table_form(eng.tables[t["node"]]) == "segmented"
     assert "fixq_table_seg(" in (res.out / "model.c").read_text()
     srcs = sorted(p.name for p in res.out.glob("*.c"))
     r = subprocess.run(["cc", *STRICT, "-DFIXQ_COUNTS=1", "-O2", "-o", "strict", *srcs],

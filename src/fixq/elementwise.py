@@ -260,7 +260,7 @@ def _sim_table(sim, n: Table, x):
     if ti is None:  # no integer rule under this plan: float between quantizers (plan.float_ops)
         return sim.requant(n.name, n.fn(x))
     key = ("table", n.name, x.dtype, x.device)
-    if ti.seg is not None:  # segmented: the engine's lookup on the codes (exact: |codes| < 2**24)
+    if ti.seg is not None:  # segmented: the engine's lookup on the codes (exact in float32 when Tout <= 24)
         if key not in sim._prep:
             sim._prep[key] = tuple(torch.pow(2.0, s * F.double()).to(x.dtype) for s, F in ((1, ti.Fin), (-1, ti.Fout)))
         up, down = sim._prep[key]

@@ -21,7 +21,7 @@ from ..formats import code_limits
 from ..ir import ChannelShuffle, Mul, Table
 from .emit import C_EMITTERS, CTYPE_BYTES, ROUNDING_C, _cid, EmitCtx, _word
 
-__all__ = ["register"]
+__all__ = ["register", "table_form"]
 
 HEADER = "fixq_rt_elementwise.h"
 
@@ -74,28 +74,49 @@ def _emit_table_seg(ctx: EmitCtx, n: Table, ti) -> str:
     return f"fixq_table_seg(&T_{t}, {ctx.buf(n.inputs[0])}, {ctx.buf(n.name)}, {ctx.counts(n)});"
 
 
+def _seg_bytes(ti) -> int:
+    """ROM of the segmented form of ``ti`` (offsets, starts, codes, steps, modes)."""
+    s, S = ti.seg, len(ti.seg.start)
+    mode = bool(s.shift.any()) or bool(s.sat.any())
+    return 4 * len(s.offset) + (2 + CTYPE_BYTES[_table_ctype(ti.Tout)] + int(bool(s.step.any())) + int(mode)) * S
+
+
+def table_form(ti) -> str:
+    """``"segmented"`` or ``"dense"``: the C form of a node's tables, the smaller in ROM
+    (segmented only exists above MAX_TABLE_BITS; both are the same codes and flags)."""
+    if ti.seg is None:
+        return "dense"
+    tables, sat = ti.dense()
+    dense = tables.numel() * (CTYPE_BYTES[_table_ctype(ti.Tout)] + int(bool(sat.any())))
+    return "segmented" if _seg_bytes(ti) < dense else "dense"
+
+
 def _emit_table(ctx: EmitCtx, n: Table) -> str:
+    """A table node in whichever exact form is smaller in ROM: above MAX_TABLE_BITS the
+    segmented form unless the dense expansion of the same codes is not larger (steep
+    functions at high output resolution make one segment per input code)."""
     ti = ctx.eng.tables[n.name]
-    if ti.seg is not None:
+    if table_form(ti) == "segmented":
         return _emit_table_seg(ctx, n, ti)
+    tables, sat_f = ti.dense()
     C, hw = _ch_hw(ctx, n.name)
     t = _cid(n.name)
     ctype = _table_ctype(ti.Tout)
     cache = ctx.__dict__.setdefault("_table_cache", {})
-    key = (ctype, hashlib.sha1(ti.tables.numpy().tobytes()).hexdigest(), tuple(ti.tables.shape),
-           hashlib.sha1(ti.sat.numpy().tobytes()).hexdigest())  # shared only with the same saturation flags
+    key = (ctype, hashlib.sha1(tables.numpy().tobytes()).hexdigest(), tuple(tables.shape),
+           hashlib.sha1(sat_f.numpy().tobytes()).hexdigest())  # shared only with the same saturation flags
     rom0 = ctx.rom
     if key in cache:  # an identical table of an earlier node: shared, stored once
         tab, sat, shared = cache[key] + (True,)
     else:
-        tab = ctx.array(f"tab_{t}", ctype, ti.tables)
-        sat = ctx.array(f"tsat_{t}", "uint8_t", ti.sat.long()) if bool(ti.sat.any()) else "NULL"
+        tab = ctx.array(f"tab_{t}", ctype, tables)
+        sat = ctx.array(f"tsat_{t}", "uint8_t", sat_f.long()) if bool(sat_f.any()) else "NULL"
         cache[key], shared = (tab, sat), False
     idx = ctx.array(f"tix_{t}", "uint16_t", ti.index)
     ptrs = ", ".join(tab if c == ctype else "NULL" for c in ("int8_t", "uint8_t", "int16_t", "int32_t"))
     ctx.decls.append(f"static const fixq_table_t T_{t} = {{{C}, {hw}, {_word(ti.Tin)}, {ptrs}, {idx}, {sat}}};")
     ctx.headers.add(HEADER)
-    ctx.tables.append({"node": n.name, "op": n.op, "tables": int(ti.tables.shape[0]), "entries": int(ti.tables.shape[1]),
+    ctx.tables.append({"node": n.name, "op": n.op, "tables": int(tables.shape[0]), "entries": int(tables.shape[1]),
                        "ctype": ctype, "bytes": ctx.rom - rom0, "shared_with": tab if shared else None})
     return f"fixq_table(&T_{t}, {ctx.buf(n.inputs[0])}, {ctx.buf(n.name)}, {ctx.counts(n)});"
 
