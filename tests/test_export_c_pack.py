@@ -28,15 +28,16 @@ SHAPE = (3, 16, 16)
 def _expected_bytes(w: torch.Tensor) -> int:
     """Bytes the exporter must store codes ``w`` (O, mg, kh, kw) in, worked out from the codes
     alone: all in [-8, 7] -> two per byte; some 2D filters in [-8, 7] -> a nibble per narrow
-    code, a byte per other code, rows on whole bytes, int32 row offsets and a 1-bit mask per
-    filter, if that is below one byte per code; else one byte per code."""
+    code, a byte per other code, rows on whole bytes, uint16 row offsets (int32 from 64 KiB) and
+    a 1-bit mask per filter, if that is below one byte per code; else one byte per code."""
     O, mg = w.shape[:2]
     f = w.reshape(O, mg, -1)
     narrow = ((f >= -8) & (f <= 7)).all(dim=2)
     if narrow.all():
         return (w.numel() + 1) // 2
     khw = f.shape[2]
-    mixed = sum((khw * (2 * mg - int(narrow[i].sum())) + 1) // 2 for i in range(O)) + 4 * O + (O * mg + 7) // 8
+    rows = [(khw * (2 * mg - int(narrow[i].sum())) + 1) // 2 for i in range(O)]
+    mixed = sum(rows) + (2 if sum(rows[:-1]) < 65536 else 4) * O + (O * mg + 7) // 8
     return mixed if narrow.any() and mixed < w.numel() else w.numel()
 
 
@@ -81,7 +82,11 @@ def test_p48_layout_round_trips_and_counts_its_bytes():
         w[::2, ::2] = torch.randint(-8, 8, w[::2, ::2].shape)  # narrow filters
         data, row, mask = p48_layout(w)
         assert torch.equal(p48_unpack(data, row, mask, shape), w)
-        assert len(data) + 4 * len(row) + len(mask) == p48_bytes(w)
+        assert len(data) + 2 * len(row) + len(mask) == p48_bytes(w)
+    w = torch.randint(-128, 128, (4, 200, 11, 11))  # rows start beyond 64 KiB: int32 offsets
+    w[:, 1] = 0
+    data, row, mask = p48_layout(w)
+    assert row[-1] >= 2 ** 16 and p48_bytes(w) == len(data) + 4 * 4 + (4 * 200 + 7) // 8
 
 
 @needs_cc
@@ -103,7 +108,7 @@ def test_mixed_8_4_plan_packs_per_2d_filter(tmp_path):
     assert kinds["L_grp"] == kinds["L_fc"] == "int4/int8 per 2D filter", kinds
     assert {v["weights"] for v in plain.layers.values()} == {"int8_t"}
     grp = packed.layers["L_grp"]
-    assert 0 < grp["narrow_filters"] < grp["filters"] == 8 * 8 and grp["index_bytes"] == 4 * 8 + 8
+    assert 0 < grp["narrow_filters"] < grp["filters"] == 8 * 8 and grp["index_bytes"] == 2 * 8 + 8
     parts = json.loads((packed.out / "export.json").read_text())["rom_parts"]
     assert parts["weight index"] == sum(v["index_bytes"] for v in packed.layers.values()) > 0
     assert saved > 0
@@ -114,19 +119,24 @@ def test_mixed_8_4_plan_packs_per_2d_filter(tmp_path):
 
 
 @needs_cc
-def test_hwc_layout_packs_per_2d_filter(tmp_path):
-    """An 8-bit plan with one format per kernel (3D: the [cout][kh][kw][cin] loop nest) where
-    many 2D filters of the stem (3x3), the 1x1 conv and the linear layer have small codes. The
-    1x1 conv (8 x 8 codes) stays int8: its index (32 + 8 bytes) outweighs the nibbles saved."""
+def test_hwc_and_depthwise_layouts_pack_per_2d_filter(tmp_path):
+    """An 8-bit plan with one format per layer (4D: the [cout][kh][kw][cin] loop nest for dense
+    convs) where many 2D filters of the stem (3x3), the depthwise conv, the 1x1 conv and the
+    linear layer have small codes. The 1x1 conv (8 x 8 codes) stays int8: its index (16 + 8
+    bytes) outweighs the nibbles saved."""
     g = make_graph(DepthwiseNet(), SHAPE)
-    for name, sel in (("stem", slice(None, None, 2)), ("pw", slice(1, None)), ("fc", slice(1, None))):
+    for name, sel in (("stem", slice(None, None, 2)), ("dw", slice(None, 6)), ("pw", slice(1, None)),
+                      ("fc", slice(1, None))):
         w = g.node(name).weight
-        w[:, sel] = w[:, sel] / 64
-    plan = plan_for(g, SHAPE, coeff_mode="3D")
+        if name == "dw":
+            w[sel] = w[sel] / 64
+        else:
+            w[:, sel] = w[:, sel] / 64
+    plan = plan_for(g, SHAPE, coeff_mode="4D")
     packed, _, saved = _packed_vs_plain(g, plan, tmp_path)
-    for tag in ("L_stem", "L_fc"):
+    for tag in ("L_stem", "L_dw", "L_fc"):
         assert packed.layers[tag]["weights"] == "int4/int8 per 2D filter", (tag, packed.layers[tag])
-        assert packed.layers[tag]["hwc"], tag
+    assert packed.layers["L_stem"]["hwc"] and packed.layers["L_fc"]["hwc"] and not packed.layers["L_dw"]["hwc"]
     assert packed.layers["L_pw"]["weights"] == "int8_t" and packed.layers["L_pw"]["narrow_filters"] > 8 * 8 // 2
     assert saved > 0
 

@@ -10,8 +10,9 @@ filter ``(i, j)`` is *narrow* when its ``khw`` codes all lie in ``[-8, 7]``.
 stream (low nibble first): its filters ``j = 0 .. mg-1`` in order, each ``khw`` codes in
 ``(ky, kx)`` order, one nibble per code (two's complement 4 bits) when ``(i, j)`` is narrow,
 two nibbles (low, high: two's complement 8 bits) otherwise; a row ends on a byte. The index
-is ``row`` (``int32[O]``) and ``mask`` (bit ``f % 8`` of byte ``f / 8`` set when filter
-``f = i * mg + j`` is narrow). It is chosen only when data + index are smaller than int8.
+is ``row`` (``uint16[O]`` where every row starts below 2^16, else ``int32[O]``) and ``mask``
+(bit ``f % 8`` of byte ``f / 8`` set when filter ``f = i * mg + j`` is narrow). It is chosen
+only when data + index are smaller than int8.
 
 >>> data, row, mask = p48_layout(torch.tensor([[[[1, -2]], [[100, 3]]]]))   # O=1, mg=2, 1x2
 >>> data, row, mask      # filter 0 narrow: nibbles 1, 0xE; filter 1: bytes 100, 3
@@ -24,7 +25,7 @@ import torch
 from ..engine import EngineError
 from ..safety import C_LIMITS
 
-__all__ = ["WSTORE", "narrow_filters", "p48_layout", "p48_unpack", "p48_bytes", "store_weights"]
+__all__ = ["WSTORE", "narrow_filters", "p48_layout", "p48_unpack", "p48_bytes", "row_bytes", "store_weights"]
 
 WSTORE = {"int8_t": "FIXQ_WS_I8", "int16_t": "FIXQ_WS_I16", "int32_t": "FIXQ_WS_I32"}
 
@@ -40,12 +41,18 @@ def narrow_filters(w: torch.Tensor) -> torch.Tensor:
     return ((f >= -8) & (f <= 7)).all(dim=2)
 
 
+def row_bytes(row: list[int]) -> int:
+    """Bytes of one row offset: uint16 where every row starts below 2^16, else int32."""
+    return 2 if not row or row[-1] < 2 ** 16 else 4
+
+
 def p48_bytes(w: torch.Tensor) -> int:
     """ROM of FIXQ_WS_P48 for codes ``w`` (O, mg, kh, kw): data, row table and mask."""
     O, mg = w.shape[:2]
     khw = w[0, 0].numel()
-    nib = (2 * mg - narrow_filters(w).sum(dim=1)) * khw  # nibbles per row
-    return int(((nib + 1) // 2).sum()) + 4 * O + (O * mg + 7) // 8
+    size = ((2 * mg - narrow_filters(w).sum(dim=1)) * khw + 1) // 2  # bytes per row
+    last = int(size[:-1].sum())  # where the last row starts
+    return int(size.sum()) + (2 if last < 2 ** 16 else 4) * O + (O * mg + 7) // 8
 
 
 def p48_layout(w: torch.Tensor) -> tuple[list[int], list[int], list[int]]:
@@ -100,11 +107,13 @@ def store_weights(ctx, name: str, w: torch.Tensor, hwc: bool = False) -> tuple[s
     if ctx.pack and -128 <= lo and hi <= 127 and 0 < info["narrow_filters"] and p48_bytes(w) < vals.numel():
         data, row, mask = p48_layout(w)
         d = ctx.array(name, "uint8_t", data, "weights")
-        r = ctx.array(f"{name}_row", "int32_t", row, "weight index")
+        rb = row_bytes(row)
+        r = ctx.array(f"{name}_row", "uint16_t" if rb == 2 else "int32_t", row, "weight index")
         m = ctx.array(f"{name}_mask", "uint8_t", mask, "weight index")
-        ctx.decls.append(f"static const fixq_wmix_t {name}_mix = {{{d}, {r}, {m}}};")
-        info.update(weights="int4/int8 per 2D filter", bytes=len(data) + 4 * len(row) + len(mask),
-                    index_bytes=4 * len(row) + len(mask))
+        rows = f"{r}, NULL" if rb == 2 else f"NULL, {r}"
+        ctx.decls.append(f"static const fixq_wmix_t {name}_mix = {{{d}, {rows}, {m}}};")
+        info.update(weights="int4/int8 per 2D filter", bytes=len(data) + rb * len(row) + len(mask),
+                    index_bytes=rb * len(row) + len(mask))
         return f"&{name}_mix", "FIXQ_WS_P48", info
     for ct in ("int8_t", "int16_t", "int32_t"):
         if C_LIMITS[ct][0] <= lo and hi <= C_LIMITS[ct][1]:

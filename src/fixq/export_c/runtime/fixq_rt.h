@@ -29,11 +29,17 @@ enum { FIXQ_BITS_MASK = 0xff, FIXQ_UNSIGNED = 0x100 }; /* data word = T | FIXQ_U
 /* weight storage of one layer: int8/int16/int32 codes, two 4-bit two's complement codes per
  * byte (low nibble first), or int4/int8 per 2D filter (fixq_wmix_t) */
 enum { FIXQ_WS_I8 = 0, FIXQ_WS_I16 = 1, FIXQ_WS_I32 = 2, FIXQ_WS_P4 = 3, FIXQ_WS_P48 = 4 };
-/* FIXQ_WS_P48: row i (output channel) from byte nib[row[i]], a nibble stream (low nibble first):
- * filters j = 0 .. cin/groups - 1 in order, kh*kw codes each in (ky, kx) order, one nibble per
- * code when the filter is narrow (bit f % 8 of mask[f / 8], f = i * cin/groups + j), else two
- * nibbles (low, high) per int8 code; every row starts on a byte */
-typedef struct { const uint8_t *nib; const int32_t *row; const uint8_t *mask; } fixq_wmix_t;
+/* FIXQ_WS_P48: row i (output channel) from byte nib[row[i]] (row16, or row32 where a row starts
+ * at 2^16 or later), a nibble stream (low nibble first): filters j = 0 .. cin/groups - 1 in
+ * order, kh*kw codes each in (ky, kx) order, one nibble per code when the filter is narrow
+ * (bit f % 8 of mask[f / 8], f = i * cin/groups + j), else two nibbles (low, high) per int8
+ * code; every row starts on a byte */
+typedef struct {
+    const uint8_t *nib;
+    const uint16_t *row16;
+    const int32_t *row32;
+    const uint8_t *mask;
+} fixq_wmix_t;
 
 /* 1 (the default): fixq_round_div (64-bit division) is compiled; the exporter defines 0 in
  * fixq_config.h when every average pool is proved to divide in 32 bits (div32) */

@@ -70,7 +70,7 @@ static unsigned nibble(const uint8_t *b, size_t n) {
 /* FIXQ_WS_P48 row i (fixq_rt.h) into buf in the layer's weight order */
 static const FIXQ_MAC_T *mixed_row(const fixq_conv_t *p, int i, FIXQ_MAC_T *buf) {
     const fixq_wmix_t *m = (const fixq_wmix_t *)p->weight;
-    const uint8_t *b = m->nib + m->row[i];
+    const uint8_t *b = m->nib + (m->row16 != NULL ? (size_t)m->row16[i] : (size_t)m->row32[i]);
     int mg = p->cin / p->groups, khw = p->kh * p->kw, j, t;
     int step = p->hwc ? mg : 1, stride = p->hwc ? 1 : khw; /* buf[t * step + j * stride] */
     size_t n = 0;
