@@ -263,7 +263,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, help="folder for the C sources")
     p.add_argument("--no-build", action="store_true", help="do not run make")
     p.add_argument("--name", default="model", help="C symbol prefix: fixq_<name>_run, FIXQ_<NAME>_* (default model)")
-    p.add_argument("--no-pack", action="store_true", help="store 4-bit weight layers one per byte (no unpacking)")
+    p.add_argument("--no-pack", action="store_true",
+                   help="one weight code per byte or more: no 4-bit or 4/8-bit per-filter packing (no unpacking)")
 
     p = add("export-onnx", help="write a QDQ ONNX model for a plan and compare it with the simulation")
     _add_plan_model(p, "plan.json of a quantize/mixed/kmeans run")

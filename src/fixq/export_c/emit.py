@@ -22,6 +22,7 @@ from ..ir import (AdaptiveAvgPool, Add, AvgPool, Clamp, Concat, Conv, Flatten, G
 from ..plan import QuantPlan
 from ..pooling import adaptive_windows, pool_divisors
 from ..safety import C_LIMITS, check_table, max_code, sum_fits_int32
+from .pack import store_weights
 
 __all__ = ["export_c", "C_EMITTERS", "ExportResult", "RUNTIME_DIR", "EmitCtx"]
 
@@ -29,7 +30,6 @@ RUNTIME_DIR = Path(__file__).parent / "runtime"
 ROUNDING_C = {"half_up": "FIXQ_HALF_UP", "nearest_even": "FIXQ_NEAREST_EVEN", "floor": "FIXQ_FLOOR"}
 OVERFLOW_C = {"saturate": "FIXQ_SATURATE", "wrap": "FIXQ_WRAP"}
 CTYPE_BYTES = {"int8_t": 1, "int16_t": 2, "int32_t": 4, "int64_t": 8, "uint8_t": 1, "uint16_t": 2}
-WSTORE = {"int8_t": "FIXQ_WS_I8", "int16_t": "FIXQ_WS_I16", "int32_t": "FIXQ_WS_I32"}
 
 
 def _word(T) -> str:
@@ -65,6 +65,7 @@ class EmitCtx:
     scratch_bytes: int = 0  # the largest kernel scratch
     layers: dict = field(default_factory=dict)  # per conv/linear: storage, acc32 (export.json)
     rom_parts: dict = field(default_factory=dict)
+    div64: bool = False  # an average pool needs 64-bit division (fixq_config.h: FIXQ_DIV64)
 
     def array(self, name: str, ctype: str, values, part: str = "tables") -> str:
         vals = [int(v) for v in torch.as_tensor(values).reshape(-1).tolist()]
@@ -85,19 +86,9 @@ class EmitCtx:
             return f"{{{self.array(name, 'int32_t', vals)}, NULL}}"
         return f"{{NULL, {self.array(name, 'int64_t', vals)}}}"
 
-    def weights(self, name: str, w: torch.Tensor) -> tuple[str, str, str]:
-        """Weight codes in the smallest storage that holds them: two 4-bit codes per byte
-        (``pack``), int8, int16 or int32. Returns (array, FIXQ_WS_* storage, storage name)."""
-        vals = w.reshape(-1).long()
-        lo, hi = (int(vals.min()), int(vals.max())) if vals.numel() else (0, 0)
-        if self.pack and -8 <= lo and hi <= 7:
-            nib = (vals & 15).tolist() + [0] * (vals.numel() % 2)
-            packed = [nib[k] | (nib[k + 1] << 4) for k in range(0, len(nib), 2)]
-            return self.array(name, "uint8_t", packed, "weights"), "FIXQ_WS_P4", "int4 packed"
-        for ct in ("int8_t", "int16_t", "int32_t"):
-            if C_LIMITS[ct][0] <= lo and hi <= C_LIMITS[ct][1]:
-                return self.array(name, ct, vals, "weights"), WSTORE[ct], ct
-        raise EngineError(f"C table {name}: weight codes beyond int32")
+    def weights(self, name: str, w: torch.Tensor, hwc: bool = False) -> tuple[str, str, dict]:
+        """Weight codes (O, cin/groups, kh, kw) in the smallest storage (pack.store_weights)."""
+        return store_weights(self, name, w, hwc)
 
     def conv_scratch(self, mg: int, K: int, geo: list, hwc: bool) -> None:
         """Mirror of fixq_conv_scratch() in fixq_rt_conv.c."""
@@ -141,12 +132,12 @@ def _conv_struct(ctx: EmitCtx, tag: str, geo: list, w, wshift, Tx, rest: str) ->
     mg, K = w.shape[1], w.shape[1] * w.shape[2] * w.shape[3]
     # fixq_rt_conv.c's hwc loop nest: weights [cout][kh][kw][cin/groups]
     hwc = mg > 1 and uniform and geo[11] == 1 and geo[12] == 1
-    warr, wstore, wname = ctx.weights(f"w_{tag}", w.permute(0, 2, 3, 1) if hwc else w)
+    warr, wstore, winfo = ctx.weights(f"w_{tag}", w, hwc)
     acc32 = sum_fits_int32(w.abs().sum(dim=(2, 3)), wshift, Tx)
     ctx.conv_scratch(mg, K, geo, hwc)
     ctx.decls.append(f"static const fixq_conv_t {tag} = {{{', '.join(map(str, geo))}, {warr}, {wstore}, {ws}, "
                      f"{1 if uniform else wshift.shape[1]}, {int(acc32)}, {int(hwc)}, {rest}}};")
-    ctx.layers[tag] = {"weights": wname, "acc": "int32" if acc32 else "int64"}
+    ctx.layers[tag] = {"weights": winfo["weights"], **winfo, "hwc": hwc, "acc": "int32" if acc32 else "int64"}
     return tag
 
 
@@ -227,6 +218,7 @@ def _emit_avg(ctx: EmitCtx, n) -> str:
     Kmax = int(pool_divisors(n, (H, W)).max())
     up, down = max(0, int(shv.max())), max(0, int((-shv).max()))
     div32 = Kmax * max_code(ctx.eng.fmts[n.inputs[0]][0]) * 2 ** up < 2 ** 31 and Kmax * 2 ** down < 2 ** 31
+    ctx.div64 = ctx.div64 or not div32
     ctx.decls.append(f"static const fixq_avgpool_t P_{t} = {{{C}, {H}, {W}, {OH}, {OW}, {', '.join(arrs)}, {div}, "
                      f"{sh}, {_word(T)}, {ROUNDING_C[ctx.eng.rounding]}, {int(div32)}}};")
     return f"fixq_avgpool(&P_{t}, {ctx.buf(n.inputs[0])}, {ctx.buf(n.name)}, {ctx.counts(n)});"
@@ -325,7 +317,8 @@ def export_c(graph: Graph, plan: QuantPlan, out: str | Path, meta: dict | None =
              pack: bool = True) -> ExportResult:
     """Write the C99 model (tables + calls), the runtime, ``main.c`` and a ``Makefile``.
     ``name`` prefixes every symbol (``fixq_<name>_run``); ``pack`` stores weight layers whose
-    codes fit 4 bits two per byte; ``meta['preprocess']`` (a Preprocess as a dict) adds the
+    codes fit 4 bits two per byte, mixed 4/8-bit 2D filters in nibbles or bytes (pack.py);
+    ``meta['preprocess']`` (a Preprocess as a dict) adds the
     pixel-to-code table.
 
     >>> res = export_c(graph, plan, "build/lenet", name="lenet")   # doctest: +SKIP
@@ -380,7 +373,7 @@ def export_c(graph: Graph, plan: QuantPlan, out: str | Path, meta: dict | None =
     lo_in, hi_in = code_limits(T_in)
     phash = plan_hash(json.dumps(plan.to_json(), sort_keys=True))
     syms = runtime_symbols(RUNTIME_DIR)
-    (out / "fixq_config.h").write_text(config_h(name, act_t, w_t, syms))
+    (out / "fixq_config.h").write_text(config_h(name, act_t, w_t, syms, ctx.div64))
     (out / "model.h").write_text(model_h(name, phash, plan.model, in_shape, out_size, arena_bytes, len(graph.nodes),
                                          (T_in, F_in), (T_out, F_out), pre))
     body = "\n".join(ctx.decls)

@@ -58,6 +58,7 @@ int64_t fixq_round_shift(int64_t a, int s, int rounding) {
     return q + (r > half || (r == half && (q & 1)));
 }
 
+#if FIXQ_DIV64
 int64_t fixq_round_div(int64_t n, int64_t d, int rounding) {
     int64_t q = n / d, r;
     if ((n % d) != 0 && n < 0) {
@@ -72,6 +73,7 @@ int64_t fixq_round_div(int64_t n, int64_t d, int rounding) {
     }
     return q + (r > d - r || (r == d - r && (q & 1)));
 }
+#endif
 
 int32_t fixq_round_div32(int32_t n, int32_t d, int rounding) {
     /* fixq_round_div for |n| < 2^31 - 1 and 0 < d < 2^31: 32-bit division only */
@@ -163,11 +165,15 @@ void fixq_avgpool(const fixq_avgpool_t *p, const FIXQ_ACT_T *x, FIXQ_ACT_T *y, u
                 }
                 num = fixq_shl(sum, sh);
                 den = fixq_shl((int64_t)p->div[oy * p->ow + ox], -sh);
+#if FIXQ_DIV64
                 if (p->div32) { /* both proved below 2^31 (DESIGN 5a): no 64-bit division */
                     q = fixq_round_div32((int32_t)num, (int32_t)den, p->rounding);
                 } else {
                     q = fixq_round_div(num, den, p->rounding);
                 }
+#else /* FIXQ_DIV64 0: the exporter proved div32 for every pool */
+                q = fixq_round_div32((int32_t)num, (int32_t)den, p->rounding);
+#endif
                 y[((size_t)ch * (size_t)p->oh + (size_t)oy) * (size_t)p->ow + (size_t)ox] =
                     (FIXQ_ACT_T)fixq_sat(q, p->out_bits, FIXQ_SATURATE, data_events(sat));
             }

@@ -26,16 +26,35 @@
 enum { FIXQ_HALF_UP = 0, FIXQ_NEAREST_EVEN = 1, FIXQ_FLOOR = 2 };
 enum { FIXQ_SATURATE = 0, FIXQ_WRAP = 1 };
 enum { FIXQ_BITS_MASK = 0xff, FIXQ_UNSIGNED = 0x100 }; /* data word = T | FIXQ_UNSIGNED for U(T,F) */
-/* weight storage of one layer: int8/int16/int32 codes, or two 4-bit two's complement codes per
- * byte (low nibble first) */
-enum { FIXQ_WS_I8 = 0, FIXQ_WS_I16 = 1, FIXQ_WS_I32 = 2, FIXQ_WS_P4 = 3 };
+/* weight storage of one layer: int8/int16/int32 codes, two 4-bit two's complement codes per
+ * byte (low nibble first), or int4/int8 per 2D filter (fixq_wmix_t) */
+enum { FIXQ_WS_I8 = 0, FIXQ_WS_I16 = 1, FIXQ_WS_I32 = 2, FIXQ_WS_P4 = 3, FIXQ_WS_P48 = 4 };
+/* FIXQ_WS_P48: row i (output channel) from byte nib[row[i]] (row16, or row32 where a row starts
+ * at 2^16 or later), a nibble stream (low nibble first): filters j = 0 .. cin/groups - 1 in
+ * order, kh*kw codes each in (ky, kx) order, one nibble per code when the filter is narrow
+ * (bit f % 8 of mask[f / 8], f = i * cin/groups + j), else two nibbles (low, high) per int8
+ * code; every row starts on a byte */
+typedef struct {
+    const uint8_t *nib;
+    const uint16_t *row16;
+    const int32_t *row32;
+    const uint8_t *mask;
+} fixq_wmix_t;
+
+/* 1 (the default): fixq_round_div (64-bit division) is compiled; the exporter defines 0 in
+ * fixq_config.h when every average pool is proved to divide in 32 bits (div32) */
+#ifndef FIXQ_DIV64
+#define FIXQ_DIV64 1
+#endif
 
 int64_t fixq_asr(int64_t a, int s);                       /* floor(a / 2^s), s >= 0 */
 int64_t fixq_shl(int64_t a, int s);                       /* a * 2^s, s >= 0 (saturates: never in a proved model) */
 /* defined for every int64 a and every int s (DESIGN section 5a): right shifts of any size,
  * left shifts through fixq_shl; the exporter emits only |s| <= 62 */
 int64_t fixq_round_shift(int64_t a, int s, int rounding);
+#if FIXQ_DIV64
 int64_t fixq_round_div(int64_t n, int64_t d, int rounding); /* d > 0 */
+#endif
 int32_t fixq_round_div32(int32_t n, int32_t d, int rounding); /* d > 0, no 64-bit division */
 int64_t fixq_sat(int64_t v, int word, int overflow, uint64_t *events); /* word: T [| FIXQ_UNSIGNED] */
 
@@ -46,8 +65,9 @@ typedef struct { const int32_t *t32; const int64_t *t64; } fixq_tab_t;
 
 typedef struct {
     int cin, h, w, cout, groups, kh, kw, sh, sw, ph, pw, dh, dw, oh, ow;
-    const void *weight;       /* [cout][cin/groups][kh][kw] codes at Fw, stored as wstore */
-    int wstore;               /* FIXQ_WS_*: packed 4-bit rows are unpacked into the scratch */
+    const void *weight;       /* [cout][cin/groups][kh][kw] codes at Fw, stored as wstore
+                               * (FIXQ_WS_P48: a fixq_wmix_t) */
+    int wstore;               /* FIXQ_WS_*: packed rows are unpacked into the scratch */
     const uint8_t *wshift;    /* [cout][wshift_cols]: S - Fw - Fx */
     int wshift_cols;          /* cin/groups (2D formats or per-channel data), or 1 per kernel */
     int acc32;                /* 1: every partial sum proved below 2^31 (int32 loops) */

@@ -11,7 +11,8 @@
  *  - depthwise (cin/groups == 1): a row of sums accumulates kh * kw scaled input rows, the
  *    padded border cut off by the range of valid outputs, outside the inner loop.
  * Both run in int32 when the exporter proved every partial sum below 2^31 (acc32), else in
- * int64. Packed 4-bit weight rows are unpacked into the scratch before use.
+ * int64. Packed weight rows (4-bit, or 4/8-bit per 2D filter) are unpacked into the scratch
+ * before use.
  */
 #include "fixq_rt.h"
 
@@ -61,12 +62,45 @@ static void valid_range(int n_out, int n_in, int s, int off, int *lo, int *hi) {
     *hi = b;
 }
 
+/* nibble n of the stream b (low nibble first) */
+static unsigned nibble(const uint8_t *b, size_t n) {
+    return ((unsigned)b[n >> 1] >> ((n & 1u) * 4u)) & 15u;
+}
+
+/* FIXQ_WS_P48 row i (fixq_rt.h) into buf in the layer's weight order */
+static const FIXQ_MAC_T *mixed_row(const fixq_conv_t *p, int i, FIXQ_MAC_T *buf) {
+    const fixq_wmix_t *m = (const fixq_wmix_t *)p->weight;
+    const uint8_t *b = m->nib + (m->row16 != NULL ? (size_t)m->row16[i] : (size_t)m->row32[i]);
+    int mg = p->cin / p->groups, khw = p->kh * p->kw, j, t;
+    int step = p->hwc ? mg : 1, stride = p->hwc ? 1 : khw; /* buf[t * step + j * stride] */
+    size_t n = 0;
+    for (j = 0; j < mg; j++) {
+        size_t f = (size_t)i * (size_t)mg + (size_t)j;
+        FIXQ_MAC_T *d = buf + j * stride;
+        if ((m->mask[f >> 3] >> (f & 7u)) & 1u) {
+            for (t = 0; t < khw; t++, n++) {
+                unsigned u = nibble(b, n);
+                d[t * step] = (FIXQ_MAC_T)((int32_t)u - (int32_t)((u & 8u) << 1));
+            }
+        } else {
+            for (t = 0; t < khw; t++, n += 2) {
+                unsigned u = nibble(b, n) | (nibble(b, n + 1) << 4);
+                d[t * step] = (FIXQ_MAC_T)((int32_t)u - (int32_t)((u & 128u) << 1));
+            }
+        }
+    }
+    return buf;
+}
+
 /* the K weight codes of output channel i, as FIXQ_MAC_T (unpacked or widened into buf) */
 static const FIXQ_MAC_T *weight_row(const fixq_conv_t *p, int i, int K, FIXQ_MAC_T *buf) {
     size_t e0 = (size_t)i * (size_t)K;
     int k;
     if (p->wstore == FIXQ_MAC_WS) {
         return (const FIXQ_MAC_T *)p->weight + e0;
+    }
+    if (p->wstore == FIXQ_WS_P48) {
+        return mixed_row(p, i, buf);
     }
     for (k = 0; k < K; k++) {
         size_t e = e0 + (size_t)k;
