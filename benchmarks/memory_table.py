@@ -105,6 +105,7 @@ def main() -> int:
     ap.add_argument("--lite0", action="store_true", help="also EfficientNet-Lite0, 128/872 (minutes on 2 cores)")
     ap.add_argument("--no-cifar", action="store_true", help="skip the ResNet-20 rows (keep those measured before)")
     ap.add_argument("--cap-gb", type=float, default=9.0)
+    ap.add_argument("--which", default="before,after", help="which code to run (rows of the other are kept)")
     ap.add_argument("--fresh", action="store_true", help="forget rows of earlier runs (measured another way)")
     ap.add_argument("--big", type=int, default=2, help="copies of the CIFAR test set in the large folder")
     ap.add_argument("--sizes", default="1000,9744", help="CIFAR evaluation sizes on the test set")
@@ -132,6 +133,8 @@ def main() -> int:
         if args.lite0:
             im = sh / "data" / "imagenet-sample"
             for which, src in (("before", args.old), ("after", NEW)):
+                if which not in args.which.split(","):
+                    continue
                 argv = ["quantize", "--model", "efficientnet-lite0", "--calib", str(im), "--calib-size", "128",
                         "--eval", str(im), "--coeff-mode", "3D", "--batch-size", "32", "--quiet", "--out", f"{tmp}/o"]
                 m = measure(src, argv, args.cap_gb)

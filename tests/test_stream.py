@@ -79,6 +79,35 @@ def test_streamed_equals_in_memory(digits_dir):
     assert res.saturations == run.result.saturations
 
 
+def test_float64_temporaries_are_bounded_and_give_the_same_numbers(digits_dir, monkeypatch):
+    """The mse range search and the SQNR sums work on blocks of values (temporaries bounded
+    by a constant, not by the batch's largest tensor); tiny blocks give the same plan and
+    SQNR as one block."""
+    import fixq.evaluate as ev
+    import fixq.observe as ob
+    from fixq.commands import make_config
+    from fixq.pipeline import open_session, run_config
+    from fixq.ranges import MSE_CANDIDATES
+
+    def go():
+        s = open_session("lenet-digits", str(digits_dir), str(digits_dir), calib_size=40, eval_size=40,
+                         batch_size=16, workers=0, show_progress=False)
+        return run_config(s, make_config(data_mode="3D", data_method="mse"))
+    whole = go()
+    seen = []
+    real = ob.fake_quantize
+    monkeypatch.setattr(ob, "fake_quantize", lambda c, *a: (seen.append(c.numel()), real(c, *a))[1])
+    monkeypatch.setattr(ob, "MSE_CHUNK", 64)
+    monkeypatch.setattr(ev, "CHUNK", 50)
+    small = go()
+    assert seen and max(seen) <= 64 * 2 and len(seen) > 10 * MSE_CANDIDATES  # many small blocks were used
+    assert small.plan.to_json() == whole.plan.to_json()
+    assert torch.equal(small.result.logits, whole.result.logits)
+    assert small.result.sqnr_db.keys() == whole.result.sqnr_db.keys()
+    for k, v in whole.result.sqnr_db.items():
+        assert abs(small.result.sqnr_db[k] - v) <= 1e-9 * max(1.0, abs(v)), k
+
+
 # ---- flat folder + labels file -----------------------------------------------------------
 
 @pytest.fixture

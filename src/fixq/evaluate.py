@@ -57,6 +57,9 @@ class EvalResult:
     sqnr_images: int = 0
 
 
+CHUNK = 1 << 22  # values per float64 temporary of the SQNR sums (32 MB)
+
+
 def _lockstep(sim, xb: torch.Tensor, points: list[str]):
     """Quantized and float forward passes side by side, node by node: each quantization
     point's signal and noise energy (float64 sums over the batch) is taken as soon as it
@@ -73,9 +76,15 @@ def _lockstep(sim, xb: torch.Tensor, points: list[str]):
     sums = {}
 
     def take(name):
-        if name in want:
-            f = f_env[name].double()
-            sums[name] = (float((f * f).sum()), float(((q_env[name].double() - f) ** 2).sum()))
+        if name in want:  # float64 sums, a few images at a time: temporaries bounded by CHUNK values
+            f_all, q_all = f_env[name], q_env[name]
+            step = max(1, CHUNK // max(1, f_all[0].numel()))
+            s_ = n_ = 0.0
+            for i in range(0, f_all.shape[0], step):
+                f = f_all[i:i + step].double()
+                s_ += float((f * f).sum())
+                n_ += float(((q_all[i:i + step].double() - f) ** 2).sum())
+            sums[name] = (s_, n_)
     take(g.input)
     for n in g.nodes:
         if isinstance(n, Input):

@@ -23,6 +23,8 @@ from .ir import FLOAT_RULES, QUANT_POINTS, Conv, Graph, Input, Linear, apply_act
 from .ranges import MSE_CANDIDATES, F_from_histogram, F_from_maxabs, exponent_histogram, mse_candidates, parse_method
 from .stream import as_stream, stream_map
 
+MSE_CHUNK = 1 << 22  # values per float64 temporary of the mse range search (32 MB)
+
 __all__ = ["observe", "Observations", "needs_histograms", "CalibrationError"]
 
 
@@ -159,16 +161,21 @@ class Observations:
 
                 def on_tensor(name, t):
                     for r in by_name.get(name, ()):
-                        c = _per_channel(t).double()
+                        c32 = _per_channel(t)  # (C, values): float64 in column blocks of MSE_CHUNK values
                         word = Word(r[1], r[3])
-                        F_all = cands[r].to(c.device)
-                        out = []
-                        for k in range(MSE_CANDIDATES):
-                            F = F_all[:, k:k + 1]
-                            if r[2] == "3D":
-                                out.append(((fake_quantize(c, F, word, rounding)[0] - c) ** 2).sum(dim=1))
-                            else:
-                                out.append(((fake_quantize(c, F[0, 0], word, rounding)[0] - c) ** 2).sum().reshape(1))
+                        F_all = cands[r].to(c32.device)
+                        n_out = c32.shape[0] if r[2] == "3D" else 1
+                        out = [torch.zeros(n_out, dtype=torch.float64, device=c32.device) for _ in range(MSE_CANDIDATES)]
+                        step = max(1, MSE_CHUNK // max(1, c32.shape[0]))
+                        for j in range(0, c32.shape[1], step):
+                            c = c32[:, j:j + step].double()
+                            for k in range(MSE_CANDIDATES):
+                                F = F_all[:, k:k + 1]
+                                if r[2] == "3D":
+                                    e = ((fake_quantize(c, F, word, rounding)[0] - c) ** 2).sum(dim=1)
+                                else:
+                                    e = ((fake_quantize(c, F[0, 0], word, rounding)[0] - c) ** 2).sum().reshape(1)
+                                out[k] = out[k] + e
                         errs[r] = out
                 _forward_observed(self.graph, x.to(device=self.device, dtype=torch.float32), on_tensor,
                                   lambda *a: None)
