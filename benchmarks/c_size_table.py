@@ -65,6 +65,9 @@ def main() -> None:
     ap.add_argument("--work", default="/tmp/fixq-c-size")
     ap.add_argument("--m4-images", type=int, default=2)
     ap.add_argument("--search", action="store_true", help="add the fixq mixed and fixq kmeans plans")
+    ap.add_argument("--search-models", default="lenet-digits,cifar10-resnet20", help="models --search applies to")
+    ap.add_argument("--m4-models", default="lenet-digits,cifar10-resnet20",
+                    help="models also run on the Cortex-M4 (QEMU board: 4 MB; larger models do not fit)")
     ap.add_argument("--eval-size", type=int, default=16, help="evaluation images (the searches tune on half)")
     ap.add_argument("--out", default=str(Path(__file__).parent / "results"))
     args = ap.parse_args()
@@ -83,7 +86,7 @@ def main() -> None:
             w = str(Path(args.shared) / wts) if wts else None
             s = open_session(name, str(Path(args.shared) / data), str(Path(args.shared) / data), w, calib_size=128,
                              eval_size=args.eval_size, seed=0, show_progress=False)
-        rows_here = plans(s, name) + (searched(s) if args.search else [])
+        rows_here = plans(s, name) + (searched(s) if args.search and name in args.search_models.split(",") else [])
         for k, (label, plan) in enumerate(rows_here):
             d = work / f"{name}-{k}"
             d.mkdir(parents=True, exist_ok=True)
@@ -99,7 +102,7 @@ def main() -> None:
                          before["ram_bytes"] if before else "n/a", packed.act_bytes, packed.arena_bytes,
                          16 * len(s.graph.nodes)])
             print(rows[-1], flush=True)
-            if (k != 0 and k < 3) or tools_missing("cortex-m4"):
+            if (k != 0 and k < 3) or tools_missing("cortex-m4") or name not in args.m4_models.split(","):
                 continue
             eng = Engine(s.graph, plan)
             q = eng.quantize_input(s.eval_stream.subset(range(args.m4_images)).tensor())

@@ -50,12 +50,18 @@ CONFIGS = {  # name -> (LayerConfig kwargs, rounding, extra): extra is "mixed", 
 }
 
 
-def _models():
-    lenet, _ = build_model("lenet-digits")
-    return {"lenet-digits": (lenet.eval(), (1, 8, 8), 0.5),
-            "depthwise": (DepthwiseNet(), (3, 16, 16), 1.5),
-            "resnet20-random": (CifarResNet(20), (3, 32, 32), 1.5),
-            "mobile": (MobileNet(), (3, 16, 16), 1.5)}
+MODELS = {"lenet-digits": (lambda: build_model("lenet-digits")[0].eval(), (1, 8, 8), 0.5),
+          "depthwise": (DepthwiseNet, (3, 16, 16), 1.5),
+          "resnet20-random": (lambda: CifarResNet(20), (3, 32, 32), 1.5),
+          "mobile": (MobileNet, (3, 16, 16), 1.5)}
+
+
+def _model(name: str):
+    """One cell's network, its weights drawn from a fixed seed (not from whatever the cells
+    run before it left in the global generator: any subset of cells reproduces its digests)."""
+    make, shape, scale = MODELS[name]
+    torch.manual_seed(0)
+    return make(), shape, scale
 
 
 SMALL = ("lenet-digits", "depthwise")
@@ -94,7 +100,7 @@ def E_names(g):
 
 def digests(model: str, cfg: str) -> dict[str, str]:
     """Every output of one matrix cell, as short sha256 digests."""
-    net, shape, scale = _models()[model]
+    net, shape, scale = _model(model)
     torch.manual_seed(0)
     g = make_graph(net, shape) if model != "lenet-digits" else _capture(net, shape)
     torch.manual_seed(1)
