@@ -3,6 +3,7 @@ mixed 8/4 plans, int4 packed K-means residuals, and no 64-bit division linked wh
 average pool divides in 32 bits. Packed and unpacked C equal the integer engine bit for bit,
 and the ROM saved is exactly what the codes allow."""
 import json
+import re
 import shutil
 import subprocess
 
@@ -19,10 +20,18 @@ from fixq.kmeans import cluster_kernels
 from fixq.mixed import filter_bits, filter_energies
 from fixq.plan import LayerConfig, QuantConfig
 
+import fixq.export_c.pack as pk
+
 from helpers import DepthwiseNet, make_graph, plan_for
 
 needs_cc = pytest.mark.skipif(shutil.which("gcc") is None or shutil.which("make") is None, reason="needs gcc and make")
 SHAPE = (3, 16, 16)
+
+
+def _net():
+    """DepthwiseNet with weights from a fixed seed (not from what earlier tests left in the generator)."""
+    torch.manual_seed(0)
+    return make_graph(DepthwiseNet(), SHAPE)
 
 
 def _expected_bytes(w: torch.Tensor) -> int:
@@ -38,7 +47,7 @@ def _expected_bytes(w: torch.Tensor) -> int:
     khw = f.shape[2]
     rows = [(khw * (2 * mg - int(narrow[i].sum())) + 1) // 2 for i in range(O)]
     mixed = sum(rows) + (2 if sum(rows[:-1]) < 65536 else 4) * O + (O * mg + 7) // 8
-    return mixed if narrow.any() and mixed < w.numel() else w.numel()
+    return mixed if narrow.any() and mixed + pk.P48_STRUCT < w.numel() else w.numel()
 
 
 def _codes(eng: Engine) -> list[torch.Tensor]:
@@ -66,7 +75,7 @@ def _packed_vs_plain(g, plan, tmp, n=6):
         assert torch.equal(got, want), f"pack={pack}: C differs from the engine"
         res.append(r)
     packed, plain = res
-    assert all(c.abs().max() <= 127 for c in _codes(eng))  # plain storage is int8 throughout
+    assert all(-128 <= int(c.min()) and int(c.max()) <= 127 for c in _codes(eng))  # plain storage is int8 throughout
     saved = sum(w.numel() - _expected_bytes(w) for w in _codes(eng))
     assert plain.rom_bytes - packed.rom_bytes == saved
     n_F = sum(eng.fmts[k][1].reshape(-1).numel() for k in (g.input, g.output))  # fixq_<name>_in_F, _out_F
@@ -94,7 +103,7 @@ def test_mixed_8_4_plan_packs_per_2d_filter(tmp_path):
     """A mixed plan from the energy algorithm (2D formats, 4 or 8 bits per 2D filter) on
     depthwise, 1x1, grouped+dilated and linear layers: int4/int8 per 2D filter storage, same
     outputs as one byte per code, and exactly the expected ROM saved."""
-    g = make_graph(DepthwiseNet(), SHAPE)
+    g = _net()
     torch.manual_seed(2)
     x = torch.randn(16, *SHAPE)
     E = filter_energies(g, [x], show_progress=False)
@@ -119,20 +128,13 @@ def test_mixed_8_4_plan_packs_per_2d_filter(tmp_path):
 
 
 @needs_cc
-def test_hwc_and_depthwise_layouts_pack_per_2d_filter(tmp_path):
+def test_hwc_and_depthwise_layouts_pack_per_2d_filter(tmp_path, monkeypatch):
     """An 8-bit plan with one format per layer (4D: the [cout][kh][kw][cin] loop nest for dense
     convs) where many 2D filters of the stem (3x3), the depthwise conv, the 1x1 conv and the
     linear layer have small codes. The 1x1 conv (8 x 8 codes) stays int8: its index (16 + 8
     bytes) outweighs the nibbles saved."""
-    g = make_graph(DepthwiseNet(), SHAPE)
-    for name, sel in (("stem", slice(None, None, 2)), ("dw", slice(None, 6)), ("pw", slice(1, None)),
-                      ("fc", slice(1, None))):
-        w = g.node(name).weight
-        if name == "dw":
-            w[sel] = w[sel] / 64
-        else:
-            w[:, sel] = w[:, sel] / 64
-    plan = plan_for(g, SHAPE, coeff_mode="4D")
+    monkeypatch.setattr(pk, "P48_STRUCT", 0)  # the 8-channel depthwise layer saves less than its descriptor
+    g, plan = _shrunk_4d_plan()
     packed, _, saved = _packed_vs_plain(g, plan, tmp_path)
     for tag in ("L_stem", "L_dw", "L_fc"):
         assert packed.layers[tag]["weights"] == "int4/int8 per 2D filter", (tag, packed.layers[tag])
@@ -141,12 +143,42 @@ def test_hwc_and_depthwise_layouts_pack_per_2d_filter(tmp_path):
     assert saved > 0
 
 
+def _shrunk_4d_plan():
+    g = _net()
+    for name, sel in (("stem", slice(None, None, 2)), ("dw", slice(None, 6)), ("pw", slice(1, None)),
+                      ("fc", slice(1, None))):
+        w = g.node(name).weight
+        if name == "dw":
+            w[sel] = w[sel] / 64
+        else:
+            w[:, sel] = w[:, sel] / 64
+    return g, plan_for(g, SHAPE, coeff_mode="4D")
+
+
+@needs_cc
+def test_int32_row_offsets_unpack_in_c(tmp_path, monkeypatch):
+    """The int32 row-offset branch (layers whose rows start past 64 KiB) read by the C: forced
+    on a small model, packed C still equals the engine; the unpacking is compiled only where
+    some layer uses it (FIXQ_P48)."""
+    import fixq.export_c.pack as pk
+    from test_export_c import c_vs_engine
+    g, plan = _shrunk_4d_plan()
+    monkeypatch.setattr(pk, "row_bytes", lambda row: 4)
+    monkeypatch.setattr(pk, "P48_STRUCT", 0)
+    res, _ = c_vs_engine(g, plan, SHAPE, tmp_path / "r32", n=4)
+    text = (res.out / "model.c").read_text()
+    assert re.search(r"static const int32_t \w+_row\[", text) and not re.search(r"static const uint16_t \w+_row\[", text)
+    assert "#define FIXQ_P48 1" in (res.out / "fixq_config.h").read_text()
+    plain = export_c(g, plan_for(g, SHAPE, coeff_mode="3D"), tmp_path / "no48", pack=False)
+    assert "#define FIXQ_P48 0" in (plain.out / "fixq_config.h").read_text()
+
+
 @needs_cc
 @pytest.mark.parametrize("kbits", [(8, 4), (8, 4, 4)], ids=["8b-basis-4b-resid", "resid-4b-data"])
 def test_kmeans_residuals_pack(tmp_path, kbits):
     """K-means layers: the 4-bit residual kernels go through the same storage choice (all
     codes in [-8, 7]: int4 packed); same outputs as unpacked, exactly the expected ROM saved."""
-    g = make_graph(DepthwiseNet(), SHAPE)
+    g = _net()
     torch.manual_seed(2)
     x = torch.randn(16, *SHAPE)
     obs = observe(g, [(x, None)], show_progress=False)
@@ -183,7 +215,7 @@ def test_no_64bit_division_linked_when_every_pool_is_div32(tmp_path):
     data both divide in 32 bits, FIXQ_DIV64 is 0 and the Cortex-M4 objects need no 64-bit
     division helper; forcing -DFIXQ_DIV64=1 brings it back (the check can see it); 30-bit data
     need it, and the exporter says so."""
-    g = make_graph(DepthwiseNet(), SHAPE)
+    g = _net()
     res = export_c(g, plan_for(g, SHAPE, coeff_mode="3D"), tmp_path / "c8")
     assert "#define FIXQ_DIV64 0" in (res.out / "fixq_config.h").read_text()
     (tmp_path / "o8").mkdir()
@@ -192,6 +224,9 @@ def test_no_64bit_division_linked_when_every_pool_is_div32(tmp_path):
     assert _m4_undefined(res.out, tmp_path / "o8f", ["-DFIXQ_DIV64=1"]) & set(M4_DIV64)
     res30 = export_c(g, plan_for(g, SHAPE, coeff_mode="3D", data_bits=30), tmp_path / "c30")
     assert "#define FIXQ_DIV64 1" in (res30.out / "fixq_config.h").read_text()
+    r = subprocess.run(["gcc", "-std=c99", "-DFIXQ_DIV64=0", "-c", "fixq_rt.c", "-o", "/dev/null"], cwd=res30.out,
+                       capture_output=True, text=True)  # a model that needs it cannot be built without it
+    assert r.returncode != 0 and "needs 64-bit division" in r.stderr
     (tmp_path / "o30").mkdir()
     assert _m4_undefined(res30.out, tmp_path / "o30") & set(M4_DIV64)
 
@@ -200,6 +235,6 @@ def test_no_64bit_division_linked_when_every_pool_is_div32(tmp_path):
 def test_div64_model_equals_the_engine(tmp_path):
     """30-bit data: an average pool beyond 32-bit division (FIXQ_DIV64 1) stays exact."""
     from test_export_c import c_vs_engine
-    g = make_graph(DepthwiseNet(), SHAPE)
+    g = _net()
     res, _ = c_vs_engine(g, plan_for(g, SHAPE, coeff_mode="3D", data_bits=30), SHAPE, tmp_path, n=4)
     assert "#define FIXQ_DIV64 1" in (res.out / "fixq_config.h").read_text()

@@ -22,7 +22,7 @@ from ..ir import (AdaptiveAvgPool, Add, AvgPool, Clamp, Concat, Conv, Flatten, G
 from ..plan import QuantPlan
 from ..pooling import adaptive_windows, pool_divisors
 from ..safety import C_LIMITS, check_table, max_code, sum_fits_int32
-from .pack import store_weights
+from .pack import P48_NAME, store_weights
 
 __all__ = ["export_c", "C_EMITTERS", "ExportResult", "RUNTIME_DIR", "EmitCtx"]
 
@@ -373,7 +373,8 @@ def export_c(graph: Graph, plan: QuantPlan, out: str | Path, meta: dict | None =
     lo_in, hi_in = code_limits(T_in)
     phash = plan_hash(json.dumps(plan.to_json(), sort_keys=True))
     syms = runtime_symbols(RUNTIME_DIR)
-    (out / "fixq_config.h").write_text(config_h(name, act_t, w_t, syms, ctx.div64))
+    (out / "fixq_config.h").write_text(config_h(name, act_t, w_t, syms, ctx.div64,
+                                                any(v.get("weights") == P48_NAME for v in ctx.layers.values())))
     (out / "model.h").write_text(model_h(name, phash, plan.model, in_shape, out_size, arena_bytes, len(graph.nodes),
                                          (T_in, F_in), (T_out, F_out), pre))
     body = "\n".join(ctx.decls)

@@ -46,6 +46,11 @@ typedef struct {
 #ifndef FIXQ_DIV64
 #define FIXQ_DIV64 1
 #endif
+/* 1 (the default): the int4/int8-per-2D-filter unpacking (FIXQ_WS_P48) is compiled; the
+ * exporter defines 0 when no layer uses it */
+#ifndef FIXQ_P48
+#define FIXQ_P48 1
+#endif
 
 int64_t fixq_asr(int64_t a, int s);                       /* floor(a / 2^s), s >= 0 */
 int64_t fixq_shl(int64_t a, int s);                       /* a * 2^s, s >= 0 (saturates: never in a proved model) */

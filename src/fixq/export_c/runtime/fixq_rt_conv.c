@@ -62,6 +62,7 @@ static void valid_range(int n_out, int n_in, int s, int off, int *lo, int *hi) {
     *hi = b;
 }
 
+#if FIXQ_P48 /* compiled only into models with a FIXQ_WS_P48 layer (fixq_config.h) */
 /* nibble n of the stream b (low nibble first) */
 static unsigned nibble(const uint8_t *b, size_t n) {
     return ((unsigned)b[n >> 1] >> ((n & 1u) * 4u)) & 15u;
@@ -91,6 +92,7 @@ static const FIXQ_MAC_T *mixed_row(const fixq_conv_t *p, int i, FIXQ_MAC_T *buf)
     }
     return buf;
 }
+#endif
 
 /* the K weight codes of output channel i, as FIXQ_MAC_T (unpacked or widened into buf) */
 static const FIXQ_MAC_T *weight_row(const fixq_conv_t *p, int i, int K, FIXQ_MAC_T *buf) {
@@ -99,9 +101,11 @@ static const FIXQ_MAC_T *weight_row(const fixq_conv_t *p, int i, int K, FIXQ_MAC
     if (p->wstore == FIXQ_MAC_WS) {
         return (const FIXQ_MAC_T *)p->weight + e0;
     }
+#if FIXQ_P48
     if (p->wstore == FIXQ_WS_P48) {
         return mixed_row(p, i, buf);
     }
+#endif
     for (k = 0; k < K; k++) {
         size_t e = e0 + (size_t)k;
         int32_t v;
