@@ -151,7 +151,7 @@ def test_cli_mixed_paper_keeps_fc_layers_whole(capsys, tmp_path, digits_dir):
 def test_cli_kmeans_paper_table4_with_float_elsewhere(capsys, tmp_path, digits_dir):
     """--paper on kmeans: Table 4 with every other layer in floating point (the paper's Table 4)."""
     argv = ["kmeans", "--model", "lenet-digits", "--calib", str(digits_dir), "--calib-size", "64", "--eval",
-            str(digits_dir), "--eval-size", "300", "--out", str(tmp_path / "k"), "--k", "conv2=3", "--paper",
+            str(digits_dir), "--eval-size", "300", "--out", str(tmp_path / "k"), "--k", "conv2=3,fc1=2", "--paper",
             "--quiet"]
     assert main(argv) == 0, capsys.readouterr().err
     rep = json.loads((tmp_path / "k" / "report.json").read_text())
@@ -161,6 +161,9 @@ def test_cli_kmeans_paper_table4_with_float_elsewhere(capsys, tmp_path, digits_d
     base_layer = t4["rows"][0]["layer_rel_complexity_mmacs"]
     for r in t4["rows"]:  # network savings: this layer's savings over the all-base network
         assert r["network_savings_pct"] == pytest.approx(100 * (base_layer - r["layer_rel_complexity_mmacs"]) / base_net)
+    for r in rep["table6"]:  # Table 6 is the whole network: savings from its own complexity, not Table 4's rule
+        assert r["network_savings_pct"] == pytest.approx(100 * (1 - r["rel_complexity_mmacs"] / base_net))
+    assert rep["table6"][1]["network_savings_pct"] > 10  # the all-4-bit set of the clustered layers saves a lot
     # one layer quantized, the rest float: less logit noise than the whole 2D-HQ <8b,8b> network
     assert t4["rows"][0]["logit_sqnr_db"] > rep["table6"][0]["logit_sqnr_db"]
     from fixq.kmeans_search import only_layer_config

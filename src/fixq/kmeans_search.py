@@ -256,13 +256,13 @@ def search_kmeans(session: Session, config: QuantConfig, opts: KMeansOptions, co
         def kplan4(K, residual_bits=None):
             return plan_for({layer: K}, residual_bits)
 
-    def row(label, p):
+    def row(label, p, table4=True):
         e1, e5, logits = bench.measure(p, "test")
         noise = bench.logit_noise(logits, "test")
         c, sv = bench.cost(p)
         lc = {x.name: x for x in analyze(g, p).layers}[layer]
         base_l = costs[layer].rel_complexity_mmacs
-        if flp:  # the network's other layers are float here: savings of this layer vs the all-base network
+        if flp and table4:  # Table 4's other layers are float: savings of this layer vs the all-base network
             sv = 100.0 * (base_l - lc.rel_complexity_mmacs) / bench.base_cost
         return {"plan": label, "top1_error": e1, "top5_error": e5, "layer_rel_complexity_mmacs": lc.rel_complexity_mmacs,
                 "layer_savings_pct": 100.0 * (1 - lc.rel_complexity_mmacs / base_l), "network_savings_pct": sv,
@@ -298,17 +298,17 @@ def search_kmeans(session: Session, config: QuantConfig, opts: KMeansOptions, co
                                                                        residual_data_bits=opts.residual_data_bits)}
 
     all_low = {n: torch.full(tuple(g.node(n).weight.shape[:2]), opts.residual_bits, dtype=torch.int64) for n in names}
-    table6 = [row(f"2D-HQ <{opts.base_bits}b,8b>", bench.base_plan),
-              row(f"2D-HQ <{opts.residual_bits}b,8b> (clustered layers' set)", bench.plan(filter_bits=all_low)),
-              row(f"K-means {opts.rlabel()} residuals ({len(ks)} layers)", plan)]
+    table6 = [row(f"2D-HQ <{opts.base_bits}b,8b>", bench.base_plan, False),
+              row(f"2D-HQ <{opts.residual_bits}b,8b> (clustered layers' set)", bench.plan(filter_bits=all_low), False),
+              row(f"K-means {opts.rlabel()} residuals ({len(ks)} layers)", plan, False)]
     if opts.residual_data_bits is not None and ks:
         table6.insert(2, row(f"K-means <{opts.residual_bits}b,8b> residuals ({len(ks)} layers)",
-                             plan_for(ks, opts.residual_bits)))
+                             plan_for(ks, opts.residual_bits), False))
     rows, t_codes = None, time.time()
     if codes is not None:
         from .learned import learn_rounding
         plan, rows = learn_rounding(g, plan, session.calib_stream.tensor(), codes, session.device, session.show_progress)
-        table6.append(row(f"K-means {opts.rlabel()} residuals ({len(ks)} layers) + {codes.label()}", plan))
+        table6.append(row(f"K-means {opts.rlabel()} residuals ({len(ks)} layers) + {codes.label()}", plan, False))
     t_codes = time.time() - t_codes
     return KMeansResult(*bench.float_test, bench.float_tune, target, bench.n_tune, bench.n_test, plan, ks, table4,
                         table6, noise, trials, {"search_s": t_search, "codes_s": t_codes,
