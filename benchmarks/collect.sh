@@ -43,6 +43,9 @@ cd "$(dirname "$0")"
   sec "Generated C size, packed weights, Cortex-M4 (issues 17, 22)" results/c_size.md
   sec "Learned rounding and bias correction (issue 18)" results/learned_rounding.md
   [ -f results/paper_switch.md ] && { echo; echo "## The paper's choices (--paper) vs fixq's defaults (issue 20)"; echo; cat results/paper_switch.md; }
+  for m in cifar10-resnet20 cifar10-resnet32 efficientnet-lite0; do
+    [ -f results/paper_kmeans_$m.md ] && { echo; cat results/paper_kmeans_$m.md; }
+  done
   sec "Mobile-CNN ops: tables, squeeze-and-excitation, channel shuffle (issue 21)" results/mobile_ops.md
 } > RESULTS.md
 echo "wrote $(pwd)/RESULTS.md"
