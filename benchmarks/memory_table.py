@@ -85,7 +85,7 @@ def measure(src: str, argv: list[str], cap_gb: float) -> dict:
     err = p.communicate()[1]
     if status == "ok" and p.returncode != 0:
         status = f"exit {p.returncode}: " + (err.strip().splitlines() or ["?"])[-1][:120]
-    return {"hwm_gb": hwm / 2 ** 20, "pss_gb": tree / 2 ** 20, "wall_s": time.time() - t0, "status": status}
+    return {"hwm_gb": hwm / 2 ** 20, "tree_gb": tree / 2 ** 20, "wall_s": time.time() - t0, "status": status}
 
 
 def big_folder(src: Path, copies: int, root: Path) -> Path:
@@ -163,7 +163,7 @@ def main() -> int:
              "| model | eval folder | eval images | code | main peak RSS GB | tree peak RSS GB (sum) | wall s | status |",
              "|---|---|---|---|---|---|---|---|"]
     for model, folder, n, which, m in rows:
-        lines.append(f"| {model} | {folder} | {n} | {which} | {m['hwm_gb']:.2f} | {m['pss_gb']:.2f} | "
+        lines.append(f"| {model} | {folder} | {n} | {which} | {m['hwm_gb']:.2f} | {m['tree_gb']:.2f} | "
                      f"{m['wall_s']:.0f} | {m['status']} |")
     Path(args.out).write_text("\n".join(lines) + "\n")
     print("\n".join(lines))

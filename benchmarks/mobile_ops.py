@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import argparse
 import platform
-import subprocess
 import sys
 import tempfile
 import time
@@ -29,6 +28,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 
 from fixq.calibrate import calibrate  # noqa: E402
 from fixq.export_c import export_c  # noqa: E402
+from fixq.export_c.run import STRICT_FLAGS, strict_build  # noqa: E402
 from fixq.formats import fake_quantize  # noqa: E402
 from fixq.graph import capture  # noqa: E402
 from fixq.ir import Add, Conv, Graph, Linear, Mul, Table, run_float  # noqa: E402
@@ -114,10 +114,6 @@ def build(name: str, n_calib: int):
     return capture(model, x[:2]), x
 
 
-STRICT = ["-std=c99", "-Wall", "-Wextra", "-Wconversion", "-Wsign-conversion", "-Wshadow", "-Wcast-align",
-          "-pedantic", "-Werror"]  # the strict set of tests/test_export_c_api.py
-
-
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--images", type=int, default=8, help="calibration images (as many again are measured)")
@@ -136,9 +132,7 @@ def main() -> None:
             with tempfile.TemporaryDirectory() as tmp:
                 res = export_c(g, plan, Path(tmp) / "c")
                 tab = sum(tb["bytes"] for tb in res.tables)
-                srcs = sorted(p.name for p in res.out.glob("*.c"))
-                r = subprocess.run(["gcc", *STRICT, "-O2", "-o", "model", *srcs], cwd=res.out, capture_output=True,
-                                   text=True)
+                r = strict_build(res.out, cc="gcc")
                 ok = "yes" if r.returncode == 0 else "NO: " + r.stderr[-300:]
                 crows.append([name, f"{res.rom_bytes:,}", f"{tab:,}", len(res.tables),
                               len({tb['shared_with'] for tb in res.tables if tb['shared_with']}), f"{res.ram_bytes:,}",
@@ -148,7 +142,7 @@ def main() -> None:
     t1 = markdown_table(["model", "node", "op", "output word", "SQNR rule [dB]", "SQNR plain quantization [dB]",
                          "max |rule - plain| [steps]"], rows)
     t2 = markdown_table(["model (224x224, 1000 classes, 8-bit plan)", "ROM [B]", "of which tables [B]", "table nodes",
-                         "tables shared", "RAM [B]", "arena type", "gcc " + " ".join(STRICT)], crows)
+                         "tables shared", "RAM [B]", "arena type", "gcc " + " ".join(STRICT_FLAGS)], crows)
     data = "ImageNet-sample images (../shared)" if SHARED.is_dir() else "random normal inputs (no ../shared)"
     text = (f"# Mobile-CNN ops: table / multiply SQNR and C size\n\nCommand: `python benchmarks/mobile_ops.py "
             f"--images {args.images} --models '{args.models}'`; {time.strftime('%Y-%m-%d')}; {platform.machine()} 2-core CPU; wall "

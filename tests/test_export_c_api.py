@@ -10,7 +10,7 @@ import torch
 
 from fixq.engine import Engine
 from fixq.export_c import export_c, run_c_program
-from fixq.export_c.run import UBSAN_FLAGS, build
+from fixq.export_c.run import STRICT_FLAGS, UBSAN_FLAGS, build
 from fixq.export_c.targets import build_target, runner_for, size_report, tools_missing
 from fixq.zoo import CifarResNet, LeNet
 
@@ -20,8 +20,7 @@ from test_export_c import c_vs_engine
 
 pytestmark = pytest.mark.skipif(shutil.which("gcc") is None or shutil.which("make") is None,
                                 reason="needs gcc and make")
-STRICT = ["-std=c99", "-Wall", "-Wextra", "-Wconversion", "-Wsign-conversion", "-Wshadow", "-Wcast-align",
-          "-pedantic", "-Werror"]
+STRICT = STRICT_FLAGS  # fixq.export_c.run's strict warning set
 
 
 def test_int32_and_int64_sums(tmp_path):

@@ -119,11 +119,8 @@ def test_c_bit_exact(mobile_graph, tmp_path, dm, bits, rounding):
     assert all(t["entries"] == 2 ** bits and t["bytes"] > 0 for t in res.tables)
     text = (res.out / "model.c").read_text()
     assert "fixq_table(" in text and "fixq_mul(" in text and "fixq_shuffle(" in text
-    import subprocess  # the strict warning set of test_export_c_api, on every runtime file, counters on
-    from test_export_c_api import STRICT
-    srcs = sorted(p.name for p in res.out.glob("*.c"))
-    r = subprocess.run(["cc", *STRICT, "-DFIXQ_COUNTS=1", "-O2", "-o", "strict", *srcs],
-                       cwd=res.out, capture_output=True, text=True)
+    from fixq.export_c.run import strict_build
+    r = strict_build(res.out, extra=["-DFIXQ_COUNTS=1"])  # every runtime file, counters on
     assert r.returncode == 0, r.stderr
 
 

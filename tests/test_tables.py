@@ -173,9 +173,8 @@ def test_c_dense_form_of_a_wide_input_equals_the_engine(gates, tmp_path, monkeyp
 @pytest.mark.skipif(not HAS_CC, reason="needs a C compiler (cc) and make")
 @pytest.mark.parametrize("bits,dm,rounding", [(12, "4D", "half_up"), (16, "3D", "floor")])
 def test_c_bit_exact_wide(gates, tmp_path, bits, dm, rounding):
-    import subprocess
     from test_export_c import c_vs_engine
-    from test_export_c_api import STRICT
+    from fixq.export_c.run import strict_build
     from fixq.export_c.emit import CTYPE_BYTES
     from fixq.export_c.emit_elementwise import table_form
     plan = plan_for(gates, SHAPE, n=8, data_mode=dm, data_bits=bits, coeff_bits=8, rounding=rounding)
@@ -189,9 +188,7 @@ def test_c_bit_exact_wide(gates, tmp_path, bits, dm, rounding):
         assert t["entries"] == 2 ** bits and t["segments"] == len(seg.start) and 0 < t["bytes"] < dense, t
         assert table_form(eng.tables[t["node"]]) == "segmented"
     assert "fixq_table_seg(" in (res.out / "model.c").read_text()
-    srcs = sorted(p.name for p in res.out.glob("*.c"))
-    r = subprocess.run(["cc", *STRICT, "-DFIXQ_COUNTS=1", "-O2", "-o", "strict", *srcs],
-                       cwd=res.out, capture_output=True, text=True)
+    r = strict_build(res.out, extra=["-DFIXQ_COUNTS=1"])  # every runtime file, counters on
     assert r.returncode == 0, r.stderr
 
 

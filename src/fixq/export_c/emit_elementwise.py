@@ -86,8 +86,8 @@ def table_form(ti) -> str:
     (segmented only exists above MAX_TABLE_BITS; both are the same codes and flags)."""
     if ti.seg is None:
         return "dense"
-    tables, sat = ti.dense()
-    dense = tables.numel() * (CTYPE_BYTES[_table_ctype(ti.Tout)] + int(bool(sat.any())))
+    s = ti.seg  # the dense expansion: K tables of 2^Tin codes, flags where some segment saturates
+    dense = (len(s.offset) - 1) * 2 ** int(ti.Tin) * (CTYPE_BYTES[_table_ctype(ti.Tout)] + int(bool(s.sat.any())))
     return "segmented" if _seg_bytes(ti) < dense else "dense"
 
 
