@@ -5,7 +5,8 @@ import itertools
 import pytest
 import torch
 
-from fixq.engine import Engine, EngineError, exact_matmul, pool_out_size
+from fixq.engine import Engine, EngineError
+from fixq.exact_sums import exact_matmul, pool_out_size
 from fixq.simulate import Simulator
 from fixq.zoo import CifarResNet, LeNet, build_model
 

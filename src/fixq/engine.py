@@ -36,20 +36,10 @@ from .partitions import filter_formats, layer_sum_format, propagate_formats
 from .plan import QuantPlan
 from .pooling import adaptive_windows, pool_divisors
 from .safety import check_headroom, check_shift, max_code, prove_layer, prove_op
+from .exact_sums import EngineError, bc, product_sum, shift_left, windows
 
-__all__ = ["Engine", "EngineError", "ENGINE_RULES", "LayerInts", "BasisInts", "compile_layer", "exact_matmul",
-           "exact_sum", "residual_input", "layer_forward", "pool_out_size", "check_plan"]
-
-EXACT = 2 ** 53
-INT64_SAFE = 2 ** 62
-
-
-from .errors import FixqError  # noqa: E402  (the one error hierarchy, errors.py)
-
-
-class EngineError(FixqError):
-    """A plan or graph the integer engine (and the C export) cannot run."""
-
+__all__ = ["Engine", "EngineError", "ENGINE_RULES", "LayerInts", "BasisInts", "compile_layer",
+           "exact_sum", "residual_input", "layer_forward", "check_plan"]
 
 @dataclass(frozen=True)
 class LayerInts:
@@ -175,45 +165,6 @@ def check_plan(graph: Graph, plan: QuantPlan) -> dict[str, float]:
     return out
 
 
-def exact_matmul(a: torch.Tensor, b: torch.Tensor, proved: bool = False) -> torch.Tensor:
-    """Integer ``a @ b`` (int64 in, int64 out), exact: float64 only under a checked bound.
-    ``proved``: every partial sum is already proved below 2**62 at plan time (DESIGN §5a)."""
-    K = a.shape[-1]
-    bound = int(a.abs().max()) * int(b.abs().max()) * K if a.numel() and b.numel() else 0
-    if bound < EXACT:
-        return torch.matmul(a.double(), b.double()).long()
-    if bound >= INT64_SAFE and not proved:
-        raise EngineError(f"integer sum bound {bound:.3g} overflows int64; use fewer bits")
-    return torch.matmul(a, b)
-
-
-def pool_out_size(n: int, k: int, s: int, p: int, d: int, ceil: bool) -> int:
-    """Output length of a conv/pool window sweep, PyTorch's rule (ceil windows must start
-    inside the input or its left padding)."""
-    eff = d * (k - 1) + 1
-    num = n + 2 * p - eff
-    o = (-(-num // s) if ceil else num // s) + 1
-    if ceil and (o - 1) * s >= n + p:
-        o -= 1
-    return o
-
-
-def _windows(x, k, s, p, d, fill, ceil=False):
-    """(B, C, OH, OW, kh, kw) strided view of padded x."""
-    B, C, H, W = x.shape
-    oh, ow = (pool_out_size(H, k[0], s[0], p[0], d[0], ceil), pool_out_size(W, k[1], s[1], p[1], d[1], ceil))
-    rh = max(0, (oh - 1) * s[0] + d[0] * (k[0] - 1) + 1 - H - p[0])
-    rw = max(0, (ow - 1) * s[1] + d[1] * (k[1] - 1) + 1 - W - p[1])
-    xp = Fn.pad(x, (p[1], rw, p[0], rh), value=fill)
-    st = xp.stride()
-    return xp.as_strided((B, C, oh, ow, k[0], k[1]),
-                         (st[0], st[1], st[2] * s[0], st[3] * s[1], st[2] * d[0], st[3] * d[1]))
-
-
-def _bc(v: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
-    return v if v.dim() == 0 else v.reshape(1, -1, *([1] * (like.dim() - 2)))
-
-
 class Engine:
     """Run a graph + plan on integer codes.
 
@@ -264,20 +215,20 @@ class Engine:
 
     def requant(self, name: str, q: torch.Tensor, F_in: torch.Tensor) -> torch.Tensor:
         T, Fy = self.fmts[name]
-        y, ev = saturate(round_shift(q, _bc(F_in - Fy, q), self.rounding), T)
+        y, ev = saturate(round_shift(q, bc(F_in - Fy, q), self.rounding), T)
         self.count(name, "data", ev)
         return y
 
     def quantize_input(self, x: torch.Tensor) -> torch.Tensor:
         """Float images to input codes, exactly as the simulation does (counted)."""
         T, F = self.fmts[self.graph.input]
-        q, ev = quantize_codes(x.double().cpu(), _bc(F, x), T, self.rounding)
+        q, ev = quantize_codes(x.double().cpu(), bc(F, x), T, self.rounding)
         self.count(self.graph.input, "data", ev)
         return q.long()
 
     def dequantize(self, q: torch.Tensor, name: str | None = None) -> torch.Tensor:
         F = self.F(name or self.graph.output)
-        return q.double() * torch.pow(2.0, -_bc(F, q).double())
+        return q.double() * torch.pow(2.0, -bc(F, q).double())
 
     # -- running ---------------------------------------------------------------------
     @torch.no_grad()
@@ -294,27 +245,13 @@ def _eng_layer(eng: Engine, n, x):
     return layer_forward(eng.layers[n.name], n, x, eng.rounding, lambda what, ev: eng.count(n.name, what, ev))
 
 
-def _sum(w: torch.Tensor, wshift: torch.Tensor, n, x: torch.Tensor) -> torch.Tensor:
-    """``Σ_j (Σ_hw w[i,j] x[j]) << wshift[i,j]`` for every output i, exactly."""
-    if isinstance(n, Conv):
-        B = x.shape[0]
-        g = n.groups
-        cols = _windows(x, tuple(w.shape[2:]), n.stride, n.padding, n.dilation, 0)
-        _, C, OH, OW, kh, kw = cols.shape
-        Mg = C // g
-        cols = cols.reshape(B, g, Mg, OH * OW, kh * kw).permute(0, 1, 2, 4, 3).reshape(B, g, Mg * kh * kw, OH * OW)
-        wsh = (w << wshift[:, :, None, None]).reshape(g, -1, Mg * kh * kw)
-        return exact_matmul(wsh.unsqueeze(0), cols, proved=True).reshape(B, -1, OH, OW)
-    return exact_matmul(x, (w[:, :, 0, 0] << wshift).t(), proved=True)
-
-
 def residual_input(L: LayerInts, x: torch.Tensor, rounding: str, count=lambda what, ev: None) -> torch.Tensor:
     """What the (residual) kernels read: ``x``, or for ``<4b,4b>`` K-means residuals
     ``xr = sat_Tr(round_shift(x, Fx - Fxr))`` (saturations counted as the layer's data)."""
     if L.rdata is None:
         return x
     sh, Tr = L.rdata
-    xr, ev = saturate(round_shift(x, _bc(sh, x), rounding), Tr)
+    xr, ev = saturate(round_shift(x, bc(sh, x), rounding), Tr)
     count("data", ev)
     return xr
 
@@ -323,22 +260,22 @@ def exact_sum(L: LayerInts, n, x: torch.Tensor, xr: torch.Tensor | None = None) 
     """Step 1 of a conv/linear: the exact wide sum at S, bias included. A K-means layer
     adds its shared basis maps: ``sum_i += basis[l(i)] << (S[i] - Sg[l(i)])``; its
     residual kernels read ``xr`` (:func:`residual_input`; default ``x``)."""
-    s = _sum(L.w, L.wshift, n, x if xr is None else xr)
+    s = product_sum(L.w, L.wshift, n, x if xr is None else xr)
     if L.basis is not None:
-        b = _sum(L.basis.w, L.basis.wshift, n, x)[:, L.basis.assign]
-        s = s + (b << _bc(L.basis.align, b))
-    return s + _bc(L.bias, s)
+        b = product_sum(L.basis.w, L.basis.wshift, n, x)[:, L.basis.assign]
+        s = s + (b << bc(L.basis.align, b))
+    return s.add_(bc(L.bias, s))
 
 
 def layer_forward(L: LayerInts, n, x: torch.Tensor, rounding: str, count=lambda what, ev: None) -> torch.Tensor:
     """Steps 1-4 of a conv/linear on integer codes (see the module docstring)."""
-    s = exact_sum(L, n, x, residual_input(L, x, rounding, count))
-    acc = round_shift(s, _bc(L.acc_shift, s), rounding)
+    s = exact_sum(L, n, x, residual_input(L, x, rounding, count))  # a new tensor: updated in place below
+    acc = round_shift(s, bc(L.acc_shift, s), rounding, inplace=True)
     acc, ev = saturate(acc, L.A, L.overflow)
     count("acc", ev)
     if L.lo is not None or L.hi is not None:
-        acc = torch.clamp(acc, min=None if L.lo is None else _bc(L.lo, acc), max=None if L.hi is None else _bc(L.hi, acc))
-    y, ev = saturate(round_shift(acc, _bc(L.out_shift, acc), rounding), L.Ty)
+        acc = acc.clamp_(min=None if L.lo is None else bc(L.lo, acc), max=None if L.hi is None else bc(L.hi, acc))
+    y, ev = saturate(round_shift(acc, bc(L.out_shift, acc), rounding, inplace=True), L.Ty)
     count("data", ev)
     return y
 
@@ -346,10 +283,10 @@ def layer_forward(L: LayerInts, n, x: torch.Tensor, rounding: str, count=lambda 
 def _eng_add(eng: Engine, n: Add, a, b):
     Fa, Fb = eng.F(n.inputs[0]), eng.F(n.inputs[1])
     Fm = torch.maximum(Fa, Fb)
-    s = (a << _bc(Fm - Fa, a)) + (b << _bc(Fm - Fb, b))
+    s = shift_left(a.clone(), Fm - Fa).add_(shift_left(b.clone(), Fm - Fb) if bool((Fm - Fb).any()) else b)
     if n.act is not None:
         lo, hi = bound_codes(n.act, Fm, s.shape[1], eng.rounding)
-        s = torch.clamp(s, min=None if lo is None else _bc(lo, s), max=None if hi is None else _bc(hi, s))
+        s = torch.clamp(s, min=None if lo is None else bc(lo, s), max=None if hi is None else bc(hi, s))
     return eng.requant(n.name, s, Fm)
 
 
@@ -359,7 +296,7 @@ def _eng_concat(eng: Engine, n: Concat, *xs):
     for i, x in zip(n.inputs, xs):
         c = x.shape[1]
         F_out = Fy if Fy.dim() == 0 else Fy[c0:c0 + c]
-        y, ev = saturate(round_shift(x, _bc(eng.F(i) - F_out, x), eng.rounding), T)
+        y, ev = saturate(round_shift(x, bc(eng.F(i) - F_out, x), eng.rounding), T)
         eng.count(n.name, "data", ev)
         out.append(y)
         c0 += c
@@ -373,9 +310,9 @@ def _eng_avg(eng: Engine, n, x):
         ww = adaptive_windows(x.shape[3], n.output_size[1])
         s = torch.stack([torch.stack([x[:, :, a:b, c:d].sum(dim=(2, 3)) for c, d in ww], -1) for a, b in wh], -2)
     else:
-        s = _windows(x, n.kernel, n.stride, n.padding, (1, 1), 0, n.ceil_mode).sum(dim=(4, 5))
+        s = windows(x, n.kernel, n.stride, n.padding, (1, 1), 0, n.ceil_mode).sum(dim=(4, 5))
     K = pool_divisors(n, tuple(x.shape[2:]))
-    sh = _bc(Fy - Fx, s)
+    sh = bc(Fy - Fx, s)
     num = s << torch.clamp(sh, min=0)
     den = K << torch.clamp(-sh, min=0)
     y, ev = saturate(round_div(num, den, eng.rounding), T)
@@ -385,12 +322,12 @@ def _eng_avg(eng: Engine, n, x):
 
 def _eng_maxpool(eng: Engine, n: MaxPool, x):
     fill = -(2 ** 62)
-    return _windows(x, n.kernel, n.stride, n.padding, n.dilation, fill, n.ceil_mode).amax(dim=(4, 5))
+    return windows(x, n.kernel, n.stride, n.padding, n.dilation, fill, n.ceil_mode).amax(dim=(4, 5))
 
 
 def _eng_clamp(eng: Engine, n: Clamp, x):
     lo, hi = bound_codes((n.lo, n.hi), eng.F(n.inputs[0]), x.shape[1], eng.rounding)
-    return torch.clamp(x, min=None if lo is None else _bc(lo, x), max=None if hi is None else _bc(hi, x))
+    return torch.clamp(x, min=None if lo is None else bc(lo, x), max=None if hi is None else bc(hi, x))
 
 
 ENGINE_RULES: dict[type, Callable] = {

@@ -15,7 +15,8 @@ from typing import Callable
 
 import torch
 
-from ..engine import Engine, EngineError, pool_out_size
+from ..engine import Engine, EngineError
+from ..exact_sums import pool_out_size
 from ..formats import bound_codes, code_limits, per_channel
 from ..ir import (AdaptiveAvgPool, Add, AvgPool, Clamp, Concat, Conv, Flatten, Graph, Input, Linear,
                   MaxPool, Pad, Slice)
