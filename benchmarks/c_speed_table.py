@@ -96,7 +96,7 @@ def main() -> None:
         s = open_session(name, str(shared / data), str(shared / data), w, calib_size=nc, eval_size=nimg, seed=0,
                          show_progress=False)
         plan = run_config(s, make_config(coeff_mode="3D")).plan
-        g, x = s.graph, s.eval_x
+        g, x = s.graph, s.eval_stream.tensor()
         eng = Engine(g, plan)
         q = eng.quantize_input(x)
         ref = eng.run(q).reshape(len(x), -1)
@@ -127,7 +127,7 @@ def main() -> None:
         with torch.no_grad():
             r_float = best_rate(lambda: model(x), len(x))
             try:
-                qm = torch_ao_int8(model, s.calib_x, x)
+                qm = torch_ao_int8(model, s.calib_stream.tensor(), x)
                 r_ao = best_rate(lambda: qm(x), len(x))
             except Exception as e:  # noqa: BLE001 (reported in the table)
                 print(f"torch.ao failed on {name}: {e}", flush=True)

@@ -96,12 +96,13 @@ class EmitCtx:
         from .files import mac_bytes
         a8 = lambda n: (n + 7) // 8 * 8  # noqa: E731
         m = mac_bytes(self.act_type, self.w_type)
-        W, kh, kw, sw, pw, ow = geo[2], geo[5], geo[6], geo[8], geo[10], geo[-1]
-        if hwc:
-            col = a8(kh * max(pw + W, (ow - 1) * sw + kw) * mg * m)
+        W, kh, kw, sh, sw, pw, oh, ow = geo[2], geo[5], geo[6], geo[7], geo[8], geo[10], geo[-2], geo[-1]
+        if hwc:  # a ring of the input rows of FIXQ_ROWS = 4 output rows
+            rows = kh + sh * (min(oh, 4) - 1)
+            col = a8(rows * max(pw + W, (ow - 1) * sw + kw) * mg * m)
         else:
             col = a8(K * ow * m) if mg > 1 else 0
-        self.scratch_bytes = max(self.scratch_bytes, col + 16 * ow + a8(K * m))
+        self.scratch_bytes = max(self.scratch_bytes, col + (8 + 8 * 4) * ow + a8(2 * K * m))
 
     def buf(self, name: str) -> str:
         return f"act + {self.offsets[name]}"

@@ -193,23 +193,61 @@ static void word_limits(int word, int64_t *lo, int64_t *hi) {
     }
 }
 
+static int32_t asr32(int32_t v, int s) { /* floor(v / 2^s), 0 <= s <= 31 */
+    return v >= 0 ? v >> s : ~((~v) >> s);
+}
+
+/* one channel of fixq_add in int32, for activations of at most 16 bits, alignment shifts <= 14
+ * and 0 <= os <= 29 (half_up or floor), lo <= 2^30: |a << sa| + |b << sb| <= 2^30 and stays
+ * <= 2^30 after the clamp, the rounding offset is below 2^29, the bounds clipped to int32 (a
+ * bound outside it is never reached); returns the data saturation events */
+static uint32_t add32(int hw, const FIXQ_ACT_T *FIXQ_RESTRICT a, const FIXQ_ACT_T *FIXQ_RESTRICT b,
+                      FIXQ_ACT_T *FIXQ_RESTRICT y, int sa, int sb, int64_t lo, int64_t hi, int os, int rounding,
+                      int64_t ylo, int64_t yhi) {
+    int32_t lo32 = (int32_t)(lo > -(int64_t)2147483647 - 1 ? lo : -(int64_t)2147483647 - 1);
+    int32_t hi32 = (int32_t)(hi < 2147483647 ? hi : 2147483647);
+    int32_t half = rounding == FIXQ_HALF_UP && os > 0 ? (int32_t)1 << (os - 1) : 0;
+    int32_t ylo32 = (int32_t)ylo, yhi32 = (int32_t)yhi;
+    uint32_t ev = 0;
+    int k;
+    for (k = 0; k < hw; k++) {
+        int32_t v = (int32_t)((uint32_t)(int32_t)a[k] << sa) + (int32_t)((uint32_t)(int32_t)b[k] << sb);
+        v = v < lo32 ? lo32 : v;
+        v = v > hi32 ? hi32 : v;
+        v = asr32(v + half, os);
+        ev += (uint32_t)((v < ylo32) | (v > yhi32));
+        v = v < ylo32 ? ylo32 : v;
+        v = v > yhi32 ? yhi32 : v;
+        y[k] = (FIXQ_ACT_T)v;
+    }
+    return ev;
+}
+
 void fixq_add(const fixq_add_t *p, const FIXQ_ACT_T *a, const FIXQ_ACT_T *b, FIXQ_ACT_T *y, uint64_t *sat) {
     int ch, k;
     int64_t ylo, yhi;
     word_limits(p->out_bits, &ylo, &yhi);
     for (ch = 0; ch < p->ch; ch++) {
         int has_lo = FIXQ_TAB_HAS(p->lo), has_hi = FIXQ_TAB_HAS(p->hi);
-        int64_t lo = has_lo ? FIXQ_TAB(p->lo, ch) : 0, hi = has_hi ? FIXQ_TAB(p->hi, ch) : 0;
+        int64_t lo = has_lo ? FIXQ_TAB(p->lo, ch) : INT64_MIN, hi = has_hi ? FIXQ_TAB(p->hi, ch) : INT64_MAX;
         int sa = p->sa[ch], sb = p->sb[ch], os = p->out_shift[ch];
         const FIXQ_ACT_T *ac = a + (size_t)ch * (size_t)p->hw, *bc = b + (size_t)ch * (size_t)p->hw;
         FIXQ_ACT_T *yc = y + (size_t)ch * (size_t)p->hw;
+        if (sizeof(FIXQ_ACT_T) <= 2u && sa <= 14 && sb <= 14 && os >= 0 && os <= 29 && lo <= ((int64_t)1 << 30) &&
+            p->rounding != FIXQ_NEAREST_EVEN && (p->out_bits & FIXQ_BITS_MASK) <= 30) {
+            uint32_t ev = add32(p->hw, ac, bc, yc, sa, sb, lo, hi, os, p->rounding, ylo, yhi);
+            if (sat) {
+                sat[1] += ev;
+            }
+            continue;
+        }
         for (k = 0; k < p->hw; k++) {
             /* proved (DESIGN 5a): the aligned sum and the output shift stay below 2^62 */
             int64_t s = fixq_shl_proved(ac[k], sa) + fixq_shl_proved(bc[k], sb);
-            if (has_lo && s < lo) {
+            if (s < lo) {
                 s = lo;
             }
-            if (has_hi && s > hi) {
+            if (s > hi) {
                 s = hi;
             }
             s = os > 0 ? fixq_rshift_proved(s, os, p->rounding) : fixq_shl_proved(s, -os);

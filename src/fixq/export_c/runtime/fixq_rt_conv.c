@@ -10,23 +10,31 @@
  *    contiguous dot product of length K = cin/groups * kh * kw (vectorisable);
  *  - depthwise (cin/groups == 1): a row of sums accumulates kh * kw scaled input rows, the
  *    padded border cut off by the range of valid outputs, outside the inner loop.
- * Both run in int32 when the exporter proved every partial sum below 2^31 (acc32), else in
+ * All run in int32 when the exporter proved every partial sum below 2^31 (acc32), else in
  * int64. Packed weight rows (4-bit, or 4/8-bit per 2D filter) are unpacked into the scratch
- * before use.
+ * before use. The int32 dense nests (hwc, im2col) take two output channels at a time; hwc goes
+ * in passes of FIXQ_ROWS output rows (the weight rows prepared once per pass); their dot
+ * products are fixq_sums32 (fixq_rt_gemm.c: register-blocked, SSE2 on x86-64), their epilogue
+ * runs in int32 where the values are shown to fit (epilogue32), else in int64.
  */
-#include "fixq_rt.h"
+#include "fixq_rt_gemm.h" /* fixq_rt.h, FIXQ_MAC_T, the int32 dot-product kernels */
 
-/* the operand type of the dot products (im2col rows, unpacked weight rows): int16 where
- * activations and weights fit 16 bits, so that compilers use 16x16->32 multiply-adds */
-#ifndef FIXQ_MAC_T
-#define FIXQ_MAC_T int32_t
-#define FIXQ_MAC_WS FIXQ_WS_I32
-#endif
 
 #define FIXQ_ALIGN8(n) (((n) + 7u) & ~(size_t)7u)
 
 static int conv_k(const fixq_conv_t *p) {
     return (p->cin / p->groups) * p->kh * p->kw;
+}
+
+/* output rows per pass of the hwc loop nest: the weight rows of a channel pair are prepared
+ * (widened or unpacked) once per pass; the ring holds the input rows of a pass (fixq_conv_scratch
+ * and its Python mirror, export_c/emit.py, use the same rule) */
+#define FIXQ_ROWS 4
+
+/* transposed input rows the hwc ring holds: every row of a pass of FIXQ_ROWS output rows */
+static int ring_rows(const fixq_conv_t *p) {
+    int r = p->oh < FIXQ_ROWS ? p->oh : FIXQ_ROWS;
+    return p->kh + p->sh * (r - 1);
 }
 
 /* padded width of the hwc rows: every column an output reads */
@@ -38,14 +46,14 @@ static int hwc_width(const fixq_conv_t *p) {
 static size_t col_bytes(const fixq_conv_t *p) {
     size_t mg = (size_t)(p->cin / p->groups), ow = (size_t)p->ow;
     if (p->hwc) {
-        return FIXQ_ALIGN8((size_t)p->kh * (size_t)hwc_width(p) * mg * sizeof(FIXQ_MAC_T));
+        return FIXQ_ALIGN8((size_t)ring_rows(p) * (size_t)hwc_width(p) * mg * sizeof(FIXQ_MAC_T));
     }
     return mg > 1 ? FIXQ_ALIGN8((size_t)conv_k(p) * ow * sizeof(FIXQ_MAC_T)) : 0u;
 }
 
 size_t fixq_conv_scratch(const fixq_conv_t *p) {
     size_t k = (size_t)conv_k(p), ow = (size_t)p->ow;
-    return col_bytes(p) + 2u * 8u * ow + FIXQ_ALIGN8(k * sizeof(FIXQ_MAC_T));
+    return col_bytes(p) + (8u + 8u * FIXQ_ROWS) * ow + FIXQ_ALIGN8(2u * k * sizeof(FIXQ_MAC_T));
 }
 
 /* outputs o in [lo, hi) with 0 <= o * s + off < n_in, at most n_out */
@@ -63,31 +71,48 @@ static void valid_range(int n_out, int n_in, int s, int off, int *lo, int *hi) {
 }
 
 #if FIXQ_P48 /* compiled only into models with a FIXQ_WS_P48 layer (fixq_config.h) */
-/* nibble n of the stream b (low nibble first) */
-static unsigned nibble(const uint8_t *b, size_t n) {
-    return ((unsigned)b[n >> 1] >> ((n & 1u) * 4u)) & 15u;
-}
-
-/* FIXQ_WS_P48 row i (fixq_rt.h) into buf in the layer's weight order */
+/* FIXQ_WS_P48 row i (fixq_rt.h) into buf in the layer's weight order; one loop per filter kind
+ * and nibble parity (n: the stream position in nibbles) */
 static const FIXQ_MAC_T *mixed_row(const fixq_conv_t *p, int i, FIXQ_MAC_T *buf) {
     const fixq_wmix_t *m = (const fixq_wmix_t *)p->weight;
     const uint8_t *b = m->nib + (m->row16 != NULL ? (size_t)m->row16[i] : (size_t)m->row32[i]);
     int mg = p->cin / p->groups, khw = p->kh * p->kw, j, t;
     int step = p->hwc ? mg : 1, stride = p->hwc ? 1 : khw; /* buf[t * step + j * stride] */
-    size_t n = 0;
+    size_t n = 0, f0 = (size_t)i * (size_t)mg;
+    if (khw == 1) { /* 1x1 filters (pointwise convs, linear layers): one code each, buf[j] */
+        for (j = 0; j < mg; j++) { /* branch-free (the kinds alternate unpredictably); h is read
+                                    * inside the row (the last code may be a narrow one) */
+            size_t f = f0 + (size_t)j;
+            unsigned narrow = ((unsigned)m->mask[f >> 3] >> (f & 7u)) & 1u;
+            unsigned u = ((unsigned)b[n >> 1] >> ((unsigned)(n & 1u) * 4u)) & 15u;
+            unsigned h = ((unsigned)b[narrow ? n >> 1 : (n + 1u) >> 1] >> ((unsigned)((n + 1u) & 1u) * 4u)) & 15u;
+            int32_t v4 = (int32_t)(u ^ 8u) - 8, v8 = (int32_t)((u | (h << 4)) ^ 128u) - 128;
+            buf[j] = (FIXQ_MAC_T)(narrow ? v4 : v8);
+            n += 2u - narrow;
+        }
+        return buf;
+    }
     for (j = 0; j < mg; j++) {
-        size_t f = (size_t)i * (size_t)mg + (size_t)j;
+        size_t f = f0 + (size_t)j;
         FIXQ_MAC_T *d = buf + j * stride;
-        if ((m->mask[f >> 3] >> (f & 7u)) & 1u) {
-            for (t = 0; t < khw; t++, n++) {
-                unsigned u = nibble(b, n);
-                d[t * step] = (FIXQ_MAC_T)((int32_t)u - (int32_t)((u & 8u) << 1));
+        const uint8_t *c = b + (n >> 1);
+        if ((m->mask[f >> 3] >> (f & 7u)) & 1u) { /* 4-bit codes: one nibble each */
+            for (t = 0; t < khw; t++) {
+                unsigned u = ((unsigned)c[(t + (int)(n & 1u)) >> 1] >> (((unsigned)t + (unsigned)n) & 1u) * 4u) & 15u;
+                d[t * step] = (FIXQ_MAC_T)((int32_t)(u ^ 8u) - 8);
             }
-        } else {
-            for (t = 0; t < khw; t++, n += 2) {
-                unsigned u = nibble(b, n) | (nibble(b, n + 1) << 4);
-                d[t * step] = (FIXQ_MAC_T)((int32_t)u - (int32_t)((u & 128u) << 1));
+            n += (size_t)khw;
+        } else if ((n & 1u) == 0u) { /* int8 codes on byte boundaries */
+            for (t = 0; t < khw; t++) {
+                d[t * step] = (FIXQ_MAC_T)((int32_t)(c[t] ^ 128u) - 128);
             }
+            n += 2u * (size_t)khw;
+        } else { /* int8 codes straddling bytes: high nibble of c[t], low nibble of c[t + 1] */
+            for (t = 0; t < khw; t++) {
+                unsigned u = ((unsigned)c[t] >> 4) | (((unsigned)c[t + 1] & 15u) << 4);
+                d[t * step] = (FIXQ_MAC_T)((int32_t)(u ^ 128u) - 128);
+            }
+            n += 2u * (size_t)khw;
         }
     }
     return buf;
@@ -106,6 +131,14 @@ static const FIXQ_MAC_T *weight_row(const fixq_conv_t *p, int i, int K, FIXQ_MAC
         return mixed_row(p, i, buf);
     }
 #endif
+    if (p->wstore == FIXQ_WS_I8) { /* a loop of its own: vectorised */
+        const int8_t *FIXQ_RESTRICT w = (const int8_t *)p->weight + e0;
+        FIXQ_MAC_T *FIXQ_RESTRICT b = buf;
+        for (k = 0; k < K; k++) {
+            b[k] = (FIXQ_MAC_T)w[k];
+        }
+        return buf;
+    }
     for (k = 0; k < K; k++) {
         size_t e = e0 + (size_t)k;
         int32_t v;
@@ -131,25 +164,6 @@ static int32_t dot32(const FIXQ_MAC_T *FIXQ_RESTRICT w, const FIXQ_MAC_T *FIXQ_R
         s += (int32_t)w[k] * (int32_t)x[k];
     }
     return s;
-}
-
-/* four dot products of length K sharing the weight row: x0..x3 are `step` apart; added to out */
-static void dot32x4(const FIXQ_MAC_T *FIXQ_RESTRICT w, const FIXQ_MAC_T *FIXQ_RESTRICT x, int K, int step,
-                    int32_t *out) {
-    int32_t s0 = 0, s1 = 0, s2 = 0, s3 = 0;
-    const FIXQ_MAC_T *x1 = x + step, *x2 = x + 2 * step, *x3 = x + 3 * step;
-    int k;
-    for (k = 0; k < K; k++) {
-        int32_t wk = w[k];
-        s0 += wk * (int32_t)x[k];
-        s1 += wk * (int32_t)x1[k];
-        s2 += wk * (int32_t)x2[k];
-        s3 += wk * (int32_t)x3[k];
-    }
-    out[0] += s0;
-    out[1] += s1;
-    out[2] += s2;
-    out[3] += s3;
 }
 
 static int64_t dot64(const FIXQ_MAC_T *FIXQ_RESTRICT w, const FIXQ_MAC_T *FIXQ_RESTRICT x, int n) {
@@ -207,23 +221,8 @@ static void dense_row(const fixq_conv_t *p, const FIXQ_MAC_T *col, const FIXQ_MA
     int K = conv_k(p), ox, j;
     if (p->wshift_cols == 1) {
         int s = p->wshift[i];
-        if (p->acc32) {
-            int32_t d[4];
-            for (ox = 0; ox + 4 <= p->ow; ox += 4) {
-                d[0] = d[1] = d[2] = d[3] = 0;
-                dot32x4(wr, col + (size_t)ox * (size_t)K, K, K, d);
-                rs[ox] = fixq_shl_proved((int64_t)d[0], s);
-                rs[ox + 1] = fixq_shl_proved((int64_t)d[1], s);
-                rs[ox + 2] = fixq_shl_proved((int64_t)d[2], s);
-                rs[ox + 3] = fixq_shl_proved((int64_t)d[3], s);
-            }
-            for (; ox < p->ow; ox++) {
-                rs[ox] = fixq_shl_proved((int64_t)dot32(wr, col + (size_t)ox * (size_t)K, K), s);
-            }
-        } else {
-            for (ox = 0; ox < p->ow; ox++) {
-                rs[ox] = fixq_shl_proved(dot64(wr, col + (size_t)ox * (size_t)K, K), s);
-            }
+        for (ox = 0; ox < p->ow; ox++) { /* int64 (the int32 sums: rows32) */
+            rs[ox] = fixq_shl_proved(dot64(wr, col + (size_t)ox * (size_t)K, K), s);
         }
         return;
     }
@@ -265,7 +264,26 @@ static void hwc_fill(const fixq_conv_t *p, const FIXQ_ACT_T *x, int g, int r, FI
     for (k = (size_t)(p->pw + p->w) * (size_t)mg; k < n; k++) {
         dst[k] = 0;
     }
-    for (j = 0; j < mg; j++) {
+    j = 0;
+#if FIXQ_SSE2
+    if (sizeof(FIXQ_ACT_T) == 2u && sizeof(FIXQ_MAC_T) == 2u) { /* 8 channels x 8 columns at a time */
+        for (; j + 8 <= mg; j += 8) {
+            const int16_t *xr = (const int16_t *)(const void *)(x + (size_t)(g * mg + j) * plane +
+                                                                (size_t)iy * (size_t)p->w);
+            int16_t *d = (int16_t *)(void *)(dst + (size_t)p->pw * (size_t)mg + (size_t)j);
+            int q;
+            for (ix = 0; ix + 8 <= p->w; ix += 8) {
+                fixq_transpose8(xr + ix, plane, d + (size_t)ix * (size_t)mg, (size_t)mg);
+            }
+            for (; ix < p->w; ix++) {
+                for (q = 0; q < 8; q++) {
+                    d[(size_t)ix * (size_t)mg + (size_t)q] = xr[(size_t)q * plane + (size_t)ix];
+                }
+            }
+        }
+    }
+#endif
+    for (; j < mg; j++) {
         const FIXQ_ACT_T *xr = x + (size_t)(g * mg + j) * plane + (size_t)iy * (size_t)p->w;
         FIXQ_MAC_T *d = dst + (size_t)p->pw * (size_t)mg + (size_t)j;
         for (ix = 0; ix < p->w; ix++) {
@@ -274,46 +292,25 @@ static void hwc_fill(const fixq_conv_t *p, const FIXQ_ACT_T *x, int g, int r, FI
     }
 }
 
-/* exact sums of output channel i along output row oy from the ring of transposed rows */
-static void hwc_row(const fixq_conv_t *p, const FIXQ_MAC_T *ring, const FIXQ_MAC_T *wr, int i, int oy,
+/* exact sums of output channel i along output row oy from the ring of transposed rows (int64;
+ * the int32 sums: rows32) */
+static void hwc_row(const fixq_conv_t *p, const FIXQ_MAC_T *ring, int ns, const FIXQ_MAC_T *wr, int i, int oy,
                     int64_t *rs) {
-    int mg = p->cin / p->groups, L = p->kw * mg, wp = hwc_width(p), step = p->sw * mg, ky, ox;
+    int mg = p->cin / p->groups, L = p->kw * mg, step = p->sw * mg, ky, ox;
     int s = p->wshift[i];
-    size_t rowlen = (size_t)wp * (size_t)mg;
-    if (p->acc32) {
-        int32_t d[4];
-        for (ox = 0; ox + 4 <= p->ow; ox += 4) {
-            d[0] = d[1] = d[2] = d[3] = 0;
-            for (ky = 0; ky < p->kh; ky++) {
-                const FIXQ_MAC_T *xr = ring + (size_t)((oy * p->sh + ky) % p->kh) * rowlen;
-                dot32x4(wr + ky * L, xr + (size_t)ox * (size_t)step, L, step, d);
-            }
-            rs[ox] = fixq_shl_proved((int64_t)d[0], s);
-            rs[ox + 1] = fixq_shl_proved((int64_t)d[1], s);
-            rs[ox + 2] = fixq_shl_proved((int64_t)d[2], s);
-            rs[ox + 3] = fixq_shl_proved((int64_t)d[3], s);
+    size_t rowlen = (size_t)hwc_width(p) * (size_t)mg;
+    for (ox = 0; ox < p->ow; ox++) {
+        int64_t t = 0;
+        for (ky = 0; ky < p->kh; ky++) {
+            const FIXQ_MAC_T *xr = ring + (size_t)((oy * p->sh + ky) % ns) * rowlen;
+            t += dot64(wr + ky * L, xr + (size_t)ox * (size_t)step, L);
         }
-        for (; ox < p->ow; ox++) {
-            int32_t t = 0;
-            for (ky = 0; ky < p->kh; ky++) {
-                const FIXQ_MAC_T *xr = ring + (size_t)((oy * p->sh + ky) % p->kh) * rowlen;
-                t += dot32(wr + ky * L, xr + (size_t)ox * (size_t)step, L);
-            }
-            rs[ox] = fixq_shl_proved((int64_t)t, s);
-        }
-    } else {
-        for (ox = 0; ox < p->ow; ox++) {
-            int64_t t = 0;
-            for (ky = 0; ky < p->kh; ky++) {
-                const FIXQ_MAC_T *xr = ring + (size_t)((oy * p->sh + ky) % p->kh) * rowlen;
-                t += dot64(wr + ky * L, xr + (size_t)ox * (size_t)step, L);
-            }
-            rs[ox] = fixq_shl_proved(t, s);
-        }
+        rs[ox] = fixq_shl_proved(t, s);
     }
 }
 
-/* exact sums of output channel i (one input channel) along one output row */
+/* exact sums of output channel i (one input channel) along one output row: in acc (int32 for
+ * acc32, else int64), shifted into rs unless rs is NULL */
 static void depthwise_row(const fixq_conv_t *p, const FIXQ_ACT_T *x, const FIXQ_MAC_T *wr, int i, int oy,
                           void *acc, int64_t *rs) {
     int g = i / (p->cout / p->groups), ky, kx, ox, a, b;
@@ -327,17 +324,23 @@ static void depthwise_row(const fixq_conv_t *p, const FIXQ_ACT_T *x, const FIXQ_
             a64[ox] = 0;
         }
     }
-    for (ky = 0; ky < p->kh; ky++) {
-        int iy = oy * p->sh - p->ph + ky * p->dh;
-        const FIXQ_ACT_T *xr;
-        if (iy < 0 || iy >= p->h) {
-            continue;
-        }
-        xr = xg + (size_t)iy * (size_t)p->w;
-        for (kx = 0; kx < p->kw; kx++) {
-            int off = kx * p->dw - p->pw, sw = p->sw;
-            int32_t wv = wr[ky * p->kw + kx];
+    for (kx = 0; kx < p->kw; kx++) { /* the valid outputs of column kx: the same for every ky */
+        int off = kx * p->dw - p->pw, sw = p->sw;
+        if (sw == 1) {
+            a = off < 0 ? (-off < p->ow ? -off : p->ow) : 0;
+            b = p->w - off < p->ow ? p->w - off : p->ow;
+            b = b < a ? a : b;
+        } else {
             valid_range(p->ow, p->w, sw, off, &a, &b);
+        }
+        for (ky = 0; ky < p->kh; ky++) {
+            int iy = oy * p->sh - p->ph + ky * p->dh;
+            const FIXQ_ACT_T *xr;
+            int32_t wv = wr[ky * p->kw + kx];
+            if (iy < 0 || iy >= p->h) {
+                continue;
+            }
+            xr = xg + (size_t)iy * (size_t)p->w;
             if (p->acc32 && sw == 1) {
                 for (ox = a; ox < b; ox++) {
                     a32[ox] += wv * (int32_t)xr[ox + off];
@@ -353,7 +356,7 @@ static void depthwise_row(const fixq_conv_t *p, const FIXQ_ACT_T *x, const FIXQ_
             }
         }
     }
-    {
+    if (rs != NULL) {
         int s = p->wshift[(size_t)i * (size_t)p->wshift_cols];
         for (ox = 0; ox < p->ow; ox++) {
             rs[ox] = fixq_shl_proved(p->acc32 ? (int64_t)a32[ox] : a64[ox], s);
@@ -408,9 +411,12 @@ static int64_t asr64(int64_t v, int s) { /* floor(v / 2^s), 0 <= s <= 62 */
 }
 
 /* the epilogue for half_up or floor rounding, a saturating accumulator and no K-means basis:
- * branch-free, saturation events counted by comparison */
-static void epilogue_fast(const fixq_conv_t *p, int i, int oy, const int64_t *FIXQ_RESTRICT rs,
-                          FIXQ_ACT_T *FIXQ_RESTRICT y, uint64_t *sat) {
+ * branch-free, saturation events counted by comparison; n outputs from output row oy on (rows of
+ * ow: consecutive in y); sums rs, or d << s (d != NULL, the int32 loop nests; rs is then
+ * unused); returns 0 (nothing written) where the bounds lie outside the
+ * accumulator range: the general epilogue's order of operations then */
+static int epilogue_fast(const fixq_conv_t *p, int i, int oy, int n, const int64_t *FIXQ_RESTRICT rs,
+                         const int32_t *FIXQ_RESTRICT d, int s, FIXQ_ACT_T *FIXQ_RESTRICT y, uint64_t *sat) {
     int ox, as = p->acc_shift[i], os = p->out_shift[i], up = p->rounding == FIXQ_HALF_UP;
     int ab = p->acc_bits & FIXQ_BITS_MASK, yb = p->out_bits & FIXQ_BITS_MASK;
     int64_t bias = FIXQ_TAB(p->bias, i) + (up && as > 0 ? (int64_t)1 << (as - 1) : 0);
@@ -422,12 +428,11 @@ static void epilogue_fast(const fixq_conv_t *p, int i, int oy, const int64_t *FI
     int64_t ymin = (p->out_bits & FIXQ_UNSIGNED) ? 0 : -ymax - 1;
     uint64_t ea = 0, ed = 0;
     FIXQ_ACT_T *yr = y + ((size_t)i * (size_t)p->oh + (size_t)oy) * (size_t)p->ow;
-    if (lo > hi) { /* bounds outside the accumulator range: the general order of operations */
-        epilogue(p, NULL, i, oy, rs, y, sat);
-        return;
+    if (lo > hi) { /* bounds outside the accumulator range: the general epilogue's order */
+        return 0;
     }
-    for (ox = 0; ox < p->ow; ox++) {
-        int64_t v = asr64(rs[ox] + bias, as);
+    for (ox = 0; ox < n; ox++) {
+        int64_t v = asr64((d != NULL ? fixq_shl_proved((int64_t)d[ox], s) : rs[ox]) + bias, as);
         ea += (uint64_t)((v < amin) | (v > amax));
         v = v < lo ? lo : v;
         v = v > hi ? hi : v;
@@ -441,77 +446,230 @@ static void epilogue_fast(const fixq_conv_t *p, int i, int oy, const int64_t *FI
         sat[0] += ea;
         sat[1] += ed;
     }
+    return 1;
+}
+
+static int32_t asr32(int32_t v, int s) { /* floor(v / 2^s), 0 <= s <= 31 */
+    return v >= 0 ? v >> s : ~((~v) >> s);
+}
+
+/* epilogue_fast on int32 sums d << s, computed in int32 where the rows allow it: every
+ * intermediate value is bounded first (a bound on the sums' magnitudes, the bias, the bounds
+ * clipped to int32, which v never leaves); returns 0 (nothing written) otherwise */
+static int epilogue32(const fixq_conv_t *p, int i, int oy, int n, const int32_t *FIXQ_RESTRICT d, int s,
+                      FIXQ_ACT_T *FIXQ_RESTRICT y, uint64_t *sat) {
+    int ox, as = p->acc_shift[i], os = p->out_shift[i], up = p->rounding == FIXQ_HALF_UP;
+    int ab = p->acc_bits & FIXQ_BITS_MASK, yb = p->out_bits & FIXQ_BITS_MASK;
+    int64_t bias = FIXQ_TAB(p->bias, i) + (up && as > 0 ? (int64_t)1 << (as - 1) : 0);
+    int64_t ho = up && os > 0 ? (int64_t)1 << (os - 1) : 0, i32min = -(int64_t)2147483647 - 1;
+    int64_t amax = ((int64_t)1 << (ab - 1)) - 1, amin = -amax - 1, i32max = 2147483647;
+    int64_t lo = FIXQ_TAB_HAS(p->lo) && FIXQ_TAB(p->lo, i) > amin ? FIXQ_TAB(p->lo, i) : amin;
+    int64_t hi = FIXQ_TAB_HAS(p->hi) && FIXQ_TAB(p->hi, i) < amax ? FIXQ_TAB(p->hi, i) : amax;
+    int64_t ymax = (p->out_bits & FIXQ_UNSIGNED) ? ((int64_t)1 << yb) - 1 : ((int64_t)1 << (yb - 1)) - 1;
+    int64_t ymin = (p->out_bits & FIXQ_UNSIGNED) ? 0 : -ymax - 1;
+    int64_t vmax;
+    int64_t dmin, dmax;
+    int32_t b32, ho32, lo32, hi32, am32, ax32, ym32, yx32;
+    uint32_t ea = 0, ed = 0, m = 0;
+    FIXQ_ACT_T *yr = y + ((size_t)i * (size_t)p->oh + (size_t)oy) * (size_t)p->ow;
+    if (lo > hi || s > 30 || as > 30 || os < 0 || os > 30 || ab < 2 || yb > 31) {
+        return 0;
+    }
+    for (ox = 0; ox < n; ox++) { /* the bits of every |d| (of ~d for d < 0): -(m + 1) <= d <= m */
+        m |= (uint32_t)(d[ox] < 0 ? ~d[ox] : d[ox]);
+    }
+    dmin = -(int64_t)m - 1;
+    dmax = (int64_t)m;
+    lo = lo > i32min ? lo : i32min;
+    hi = hi < i32max ? hi : i32max;
+    if (fixq_shl_proved(dmin, s) + bias < i32min || fixq_shl_proved(dmax, s) + bias > i32max) {
+        return 0;
+    }
+    vmax = asr64(fixq_shl_proved(dmax, s) + bias, as);
+    vmax = vmax < lo ? lo : vmax;
+    if ((vmax > hi ? hi : vmax) + ho > i32max) {
+        return 0;
+    }
+    /* v = d << s + bias in [dmin << s + bias, dmax << s + bias]: int32 (dmin < 0 <= dmax, so the
+     * bias alone fits too); after the shift and the clamp v <= clamp(vmax), so v + ho is int32 */
+    b32 = (int32_t)bias;
+    ho32 = (int32_t)ho;
+    lo32 = (int32_t)lo;
+    hi32 = (int32_t)hi;
+    am32 = (int32_t)(amin > i32min ? amin : i32min);
+    ax32 = (int32_t)(amax < i32max ? amax : i32max);
+    ym32 = (int32_t)ymin;
+    yx32 = (int32_t)ymax;
+    for (ox = 0; ox < n; ox++) {
+        int32_t v = asr32((int32_t)((uint32_t)d[ox] << s) + b32, as);
+        ea += (uint32_t)((v < am32) | (v > ax32));
+        v = v < lo32 ? lo32 : v;
+        v = v > hi32 ? hi32 : v;
+        v = asr32(v + ho32, os);
+        ed += (uint32_t)((v < ym32) | (v > yx32));
+        v = v < ym32 ? ym32 : v;
+        v = v > yx32 ? yx32 : v;
+        yr[ox] = (FIXQ_ACT_T)v;
+    }
+    if (sat) {
+        sat[0] += ea;
+        sat[1] += ed;
+    }
+    return 1;
 }
 
 /* y != NULL: the layer's outputs; else the exact sums into s (K-means basis maps) */
 static void conv_epilogue(const fixq_conv_t *p, const int64_t *basis, int i, int oy, const int64_t *rs, FIXQ_ACT_T *y,
                           uint64_t *sat) {
-    if (basis == NULL && p->overflow == FIXQ_SATURATE && p->rounding != FIXQ_NEAREST_EVEN) {
-        epilogue_fast(p, i, oy, rs, y, sat);
-    } else {
+    if (!(basis == NULL && p->overflow == FIXQ_SATURATE && p->rounding != FIXQ_NEAREST_EVEN &&
+          epilogue_fast(p, i, oy, p->ow, rs, NULL, 0, y, sat))) {
         epilogue(p, basis, i, oy, rs, y, sat);
+    }
+}
+
+/* output row oy of channel i from its exact sums rs: the layer's outputs (y), else into s */
+static void row_out(const fixq_conv_t *p, const int64_t *basis, int i, int oy, const int64_t *rs, FIXQ_ACT_T *y,
+                    int64_t *s, uint64_t *sat) {
+    int ox;
+    if (y) {
+        conv_epilogue(p, basis, i, oy, rs, y, sat);
+        return;
+    }
+    for (ox = 0; ox < p->ow; ox++) {
+        s[((size_t)i * (size_t)p->oh + (size_t)oy) * (size_t)p->ow + (size_t)ox] = rs[ox];
+    }
+}
+
+/* row_out for output rows oy .. oy + nr - 1 of channel i from their int32 sums d[nr][ow],
+ * shifted by the kernel's wshift (rs: an int64 row of scratch) */
+static void rows_out32(const fixq_conv_t *p, const int64_t *basis, int i, int oy, int nr, const int32_t *d,
+                       int64_t *rs, FIXQ_ACT_T *y, int64_t *s, uint64_t *sat) {
+    int ox, r, sh = p->wshift[i], n = nr * p->ow;
+    if (y && basis == NULL && p->overflow == FIXQ_SATURATE && p->rounding != FIXQ_NEAREST_EVEN &&
+        (epilogue32(p, i, oy, n, d, sh, y, sat) || epilogue_fast(p, i, oy, n, NULL, d, sh, y, sat))) {
+        return;
+    }
+    for (r = 0; r < nr; r++) {
+        for (ox = 0; ox < p->ow; ox++) {
+            rs[ox] = fixq_shl_proved((int64_t)d[r * p->ow + ox], sh);
+        }
+        row_out(p, basis, i, oy + r, rs, y, s, sat);
+    }
+}
+
+/* the weight rows of channels i and i + 1 (if i + 1 < end) for the int32 loop nests: read as
+ * stored where the kernels take the storage (FIXQ_MAC_T or int8 codes), else unpacked into
+ * wbuf (2 K codes); returns the number of rows, 1 or 2 */
+static int pair_rows(const fixq_conv_t *p, int i, int end, FIXQ_MAC_T *wbuf, const void **w0, const void **w1,
+                     int *w8) {
+    int K = conv_k(p), n = i + 1 < end ? 2 : 1;
+    size_t e = (size_t)i * (size_t)K;
+    *w8 = 0;
+    *w1 = NULL;
+    if (p->wstore == FIXQ_MAC_WS) {
+        *w0 = (const FIXQ_MAC_T *)p->weight + e;
+        if (n == 2) {
+            *w1 = (const FIXQ_MAC_T *)p->weight + e + (size_t)K;
+        }
+    } else if (p->wstore == FIXQ_WS_I8) {
+        *w8 = 1;
+        *w0 = (const int8_t *)p->weight + e;
+        if (n == 2) {
+            *w1 = (const int8_t *)p->weight + e + (size_t)K;
+        }
+    } else {
+        *w0 = weight_row(p, i, K, wbuf);
+        if (n == 2) {
+            *w1 = weight_row(p, i + 1, K, wbuf + K);
+        }
+    }
+    return n;
+}
+
+/* output rows oy0 .. oy1 - 1 of group g from the hwc ring (ns rows): int32 sums of two
+ * channels at a time (acc32, d: [2][FIXQ_ROWS][ow] int32), else int64 one channel at a time */
+static void hwc_rows(const fixq_conv_t *p, const FIXQ_MAC_T *ring, int ns, int g, int oy0, int oy1,
+                     const int64_t *basis, int32_t *d, int64_t *rs, FIXQ_MAC_T *wbuf, FIXQ_ACT_T *y, int64_t *s,
+                     uint64_t *sat) {
+    int mg = p->cin / p->groups, ng = p->cout / p->groups, end = (g + 1) * ng, i, n, oy, w8;
+    size_t rowlen = (size_t)hwc_width(p) * (size_t)mg, d1off = (size_t)FIXQ_ROWS * (size_t)p->ow;
+    const void *w0, *w1;
+    for (i = g * ng; i < end; i += n) {
+        if (!p->acc32) {
+            const FIXQ_MAC_T *wr = weight_row(p, i, conv_k(p), wbuf);
+            n = 1;
+            for (oy = oy0; oy < oy1; oy++) {
+                hwc_row(p, ring, ns, wr, i, oy, rs);
+                row_out(p, basis, i, oy, rs, y, s, sat);
+            }
+            continue;
+        }
+        n = pair_rows(p, i, end, wbuf, &w0, &w1, &w8);
+        for (oy = oy0; oy < oy1; oy++) {
+            int32_t *dr = d + (size_t)(oy - oy0) * (size_t)p->ow;
+            fixq_sums32(p->ow, ring, rowlen, oy * p->sh, ns, p->kh, p->kw * mg, p->sw * mg, w0, w1, w8, dr, dr + d1off);
+        }
+        rows_out32(p, basis, i, oy0, oy1 - oy0, d, rs, y, s, sat);
+        if (n == 2) {
+            rows_out32(p, basis, i + 1, oy0, oy1 - oy0, d + d1off, rs, y, s, sat);
+        }
     }
 }
 
 static void conv_run(const fixq_conv_t *p, const FIXQ_ACT_T *x, FIXQ_ACT_T *y, const int64_t *basis, int64_t *s,
                      void *scratch, uint64_t *sat) {
-    int K = conv_k(p), mg = p->cin / p->groups, ng = p->cout / p->groups, g, i, oy;
+    int K = conv_k(p), mg = p->cin / p->groups, ng = p->cout / p->groups, g, i, n, oy, w8;
     unsigned char *base = (unsigned char *)scratch;
     size_t cb = col_bytes(p);
     FIXQ_MAC_T *col = (FIXQ_MAC_T *)(void *)base;
     int64_t *rs = (int64_t *)(void *)(base + cb);
-    void *acc = (void *)(base + cb + 8u * (size_t)p->ow);
-    FIXQ_MAC_T *wbuf = (FIXQ_MAC_T *)(void *)(base + cb + 16u * (size_t)p->ow);
+    void *acc = (void *)(base + cb + 8u * (size_t)p->ow); /* [2][FIXQ_ROWS][ow] int32, or a depthwise row */
+    int32_t *d = (int32_t *)acc;
+    FIXQ_MAC_T *wbuf = (FIXQ_MAC_T *)(void *)(base + cb + (8u + 8u * FIXQ_ROWS) * (size_t)p->ow);
+    const void *w0, *w1;
     for (g = 0; g < p->groups; g++) {
-        if (p->hwc) {
+        if (p->hwc) { /* passes of FIXQ_ROWS output rows; each input row transposed once */
             size_t rowlen = (size_t)hwc_width(p) * (size_t)mg;
-            int next = 0, r;
-            for (oy = 0; oy < p->oh; oy++) {
-                int r0 = oy * p->sh;
-                for (r = next > r0 ? next : r0; r < r0 + p->kh; r++) {
-                    hwc_fill(p, x, g, r, col + (size_t)(r % p->kh) * rowlen);
+            int ns = ring_rows(p), next = 0, r, oy0, oy1;
+            for (oy0 = 0; oy0 < p->oh; oy0 = oy1) {
+                oy1 = oy0 + FIXQ_ROWS < p->oh ? oy0 + FIXQ_ROWS : p->oh;
+                for (r = next > oy0 * p->sh ? next : oy0 * p->sh; r < (oy1 - 1) * p->sh + p->kh; r++) {
+                    hwc_fill(p, x, g, r, col + (size_t)(r % ns) * rowlen);
                 }
-                next = r0 + p->kh;
-                for (i = g * ng; i < (g + 1) * ng; i++) {
-                    hwc_row(p, col, weight_row(p, i, K, wbuf), i, oy, rs);
-                    if (y) {
-                        conv_epilogue(p, basis, i, oy, rs, y, sat);
-                    } else {
-                        int ox;
-                        for (ox = 0; ox < p->ow; ox++) {
-                            s[((size_t)i * (size_t)p->oh + (size_t)oy) * (size_t)p->ow + (size_t)ox] = rs[ox];
-                        }
-                    }
-                }
+                next = (oy1 - 1) * p->sh + p->kh;
+                hwc_rows(p, col, ns, g, oy0, oy1, basis, d, rs, wbuf, y, s, sat);
             }
         } else if (mg > 1) {
             for (oy = 0; oy < p->oh; oy++) {
                 im2col_row(p, x, g, oy, col);
-                for (i = g * ng; i < (g + 1) * ng; i++) {
-                    dense_row(p, col, weight_row(p, i, K, wbuf), i, rs);
-                    if (y) {
-                        conv_epilogue(p, basis, i, oy, rs, y, sat);
-                    } else {
-                        int ox;
-                        for (ox = 0; ox < p->ow; ox++) {
-                            s[((size_t)i * (size_t)p->oh + (size_t)oy) * (size_t)p->ow + (size_t)ox] = rs[ox];
+                for (i = g * ng; i < (g + 1) * ng; i += n) {
+                    if (p->acc32 && p->wshift_cols == 1) {
+                        n = pair_rows(p, i, (g + 1) * ng, wbuf, &w0, &w1, &w8);
+                        fixq_sums32(p->ow, col, 0, 0, 1, 1, K, K, w0, w1, w8, d, d + p->ow);
+                        rows_out32(p, basis, i, oy, 1, d, rs, y, s, sat);
+                        if (n == 2) {
+                            rows_out32(p, basis, i + 1, oy, 1, d + p->ow, rs, y, s, sat);
                         }
+                    } else {
+                        n = 1;
+                        dense_row(p, col, weight_row(p, i, K, wbuf), i, rs);
+                        row_out(p, basis, i, oy, rs, y, s, sat);
                     }
                 }
             }
         } else {
             for (i = g * ng; i < (g + 1) * ng; i++) {
                 const FIXQ_MAC_T *wr = weight_row(p, i, K, wbuf);
-                for (oy = 0; oy < p->oh; oy++) {
-                    depthwise_row(p, x, wr, i, oy, acc, rs);
-                    if (y) {
-                        conv_epilogue(p, basis, i, oy, rs, y, sat);
-                    } else {
-                        int ox;
-                        for (ox = 0; ox < p->ow; ox++) {
-                            s[((size_t)i * (size_t)p->oh + (size_t)oy) * (size_t)p->ow + (size_t)ox] = rs[ox];
-                        }
+                for (oy = 0; oy < p->oh && p->acc32; oy += FIXQ_ROWS) { /* int32 sums, FIXQ_ROWS rows */
+                    int r, nr = p->oh - oy < FIXQ_ROWS ? p->oh - oy : FIXQ_ROWS;
+                    for (r = 0; r < nr; r++) {
+                        depthwise_row(p, x, wr, i, oy + r, d + (size_t)r * (size_t)p->ow, NULL);
                     }
+                    rows_out32(p, basis, i, oy, nr, d, rs, y, s, sat);
+                }
+                for (oy = 0; oy < p->oh && !p->acc32; oy++) {
+                    depthwise_row(p, x, wr, i, oy, acc, rs);
+                    row_out(p, basis, i, oy, rs, y, s, sat);
                 }
             }
         }
