@@ -7,16 +7,16 @@ import shutil
 import pytest
 import torch
 
-from fixq.calibrate import observe, plan_from
-from fixq.cli import main
-from fixq.complexity import analyze
-from fixq.engine import Engine
-from fixq.kmeans import (KMeansError, basis_values, check_K, cluster_kernels, kmeans_layer, layer_savings,
-                         residual)
-from fixq.kmeans_search import candidate_Ks, kmeans_layers, parse_k
-from fixq.plan import LayerConfig, QuantConfig, QuantPlan
-from fixq.simulate import Simulator
-from fixq.zoo import CifarResNet
+from fixq.algorithms.calibrate import observe, plan_from
+from fixq.app.cli import main
+from fixq.analysis.complexity import analyze
+from fixq.backends.engine import Engine
+from fixq.algorithms.kmeans import (KMeansError, basis_values, check_K, cluster_kernels, kmeans_layer, layer_savings,
+                                    residual)
+from fixq.algorithms.kmeans_search import candidate_Ks, kmeans_layers, parse_k
+from fixq.planning.plan import LayerConfig, QuantConfig, QuantPlan
+from fixq.backends.simulate import Simulator
+from fixq.data.zoo import CifarResNet
 
 from helpers import DepthwiseNet, make_graph
 
@@ -227,7 +227,7 @@ def test_kmeans_44_runs_in_c(tmp_path, dm):
 
 def test_kmeans_44_qdq_onnx(tmp_path):
     pytest.importorskip("onnxruntime")
-    from fixq.onnx_out import compare_qdq, export_qdq
+    from fixq.backends.onnx_out import compare_qdq, export_qdq
     g = make_graph(DepthwiseNet(), (3, 16, 16))
     torch.manual_seed(2)
     x = torch.randn(16, 3, 16, 16)
@@ -238,8 +238,8 @@ def test_kmeans_44_qdq_onnx(tmp_path):
 
 
 def test_kmeans_44_plan_schema_refuses_a_wrong_grid():
-    from fixq.plan import PlanError
-    from fixq.plan_schema import check_plan_graph
+    from fixq.planning.plan import PlanError
+    from fixq.planning.plan_schema import check_plan_graph
     g = make_graph(DepthwiseNet(), (3, 16, 16))
     plan = _kmeans44(g, torch.randn(8, 3, 16, 16), {"pw": 2}, data_mode="3D")
     d = plan.to_json()

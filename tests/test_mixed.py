@@ -8,14 +8,14 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as Fn
 
-from fixq.calibrate import observe, plan_from
-from fixq.cli import main
-from fixq.complexity import analyze
-from fixq.engine import Engine
-from fixq.mixed import (MixedError, Trial, eligible_layers, filter_bits, filter_energies, low_precision_mask,
-                        tune_threshold)
-from fixq.plan import LayerConfig, QuantConfig, QuantPlan
-from fixq.simulate import Simulator
+from fixq.algorithms.calibrate import observe, plan_from
+from fixq.app.cli import main
+from fixq.analysis.complexity import analyze
+from fixq.backends.engine import Engine
+from fixq.algorithms.mixed import (MixedError, Trial, eligible_layers, filter_bits, filter_energies, low_precision_mask,
+                                   tune_threshold)
+from fixq.planning.plan import LayerConfig, QuantConfig, QuantPlan
+from fixq.backends.simulate import Simulator
 
 from helpers import DepthwiseNet, make_graph
 

@@ -6,12 +6,12 @@ import math
 import pytest
 import torch
 
-from fixq.calibrate import calibrate
-from fixq.cli import explicit_options, main
-from fixq.commands import make_config
-from fixq.ir import QUANT_POINTS, Linear
-from fixq.paper import apply_paper
-from fixq.plan import LayerConfig, PlanError, QuantConfig, QuantPlan
+from fixq.algorithms.calibrate import calibrate
+from fixq.app.cli import explicit_options, main
+from fixq.app.commands import make_config
+from fixq.graph.ir import QUANT_POINTS, Linear
+from fixq.app.paper import apply_paper
+from fixq.planning.plan import LayerConfig, PlanError, QuantConfig, QuantPlan
 
 from helpers import DepthwiseNet, make_graph
 
@@ -49,7 +49,7 @@ def test_paper_plan_matches_the_papers_rules_field_by_field():
     for n in g.nodes:
         if n.inputs:
             torch.set_grad_enabled(False)
-            from fixq.ir import FLOAT_RULES, apply_act, pre_activation
+            from fixq.graph.ir import FLOAT_RULES, apply_act, pre_activation
             args = [env[i] for i in n.inputs]
             env[n.name] = apply_act(pre_activation(n, *args), n.act) if n.name in plan.layers else \
                 FLOAT_RULES[type(n)](n, *args)
@@ -97,7 +97,7 @@ def test_fc_mode_4d_and_its_json():
     assert QuantPlan.from_json(json.loads(json.dumps(fc4.to_json()))).config.default.fc_mode == "4D"
     with pytest.raises(PlanError, match="fully connected mode"):
         LayerConfig(fc_mode="2D")
-    from fixq.calibrate import observe, plan_from
+    from fixq.algorithms.calibrate import observe, plan_from
     obs = observe(g, [(x, None)], show_progress=False)
     mixed = torch.full((5, 32), 8)
     mixed[0, 0] = 4
@@ -166,7 +166,7 @@ def test_cli_kmeans_paper_table4_with_float_elsewhere(capsys, tmp_path, digits_d
     assert rep["table6"][1]["network_savings_pct"] > 10  # the all-4-bit set of the clustered layers saves a lot
     # one layer quantized, the rest float: less logit noise than the whole 2D-HQ <8b,8b> network
     assert t4["rows"][0]["logit_sqnr_db"] > rep["table6"][0]["logit_sqnr_db"]
-    from fixq.kmeans_search import only_layer_config
+    from fixq.algorithms.kmeans_search import only_layer_config
     g = make_graph(DepthwiseNet(), (3, 16, 16))
     cfg = only_layer_config(g, QuantConfig(LayerConfig(coeff_mode="2D")), "pw")
     assert cfg.for_layer("pw").coeff_bits == 8 and cfg.for_layer("grp").coeff_bits is None

@@ -6,9 +6,9 @@ import json
 import pytest
 
 from fixq.errors import FixqError
-from fixq.plan import PLAN_VERSION, PlanError, QuantPlan
-from fixq.plan_schema import (check_plan_graph, json_path, plan_schema, validate_config_json,
-                              validate_plan_json)
+from fixq.planning.plan import PLAN_VERSION, PlanError, QuantPlan
+from fixq.planning.plan_schema import (check_plan_graph, json_path, plan_schema, validate_config_json,
+                                       validate_plan_json)
 
 from helpers import DepthwiseNet, make_graph, plan_for
 
@@ -141,18 +141,18 @@ def test_config_schema_errors():
 
 
 def test_errors_share_one_base():
-    from fixq.calibrate import CalibrationError
-    from fixq.cli import UsageError
-    from fixq.engine import EngineError
-    from fixq.evaluate import DataError
-    from fixq.graph import CaptureError, UnsupportedOpError
-    from fixq.html_report import ReportError
-    from fixq.kmeans import KMeansError
-    from fixq.mixed import MixedError
-    from fixq.onnx_in import OnnxImportError
-    from fixq.onnx_out import QDQError
-    from fixq.search import SearchError
-    from fixq.zoo import ModelError
+    from fixq.algorithms.calibrate import CalibrationError
+    from fixq.app.cli import UsageError
+    from fixq.backends.engine import EngineError
+    from fixq.analysis.evaluate import DataError
+    from fixq.graph.capture import CaptureError, UnsupportedOpError
+    from fixq.app.html_report import ReportError
+    from fixq.algorithms.kmeans import KMeansError
+    from fixq.algorithms.mixed import MixedError
+    from fixq.data.onnx_in import OnnxImportError
+    from fixq.backends.onnx_out import QDQError
+    from fixq.algorithms.search import SearchError
+    from fixq.data.zoo import ModelError
     for cls in (PlanError, ModelError, DataError, CaptureError, UnsupportedOpError, CalibrationError, EngineError,
                 MixedError, KMeansError, SearchError, OnnxImportError, QDQError, ReportError, UsageError):
         assert issubclass(cls, FixqError) and issubclass(cls, ValueError), cls
@@ -164,9 +164,9 @@ def test_json_path_quotes_dotted_names():
 
 def test_kmeans_and_mixed_plans_fit_their_graph(graph_plan, tmp_path):
     import torch
-    from fixq.calibrate import observe, plan_from
-    from fixq.kmeans import cluster_kernels
-    from fixq.plan import LayerConfig, QuantConfig
+    from fixq.algorithms.calibrate import observe, plan_from
+    from fixq.algorithms.kmeans import cluster_kernels
+    from fixq.planning.plan import LayerConfig, QuantConfig
     g, _ = graph_plan
     obs = observe(g, [(torch.randn(8, *SHAPE), None)], show_progress=False)
     cfg = QuantConfig(LayerConfig(coeff_mode="2D"))
@@ -186,7 +186,7 @@ def test_kmeans_and_mixed_plans_fit_their_graph(graph_plan, tmp_path):
 
 def test_fields_added_to_the_dataclasses_extend_the_schema():
     """A field another change adds to a plan dataclass is accepted without editing the schema."""
-    from fixq.plan_schema import _from_annotation
+    from fixq.planning.plan_schema import _from_annotation
     assert _from_annotation("tuple[int, ...] | None") == {}
     assert _from_annotation("int | None") == {"type": ["integer", "null"]}
     assert _from_annotation("bool") == {"type": ["boolean"]}

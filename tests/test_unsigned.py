@@ -8,12 +8,12 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as Fn
 
-from fixq.calibrate import calibrate
-from fixq.engine import Engine
-from fixq.formats import Word, code_limits, fake_quantize, saturate
-from fixq.ir import Add, AvgPool, Clamp, Concat, Conv, Flatten, Graph, Input, Linear, MaxPool, Pad, nonnegative_nodes
-from fixq.plan import Formats, LayerConfig, QuantConfig, QuantPlan
-from fixq.simulate import Simulator
+from fixq.algorithms.calibrate import calibrate
+from fixq.backends.engine import Engine
+from fixq.numerics.formats import Word, code_limits, fake_quantize, saturate
+from fixq.graph.ir import Add, AvgPool, Clamp, Concat, Conv, Flatten, Graph, Input, Linear, MaxPool, Pad, nonnegative_nodes
+from fixq.planning.plan import Formats, LayerConfig, QuantConfig, QuantPlan
+from fixq.backends.simulate import Simulator
 
 from helpers import DepthwiseNet, make_graph, plan_for
 from test_engine import _nonzero
@@ -130,7 +130,7 @@ class _ReluNet(nn.Module):
 def test_unsigned_qdq_onnx_agrees_with_simulation(tmp_path):
     pytest.importorskip("onnxruntime", reason="ONNX support needs `pip install fixq[onnx]`")
     onnx = pytest.importorskip("onnx", reason="ONNX support needs `pip install fixq[onnx]`")
-    from fixq.onnx_out import compare_qdq, export_qdq
+    from fixq.backends.onnx_out import compare_qdq, export_qdq
     g = make_graph(_ReluNet(), (3, 16, 16))
     torch.manual_seed(2)
     x = torch.randn(400, 3, 16, 16)
