@@ -1,6 +1,6 @@
 """Sanity check of learned rounding on ResNet-20 (small: 128 calibration, 600 evaluation images, 150 steps/layer,
 <4b,8b> 2D). Run from the repository root with PYTHONPATH=src and ../shared present (paths below)."""
-import time, torch
+import time
 from fixq.algorithms.pipeline import open_session, run_config
 from fixq.app.commands import make_config
 from fixq.algorithms.learned import learn_rounding, RoundingOptions

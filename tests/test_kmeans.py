@@ -11,8 +11,8 @@ from fixq.algorithms.calibrate import observe, plan_from
 from fixq.app.cli import main
 from fixq.analysis.complexity import analyze
 from fixq.backends.engine import Engine
-from fixq.algorithms.kmeans import (KMeansError, basis_values, check_K, cluster_kernels, kmeans_layer, layer_savings,
-                                    residual)
+from fixq.algorithms.kmeans import KMeansError, check_K, cluster_kernels, kmeans_layer, layer_savings
+from fixq.planning.coeffs import basis_values, kmeans_residual
 from fixq.algorithms.kmeans_search import candidate_Ks, kmeans_layers, parse_k
 from fixq.planning.plan import LayerConfig, QuantConfig, QuantPlan
 from fixq.backends.simulate import Simulator
@@ -35,7 +35,7 @@ def test_basis_plus_residual_is_the_float_kernel(mode):
     w = torch.randn(24, 6, 3, 3) * 0.1
     km, rf = kmeans_layer(w, cluster_kernels(w, 4), 8, 4, mode, "maxabs")
     Gq = basis_values(km, (6, 3, 3))[km.assign_tensor()]
-    assert torch.equal(Gq + residual(w, km), w.double())
+    assert torch.equal(Gq + kmeans_residual(w, km), w.double())
     assert rf.T == 4 and km.basis.T == 8 and km.K == 4
 
 

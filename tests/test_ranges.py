@@ -4,7 +4,7 @@ from hypothesis import given, strategies as st
 
 from fixq.numerics.ranges import (F_from_histogram, F_from_maxabs, F_from_percentile_rows, affine_params, affine_quantize,
                                   ceil_log2, exponent_histogram, parse_method)
-from fixq.algorithms.calibrate import weight_formats
+from fixq.algorithms.coeff_formats import weight_formats
 
 
 @given(st.floats(1e-30, 1e30))

@@ -14,85 +14,19 @@ from dataclasses import replace
 
 import torch
 
-from fixq.numerics.formats import fake_quantize
+from fixq.backends.engine import check_plan
 from fixq.graph.ir import QUANT_POINTS, Concat, Conv, FloatOp, Graph, Linear, Table, nonnegative_nodes
-from .observe import (CalibrationError, Observations, _data_F, _magnitude_T, _nonzero, needs_histograms,
-                      observe)
-from fixq.planning.partitions import accumulator_F, filter_formats, layer_sum_format, propagate_formats, sum_format
+from fixq.numerics.ranges import EXP_LO, affine_params, ceil_log2, parse_method
+from fixq.planning.elementwise import MAX_SEGMENTED_BITS, table_ready
+from fixq.planning.partitions import accumulator_F, input_point, layer_sum_format, propagate_formats
 from fixq.planning.plan import AffineFormats, Formats, LayerPlan, PlanError, QuantConfig, QuantPlan
 from fixq.planning.safety import bound_spread
-from fixq.numerics.ranges import (EXP_LO, MSE_CANDIDATES, F_from_maxabs, F_from_percentile_rows, affine_params,
-                                  ceil_log2, mse_candidates, parse_method)
+from .coeff_formats import bias_formats, weight_formats
+from .kmeans import KMeansError, kmeans_layer, residual_data_formats
+from .observe import (CalibrationError, Observations, _data_F, _magnitude_T, _nonzero, needs_histograms,
+                      observe)
 
-__all__ = ["calibrate", "observe", "plan_from", "Observations", "needs_histograms",
-           "weight_formats", "bias_formats", "filter_formats", "sum_format", "accumulator_F", "CalibrationError"]
-
-def _partitions(w: torch.Tensor, mode: str, groups: int) -> tuple[torch.Tensor, tuple[int, ...]]:
-    """View the weight as (n_partitions, elements) for a granularity; returns grid shape."""
-    N = w.shape[0]
-    if mode == "4D":
-        return w.reshape(1, -1), ()
-    if mode == "3D":
-        return w.reshape(N, -1), (N,)
-    Mg = w.shape[1]
-    return w.reshape(N * Mg, -1), (N, Mg)
-
-
-def _F_for_rows(rows: torch.Tensor, T: int, method: str, rounding: str) -> torch.Tensor:
-    """F per row of a (partitions, elements) float tensor."""
-    m = parse_method(method)
-    amax = rows.abs().amax(dim=1)
-    F0 = F_from_maxabs(amax, T)
-    if m.kind == "maxabs":
-        return F0
-    if m.kind == "percentile":
-        return F_from_percentile_rows(rows, T, m.p)
-    # mse: best of F0 .. F0+4, ties to the smaller F (larger range)
-    cands = mse_candidates(F0)
-    errs = torch.stack([((fake_quantize(rows, cands[:, k:k + 1], T, rounding)[0] - rows) ** 2).sum(dim=1)
-                        for k in range(MSE_CANDIDATES)], dim=1)
-    return cands.gather(1, errs.argmin(dim=1, keepdim=True)).squeeze(1)
-
-
-def weight_formats(w: torch.Tensor, T: int, mode: str, method: str, groups: int = 1,
-                   rounding: str = "half_up", bits: torch.Tensor | None = None) -> Formats | AffineFormats:
-    """Coefficient formats of one layer. ``bits`` (one word length per partition of
-    ``mode``'s grid, e.g. 8 or 4 per 2D filter) makes a mixed-precision layer; ``T`` is
-    then ignored.
-
-    >>> f = weight_formats(torch.tensor([[[[0.5, -0.2]]], [[[3.0, 1.0]]]]), 8, "3D", "maxabs")
-    >>> f.F, f.shape
-    ((8, 5), (2,))
-    >>> weight_formats(torch.tensor([[[[0.5, -0.2]]], [[[3.0, 1.0]]]]), 8, "3D", "maxabs",
-    ...                bits=torch.tensor([8, 4])).F
-    (8, 1)
-    """
-    rows, shape = _partitions(w.detach().double(), mode, groups)
-    if parse_method(method).kind == "affine":
-        if bits is not None:
-            raise PlanError("mixed precision needs power-of-two formats, not affine")
-        mu, sigma = affine_params(rows.amin(dim=1), rows.amax(dim=1), T)
-        return AffineFormats(T, mode, tuple(mu.tolist()), tuple(sigma.tolist()), shape)
-    nonzero = rows.abs().amax(dim=1) > 0
-    if bits is None:
-        F = bound_spread(_F_for_rows(rows, T, method, rounding), T, nonzero)  # DESIGN §5a rule 1
-        return Formats(T, mode, tuple(F.tolist()), shape)
-    bits = torch.as_tensor(bits, dtype=torch.int64).reshape(-1)
-    if bits.numel() != rows.shape[0]:
-        raise PlanError(f"{bits.numel()} word lengths for {rows.shape[0]} {mode} partitions")
-    F = torch.zeros(rows.shape[0], dtype=torch.int64)
-    for t in sorted(set(bits.tolist())):
-        sel = bits == t
-        F[sel] = _F_for_rows(rows[sel], int(t), method, rounding).cpu()
-    F = bound_spread(F, bits, nonzero)
-    Tp = tuple(int(v) for v in bits.tolist())
-    return Formats(max(Tp), mode, tuple(int(v) for v in F.tolist()), shape, Tp=None if len(set(Tp)) == 1 else Tp)
-
-
-def bias_formats(b: torch.Tensor, T: int) -> Formats:
-    """One maxabs format per output channel (paper: biases in their own 8 bits)."""
-    F = F_from_maxabs(b.detach().double().abs(), T)
-    return Formats(T, "3D", tuple(int(v) for v in F.tolist()), (b.numel(),))
+__all__ = ["calibrate", "observe", "plan_from", "Observations", "needs_histograms", "CalibrationError"]
 
 
 def calibrate(graph: Graph, loader, config: QuantConfig, model_name: str = "model",
@@ -158,8 +92,6 @@ def plan_from(obs: Observations, config: QuantConfig, model_name: str = "model",
     _concat_keeps_formats(graph, cfgs, ordered)
     rdata = {}
     if kmeans and len(kmeans_bits) > 2 and kmeans_bits[2] is not None:
-        from .kmeans import residual_data_formats
-        from fixq.planning.partitions import input_point
         rdata = {n: residual_data_formats(obs, n, int(kmeans_bits[2]), cfgs[input_point(graph, n)], config.rounding,
                                           ordered) for n in kmeans}
     return _build_plan(graph, config, cfgs, ordered, obs.acc, model_name, filter_bits or {}, kmeans or {},
@@ -226,7 +158,6 @@ def _build_plan(graph, config, cfgs, tensors, acc, model_name, filter_bits, kmea
             continue
         km = None
         if n.name in kmeans:
-            from .kmeans import KMeansError, kmeans_layer
             if groups != 1:
                 raise KMeansError(f"layer '{n.name}' is a grouped conv (groups={groups}): a shared basis kernel "
                                   "would read every group's inputs; leave it out of the K-means layers")
@@ -254,7 +185,6 @@ def _build_plan(graph, config, cfgs, tensors, acc, model_name, filter_bits, kmea
                               "partial sums are rounded into the accumulator")
         layers[n.name] = LayerPlan(n.name, wf, bf, A, acc_F, cfg.acc_overflow, tuple(lnotes),
                                    None if acc_F is None else tuple(int(v) for v in acc_I.tolist()), km)
-    from fixq.planning.elementwise import MAX_SEGMENTED_BITS, table_ready
     float_ops = tuple(n.name for n in graph.nodes if isinstance(n, FloatOp))
     float_tables = tuple(n.name for n in graph.nodes if isinstance(n, Table) and not table_ready(n, fmts, tensors))
     if float_ops:
@@ -264,7 +194,6 @@ def _build_plan(graph, config, cfgs, tensors, acc, model_name, filter_bits, kmea
                      f"{MAX_SEGMENTED_BITS} bits run in float between quantizers (no integer rule): " + ", ".join(float_tables))
         float_ops = float_ops + float_tables
     plan = QuantPlan(model_name, config, tensors, layers, float_ops, tuple(notes))
-    from fixq.backends.engine import check_plan  # DESIGN §5a: refuse at plan time what int64 cannot hold
-    check_plan(graph, plan)
+    check_plan(graph, plan)  # DESIGN §5a: refuse at plan time what int64 cannot hold
     return plan
 

@@ -11,16 +11,21 @@ error, and ``Gq[l(i)] + R_i == F_i`` holds exactly in float64.
 """
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 
 import torch
 
-from fixq.numerics.formats import exp2, quantize_codes
-from fixq.planning.plan import Formats, KMeansPlan, PlanError, filter_grid
+from fixq.numerics.formats import quantize_codes
+from fixq.numerics.ranges import parse_method
+from fixq.planning.coeffs import broadcast_F, kmeans_residual
+from fixq.planning.partitions import input_point, propagate_formats
+from fixq.planning.plan import Formats, KMeansPlan, PlanError
+from fixq.planning.safety import bound_spread
+from .coeff_formats import weight_formats
+from .observe import _data_F, _magnitude_T, _nonzero
 
-__all__ = ["KMeansError", "Clustering", "check_K", "cluster_kernels", "kmeans_layer", "basis_values",
-           "residual", "layer_savings", "assign_bits", "residual_data_formats"]
+__all__ = ["KMeansError", "Clustering", "check_K", "cluster_kernels", "kmeans_layer", "layer_savings",
+           "residual_data_formats"]
 
 
 class KMeansError(PlanError):
@@ -64,36 +69,17 @@ def cluster_kernels(w: torch.Tensor, K: int, seed: int = 0, restarts: int = 4, l
     return Clustering(centers, torch.from_numpy(km.labels_.copy()).long(), float(km.inertia_), seed)
 
 
-def _view(f: Formats, w: torch.Tensor) -> torch.Tensor:
-    """A formats grid shaped to broadcast over weights ``w`` (K or N leading)."""
-    F = f.F_tensor()
-    return F.reshape(F.shape + (1,) * (w.dim() - F.dim())) if F.dim() else F
-
-
-def basis_values(km: KMeansPlan, kernel_shape) -> torch.Tensor:
-    """``Gq``: the basis kernels' real values (float64, exact)."""
-    codes = km.basis_tensor(kernel_shape).double()
-    return codes * exp2(-_view(km.basis, codes), codes)
-
-
-def residual(w: torch.Tensor, km: KMeansPlan) -> torch.Tensor:
-    """``R_i = F_i - Gq[l(i)]`` in float64 (exact: both sides have short mantissas)."""
-    w = w.detach().double().cpu()
-    return w - basis_values(km, tuple(w.shape[1:]))[km.assign_tensor()]
-
-
 def kmeans_layer(w: torch.Tensor, c: Clustering, base_bits: int, residual_bits: int, mode: str, method: str,
                  rounding: str = "half_up") -> tuple[KMeansPlan, Formats]:
     """Basis formats and codes, then residual formats, for one layer of groups=1."""
-    from .calibrate import weight_formats
     K = c.centers.shape[0]
     bf = weight_formats(c.centers, base_bits, mode, method, 1, rounding)
     if not isinstance(bf, Formats):
         raise KMeansError("K-means needs power-of-two formats (maxabs, percentile or mse), not affine")
-    codes = quantize_codes(c.centers, _view(bf, c.centers), base_bits, rounding)[0].long()
+    codes = quantize_codes(c.centers, broadcast_F(bf.F_tensor(), c.centers), base_bits, rounding)[0].long()
     km = KMeansPlan(K, tuple(int(v) for v in c.assign.tolist()), bf, tuple(int(v) for v in codes.reshape(-1).tolist()),
                     c.seed)
-    rf = weight_formats(residual(w, km), residual_bits, mode, method, 1, rounding)
+    rf = weight_formats(kmeans_residual(w, km), residual_bits, mode, method, 1, rounding)
     return km, rf
 
 
@@ -106,10 +92,6 @@ def residual_data_formats(obs, layer: str, T: int, cfg, rounding: str, tensors: 
     >>> residual_data_formats(obs, "layer2.0.conv1", 4, cfg, "half_up", plan.tensors).T   # doctest: +SKIP
     4
     """
-    from .calibrate import _data_F, _magnitude_T, _nonzero
-    from fixq.planning.partitions import input_point, propagate_formats
-    from fixq.numerics.ranges import parse_method
-    from fixq.planning.safety import bound_spread
     graph = obs.graph
     q = input_point(graph, layer)
     base = tensors.get(q)
@@ -130,10 +112,6 @@ def residual_data_formats(obs, layer: str, T: int, cfg, rounding: str, tensors: 
                    () if Fin.dim() == 0 else (Fin.numel(),), signed=word.signed)
 
 
-def assign_bits(K: int) -> int:
-    return max(1, math.ceil(math.log2(K)))
-
-
 def layer_savings(N: int, K: int, base_bits: int = 8, residual_bits: int = 4, data_bits: int = 8,
                   residual_data_bits: int | None = None) -> float:
     """Complexity savings of a K-means layer vs all kernels at ``<base_bits, data_bits>``
@@ -147,7 +125,3 @@ def layer_savings(N: int, K: int, base_bits: int = 8, residual_bits: int = 4, da
     """
     rdb = data_bits if residual_data_bits is None else residual_data_bits
     return (N - K - N * (residual_bits * rdb) / (base_bits * data_bits)) / N
-
-
-def basis_grid(km: KMeansPlan, Mg: int) -> torch.Tensor:
-    return filter_grid(km.basis.F_tensor(), km.K, Mg)

@@ -42,11 +42,14 @@ import torch
 
 import torch.nn.functional as Fn
 
+from fixq.backends.engine import check_plan
+from fixq.backends.simulate import SIM_RULES, Simulator
 from fixq.planning.coeffs import coeff_grid, layer_codes, pack_bits, weights_digest
 from fixq.numerics.formats import exp2, round_values, saturate
 from fixq.graph.ir import FLOAT_RULES, Conv, Graph, Input, apply_act, pre_activation
 from fixq.planning.plan import Formats, LayerCodes, PlanError, QuantPlan
 from fixq.util.progress import progress, set_status
+from .coeff_formats import bias_formats
 
 __all__ = ["RoundingOptions", "learn_rounding", "layer_output_error", "ZETA", "GAMMA"]
 
@@ -199,7 +202,6 @@ def _steps(n, bar, X, ya, V, fl, lo, hi, step, off, b, opts: RoundingOptions, ge
 
 def _bias_from(n, lp, dsum: torch.Tensor, count: int, rounding: str):
     """``(bias formats, codes)`` of ``b - mean(layer - y)`` (module docstring)."""
-    from .calibrate import bias_formats
     bc = n.bias.detach().double().cpu() - dsum / count
     bf = bias_formats(bc, lp.bias.T)
     codes = saturate(round_values(bc * exp2(bf.F_tensor(), bc), rounding), bf.T)[0].long()
@@ -253,7 +255,6 @@ def learn_rounding(graph: Graph, plan: QuantPlan, images: torch.Tensor, opts: Ro
     side); returns the new plan (formats unchanged, codes stored) and one row per layer:
     output error (float64, calibration images) with nearest and learned codes, which was
     kept, how many codes differ from nearest, seconds."""
-    from fixq.backends.simulate import SIM_RULES, Simulator
     if plan.is_affine:
         raise PlanError("learned rounding and bias correction need power-of-two formats (not affine)")
     if images.shape[0] == 0:
@@ -291,6 +292,5 @@ def learn_rounding(graph: Graph, plan: QuantPlan, images: torch.Tensor, opts: Ro
                     del envf[i], envq[i]
     note = f"coefficient codes: {opts.label()} on {B} calibration images"
     out = replace(cur, notes=tuple(cur.notes) + (note,))
-    from fixq.backends.engine import check_plan  # DESIGN §5a on the corrected biases
-    check_plan(graph, out)
+    check_plan(graph, out)  # DESIGN §5a on the corrected biases
     return out, rows

@@ -13,7 +13,7 @@ from dataclasses import asdict, dataclass
 import torch
 
 from fixq.graph.ir import Conv, Graph
-from fixq.algorithms.kmeans import assign_bits
+from fixq.planning.coeffs import assign_bits
 from fixq.planning.plan import Formats, QuantPlan, filter_grid
 
 __all__ = ["mac_cost", "LayerCost", "NetworkCost", "analyze", "FLP_COST"]

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import torch
 
-from fixq.algorithms.calibrate import weight_formats
+from fixq.algorithms.coeff_formats import weight_formats
 from fixq.numerics.formats import QFormat
 
 __all__ = ["plot_fig3", "plot_sqnr", "plot_pareto", "pareto_front"]

@@ -27,7 +27,7 @@ from typing import Callable
 import torch
 import torch.nn.functional as Fn
 
-from fixq.planning.coeffs import bias_codes, layer_codes
+from fixq.planning.coeffs import basis_grid, bias_codes, layer_codes
 from fixq.numerics.formats import bound_codes, per_channel, quantize_codes, round_div, round_shift, round_shift_int, saturate
 from fixq.planning.elementwise import ENGINE_ELEMENTWISE, compile_table, prove_elementwise, table_ready, table_refusal
 from fixq.graph.ir import (AdaptiveAvgPool, Add, AvgPool, Clamp, Concat, Conv, Flatten, FloatOp, Graph, Input,
@@ -96,7 +96,6 @@ def compile_layer(n: Conv | Linear, plan: QuantPlan, fmts, rounding: str) -> Lay
     S = layer_sum_format(lp, Fx, w4.shape, groups)
     wq = layer_codes(n, lp, rounding).reshape(w4.shape)  # the one place codes come from (fixq.planning.coeffs)
     if km is not None:
-        from fixq.algorithms.kmeans import basis_grid
         Fg = basis_grid(km, Mg)
         Fxb = filter_formats(Fg, Fx, (km.K, Mg), 1)[1]  # groups == 1: every kernel reads every input channel
         if km.data is not None:

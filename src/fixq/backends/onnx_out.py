@@ -26,6 +26,8 @@ integer accumulator (identical only where sums stay below 2**24 in float32).
 """
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import numpy as np
 import torch
 
@@ -35,6 +37,9 @@ from fixq.graph.ir import (AdaptiveAvgPool, Add, AvgPool, ChannelShuffle, Clamp,
                            Input, Linear, MaxPool, Mul, Pad, Slice, Table)
 from fixq.planning.partitions import filter_formats, propagate_formats
 from fixq.planning.plan import AffineFormats, QuantPlan
+
+if TYPE_CHECKING:
+    import onnx
 
 __all__ = ["export_qdq", "compare_qdq", "ONNX_EMITTERS", "QDQError"]
 
@@ -287,7 +292,7 @@ ONNX_EMITTERS = {
 }
 
 
-def export_qdq(graph: Graph, plan: QuantPlan, path) -> "onnx.ModelProto":  # noqa: F821
+def export_qdq(graph: Graph, plan: QuantPlan, path) -> "onnx.ModelProto":
     """Write the QDQ model to ``path``; checked with ``onnx.checker``.
 
     >>> m = export_qdq(graph, plan, "model_qdq.onnx")     # doctest: +SKIP

@@ -23,10 +23,6 @@ class DataError(FixqError):
 IMG_EXT = {".jpg", ".jpeg", ".png", ".bmp", ".ppm", ".pgm", ".tif", ".tiff", ".webp"}
 
 
-class DataError(FixqError):
-    """Missing or empty data folders, unreadable images."""
-
-
 @dataclass(frozen=True)
 class ImageSet:
     """An ImageFolder-layout folder: ``root/<class>/<image>``; classes in sorted order. With

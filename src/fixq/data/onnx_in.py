@@ -12,12 +12,16 @@ Softmax is dropped when asked (argmax, hence top-1/top-5, is unchanged).
 from __future__ import annotations
 
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
 import torch.nn as nn
 
 from fixq.errors import FixqError
+
+if TYPE_CHECKING:
+    import onnx
 
 __all__ = ["OnnxImportError", "load_onnx", "onnx_input_shape", "prepare_onnx", "redraw_weights"]
 
@@ -26,7 +30,7 @@ class OnnxImportError(FixqError):
     """An ONNX file fixq cannot import (missing, not ONNX, an op without a converter)."""
 
 
-def _read(path) -> "onnx.ModelProto":  # noqa: F821
+def _read(path) -> "onnx.ModelProto":
     import onnx
     p = Path(path)
     if not p.is_file():

@@ -22,15 +22,17 @@ from __future__ import annotations
 
 import base64
 import hashlib
+import math
 from dataclasses import dataclass
 
 import torch
 
 from fixq.numerics.formats import exp2, round_values, saturate
-from .plan import LayerPlan, PlanError
+from .plan import KMeansPlan, LayerPlan, PlanError, filter_grid
 
 __all__ = ["CoeffGrid", "coeff_grid", "layer_codes", "layer_values", "bias_codes", "weights_digest",
-           "pack_bits", "unpack_bits", "check_codes"]
+           "pack_bits", "unpack_bits", "check_codes", "broadcast_F", "basis_values", "kmeans_residual",
+           "basis_grid", "assign_bits"]
 
 
 def pack_bits(up: torch.Tensor) -> str:
@@ -97,13 +99,13 @@ class CoeffGrid:
         return v if self.offset is None else self.offset + v
 
 
-def _view(F: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+def broadcast_F(F: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+    """A formats grid ``F`` shaped to broadcast over weights ``w`` (K or N leading)."""
     return F.reshape(F.shape + (1,) * (w.dim() - F.dim())) if F.dim() else F
 
 
 def coeff_grid(n, lp: LayerPlan) -> CoeffGrid:
     """The grid of layer ``n`` under plan entry ``lp`` (power-of-two coefficients)."""
-    from fixq.algorithms.kmeans import basis_values
     w = n.weight.detach().double().cpu()
     wf = lp.weight
     offset = None
@@ -112,12 +114,12 @@ def coeff_grid(n, lp: LayerPlan) -> CoeffGrid:
         x = w - offset  # exact in float64 (DESIGN §9)
     else:
         x = w
-    F = _view(wf.F_tensor(), x)
+    F = broadcast_F(wf.F_tensor(), x)
     if wf.Tp is None:
         T = wf.T
         lo, hi = torch.tensor(-(1 << (T - 1)), dtype=torch.int64), torch.tensor((1 << (T - 1)) - 1, dtype=torch.int64)
     else:
-        T = _view(wf.bits(), x)
+        T = broadcast_F(wf.bits(), x)
         hi = (torch.ones_like(T) << (T - 1)) - 1
         lo = -hi - 1
     return CoeffGrid(x, offset, F, T, lo, hi)
@@ -180,3 +182,25 @@ def bias_codes(n, lp: LayerPlan, rounding: str) -> torch.Tensor | None:
         return torch.tensor(lp.codes.bias, dtype=torch.int64)
     b = n.bias.detach().double().cpu()
     return saturate(round_values(b * exp2(lp.bias.F_tensor(), b), rounding), lp.bias.T)[0].long()
+
+
+def basis_values(km: KMeansPlan, kernel_shape) -> torch.Tensor:
+    """``Gq``: the K-means basis kernels' real values (float64, exact; DESIGN §9)."""
+    codes = km.basis_tensor(kernel_shape).double()
+    return codes * exp2(-broadcast_F(km.basis.F_tensor(), codes), codes)
+
+
+def kmeans_residual(w: torch.Tensor, km: KMeansPlan) -> torch.Tensor:
+    """``R_i = F_i - Gq[l(i)]`` in float64 (exact: both sides have short mantissas)."""
+    w = w.detach().double().cpu()
+    return w - basis_values(km, tuple(w.shape[1:]))[km.assign_tensor()]
+
+
+def basis_grid(km: KMeansPlan, Mg: int) -> torch.Tensor:
+    """The basis kernels' formats per 2D filter, ``(K, Mg)``."""
+    return filter_grid(km.basis.F_tensor(), km.K, Mg)
+
+
+def assign_bits(K: int) -> int:
+    """Bits of one kernel's basis index ``l(i)`` (at least 1)."""
+    return max(1, math.ceil(math.log2(K)))

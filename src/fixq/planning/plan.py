@@ -19,7 +19,6 @@ import torch
 
 from fixq.errors import FixqError
 from fixq.numerics.formats import OVERFLOWS, Word, check_bits, check_rounding
-from fixq.graph.ir import Clamp, Concat, Flatten, Graph, MaxPool, Pad, Slice
 from fixq.numerics.ranges import parse_method
 
 __all__ = ["LayerConfig", "QuantConfig", "Formats", "AffineFormats", "LayerPlan", "QuantPlan", "KMeansPlan",

@@ -34,7 +34,7 @@ from __future__ import annotations
 
 import torch
 
-from fixq.numerics.formats import Word, code_limits
+from fixq.numerics.formats import code_limits
 from .plan import PlanError
 
 __all__ = ["SPREAD_BITS", "MAX_SHIFT", "HEADROOM_BITS", "F64_EXACT_BITS", "max_code", "bound_spread",

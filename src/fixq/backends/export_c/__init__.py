@@ -1,6 +1,8 @@
 """C99 export of a quantized model (tables + calls) with a hand-written integer runtime."""
 from .emit import C_EMITTERS, ExportResult, export_c
-from . import emit_elementwise  # noqa: F401,E402  (registers the table/multiply/shuffle emitters)
+from .emit_elementwise import register
 from .run import run_c_program
+
+register()  # the table/multiply/shuffle emitters join C_EMITTERS
 
 __all__ = ["export_c", "ExportResult", "C_EMITTERS", "run_c_program"]

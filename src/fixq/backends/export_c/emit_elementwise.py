@@ -142,6 +142,3 @@ def register() -> None:
     """Add the element-wise emitters to the C emitter table (idempotent)."""
     CTYPE_BYTES.setdefault("uint16_t", 2)
     C_EMITTERS.update({Table: _emit_table, Mul: _emit_mul, ChannelShuffle: _emit_shuffle})
-
-
-register()

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from fixq.analysis.evaluate import DataError
+from fixq.data.images import DataError, _transform
 
 __all__ = ["load_pixels"]
 
@@ -19,7 +19,6 @@ def load_pixels(s, idx, pre) -> np.ndarray:
     from PIL import Image
     from torchvision import transforms as T
 
-    from fixq.data.images import _transform
     geometric = T.Compose(_transform(pre).transforms[:-2])  # everything before ToTensor, Normalize
     out = []
     for i in idx:
