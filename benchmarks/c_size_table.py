@@ -19,7 +19,7 @@ from pathlib import Path
 
 import torch
 
-from fixq.app.commands import make_config
+from fixq.app.common import make_config
 from fixq.backends.engine import Engine
 from fixq.backends.export_c import export_c, run_c_program
 from fixq.backends.export_c.targets import INSNS_PER_TICK, build_target, runner_for, size_report, tools_missing

@@ -18,7 +18,7 @@ from pathlib import Path
 
 import torch
 
-from fixq.app.commands import make_config
+from fixq.app.common import make_config
 from fixq.algorithms.learned import RoundingOptions, learn_rounding
 from fixq.algorithms.pipeline import run_config
 from fixq.analysis.report import markdown_table

@@ -2,7 +2,7 @@
 <4b,8b> 2D). Run from the repository root with PYTHONPATH=src and ../shared present (paths below)."""
 import time
 from fixq.algorithms.pipeline import open_session, run_config
-from fixq.app.commands import make_config
+from fixq.app.common import make_config
 from fixq.algorithms.learned import learn_rounding, RoundingOptions
 t=time.time()
 s = open_session("cifar10-resnet20", "/work/shared/data/cifar10-test", "/work/shared/data/cifar10-test",

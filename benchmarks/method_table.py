@@ -22,7 +22,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).parent))
 from ptq_table import cpu_name, setup_args, setup_session  # noqa: E402
 
-from fixq.app.commands import make_config  # noqa: E402
+from fixq.app.common import make_config  # noqa: E402
 from fixq.algorithms.pipeline import run_config  # noqa: E402
 from fixq.analysis.report import markdown_table  # noqa: E402
 

@@ -22,7 +22,7 @@ from pathlib import Path
 
 import torch
 
-from fixq.app.commands import make_config
+from fixq.app.common import make_config
 from fixq.analysis.complexity import analyze
 from fixq.analysis.evaluate import batches, topk_errors
 from fixq.graph.ir import run_float

@@ -225,7 +225,7 @@ def test_version(capsys):
 
 def test_every_option_has_help_with_its_default():
     import argparse
-    from fixq.app.cli import build_parser
+    from fixq.app.parser import build_parser
     sub = next(a for a in build_parser()._actions if isinstance(a, argparse._SubParsersAction))
     for name, p in sub.choices.items():
         text = p.format_help()

@@ -7,8 +7,9 @@ import pytest
 import torch
 
 from fixq.algorithms.calibrate import calibrate
-from fixq.app.cli import explicit_options, main
-from fixq.app.commands import make_config
+from fixq.app.cli import main
+from fixq.app.parser import explicit_options
+from fixq.app.common import make_config
 from fixq.graph.ir import QUANT_POINTS, Linear
 from fixq.app.paper import apply_paper
 from fixq.planning.plan import LayerConfig, PlanError, QuantConfig, QuantPlan

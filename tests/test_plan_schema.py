@@ -142,7 +142,7 @@ def test_config_schema_errors():
 
 def test_errors_share_one_base():
     from fixq.algorithms.calibrate import CalibrationError
-    from fixq.app.cli import UsageError
+    from fixq.app.parser import UsageError
     from fixq.backends.engine import EngineError
     from fixq.analysis.evaluate import DataError
     from fixq.graph.capture import CaptureError, UnsupportedOpError

@@ -1,7 +1,7 @@
 """Accuracy on real data from ../shared/ (skipped when it is absent)."""
 import pytest
 
-from fixq.app.commands import make_config
+from fixq.app.common import make_config
 from fixq.algorithms.pipeline import open_session, run_config
 
 from shared_data import resnet_weights, shared_path

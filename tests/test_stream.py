@@ -30,7 +30,7 @@ def test_session_holds_no_image_set_and_passes_one_batch(digits_dir, monkeypatch
     session keeps no image tensor (streams, labels and N x classes logits only)."""
     import fixq.analysis.evaluate as ev
     import fixq.algorithms.observe as ob
-    from fixq.app.commands import make_config
+    from fixq.app.common import make_config
     from fixq.algorithms.pipeline import open_session, run_config
     from fixq.backends.simulate import Simulator
     seen = []
@@ -62,7 +62,7 @@ def test_session_holds_no_image_set_and_passes_one_batch(digits_dir, monkeypatch
 def test_streamed_equals_in_memory(digits_dir):
     """The streamed session gives the numbers of the in-memory Python API on the same batches."""
     from fixq.algorithms.calibrate import calibrate
-    from fixq.app.commands import make_config
+    from fixq.app.common import make_config
     from fixq.analysis.evaluate import evaluate_quant
     from fixq.algorithms.pipeline import open_session, run_config
     from fixq.backends.simulate import Simulator
@@ -85,7 +85,7 @@ def test_float64_temporaries_are_bounded_and_give_the_same_numbers(digits_dir, m
     SQNR as one block."""
     import fixq.analysis.evaluate as ev
     import fixq.algorithms.observe as ob
-    from fixq.app.commands import make_config
+    from fixq.app.common import make_config
     from fixq.algorithms.pipeline import open_session, run_config
     from fixq.numerics.ranges import MSE_CANDIDATES
 

@@ -10,13 +10,13 @@ The public flow, in Python::
     logits = Simulator(graph, plan, exact=True)(images)
 """
 from fixq.algorithms.calibrate import calibrate
-from fixq.analysis.complexity import analyze
-from fixq.numerics.formats import QFormat
-from fixq.graph.capture import capture
 from fixq.algorithms.pipeline import open_session, run_config
-from fixq.planning.plan import LayerConfig, QuantConfig, QuantPlan
+from fixq.analysis.complexity import analyze
 from fixq.backends.simulate import Simulator
 from fixq.data.zoo import build_model
+from fixq.graph.capture import capture
+from fixq.numerics.formats import QFormat
+from fixq.planning.plan import LayerConfig, QuantConfig, QuantPlan
 
 __all__ = ["QFormat", "capture", "calibrate", "analyze", "QuantConfig", "LayerConfig", "QuantPlan",
            "Simulator", "build_model", "open_session", "run_config"]

@@ -23,8 +23,7 @@ from fixq.planning.plan import AffineFormats, Formats, LayerPlan, PlanError, Qua
 from fixq.planning.safety import bound_spread
 from .coeff_formats import bias_formats, weight_formats
 from .kmeans import KMeansError, kmeans_layer, residual_data_formats
-from .observe import (CalibrationError, Observations, _data_F, _magnitude_T, _nonzero, needs_histograms,
-                      observe)
+from .observe import CalibrationError, Observations, _data_F, _magnitude_T, _nonzero, needs_histograms, observe
 
 __all__ = ["calibrate", "observe", "plan_from", "Observations", "needs_histograms", "CalibrationError"]
 

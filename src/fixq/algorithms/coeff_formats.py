@@ -10,8 +10,8 @@ from __future__ import annotations
 import torch
 
 from fixq.numerics.formats import fake_quantize
-from fixq.numerics.ranges import (MSE_CANDIDATES, F_from_maxabs, F_from_percentile_rows, affine_params,
-                                  mse_candidates, parse_method)
+from fixq.numerics.ranges import (MSE_CANDIDATES, F_from_maxabs, F_from_percentile_rows, affine_params, mse_candidates,
+                                  parse_method)
 from fixq.planning.plan import AffineFormats, Formats, PlanError
 from fixq.planning.safety import bound_spread
 

@@ -17,14 +17,14 @@ from dataclasses import dataclass
 
 import torch
 
-from fixq.util.progress import progress
 from fixq.analysis.complexity import analyze
 from fixq.graph.ir import Conv, Graph
+from fixq.planning.partitions import input_point
+from fixq.planning.plan import QuantConfig, QuantPlan
+from fixq.util.progress import progress
 from .kmeans import KMeansError, check_K, cluster_kernels, layer_savings
 from .mixed import eligible_layers
-from fixq.planning.partitions import input_point
 from .pipeline import Session
-from fixq.planning.plan import QuantConfig, QuantPlan
 from .search import PlanBench, base_config, resolve_target
 
 __all__ = ["KMeansOptions", "KMeansResult", "kmeans_layers", "parse_k", "candidate_Ks", "search_kmeans",

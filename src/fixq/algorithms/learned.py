@@ -44,9 +44,9 @@ import torch.nn.functional as Fn
 
 from fixq.backends.engine import check_plan
 from fixq.backends.simulate import SIM_RULES, Simulator
-from fixq.planning.coeffs import coeff_grid, layer_codes, pack_bits, weights_digest
-from fixq.numerics.formats import exp2, round_values, saturate
 from fixq.graph.ir import FLOAT_RULES, Conv, Graph, Input, apply_act, pre_activation
+from fixq.numerics.formats import exp2, round_values, saturate
+from fixq.planning.coeffs import coeff_grid, layer_codes, pack_bits, weights_digest
 from fixq.planning.plan import Formats, LayerCodes, PlanError, QuantPlan
 from fixq.util.progress import progress, set_status
 from .coeff_formats import bias_formats

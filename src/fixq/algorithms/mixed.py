@@ -17,10 +17,10 @@ from typing import Callable
 import torch
 import torch.nn.functional as Fn
 
-from fixq.errors import FixqError
-from fixq.util.progress import progress
 from fixq.data.stream import as_stream, stream_map
+from fixq.errors import FixqError
 from fixq.graph.ir import FLOAT_RULES, Conv, Graph, Input, Linear, apply_act, pre_activation
+from fixq.util.progress import progress
 
 __all__ = ["MixedError", "filter_energies", "low_precision_mask", "filter_bits", "eligible_layers",
            "Trial", "TuneResult", "tune_threshold", "layer_thresholds"]

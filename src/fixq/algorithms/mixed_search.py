@@ -12,12 +12,12 @@ from dataclasses import dataclass, field
 
 import torch
 
-from fixq.util.progress import progress
 from fixq.graph.ir import Linear
-from .mixed import (MixedError, Trial, TuneResult, eligible_layers, filter_bits, filter_energies,
-                    layer_thresholds, tune_threshold)
-from .pipeline import Session
 from fixq.planning.plan import QuantConfig, QuantPlan
+from fixq.util.progress import progress
+from .mixed import (MixedError, Trial, TuneResult, eligible_layers, filter_bits, filter_energies, layer_thresholds,
+                    tune_threshold)
+from .pipeline import Session
 from .search import PlanBench, base_config, resolve_target
 
 __all__ = ["MixedOptions", "MixedResult", "PlanScore", "search_mixed"]

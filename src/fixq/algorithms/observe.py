@@ -16,12 +16,13 @@ from dataclasses import dataclass
 
 import torch
 
-from fixq.util import distributed as dist
-from fixq.errors import FixqError
-from fixq.numerics.formats import Word, fake_quantize
-from fixq.graph.ir import FLOAT_RULES, QUANT_POINTS, Conv, Graph, Input, Linear, apply_act, pre_activation
-from fixq.numerics.ranges import MSE_CANDIDATES, F_from_histogram, F_from_maxabs, exponent_histogram, mse_candidates, parse_method
 from fixq.data.stream import as_stream, stream_map
+from fixq.errors import FixqError
+from fixq.graph.ir import FLOAT_RULES, QUANT_POINTS, Conv, Graph, Input, Linear, apply_act, pre_activation
+from fixq.numerics.formats import Word, fake_quantize
+from fixq.numerics.ranges import (MSE_CANDIDATES, F_from_histogram, F_from_maxabs, exponent_histogram, mse_candidates,
+                                  parse_method)
+from fixq.util import distributed as dist
 
 MSE_CHUNK = 1 << 22  # values per float64 temporary of the mse range search (32 MB)
 

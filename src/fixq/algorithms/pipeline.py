@@ -9,18 +9,18 @@ from pathlib import Path
 
 import torch
 
-from .calibrate import Observations, needs_histograms, observe, plan_from
 from fixq.analysis.complexity import analyze
-from fixq.util import distributed as dist
 from fixq.analysis.evaluate import EvalResult, evaluate_quant, float_logits, topk_errors
+from fixq.backends.simulate import Simulator
 from fixq.data.images import DataError, ImageSet, class_mapping, known_classes, select_subsets
 from fixq.data.stream import ImageStream, default_workers, find_bad_images
+from fixq.data.zoo import PRESETS, ModelError, Preprocess, build_model
 from fixq.graph.capture import capture
 from fixq.graph.ir import Graph
 from fixq.planning.partitions import propagate_formats
 from fixq.planning.plan import Formats, QuantConfig, QuantPlan
-from fixq.backends.simulate import Simulator
-from fixq.data.zoo import PRESETS, ModelError, Preprocess, build_model
+from fixq.util import distributed as dist
+from .calibrate import Observations, needs_histograms, observe, plan_from
 
 __all__ = ["Session", "open_session", "RunResult", "run_config", "layer_table", "strict_float32", "method_label"]
 

@@ -23,13 +23,13 @@ from dataclasses import dataclass, replace
 
 import torch
 
-from fixq.errors import FixqError
-from .calibrate import needs_histograms, plan_from
 from fixq.analysis.complexity import analyze
 from fixq.analysis.evaluate import evaluate_quant, topk_errors
-from .pipeline import Session
-from fixq.planning.plan import QuantConfig, QuantPlan
 from fixq.backends.simulate import Simulator
+from fixq.errors import FixqError
+from fixq.planning.plan import QuantConfig, QuantPlan
+from .calibrate import needs_histograms, plan_from
+from .pipeline import Session
 
 __all__ = ["SearchError", "PlanBench", "split_eval", "resolve_target", "paired_drop", "accepts", "Z_MARGIN",
            "acceptance_rule"]

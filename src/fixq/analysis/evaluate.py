@@ -7,11 +7,11 @@ from dataclasses import dataclass, field
 
 import torch
 
-from fixq.util import distributed as dist
 from fixq.data.images import (CIFAR10_CLASSES, DataError, ImageSet, Split, class_mapping, known_classes, load_images,
                               select_subsets)
-from fixq.graph.ir import QUANT_POINTS, Graph, run_float
 from fixq.data.stream import TensorStream, stream_map
+from fixq.graph.ir import QUANT_POINTS, Graph, run_float
+from fixq.util import distributed as dist
 
 __all__ = ["DataError", "ImageSet", "load_images", "known_classes", "class_mapping", "CIFAR10_CLASSES",
            "select_subsets", "Split", "topk_errors", "float_logits", "EvalResult", "evaluate_quant", "batches"]

@@ -8,14 +8,22 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .commands import _device, prepare_out, resolve_preprocess
-from fixq.analysis.evaluate import ImageSet, DataError, load_images
-from fixq.numerics.formats import Word, quantize_codes
+from fixq.analysis.accumulators import accumulator_table
+from fixq.analysis.evaluate import DataError, ImageSet, load_images
+from fixq.analysis.report import markdown_table, write_json
+from fixq.backends.export_c import export_c, run_c_program
+from fixq.backends.export_c.pixels import load_pixels
+from fixq.backends.export_c.run import build
+from fixq.backends.export_c.targets import build_target, runner_for, size_report
+from fixq.backends.onnx_out import compare_qdq, export_qdq
+from fixq.data.images import select_subsets
+from fixq.data.labels import scan_flat
+from fixq.data.zoo import Preprocess, build_model, require_weights
 from fixq.graph.capture import capture
+from fixq.numerics.formats import Word, quantize_codes
 from fixq.planning.plan import QuantPlan
 from fixq.planning.plan_schema import check_plan_graph
-from fixq.analysis.report import markdown_table, write_json
-from fixq.data.zoo import Preprocess, build_model, require_weights
+from .common import device_for, prepare_out, resolve_preprocess
 
 __all__ = ["cmd_export_c", "cmd_run_c", "cmd_accumulators", "cmd_export_onnx"]
 
@@ -35,8 +43,6 @@ def _plan_and_graph(args):
 
 
 def cmd_export_c(args) -> int:
-    from fixq.backends.export_c import export_c
-    from fixq.backends.export_c.run import build
     plan, graph, pre = _plan_and_graph(args)
     prepare_out(args.out)
     pd = {k: v for k, v in asdict(pre).items() if (k, v) != ("interpolation", "bilinear")}  # as before: default omitted
@@ -55,7 +61,6 @@ def cmd_export_c(args) -> int:
             shared = f", shares {t['shared_with']}" if t["shared_with"] else ""
             form = f" in {t['segments']:,} segments" if "segments" in t else ""
             print(f"  {t['node']} ({t['op']}): {t['tables']} x {t['entries']} {t['ctype']}{form}, {t['bytes']:,} bytes{shared}")
-    from fixq.backends.export_c.targets import size_report
     for line in size_report(res.out):
         print(line)
     return 0
@@ -73,7 +78,6 @@ def _read_json(path) -> dict:
 
 
 def _image_index(args):
-    from fixq.data.labels import scan_flat  # a flat folder (a --labels run's images) works too: outputs only
     s = scan_flat(args.data)
     if args.images:
         listed = _read_json(args.images).get("eval_files")
@@ -97,8 +101,6 @@ def _images(args, pre: Preprocess):
 
 
 def cmd_run_c(args) -> int:
-    from fixq.backends.export_c import run_c_program
-    from fixq.backends.export_c.targets import build_target, runner_for
     cdir = Path(args.cdir)
     if not (cdir / "export.json").is_file():
         raise DataError(f"{cdir} is not a fixq C export (no export.json): run `fixq export-c --out {cdir}` first")
@@ -107,7 +109,6 @@ def cmd_run_c(args) -> int:
     exe = build_target(cdir, args.target)
     runner = runner_for(args.target)
     if info.get("pixels"):  # the model's own pixel-to-code table (model.h) does the quantization
-        from fixq.backends.export_c.pixels import load_pixels
         s, idx = _image_index(args)
         out, sat = run_c_program(cdir, pixels=load_pixels(s, idx, pre), runner=runner, exe=exe)
     else:
@@ -125,14 +126,12 @@ def cmd_run_c(args) -> int:
 
 
 def cmd_accumulators(args) -> int:
-    from fixq.analysis.accumulators import accumulator_table
-    from fixq.analysis.evaluate import select_subsets
     plan, graph, pre = _plan_and_graph(args)
     s = ImageSet.scan(args.calib)
     idx = (select_subsets(s, s, args.calib_size, None, args.seed).calib if args.calib_size < len(s)
            else list(range(len(s))))
     x, _ = load_images(s, idx, pre, show_progress=False)
-    rows = accumulator_table(graph, plan, x.to(_device("cpu")))
+    rows = accumulator_table(graph, plan, x.to(device_for("cpu")))
     table = markdown_table(["layer", "S (sum F)", "calibrated I_acc", "A exact sum", "A bit-identical to A=32",
                             "acc sat. at plan A"],
                            [[r.name, f"{r.S_min}..{r.S_max}", r.acc_I_max, r.A_exact, r.A_identical,
@@ -144,7 +143,6 @@ def cmd_accumulators(args) -> int:
 
 
 def cmd_export_onnx(args) -> int:
-    from fixq.backends.onnx_out import compare_qdq, export_qdq
     plan, graph, pre = _plan_and_graph(args)
     out = Path(args.out)
     prepare_out(out.parent)

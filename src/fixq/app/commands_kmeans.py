@@ -3,12 +3,13 @@ from __future__ import annotations
 
 import json
 
-from fixq.util import distributed as dist
-from .commands import (_common_report, _header, _say, _say_paper, _session, codes_markdown, prepare_out,
-                       rounding_options, search_config)
+from fixq.algorithms.kmeans import layer_savings
 from fixq.algorithms.kmeans_search import KMeansOptions, search_kmeans
 from fixq.algorithms.search import acceptance_rule
 from fixq.analysis.report import markdown_table, write_json
+from fixq.util import distributed as dist
+from .common import (codes_markdown, common_report, prepare_out, report_header, rounding_options, say, say_paper,
+                     search_config, session_for)
 
 __all__ = ["cmd_kmeans", "table4", "sweep_table", "table6"]
 
@@ -53,18 +54,17 @@ def cmd_kmeans(args) -> int:
     config = search_config(args)
     codes = rounding_options(args)
     out = prepare_out(args.out)
-    session = _session(args)
+    session = session_for(args)
     res = search_kmeans(session, config, opts, codes)
     if not dist.is_main():  # torchrun: rank 0 writes the outputs
         return 0
     res.plan.save(out / "plan.json")
-    from fixq.algorithms.kmeans import layer_savings
     N = {n.name: n.weight.shape[0] for n in session.graph.layers()}
     layers = {n: {"k": K, "N": N[n], "layer_savings_pct": 100.0 * layer_savings(N[n], K, args.base_bits, args.residual_bits,
                                                                  residual_data_bits=args.residual_data_bits)}
               for n, K in res.ks.items()}
     final = res.table6[-1]
-    report = {**_common_report(session, args),
+    report = {**common_report(session, args),
               "float": {"top1_error": res.float_top1_test, "top5_error": res.float_top5_test,
                         "top1_error_tune": res.float_top1_tune},
               "quant": {"top1_error": final["top1_error"], "top5_error": final["top5_error"]},
@@ -99,7 +99,7 @@ def cmd_kmeans(args) -> int:
         rec_s += (f"; of the logit noise (vs float, test images) plain <{args.residual_bits}b,8b> adds over "
                   f"<{args.base_bits}b,8b>, K-means {opts.rlabel()} residuals remove {nrec:.0f}%")
     ks = ", ".join(f"{n}: K={K}" for n, K in res.ks.items()) or "none (no K met the target)"
-    md = (_header(session, args=args) + f"\n## K-means clustered kernels (basis {args.base_bits}b + residuals "
+    md = (report_header(session, args=args) + f"\n## K-means clustered kernels (basis {args.base_bits}b + residuals "
           f"{args.residual_bits}b{' on ' + str(args.residual_data_bits) + '-bit data' if args.residual_data_bits else ''})\n\nTarget: top-1 error <= {res.target:.2f}% on {res.n_tune} tuning images "
           f"(accepted when the {acceptance_rule(opts.margin_z)}); errors below are on the other {res.n_test} images.\n\n### Table 4 shape: layer `{res.table4['layer']}` "
           f"(N={res.table4['N']}, K={res.table4['K']}{others})\n\n{t4}\n\n{rec_s}.\n\nThe same layer at every candidate K "
@@ -114,6 +114,6 @@ def cmd_kmeans(args) -> int:
         print(json.dumps({k: v for k, v in report.items() if k != "k_search"}, default=str))
     else:
         print(f"Layer {res.table4['layer']} (N={res.table4['N']}, K={res.table4['K']}):\n{t4}\n{rec_s}.\n\nNetwork:\n{t6}")
-        _say_paper(args)
-        _say(args, f"\nK per layer: {ks}\nplan.json, report.json and report.md written to {out}/")
+        say_paper(args)
+        say(args, f"\nK per layer: {ks}\nplan.json, report.json and report.md written to {out}/")
     return 0

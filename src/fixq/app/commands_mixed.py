@@ -3,12 +3,12 @@ from __future__ import annotations
 
 import json
 
-from fixq.util import distributed as dist
-from .commands import (_common_report, _header, _say, _say_paper, _session, codes_markdown, prepare_out,
-                       rounding_options, search_config)
 from fixq.algorithms.mixed_search import MixedOptions, search_mixed
 from fixq.algorithms.search import acceptance_rule
 from fixq.analysis.report import markdown_table, write_json
+from fixq.util import distributed as dist
+from .common import (codes_markdown, common_report, prepare_out, report_header, rounding_options, say, say_paper,
+                     search_config, session_for)
 
 __all__ = ["cmd_mixed", "table3"]
 
@@ -40,7 +40,7 @@ def cmd_mixed(args) -> int:
     config = search_config(args)
     codes = rounding_options(args)
     out = prepare_out(args.out)
-    session = _session(args)
+    session = session_for(args)
     res = search_mixed(session, config, opts, codes)
     if not dist.is_main():  # torchrun: rank 0 writes the outputs
         return 0
@@ -48,7 +48,7 @@ def cmd_mixed(args) -> int:
     final.plan.save(out / "plan.json")
     other = [s for s in res.tuning if s != res.strategy]
     trials = [t.to_json() for r in res.tuning.values() for t in r.trials]
-    report = {**_common_report(session, args),
+    report = {**common_report(session, args),
               "float": {"top1_error": res.float_top1_test, "top5_error": res.float_top5_test,
                         "top1_error_tune": res.float_top1_tune},
               "quant": {"top1_error": final.top1_error, "top5_error": final.top5_error},
@@ -81,7 +81,7 @@ def cmd_mixed(args) -> int:
     t3 = table3(res)
     cmp = "; ".join(f"{s}: best f={r.best.f:.4g}, savings {r.best.savings_pct:.1f}% at {r.best.top1_error:.2f}% "
                     f"tuning error" if r.best else f"{s}: no plan met the target" for s, r in res.tuning.items())
-    md = (_header(session, args=args) + f"\n## Mixed precision ({opts.base_bits}b/{opts.low_bits}b per 2D filter)\n\n"
+    md = (report_header(session, args=args) + f"\n## Mixed precision ({opts.base_bits}b/{opts.low_bits}b per 2D filter)\n\n"
           f"Target: top-1 error <= {res.target:.2f}% on {res.n_tune} tuning images (accepted when the "
           f"{acceptance_rule(opts.margin_z)}); reported below on the other "
           f"{res.n_test} evaluation images. The plan was produced by the **{res.strategy}** threshold strategy"
@@ -97,6 +97,6 @@ def cmd_mixed(args) -> int:
         print(json.dumps({k: v for k, v in report.items() if k not in ("trials", "sensitivity")}, default=str))
     else:
         print(t3)
-        _say_paper(args)
-        _say(args, f"\nstrategy: {res.strategy}; {cmp}\nplan.json, report.json and report.md written to {out}/")
+        say_paper(args)
+        say(args, f"\nstrategy: {res.strategy}; {cmp}\nplan.json, report.json and report.md written to {out}/")
     return 0

@@ -7,8 +7,8 @@ import html
 import json
 from pathlib import Path
 
-from fixq.errors import FixqError
 from fixq.analysis.report import COMPLEXITY_NOTE, FIGURE_CAPTIONS, fmt_num
+from fixq.errors import FixqError
 
 __all__ = ["render_html", "ReportError"]
 

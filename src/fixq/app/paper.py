@@ -32,6 +32,7 @@ departure from the paper (``paper.departures``), so nothing is silently not the 
 ('maxabs', 'maxabs', 'auto', '4D', ['--data-sign auto'])
 """
 from __future__ import annotations
+from fixq.planning.plan import QuantConfig, load_config
 
 __all__ = ["PAPER_CHOICES", "apply_paper", "config_departures", "paper_sentence"]
 
@@ -99,7 +100,6 @@ def config_departures(path) -> list[str]:
     >>> config_departures(f)
     ["--config 'layer1.*': data_method mse"]
     """
-    from fixq.planning.plan import QuantConfig, load_config
     out = []
     for pattern, kv in load_config(path, QuantConfig()).overrides:
         for key, value in kv.items():

@@ -27,15 +27,16 @@ from typing import Callable
 import torch
 import torch.nn.functional as Fn
 
+from fixq.graph.ir import (AdaptiveAvgPool, Add, AvgPool, Clamp, Concat, Conv, Flatten, FloatOp, Graph, Input, Linear,
+                           MaxPool, Pad, Slice, Table)
+from fixq.numerics.formats import (bound_codes, per_channel, quantize_codes, round_div, round_shift, round_shift_int,
+                                   saturate)
 from fixq.planning.coeffs import basis_grid, bias_codes, layer_codes
-from fixq.numerics.formats import bound_codes, per_channel, quantize_codes, round_div, round_shift, round_shift_int, saturate
 from fixq.planning.elementwise import ENGINE_ELEMENTWISE, compile_table, prove_elementwise, table_ready, table_refusal
-from fixq.graph.ir import (AdaptiveAvgPool, Add, AvgPool, Clamp, Concat, Conv, Flatten, FloatOp, Graph, Input,
-                           Linear, MaxPool, Pad, Slice, Table)
 from fixq.planning.partitions import filter_formats, layer_sum_format, propagate_formats
 from fixq.planning.plan import QuantPlan
-from .pooling import adaptive_windows, pool_divisors
 from fixq.planning.safety import check_headroom, check_shift, max_code, prove_layer, prove_op
+from .pooling import adaptive_windows, pool_divisors
 
 __all__ = ["Engine", "EngineError", "ENGINE_RULES", "LayerInts", "BasisInts", "compile_layer", "exact_matmul",
            "exact_sum", "residual_input", "layer_forward", "pool_out_size", "check_plan"]

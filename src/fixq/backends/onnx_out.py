@@ -31,12 +31,12 @@ from typing import TYPE_CHECKING
 import numpy as np
 import torch
 
-from .engine import EngineError, check_plan, compile_layer
-from fixq.numerics.formats import bound_codes, code_limits
 from fixq.graph.ir import (AdaptiveAvgPool, Add, AvgPool, ChannelShuffle, Clamp, Concat, Conv, Flatten, FloatOp, Graph,
                            Input, Linear, MaxPool, Mul, Pad, Slice, Table)
+from fixq.numerics.formats import bound_codes, code_limits
 from fixq.planning.partitions import filter_formats, propagate_formats
 from fixq.planning.plan import AffineFormats, QuantPlan
+from .engine import EngineError, check_plan, compile_layer
 
 if TYPE_CHECKING:
     import onnx

@@ -14,17 +14,17 @@ from typing import Callable
 
 import torch
 
+from fixq.graph.ir import (FLOAT_RULES, AdaptiveAvgPool, Add, AvgPool, Clamp, Concat, Conv, Flatten, FloatOp, Graph,
+                           Input, Linear, MaxPool, Pad, Slice, Table, apply_act, pre_activation)
 from fixq.numerics.formats import bound_codes, exp2, fake_quantize, per_channel, round_values
 from fixq.numerics.fused import fused_available, fused_fake_quantize
-from fixq.planning.safety import F64_EXACT_BITS, max_code
+from fixq.numerics.ranges import affine_quantize
 from fixq.planning.coeffs import bias_codes, coeff_grid, layer_codes, layer_values
 from fixq.planning.elementwise import SIM_ELEMENTWISE, compile_table, table_ready
-from fixq.graph.ir import (FLOAT_RULES, AdaptiveAvgPool, Add, AvgPool, Clamp, Concat, Conv, Flatten, FloatOp,
-                           Graph, Input, Linear, MaxPool, Pad, Slice, Table, apply_act, pre_activation)
 from fixq.planning.partitions import filter_formats, layer_sum_format, propagate_formats
 from fixq.planning.plan import AffineFormats, Formats, PlanError, QuantPlan
+from fixq.planning.safety import F64_EXACT_BITS, max_code
 from .pooling import pool_divisors, window_sum
-from fixq.numerics.ranges import affine_quantize
 
 __all__ = ["Simulator", "SIM_RULES"]
 

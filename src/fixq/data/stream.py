@@ -19,8 +19,8 @@ import os
 import torch
 
 from fixq.util import distributed as dist
-from .images import DataError, ImageSet, _collate, _Files, worker_error
 from fixq.util.progress import image_progress
+from .images import _Files, DataError, ImageSet, _collate, worker_error
 from .zoo import Preprocess
 
 __all__ = ["ImageStream", "TensorStream", "as_stream", "stream_map", "default_workers", "find_bad_images"]

@@ -17,8 +17,8 @@ import torch.nn as nn
 import torch.nn.functional as Fn
 
 from fixq.errors import FixqError
-from .ir import (AdaptiveAvgPool, Add, AvgPool, Clamp, Concat, Conv, Flatten, FloatOp,
-                 Graph, Input, Linear, MaxPool, Node, Pad, Slice, run_float)
+from .ir import (AdaptiveAvgPool, Add, AvgPool, Clamp, Concat, Conv, Flatten, FloatOp, Graph, Input, Linear, MaxPool,
+                 Node, Pad, Slice, run_float)
 from .mobile import MobileLowering
 from .onnx_lower import is_onnx2torch, lower_onnx
 from .passes import fold_affine, fold_bn, fuse_acts, users_of

@@ -38,8 +38,8 @@ from dataclasses import dataclass
 
 import torch
 
-from fixq.numerics.formats import code_limits, per_channel, round_shift, round_values, saturate
 from fixq.graph.ir import UNARY_FUNCS, ChannelShuffle, Graph, Mul, Table, shuffle_perm
+from fixq.numerics.formats import code_limits, per_channel, round_shift, round_values, saturate
 from .plan import Formats, PlanError
 from .safety import F64_EXACT_BITS, max_code, prove_op
 

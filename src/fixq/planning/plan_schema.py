@@ -33,8 +33,8 @@ from dataclasses import fields, replace
 from pathlib import Path
 
 from fixq.numerics.formats import MAX_BITS, MIN_BITS, OVERFLOWS, ROUNDINGS
-from .plan import (COEFF_MODES, DATA_MODES, PLAN_VERSION, AffineFormats, Formats, KMeansPlan, LayerCodes,
-                   LayerConfig, LayerPlan, PlanError, QuantConfig, QuantPlan)
+from .plan import (COEFF_MODES, DATA_MODES, PLAN_VERSION, AffineFormats, Formats, KMeansPlan, LayerCodes, LayerConfig,
+                   LayerPlan, PlanError, QuantConfig, QuantPlan)
 
 __all__ = ["plan_schema", "config_schema", "layer_config_schema", "validate_plan_json", "validate_config_json",
            "check_plan_graph", "json_path", "read_config"]

@@ -16,11 +16,11 @@ from typing import Callable
 import torch
 
 from fixq.backends.engine import Engine, EngineError, pool_out_size
-from fixq.numerics.formats import bound_codes, code_limits, per_channel
-from fixq.graph.ir import (AdaptiveAvgPool, Add, AvgPool, Clamp, Concat, Conv, Flatten, Graph, Input, Linear,
-                           MaxPool, Pad, Slice)
-from fixq.planning.plan import QuantPlan
 from fixq.backends.pooling import adaptive_windows, pool_divisors
+from fixq.graph.ir import (AdaptiveAvgPool, Add, AvgPool, Clamp, Concat, Conv, Flatten, Graph, Input, Linear, MaxPool,
+                           Pad, Slice)
+from fixq.numerics.formats import bound_codes, code_limits, per_channel
+from fixq.planning.plan import QuantPlan
 from fixq.planning.safety import C_LIMITS, check_table, max_code, sum_fits_int32
 from .pack import P48_NAME, store_weights
 

@@ -16,10 +16,10 @@ from __future__ import annotations
 
 import hashlib
 
-from fixq.planning.elementwise import mul_shift
-from fixq.numerics.formats import code_limits
 from fixq.graph.ir import ChannelShuffle, Mul, Table
-from .emit import C_EMITTERS, CTYPE_BYTES, ROUNDING_C, _cid, EmitCtx, _word
+from fixq.numerics.formats import code_limits
+from fixq.planning.elementwise import mul_shift
+from .emit import C_EMITTERS, CTYPE_BYTES, ROUNDING_C, EmitCtx, _cid, _word
 
 __all__ = ["register", "table_form"]
 
