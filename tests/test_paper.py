@@ -6,13 +6,14 @@ import math
 import pytest
 import torch
 
+from fixq.planning.plan_io import load_plan, plan_from_json
 from fixq.algorithms.calibrate import calibrate
 from fixq.app.cli import main
 from fixq.app.parser import explicit_options
 from fixq.app.common import make_config
 from fixq.graph.ir import QUANT_POINTS, Linear
 from fixq.app.paper import apply_paper
-from fixq.planning.plan import LayerConfig, PlanError, QuantConfig, QuantPlan
+from fixq.planning.plan import LayerConfig, PlanError, QuantConfig
 
 from helpers import DepthwiseNet, make_graph
 
@@ -95,7 +96,7 @@ def test_fc_mode_4d_and_its_json():
     assert fc4.layers["pw"].weight == base.layers["pw"].weight
     assert "fc_mode" not in base.to_json()["config"]["default"]  # default left out: old plans keep their bytes
     assert fc4.to_json()["config"]["default"]["fc_mode"] == "4D"
-    assert QuantPlan.from_json(json.loads(json.dumps(fc4.to_json()))).config.default.fc_mode == "4D"
+    assert plan_from_json(json.loads(json.dumps(fc4.to_json()))).config.default.fc_mode == "4D"
     with pytest.raises(PlanError, match="fully connected mode"):
         LayerConfig(fc_mode="2D")
     from fixq.algorithms.calibrate import observe, plan_from
@@ -117,7 +118,7 @@ def test_cli_paper_report_says_so(capsys, tmp_path, digits_dir):
     rep = json.loads((tmp_path / "q" / "report.json").read_text())
     assert rep["paper"]["departures"] == ["--rounding floor"]
     assert "paper's choices were used" in (tmp_path / "q" / "report.md").read_text()
-    plan = QuantPlan.load(tmp_path / "q" / "plan.json")
+    plan = load_plan(tmp_path / "q" / "plan.json")
     d = plan.config.default
     assert (d.data_sign, d.effective_data_method, d.fc_mode, plan.rounding) == ("signed", "maxabs", "4D", "floor")
     assert all(f.signed for f in plan.tensors.values())
@@ -133,7 +134,7 @@ def test_cli_paper_names_config_file_departures(capsys, tmp_path, digits_dir):
     rep = json.loads((tmp_path / "q" / "report.json").read_text())
     assert rep["paper"]["departures"] == ["--config 'fc*': data_method mse"]  # bias_bits 8 is the paper's
     assert "--config 'fc*': data_method mse" in capsys.readouterr().out
-    plan = QuantPlan.load(tmp_path / "q" / "plan.json")
+    plan = load_plan(tmp_path / "q" / "plan.json")
     assert plan.config.for_layer("fc1").data_method == "mse" and plan.config.default.data_method == "maxabs"
 
 
@@ -145,7 +146,7 @@ def test_cli_mixed_paper_keeps_fc_layers_whole(capsys, tmp_path, digits_dir):
     assert main(argv) == 0, capsys.readouterr().err
     rep = json.loads((tmp_path / "m" / "report.json").read_text())
     assert "first and last layers kept at base bits (§5, Table 3)" in rep["paper"]["used"]
-    plan = QuantPlan.load(tmp_path / "m" / "plan.json")
+    plan = load_plan(tmp_path / "m" / "plan.json")
     assert plan.layers["fc1"].weight.granularity == "4D" and plan.layers["fc1"].weight.T == 8
 
 

@@ -5,8 +5,9 @@ import json
 
 import pytest
 
+from fixq.planning.plan_io import load_plan, plan_from_json
 from fixq.errors import FixqError
-from fixq.planning.plan import PLAN_VERSION, PlanError, QuantPlan
+from fixq.planning.plan import PLAN_VERSION, PlanError
 from fixq.planning.plan_schema import (check_plan_graph, json_path, plan_schema, validate_config_json,
                                        validate_plan_json)
 
@@ -22,7 +23,7 @@ def graph_plan():
 
 
 def _load(d, name="plan.json"):
-    return QuantPlan.from_json(d, name)
+    return plan_from_json(d, name)
 
 
 def _err(d) -> str:
@@ -36,7 +37,7 @@ def test_saved_plans_validate_and_round_trip(graph_plan, tmp_path):
     plan.save(tmp_path / "plan.json")
     d = json.loads((tmp_path / "plan.json").read_text())
     validate_plan_json(d)
-    loaded = QuantPlan.load(tmp_path / "plan.json")
+    loaded = load_plan(tmp_path / "plan.json")
     assert loaded == plan
     check_plan_graph(loaded, g)
     assert plan_schema()["properties"]["version"] == {"const": PLAN_VERSION}
@@ -92,12 +93,12 @@ def test_not_json_and_not_an_object(tmp_path):
     p = tmp_path / "plan.json"
     p.write_text("{not json")
     with pytest.raises(PlanError, match="not a fixq plan: not JSON"):
-        QuantPlan.load(p)
+        load_plan(p)
     p.write_text("[1, 2]")
     with pytest.raises(PlanError, match="expected a JSON object, got list"):
-        QuantPlan.load(p)
+        load_plan(p)
     with pytest.raises(PlanError, match="does not exist"):
-        QuantPlan.load(tmp_path / "nothing.json")
+        load_plan(tmp_path / "nothing.json")
 
 
 def test_graph_check_missing_extra_and_shape(graph_plan):
@@ -175,7 +176,7 @@ def test_kmeans_and_mixed_plans_fit_their_graph(graph_plan, tmp_path):
     for i, plan in enumerate([plan_from(obs, cfg, "t", kmeans={"pw": cluster_kernels(g.node("pw").weight, 3)}),
                               plan_from(obs, cfg, "t", filter_bits={"stem": bits})]):
         plan.save(tmp_path / f"p{i}.json")
-        loaded = QuantPlan.load(tmp_path / f"p{i}.json")
+        loaded = load_plan(tmp_path / f"p{i}.json")
         check_plan_graph(loaded, g)
         assert loaded == plan
     d = json.loads((tmp_path / "p0.json").read_text())

@@ -2,10 +2,10 @@ import pytest
 import torch
 import torch.nn as nn
 
+from fixq.planning.plan_io import load_plan
 from fixq.numerics.formats import code_limits, exp2
 from fixq.graph.ir import run_float
 from fixq.planning.partitions import propagate_formats
-from fixq.planning.plan import QuantPlan
 from fixq.backends.simulate import Simulator
 from fixq.data.zoo import CifarResNet, LeNet
 
@@ -73,7 +73,7 @@ def test_plan_json_round_trip_reproduces_outputs(tmp_path):
     g = make_graph(DepthwiseNet(), SHAPE)
     plan = plan_for(g, SHAPE, coeff_mode="2D", data_mode="3D", method="percentile:99.9")
     plan.save(tmp_path / "plan.json")
-    loaded = QuantPlan.load(tmp_path / "plan.json")
+    loaded = load_plan(tmp_path / "plan.json")
     assert loaded == plan
     x = torch.randn(4, *SHAPE)
     assert torch.equal(Simulator(g, plan, exact=True)(x), Simulator(g, loaded, exact=True)(x))

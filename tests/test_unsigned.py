@@ -8,11 +8,12 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as Fn
 
+from fixq.planning.plan_io import load_plan
 from fixq.algorithms.calibrate import calibrate
 from fixq.backends.engine import Engine
 from fixq.numerics.formats import Word, code_limits, fake_quantize, saturate
 from fixq.graph.ir import Add, AvgPool, Clamp, Concat, Conv, Flatten, Graph, Input, Linear, MaxPool, Pad, nonnegative_nodes
-from fixq.planning.plan import Formats, LayerConfig, QuantConfig, QuantPlan
+from fixq.planning.plan import Formats, LayerConfig, QuantConfig
 from fixq.backends.simulate import Simulator
 
 from helpers import DepthwiseNet, make_graph, plan_for
@@ -74,7 +75,7 @@ def test_plan_json_round_trip_keeps_signedness(tmp_path):
     g = make_graph(DepthwiseNet(), (3, 16, 16))
     plan = plan_for(g, (3, 16, 16))
     plan.save(tmp_path / "p.json")
-    back = QuantPlan.load(tmp_path / "p.json")
+    back = load_plan(tmp_path / "p.json")
     assert {k: f.signed for k, f in back.tensors.items()} == {k: f.signed for k, f in plan.tensors.items()}
     text = (tmp_path / "p.json").read_text()
     assert '"signed": false' in text and '"signed": true' not in text  # signed is the default, left out

@@ -23,6 +23,7 @@ from fixq.planning.partitions import input_point
 from fixq.planning.plan import QuantConfig, QuantPlan
 from fixq.util.progress import progress
 from .kmeans import KMeansError, check_K, cluster_kernels, layer_savings
+from .learned import learn_rounding
 from .mixed import eligible_layers
 from .pipeline import Session
 from .search import PlanBench, base_config, resolve_target
@@ -306,7 +307,6 @@ def search_kmeans(session: Session, config: QuantConfig, opts: KMeansOptions, co
                              plan_for(ks, opts.residual_bits), False))
     rows, t_codes = None, time.time()
     if codes is not None:
-        from .learned import learn_rounding
         plan, rows = learn_rounding(g, plan, session.calib_stream.tensor(), codes, session.device, session.show_progress)
         table6.append(row(f"K-means {opts.rlabel()} residuals ({len(ks)} layers) + {codes.label()}", plan, False))
     t_codes = time.time() - t_codes

@@ -15,6 +15,7 @@ import torch
 from fixq.graph.ir import Linear
 from fixq.planning.plan import QuantConfig, QuantPlan
 from fixq.util.progress import progress
+from .learned import learn_rounding
 from .mixed import (MixedError, Trial, TuneResult, eligible_layers, filter_bits, filter_energies, layer_thresholds,
                     tune_threshold)
 from .pipeline import Session
@@ -175,7 +176,6 @@ def search_mixed(session: Session, config: QuantConfig, opts: MixedOptions, code
     aggr = score(f"Aggressive (eligible layers {opts.low_bits}b)", aggressive_bits)
     learned, rows, t_codes = None, None, time.time()
     if codes is not None:
-        from .learned import learn_rounding
         plan, rows = learn_rounding(g, tuned.plan, session.calib_stream.tensor(), codes, session.device, session.show_progress)
         learned = score(f"Tuned + {codes.label()}", tuned_bits, plan)
     t_codes = time.time() - t_codes

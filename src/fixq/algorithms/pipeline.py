@@ -21,6 +21,7 @@ from fixq.planning.partitions import propagate_formats
 from fixq.planning.plan import Formats, QuantConfig, QuantPlan
 from fixq.util import distributed as dist
 from .calibrate import Observations, needs_histograms, observe, plan_from
+from .learned import learn_rounding
 
 __all__ = ["Session", "open_session", "RunResult", "run_config", "layer_table", "strict_float32", "method_label"]
 
@@ -191,7 +192,6 @@ def run_config(session: Session, config: QuantConfig, exact: bool = False,
         plan = plan_from(obs, config, session.model_name)
     rows = None
     if codes is not None:
-        from .learned import learn_rounding
         plan, rows = learn_rounding(session.graph, plan, session.calib_stream.tensor(), codes, session.device,
                                     session.show_progress)
     sim = Simulator(session.graph, plan, exact=exact, device=session.device)

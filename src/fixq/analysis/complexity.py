@@ -14,6 +14,7 @@ import torch
 
 from fixq.graph.ir import Conv, Graph
 from fixq.planning.coeffs import assign_bits
+from fixq.planning.partitions import propagate_formats
 from fixq.planning.plan import Formats, QuantPlan, filter_grid
 
 __all__ = ["mac_cost", "LayerCost", "NetworkCost", "analyze", "FLP_COST"]
@@ -105,7 +106,6 @@ def analyze(graph: Graph, plan: QuantPlan | None = None, coeff_bits: dict | None
     >>> cost = analyze(graph, plan)                         # doctest: +SKIP
     >>> round(cost.rel_complexity_mmacs, 1), cost.to_json()["total"]["storage_bits"]  # doctest: +SKIP
     """
-    from fixq.planning.partitions import propagate_formats
     fmts = propagate_formats(graph, plan.tensors) if plan is not None else {}
     out = []
     for n in graph.layers():

@@ -7,10 +7,11 @@ from dataclasses import dataclass, field
 
 import torch
 
+from fixq.backends.simulate import SIM_RULES
 from fixq.data.images import (CIFAR10_CLASSES, DataError, ImageSet, Split, class_mapping, known_classes, load_images,
                               select_subsets)
 from fixq.data.stream import TensorStream, stream_map
-from fixq.graph.ir import QUANT_POINTS, Graph, run_float
+from fixq.graph.ir import FLOAT_RULES, QUANT_POINTS, Graph, Input, run_float
 from fixq.util import distributed as dist
 
 __all__ = ["DataError", "ImageSet", "load_images", "known_classes", "class_mapping", "CIFAR10_CLASSES",
@@ -65,8 +66,6 @@ def _lockstep(sim, xb: torch.Tensor, points: list[str]):
     point's signal and noise energy (float64 sums over the batch) is taken as soon as it
     exists, and a tensor is dropped once its last user has run, so memory holds the live
     tensors of two passes, not every layer's output. Returns ``(output, {p: (sig, noise)})``."""
-    from fixq.graph.ir import FLOAT_RULES, Input
-    from fixq.backends.simulate import SIM_RULES
     g = sim.graph
     want = set(points)
     users = g.users()

@@ -4,6 +4,7 @@ from __future__ import annotations
 import json
 import math
 from pathlib import Path
+from .complexity import mac_cost
 
 __all__ = ["COMPLEXITY_NOTE", "FIGURE_CAPTIONS", "markdown_table", "results_table", "layers_markdown",
            "complexity_markdown", "write_json", "clean_json", "fmt_num"]
@@ -87,7 +88,6 @@ def complexity_markdown(cost_json: dict, quantized: bool = True, note: bool = Tr
     table = markdown_table(["layer", "op", "NxMxHxW", "P", "MACs", "coeff", "data",
                             "rel. complexity [M MACs <8b,8b>]", "storage [B]"], rows)
     if not quantized:  # the float network: what it costs, and what each uniform format would
-        from .complexity import mac_cost
         mm = t["macs"] / 1e6
         each = "; ".join(f"<{_b(c)},{_b(d)}> {mm * mac_cost(c, d):.2f}" for c, d in
                          ((8, 8), (4, 8), (4, 4), (8, None), (16, 16)))

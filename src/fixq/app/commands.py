@@ -19,7 +19,7 @@ from fixq.analysis.report import (COMPLEXITY_NOTE, FIGURE_CAPTIONS, complexity_m
 from fixq.data.digits import export_digits
 from fixq.data.zoo import PRESETS, ZOO, build_model
 from fixq.graph.capture import capture
-from fixq.planning.plan import QuantPlan
+from fixq.planning.plan_io import load_plan
 from fixq.planning.plan_schema import check_plan_graph
 from fixq.util import distributed as dist
 from fixq.util.progress import progress_label
@@ -225,7 +225,7 @@ def cmd_analyze(args) -> int:
     if shape is None:
         shape = pre.input_shape(entry.input_hw if entry else None)
     graph = capture(model, torch.zeros(1, *shape), check=False)
-    plan = QuantPlan.load(args.plan) if args.plan else None
+    plan = load_plan(args.plan) if args.plan else None
     if plan is not None:
         check_plan_graph(plan, graph, args.plan)
     cost = analyze(graph, plan).to_json()

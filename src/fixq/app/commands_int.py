@@ -21,7 +21,7 @@ from fixq.data.labels import scan_flat
 from fixq.data.zoo import Preprocess, build_model, require_weights
 from fixq.graph.capture import capture
 from fixq.numerics.formats import Word, quantize_codes
-from fixq.planning.plan import QuantPlan
+from fixq.planning.plan_io import load_plan
 from fixq.planning.plan_schema import check_plan_graph
 from .common import device_for, prepare_out, resolve_preprocess
 
@@ -29,7 +29,7 @@ __all__ = ["cmd_export_c", "cmd_run_c", "cmd_accumulators", "cmd_export_onnx"]
 
 
 def _plan_and_graph(args):
-    plan = QuantPlan.load(args.plan)
+    plan = load_plan(args.plan)
     if not args.model:
         args.model = plan.model
     require_weights(args.model, args.weights, args.random_weights)

@@ -22,7 +22,8 @@ from fixq.analysis.report import COMPLEXITY_NOTE, markdown_table
 from fixq.data.onnx_in import onnx_input_shape
 from fixq.data.zoo import PRESETS, ZOO, Preprocess, require_weights, with_overrides
 from fixq.errors import os_error_reason
-from fixq.planning.plan import LayerConfig, PlanError, QuantConfig, load_config
+from fixq.planning.plan import LayerConfig, PlanError, QuantConfig
+from fixq.planning.plan_schema import read_config
 from fixq.util import distributed as dist
 from .paper import paper_sentence
 from .parser import UsageError
@@ -101,7 +102,7 @@ def make_config(coeff_bits="8", data_bits="8", coeff_mode="3D", data_mode="4D", 
                                   data_mode=data_mode, method=method or d.method,
                                   data_method=data_method or method or d.data_method, data_sign=data_sign,
                                   fc_mode=fc_mode, bias_bits=bias_bits, acc_bits=acc_bits, acc_overflow=acc_overflow), rounding)
-    return load_config(config_file, cfg) if config_file else cfg
+    return read_config(config_file, cfg) if config_file else cfg
 
 
 def search_config(args) -> QuantConfig:

@@ -32,7 +32,8 @@ departure from the paper (``paper.departures``), so nothing is silently not the 
 ('maxabs', 'maxabs', 'auto', '4D', ['--data-sign auto'])
 """
 from __future__ import annotations
-from fixq.planning.plan import QuantConfig, load_config
+from fixq.planning.plan import QuantConfig
+from fixq.planning.plan_schema import read_config
 
 __all__ = ["PAPER_CHOICES", "apply_paper", "config_departures", "paper_sentence"]
 
@@ -101,7 +102,7 @@ def config_departures(path) -> list[str]:
     ["--config 'layer1.*': data_method mse"]
     """
     out = []
-    for pattern, kv in load_config(path, QuantConfig()).overrides:
+    for pattern, kv in read_config(path, QuantConfig()).overrides:
         for key, value in kv.items():
             if key in PAPER_CHOICES and str(value).lower() != str(PAPER_CHOICES[key][0]).lower():
                 out.append(f"--config {pattern!r}: {key} {value}")

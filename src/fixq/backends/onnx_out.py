@@ -34,9 +34,11 @@ import torch
 from fixq.graph.ir import (AdaptiveAvgPool, Add, AvgPool, ChannelShuffle, Clamp, Concat, Conv, Flatten, FloatOp, Graph,
                            Input, Linear, MaxPool, Mul, Pad, Slice, Table)
 from fixq.numerics.formats import bound_codes, code_limits
+from fixq.planning.elementwise import compile_table, table_ready, table_refusal
 from fixq.planning.partitions import filter_formats, propagate_formats
 from fixq.planning.plan import AffineFormats, QuantPlan
 from .engine import EngineError, check_plan, compile_layer
+from .simulate import Simulator
 
 if TYPE_CHECKING:
     import onnx
@@ -245,7 +247,6 @@ def _slice(b: _B, n: Slice, x: str) -> str:
 
 
 def _table(b: _B, n: Table, x: str) -> str:
-    from fixq.planning.elementwise import compile_table, table_ready, table_refusal
     if not table_ready(n, b.fmts, b.plan.tensors):
         raise QDQError(table_refusal(n, b.fmts, b.plan.tensors))
     shape = b.graph.shapes[n.name]
@@ -330,7 +331,6 @@ def compare_qdq(path, graph: Graph, plan: QuantPlan, x: torch.Tensor, batch_size
     """Run the exported model in onnxruntime and fixq's exact simulation on ``x``: top-1
     agreement (%) and the largest output difference in output steps ``2**-F``."""
     import onnxruntime as ort
-    from .simulate import Simulator
     sess = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
     sim = Simulator(graph, plan, exact=True)
     F = propagate_formats(graph, plan.tensors)[graph.output][1]

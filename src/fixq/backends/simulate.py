@@ -24,6 +24,7 @@ from fixq.planning.elementwise import SIM_ELEMENTWISE, compile_table, table_read
 from fixq.planning.partitions import filter_formats, layer_sum_format, propagate_formats
 from fixq.planning.plan import AffineFormats, Formats, PlanError, QuantPlan
 from fixq.planning.safety import F64_EXACT_BITS, max_code
+from .engine import check_plan, compile_layer
 from .pooling import pool_divisors, window_sum
 
 __all__ = ["Simulator", "SIM_RULES"]
@@ -57,8 +58,7 @@ class Simulator:
         self.formats = propagate_formats(graph, {k: v for k, v in plan.tensors.items()})
         self._sat: dict[str, dict[str, torch.Tensor]] = {}
         self._prep: dict[str, dict] = {}
-        from .engine import check_plan  # DESIGN §5a, the engine's proof: same refusals, same bounds
-        self._bounds = check_plan(graph, plan)
+        self._bounds = check_plan(graph, plan)  # DESIGN §5a, the engine's proof: same refusals, same bounds
         for n in graph.nodes:
             if isinstance(n, (Conv, Linear)):
                 self._prep[n.name] = self._prepare_layer(n)
@@ -71,7 +71,6 @@ class Simulator:
     def update_layer(self, plan: QuantPlan, name: str) -> None:
         """Take ``plan``, which differs from the current one only in layer ``name``'s entry
         (its decided codes, :mod:`fixq.algorithms.learned`): that layer is proved and prepared again."""
-        from .engine import compile_layer
         n = self.graph.node(name)
         self.plan = plan
         lp = plan.layers.get(name)

@@ -19,6 +19,7 @@ import torch.nn as nn
 import torch.nn.functional as Fn
 
 from fixq.errors import FixqError
+from .onnx_in import load_onnx
 
 __all__ = ["Preprocess", "PRESETS", "ZooEntry", "ZOO", "build_model", "load_weights",
            "ModelError", "LeNet", "require_weights", "CifarResNet", "bundled_weights_path", "with_overrides",
@@ -284,7 +285,6 @@ def build_model(name: str, weights: str | None = None,
     if entry is None and name.lower().endswith(".onnx"):
         if weights:
             raise ModelError("an ONNX file carries its own weights: drop --weights")
-        from .onnx_in import load_onnx
         return load_onnx(name, input_shape), None
     if entry is None:
         if ":" not in name:

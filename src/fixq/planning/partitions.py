@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import torch
 
-from fixq.graph.ir import ChannelShuffle, Clamp, Concat, Flatten, Graph, MaxPool, Pad, Slice, shuffle_perm
+from fixq.graph.ir import QUANT_POINTS, ChannelShuffle, Clamp, Concat, Flatten, Graph, MaxPool, Pad, Slice, shuffle_perm
 from .plan import Formats, PlanError, filter_grid
 
 __all__ = ["input_point", "propagate_formats", "filter_formats", "sum_format", "layer_sum_format", "accumulator_F"]
@@ -23,7 +23,6 @@ __all__ = ["input_point", "propagate_formats", "filter_formats", "sum_format", "
 def input_point(graph: Graph, layer: str) -> str:
     """The quantization point whose format ``layer``'s input carries (walking back through
     the format-preserving nodes :func:`propagate_formats` derives: pads, pools, flatten...)."""
-    from fixq.graph.ir import QUANT_POINTS
     name = graph.node(layer).inputs[0]
     while not isinstance(graph.node(name), QUANT_POINTS) and graph.node(name).inputs:
         name = graph.node(name).inputs[0]

@@ -24,7 +24,7 @@ from fixq.numerics.ranges import parse_method
 __all__ = ["LayerConfig", "QuantConfig", "Formats", "AffineFormats", "LayerPlan", "QuantPlan", "KMeansPlan",
            "LayerCodes",
            "filter_grid",
-           "COEFF_MODES", "DATA_MODES", "FC_MODES", "load_config", "PlanError"]
+           "COEFF_MODES", "DATA_MODES", "FC_MODES", "PlanError"]
 
 COEFF_MODES = ("4D", "3D", "2D")
 DATA_MODES = ("4D", "3D")
@@ -172,13 +172,6 @@ def _config_json(c: LayerConfig) -> dict:
     return {k: v for k, v in asdict(c).items() if _OMIT_AT_DEFAULT.get(k, object()) != v}
 
 
-def load_config(path: str | Path, base: QuantConfig) -> QuantConfig:
-    """Read per-layer overrides from YAML or JSON: ``{layer-name-or-glob: {field: value}}``,
-    validated against the schema (:func:`fixq.planning.plan_schema.read_config`)."""
-    from .plan_schema import read_config
-    return read_config(path, base)
-
-
 @dataclass(frozen=True)
 class Formats:
     """Power-of-two formats of one tensor: bits ``T``, granularity, one ``F`` per partition.
@@ -249,18 +242,6 @@ def _fmt_json(f):
     if d.get("signed", False):  # signed is the default: plans without unsigned data keep their JSON
         del d["signed"]
     return d
-
-
-def _fmt_load(d):
-    if d is None:
-        return None
-    d = dict(d)
-    kind = d.pop("kind", "pow2")
-    cls = AffineFormats if kind == "affine" else Formats
-    unknown = set(d) - {f.name for f in fields(cls)}
-    if unknown:
-        raise PlanError(f"format keys {sorted(unknown)} are not supported by this fixq version")
-    return cls(**{k: tuple(v) if isinstance(v, list) else v for k, v in d.items()})
 
 
 @dataclass(frozen=True)
@@ -365,38 +346,8 @@ class QuantPlan:
             "float_ops": list(self.float_ops), "notes": list(self.notes),
         }
 
-    @staticmethod
-    def from_json(d: dict, source: str = "plan") -> "QuantPlan":
-        """Build a plan from parsed JSON, validated first (fixq.planning.plan_schema)."""
-        from .plan_schema import validate_plan_json
-        validate_plan_json(d, source)
-        layers = {}
-        try:
-            for k, v in d["layers"].items():
-                layers[k] = LayerPlan(v["name"], _fmt_load(v["weight"]), _fmt_load(v["bias"]), v["acc_bits"],
-                                      None if v["acc_F"] is None else tuple(v["acc_F"]), v["acc_overflow"],
-                                      tuple(v.get("notes", ())),
-                                      None if v.get("acc_I") is None else tuple(v["acc_I"]),
-                                      _kmeans_load(v.get("kmeans")), _codes_load(v.get("codes")))
-            config = QuantConfig.from_json(d["config"])
-        except PlanError as e:
-            raise PlanError(f"{source}: {e}") from None
-        return QuantPlan(d["model"], config, {k: _fmt_load(v) for k, v in d["tensors"].items()}, layers,
-                         tuple(d.get("float_ops", ())), tuple(d.get("notes", ())))
-
     def save(self, path: str | Path) -> None:
         Path(path).write_text(json.dumps(self.to_json(), indent=1))
-
-    @staticmethod
-    def load(path: str | Path) -> "QuantPlan":
-        p = Path(path)
-        if not p.is_file():
-            raise PlanError(f"plan file {path} does not exist")
-        try:
-            d = json.loads(p.read_text())
-        except (json.JSONDecodeError, UnicodeDecodeError) as e:
-            raise PlanError(f"{path} is not a fixq plan: not JSON ({e})") from None
-        return QuantPlan.from_json(d, str(path))
 
 
 def _layer_json(v: LayerPlan) -> dict:
@@ -409,12 +360,6 @@ def _layer_json(v: LayerPlan) -> dict:
     return d
 
 
-def _codes_load(d):
-    if d is None:
-        return None
-    return LayerCodes(str(d["digest"]), d.get("up"), None if d.get("bias") is None else tuple(int(x) for x in d["bias"]))
-
-
 def _kmeans_json(km):
     if km is None:
         return None
@@ -424,8 +369,3 @@ def _kmeans_json(km):
     return d
 
 
-def _kmeans_load(d):
-    if d is None:
-        return None
-    return KMeansPlan(int(d["K"]), tuple(d["assign"]), _fmt_load(d["basis"]), tuple(d["basis_codes"]),
-                      int(d.get("seed", 0)), _fmt_load(d.get("data")))

@@ -32,7 +32,9 @@ import math
 from dataclasses import fields, replace
 from pathlib import Path
 
+from fixq.graph.ir import QUANT_POINTS
 from fixq.numerics.formats import MAX_BITS, MIN_BITS, OVERFLOWS, ROUNDINGS
+from .coeffs import check_codes
 from .plan import (COEFF_MODES, DATA_MODES, PLAN_VERSION, AffineFormats, Formats, KMeansPlan, LayerCodes, LayerConfig,
                    LayerPlan, PlanError, QuantConfig, QuantPlan)
 
@@ -286,7 +288,6 @@ def _grid(granularity: str, dims: tuple[int, ...]) -> tuple[int, ...]:
 def check_plan_graph(plan, graph, source: str = "plan.json") -> None:
     """Refuse a plan that does not fit ``graph``: a missing or extra layer or tensor entry,
     or a partition grid that does not match the weight or tensor shape."""
-    from fixq.graph.ir import QUANT_POINTS
     nodes = {n.name: n for n in graph.nodes}
     layers = [n.name for n in graph.layers()]
     for name in layers:
@@ -322,7 +323,6 @@ def check_plan_graph(plan, graph, source: str = "plan.json") -> None:
             raise PlanError(f"{source}: {json_path(['layers', name, 'acc_F'])}: {len(lp.acc_F)} entries for "
                             f"{w[0]} output channels")
         if lp.codes is not None:
-            from .coeffs import check_codes
             try:
                 check_codes(nodes[name], lp)
             except PlanError as e:

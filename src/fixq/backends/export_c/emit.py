@@ -22,6 +22,8 @@ from fixq.graph.ir import (AdaptiveAvgPool, Add, AvgPool, Clamp, Concat, Conv, F
 from fixq.numerics.formats import bound_codes, code_limits, per_channel
 from fixq.planning.plan import QuantPlan
 from fixq.planning.safety import C_LIMITS, check_table, max_code, sum_fits_int32
+from .files import (allocate, api_c, config_h, io_type, mac_bytes, model_h, pixel_table, plan_hash, prefixed,
+                    runtime_symbols)
 from .pack import P48_NAME, store_weights
 
 __all__ = ["export_c", "C_EMITTERS", "ExportResult", "RUNTIME_DIR", "EmitCtx"]
@@ -92,7 +94,6 @@ class EmitCtx:
 
     def conv_scratch(self, mg: int, K: int, geo: list, hwc: bool) -> None:
         """Mirror of fixq_conv_scratch() in fixq_rt_conv.c."""
-        from .files import mac_bytes
         a8 = lambda n: (n + 7) // 8 * 8  # noqa: E731
         m = mac_bytes(self.act_type, self.w_type)
         W, kh, kw, sw, pw, ow = geo[2], geo[5], geo[6], geo[8], geo[10], geo[-1]
@@ -324,7 +325,6 @@ def export_c(graph: Graph, plan: QuantPlan, out: str | Path, meta: dict | None =
     >>> res = export_c(graph, plan, "build/lenet", name="lenet")   # doctest: +SKIP
     >>> res.rom_bytes, res.ram_bytes                                 # doctest: +SKIP
     """
-    from .files import allocate, api_c, config_h, io_type, model_h, pixel_table, plan_hash, prefixed, runtime_symbols
     name = _cname(name)
     eng = Engine(graph, plan)
     for n in graph.nodes:

@@ -19,6 +19,7 @@ import subprocess
 from pathlib import Path
 
 from fixq.backends.engine import EngineError
+from fixq.backends.export_c.run import build
 
 __all__ = ["TARGETS", "M4_FLAGS", "tools_missing", "build_target", "runner_for", "size_report", "stack_bound",
            "INSNS_PER_TICK"]
@@ -46,7 +47,6 @@ def _cc(cmd: list[str], cdir: Path) -> None:
 
 def build_target(cdir, target: str = "host", opt: str = "-O2") -> Path:
     """Compile the verification harness (counters on) for ``target``; returns the binary."""
-    from fixq.backends.export_c.run import build
     cdir = Path(cdir)
     missing = tools_missing(target)
     if missing:
