@@ -85,7 +85,7 @@ def open_session(model: str, calib: str, eval_dir: str, weights: str | None = No
     the float reference once (images are decoded batch by batch, by ``workers`` processes;
     default: the CPUs available). The evaluation folder's classes are checked against the
     model's outputs (and mapped by name where the zoo knows the class names); ``labels``
-    reads a flat evaluation folder with a labels file instead (:mod:`fixq.data.labels`). With
+    reads a flat evaluation folder with a labels file instead (:func:`fixq.data.images.scan_labelled`). With
     ``skip_bad_images`` unreadable images are left out and listed in ``images``. Under
     ``torchrun`` each rank streams its share of the batches (:mod:`fixq.util.distributed`).
 

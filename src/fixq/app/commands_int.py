@@ -16,8 +16,7 @@ from fixq.backends.export_c.pixels import load_pixels
 from fixq.backends.export_c.run import build
 from fixq.backends.export_c.targets import build_target, runner_for, size_report
 from fixq.backends.onnx_out import compare_qdq, export_qdq
-from fixq.data.images import select_subsets
-from fixq.data.labels import scan_flat
+from fixq.data.images import scan_flat, select_subsets
 from fixq.data.zoo import Preprocess, build_model, require_weights
 from fixq.graph.capture import capture
 from fixq.numerics.formats import Word, quantize_codes
