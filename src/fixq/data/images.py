@@ -223,7 +223,6 @@ def class_mapping(s: ImageSet, n_outputs: int, kind: str | None = None) -> torch
     [3, 5]
     """
     if s.labels_file is not None:  # indices straight from the labels file
-        from .labels import check_range
         check_range(s, n_outputs)
         return None
     names = known_classes(kind)
