@@ -283,7 +283,7 @@ def test_spread_cap_binds_on_no_real_plan(monkeypatch):
     """DESIGN §5a rule 1: D = 24 leaves the plans of real models alone (their tiny but
     nonzero partitions keep eq. 6's F): the same plans with the cap lifted are identical."""
     import importlib
-    cal = importlib.import_module("fixq.algorithms.calibrate")  # the package exports a function of the same name
+    cal = importlib.import_module("fixq.algorithms.calibrate")  # fixq.calibrate is the function; this is the module
     from fixq.graph.capture import capture
     from fixq.data.zoo import CifarResNet, build_model, load_weights
     from helpers import plan_for
