@@ -19,13 +19,13 @@ from pathlib import Path
 
 import torch
 
-from fixq.commands import make_config
-from fixq.engine import Engine
-from fixq.export_c import export_c, run_c_program
-from fixq.export_c.targets import INSNS_PER_TICK, build_target, runner_for, size_report, tools_missing
-from fixq.pipeline import open_session, run_config
-from fixq.plan import QuantConfig
-from fixq.report import markdown_table
+from fixq.app.common import make_config
+from fixq.backends.engine import Engine
+from fixq.backends.export_c import export_c, run_c_program
+from fixq.backends.export_c.targets import INSNS_PER_TICK, build_target, runner_for, size_report, tools_missing
+from fixq.algorithms.pipeline import open_session, run_config
+from fixq.planning.plan import QuantConfig
+from fixq.analysis.report import markdown_table
 
 from c_speed_table import export_before
 from ptq_table import SETUPS, cpu_name
@@ -35,8 +35,8 @@ DIGITS = "digits"
 
 def searched(s):
     """(label, plan) rows of the two searches: fixq mixed's tuned plan, fixq kmeans' plan."""
-    from fixq.kmeans_search import KMeansOptions, search_kmeans
-    from fixq.mixed_search import MixedOptions, search_mixed
+    from fixq.algorithms.kmeans_search import KMeansOptions, search_kmeans
+    from fixq.algorithms.mixed_search import MixedOptions, search_mixed
     base = make_config()
     mx = search_mixed(s, base, MixedOptions(target_drop=1.0, trials=8, strategies=("global",)))
     km = search_kmeans(s, base, KMeansOptions(target_drop=2.0))
@@ -77,7 +77,7 @@ def main() -> None:
     rows, m4 = [], []
     for name in args.models:
         if name == "lenet-digits":
-            from fixq.digits import export_digits
+            from fixq.data.digits import export_digits
             d = export_digits(work / "digits", "test")
             s = open_session(name, str(d), str(d), None, calib_size=128, eval_size=args.eval_size, seed=0, show_progress=False)
             w = None

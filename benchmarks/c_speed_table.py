@@ -21,12 +21,12 @@ from pathlib import Path
 
 import torch
 
-from fixq.commands import make_config
-from fixq.engine import Engine
-from fixq.export_c import export_c, run_c_program
-from fixq.export_c.run import build
-from fixq.pipeline import open_session, run_config
-from fixq.report import markdown_table
+from fixq.app.common import make_config
+from fixq.backends.engine import Engine
+from fixq.backends.export_c import export_c, run_c_program
+from fixq.backends.export_c.run import build
+from fixq.algorithms.pipeline import open_session, run_config
+from fixq.analysis.report import markdown_table
 
 from ptq_table import SETUPS, cpu_name
 
@@ -121,7 +121,7 @@ def main() -> None:
                 run_c_program(cdir, q)
                 best = min(best, child_cpu() - t)
             rates[tag] = len(x) / best
-        from fixq.zoo import build_model
+        from fixq.data.zoo import build_model
         model, _ = build_model(name, w)
         model = model.cpu().eval()
         with torch.no_grad():

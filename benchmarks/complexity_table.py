@@ -9,10 +9,10 @@ from pathlib import Path
 
 import torch
 
-from fixq.complexity import analyze, mac_cost
-from fixq.graph import capture
-from fixq.report import markdown_table
-from fixq.zoo import build_model
+from fixq.analysis.complexity import analyze, mac_cost
+from fixq.graph.capture import capture
+from fixq.analysis.report import markdown_table
+from fixq.data.zoo import build_model
 
 
 def main() -> None:

@@ -13,15 +13,15 @@ from pathlib import Path
 
 import torch
 
-from fixq.accumulators import accumulator_table
-from fixq.commands import make_config
-from fixq.engine import Engine
-from fixq.export_c import export_c, run_c_program
-from fixq.export_c.run import build
-from fixq.ir import run_float
-from fixq.pipeline import open_session, run_config
-from fixq.report import markdown_table
-from fixq.simulate import Simulator
+from fixq.analysis.accumulators import accumulator_table
+from fixq.app.common import make_config
+from fixq.backends.engine import Engine
+from fixq.backends.export_c import export_c, run_c_program
+from fixq.backends.export_c.run import build
+from fixq.graph.ir import run_float
+from fixq.algorithms.pipeline import open_session, run_config
+from fixq.analysis.report import markdown_table
+from fixq.backends.simulate import Simulator
 
 from ptq_table import cpu_name
 

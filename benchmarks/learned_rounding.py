@@ -18,10 +18,10 @@ from pathlib import Path
 
 import torch
 
-from fixq.commands import make_config
-from fixq.learned import RoundingOptions, learn_rounding
-from fixq.pipeline import run_config
-from fixq.report import markdown_table
+from fixq.app.common import make_config
+from fixq.algorithms.learned import RoundingOptions, learn_rounding
+from fixq.algorithms.pipeline import run_config
+from fixq.analysis.report import markdown_table
 
 from ptq_table import cpu_name, setup_args, setup_session
 

@@ -1,9 +1,9 @@
 """Sanity check of learned rounding on ResNet-20 (small: 128 calibration, 600 evaluation images, 150 steps/layer,
 <4b,8b> 2D). Run from the repository root with PYTHONPATH=src and ../shared present (paths below)."""
-import time, torch
-from fixq.pipeline import open_session, run_config
-from fixq.commands import make_config
-from fixq.learned import learn_rounding, RoundingOptions
+import time
+from fixq.algorithms.pipeline import open_session, run_config
+from fixq.app.common import make_config
+from fixq.algorithms.learned import learn_rounding, RoundingOptions
 t=time.time()
 s = open_session("cifar10-resnet20", "/work/shared/data/cifar10-test", "/work/shared/data/cifar10-test",
                  weights="/work/shared/models/cifar10-resnet/resnet20-12fca82f.th", calib_size=128, eval_size=600,

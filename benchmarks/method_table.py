@@ -22,9 +22,9 @@ import torch
 sys.path.insert(0, str(Path(__file__).parent))
 from ptq_table import cpu_name, setup_args, setup_session  # noqa: E402
 
-from fixq.commands import make_config  # noqa: E402
-from fixq.pipeline import run_config  # noqa: E402
-from fixq.report import markdown_table  # noqa: E402
+from fixq.app.common import make_config  # noqa: E402
+from fixq.algorithms.pipeline import run_config  # noqa: E402
+from fixq.analysis.report import markdown_table  # noqa: E402
 
 DATA_METHODS = ("maxabs", "percentile:99.9", "percentile:99.99", "percentile:99.999", "mse")
 SIGNS = ("signed", "auto")

@@ -26,16 +26,16 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 
-from fixq.calibrate import calibrate  # noqa: E402
-from fixq.export_c import export_c  # noqa: E402
-from fixq.export_c.run import STRICT_FLAGS, strict_build  # noqa: E402
-from fixq.formats import fake_quantize  # noqa: E402
-from fixq.graph import capture  # noqa: E402
-from fixq.ir import Add, Conv, Graph, Linear, Mul, Table, run_float  # noqa: E402
-from fixq.plan import LayerConfig, QuantConfig  # noqa: E402
-from fixq.report import markdown_table  # noqa: E402
-from fixq.simulate import Simulator  # noqa: E402
-from fixq.zoo import PRESETS, build_model, set_bn_statistics  # noqa: E402
+from fixq.algorithms.calibrate import calibrate  # noqa: E402
+from fixq.backends.export_c import export_c  # noqa: E402
+from fixq.backends.export_c.run import STRICT_FLAGS, strict_build  # noqa: E402
+from fixq.numerics.formats import fake_quantize  # noqa: E402
+from fixq.graph.capture import capture  # noqa: E402
+from fixq.graph.ir import Add, Conv, Graph, Linear, Mul, Table, run_float  # noqa: E402
+from fixq.planning.plan import LayerConfig, QuantConfig  # noqa: E402
+from fixq.analysis.report import markdown_table  # noqa: E402
+from fixq.backends.simulate import Simulator  # noqa: E402
+from fixq.data.zoo import PRESETS, build_model, set_bn_statistics  # noqa: E402
 
 SHARED = Path(__file__).resolve().parents[2] / "shared" / "data" / "imagenet-sample"
 
@@ -44,7 +44,7 @@ def images(pre: str, n: int, seed: int = 0) -> torch.Tensor:
     """n ImageNet-sample images with the preset's preprocessing (random normal without the data)."""
     if not SHARED.is_dir():
         return torch.randn(n, 3, 224, 224, generator=torch.Generator().manual_seed(seed))
-    from fixq.evaluate import ImageSet, load_images
+    from fixq.analysis.evaluate import ImageSet, load_images
     s = ImageSet.scan(SHARED)
     idx = torch.randperm(len(s), generator=torch.Generator().manual_seed(seed))[:n].tolist()
     return load_images(s, idx, PRESETS[pre], show_progress=False)[0]
@@ -103,7 +103,7 @@ def op_rows(model_name: str, g: Graph, plan, x: torch.Tensor) -> list[list]:
 def build(name: str, n_calib: int):
     torch.manual_seed(0)
     if name == "efficientnet-lite0 (ReLU6 as table)":
-        from fixq.zoo import ZOO
+        from fixq.data.zoo import ZOO
         entry = ZOO["efficientnet-lite0"]
         model, _ = build_model("efficientnet-lite0", entry.default_weights())
         x = images(entry.preprocess, 2 * n_calib)

@@ -29,9 +29,9 @@ from search_table import machine  # noqa: E402
 def light_rows() -> list[list]:
     import onnx
     import onnxruntime as ort
-    from fixq.graph import capture
-    from fixq.ir import FloatOp, run_float
-    from fixq.onnx_in import load_onnx, prepare_onnx, redraw_weights
+    from fixq.graph.capture import capture
+    from fixq.graph.ir import FloatOp, run_float
+    from fixq.data.onnx_in import load_onnx, prepare_onnx, redraw_weights
     light = Path(onnx.__file__).parent / "backend" / "test" / "data" / "light"
     rows = []
     for f in sorted(light.glob("light_*.onnx")):
@@ -65,7 +65,7 @@ def main() -> int:
     ap.add_argument("--shared", default=str(HERE.parent.parent / "shared"))
     ap.add_argument("--n", type=int, default=2000)
     a = ap.parse_args()
-    from fixq.report import markdown_table
+    from fixq.analysis.report import markdown_table
     t0 = time.time()
     rows = light_rows()
     shared = Path(a.shared)

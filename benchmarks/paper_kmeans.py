@@ -20,8 +20,8 @@ import torch
 sys.path.insert(0, str(Path(__file__).parent))
 from ptq_table import SETUPS, cpu_name  # noqa: E402
 
-from fixq.cli import main as fixq  # noqa: E402
-from fixq.report import markdown_table  # noqa: E402
+from fixq.app.cli import main as fixq  # noqa: E402
+from fixq.analysis.report import markdown_table  # noqa: E402
 
 KS = {"cifar10-resnet20": "layer1.0.conv1=1,layer1.0.conv2=1,layer1.1.conv1=2,layer1.1.conv2=1,layer1.2.conv1=2,"
       "layer1.2.conv2=1,layer2.0.conv1=1,layer2.0.conv2=1,layer2.1.conv1=1,layer2.1.conv2=1,layer2.2.conv1=1,"

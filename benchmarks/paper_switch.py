@@ -21,11 +21,11 @@ import torch
 sys.path.insert(0, str(Path(__file__).parent))
 from ptq_table import cpu_name, setup_args, setup_session  # noqa: E402
 
-from fixq.commands import make_config  # noqa: E402
-from fixq.complexity import analyze  # noqa: E402
-from fixq.paper import apply_paper  # noqa: E402
-from fixq.pipeline import run_config  # noqa: E402
-from fixq.report import markdown_table  # noqa: E402
+from fixq.app.common import make_config  # noqa: E402
+from fixq.analysis.complexity import analyze  # noqa: E402
+from fixq.app.paper import apply_paper  # noqa: E402
+from fixq.algorithms.pipeline import run_config  # noqa: E402
+from fixq.analysis.report import markdown_table  # noqa: E402
 
 
 def setting(paper: bool, **kw):

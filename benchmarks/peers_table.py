@@ -32,9 +32,9 @@ import torch
 sys.path.insert(0, str(Path(__file__).parent))
 from ptq_table import cpu_name, setup_args, setup_session  # noqa: E402
 
-from fixq.evaluate import batches, topk_errors  # noqa: E402
-from fixq.report import markdown_table  # noqa: E402
-from fixq.zoo import build_model  # noqa: E402
+from fixq.analysis.evaluate import batches, topk_errors  # noqa: E402
+from fixq.analysis.report import markdown_table  # noqa: E402
+from fixq.data.zoo import build_model  # noqa: E402
 
 
 def _eval(model, session, bs=256) -> dict:

@@ -22,13 +22,13 @@ from pathlib import Path
 
 import torch
 
-from fixq.commands import make_config
-from fixq.complexity import analyze
-from fixq.evaluate import batches, topk_errors
-from fixq.ir import run_float
-from fixq.pipeline import open_session, run_config
-from fixq.report import markdown_table
-from fixq.simulate import Simulator
+from fixq.app.common import make_config
+from fixq.analysis.complexity import analyze
+from fixq.analysis.evaluate import batches, topk_errors
+from fixq.graph.ir import run_float
+from fixq.algorithms.pipeline import open_session, run_config
+from fixq.analysis.report import markdown_table
+from fixq.backends.simulate import Simulator
 
 SETUPS = {  # model -> (data folder, weights, calib size, eval size)
     "cifar10-resnet20": ("data/cifar10-test", "models/cifar10-resnet/resnet20-12fca82f.th", 512, None),
@@ -73,7 +73,7 @@ def torch_ao_rows(session, per_tensor: bool) -> dict:
     from torch.ao.quantization import QConfig, QConfigMapping, get_default_qconfig_mapping
     from torch.ao.quantization.observer import HistogramObserver, MinMaxObserver
     from torch.ao.quantization.quantize_fx import convert_fx, prepare_fx
-    from fixq.zoo import build_model
+    from fixq.data.zoo import build_model
     model, _ = build_model(session.model_name, session.weights)
     model = model.cpu().eval()
     if per_tensor:

@@ -17,13 +17,13 @@ from pathlib import Path
 
 import torch
 
-from fixq.calibrate import calibrate
-from fixq.graph import capture
-from fixq.ir import run_float
-from fixq.plan import LayerConfig, QuantConfig
-from fixq.report import markdown_table
-from fixq.simulate import Simulator
-from fixq.zoo import build_model, set_bn_statistics
+from fixq.algorithms.calibrate import calibrate
+from fixq.graph.capture import capture
+from fixq.graph.ir import run_float
+from fixq.planning.plan import LayerConfig, QuantConfig
+from fixq.analysis.report import markdown_table
+from fixq.backends.simulate import Simulator
+from fixq.data.zoo import build_model, set_bn_statistics
 
 
 def rate(fn, n, device, reps):
@@ -60,7 +60,7 @@ def main() -> None:
     args = ap.parse_args()
     dev = torch.device(args.device)
     if dev.type == "cuda":
-        from fixq.pipeline import strict_float32
+        from fixq.algorithms.pipeline import strict_float32
         strict_float32()
     rows, out = [], {}
     for name in args.models.split(","):

@@ -5,9 +5,9 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as Fn
 
-from fixq.calibrate import calibrate
-from fixq.graph import capture
-from fixq.plan import LayerConfig, QuantConfig
+from fixq.algorithms.calibrate import calibrate
+from fixq.graph.capture import capture
+from fixq.planning.plan import LayerConfig, QuantConfig
 
 from conftest import set_bn_stats
 

@@ -3,9 +3,9 @@ import pytest
 import torch
 import torch.nn as nn
 
-from fixq.graph import CaptureError, UnsupportedOpError, capture
-from fixq.ir import Add, Clamp, Conv, FloatOp, Pad, Slice, run_float
-from fixq.zoo import CifarResNet, LeNet, build_model, load_weights
+from fixq.graph.capture import CaptureError, UnsupportedOpError, capture
+from fixq.graph.ir import Add, Clamp, Conv, FloatOp, Pad, Slice, run_float
+from fixq.data.zoo import CifarResNet, LeNet, build_model, load_weights
 
 from conftest import set_bn_stats
 from shared_data import resnet_weights

@@ -4,7 +4,7 @@ import json
 import pytest
 import yaml
 
-from fixq.cli import main
+from fixq.app.cli import main
 
 from shared_data import resnet_weights
 
@@ -150,7 +150,7 @@ def test_sweep_writes_pareto_plot(capsys, tmp_path, digits_dir):
 
 
 def test_pareto_front_rule():
-    from fixq.plots import pareto_front
+    from fixq.app.plots import pareto_front
     pts = [(40.0, 19.5), (20.0, 26.0), (40.0, 18.7), (20.0, 21.1), (120.0, 18.9)]
     assert pareto_front(pts) == [3, 2]
 

@@ -6,7 +6,7 @@ import shutil
 
 import pytest
 
-from fixq.cli import main
+from fixq.app.cli import main
 
 
 def run(capsys, *argv):
@@ -17,7 +17,7 @@ def run(capsys, *argv):
 
 @pytest.fixture(scope="module")
 def digits(tmp_path_factory):
-    from fixq.digits import export_digits
+    from fixq.data.digits import export_digits
     return export_digits(tmp_path_factory.mktemp("digits"), "test")
 
 
@@ -191,7 +191,7 @@ def test_flat_folder_says_no_class_subfolders(capsys, tmp_path, digits):
 
 
 def test_bug_is_exit_1_with_debug_hint(capsys, monkeypatch):
-    from fixq import commands
+    from fixq.app import commands
 
     def boom(args):
         raise ValueError("an internal slip")
@@ -225,7 +225,7 @@ def test_version(capsys):
 
 def test_every_option_has_help_with_its_default():
     import argparse
-    from fixq.cli import build_parser
+    from fixq.app.parser import build_parser
     sub = next(a for a in build_parser()._actions if isinstance(a, argparse._SubParsersAction))
     for name, p in sub.choices.items():
         text = p.format_help()
@@ -281,7 +281,7 @@ def test_analyze_without_plan_costs_float_and_each_format(capsys):
 
 
 def test_progress_lines_in_a_log_carry_the_config_label(capsys):
-    from fixq.progress import progress, progress_label
+    from fixq.util.progress import progress, progress_label
     with progress_label("[3/12] <4b,8b> 2D/4D maxabs"):
         assert list(progress(range(3), "fixed-point eval")) == [0, 1, 2]
     err = capsys.readouterr().err

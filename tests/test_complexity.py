@@ -2,9 +2,9 @@ import pytest
 import torch
 import torch.nn as nn
 
-from fixq.complexity import analyze, mac_cost
-from fixq.graph import capture
-from fixq.zoo import build_model
+from fixq.analysis.complexity import analyze, mac_cost
+from fixq.graph.capture import capture
+from fixq.data.zoo import build_model
 
 from helpers import make_graph, plan_for
 

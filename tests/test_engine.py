@@ -5,10 +5,10 @@ import itertools
 import pytest
 import torch
 
-from fixq.engine import Engine, EngineError
-from fixq.exact_sums import exact_matmul, pool_out_size
-from fixq.simulate import Simulator
-from fixq.zoo import CifarResNet, LeNet, build_model
+from fixq.backends.engine import Engine, EngineError
+from fixq.backends.exact_sums import exact_matmul, pool_out_size
+from fixq.backends.simulate import Simulator
+from fixq.data.zoo import CifarResNet, LeNet, build_model
 
 from conftest import set_bn_stats
 from helpers import DepthwiseNet, make_graph, plan_for
@@ -59,7 +59,7 @@ def test_engine_equals_exact_sim_zoo(name, hw):
     c = 1 if entry.preprocess == "digits" else 3
     if name != "lenet-digits":
         set_bn_stats(model, torch.randn(8, c, hw, hw))
-    from fixq.graph import capture
+    from fixq.graph.capture import capture
     g = capture(model, torch.randn(2, c, hw, hw))
     for cm, dm, bits, A in HEAVY.get(name, COVER):
         assert_parity(g, (c, hw, hw), cm, dm, bits, A, n=2)
@@ -67,7 +67,7 @@ def test_engine_equals_exact_sim_zoo(name, hw):
 
 def test_engine_parity_efficientnet_lite0_pretrained():
     pytest.importorskip("efficientnet_lite_pytorch")
-    from fixq.graph import capture
+    from fixq.graph.capture import capture
     model, _ = build_model("efficientnet-lite0")
     g = capture(model, torch.randn(1, 3, 224, 224))
     for cm, dm, bits, A in COVER[:2]:

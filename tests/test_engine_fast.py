@@ -4,9 +4,9 @@ import pytest
 import torch
 import torch.nn.functional as Fn
 
-from fixq.exact_sums import EXACT, EXACT32, product_sum, sum_dtype, sums_of_products
-from fixq.formats import round_shift, round_shift_int
-from fixq.ir import Conv, Linear
+from fixq.backends.exact_sums import EXACT, EXACT32, product_sum, sum_dtype, sums_of_products
+from fixq.numerics.formats import round_shift, round_shift_int
+from fixq.graph.ir import Conv, Linear
 
 F32, F64 = (torch.float32,), (torch.float64,)
 

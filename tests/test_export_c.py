@@ -7,12 +7,12 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as Fn
 
-from fixq.engine import ENGINE_RULES, Engine, EngineError
-from fixq.export_c import C_EMITTERS, export_c, run_c_program
-from fixq.export_c.run import UBSAN_FLAGS, build
-from fixq.ir import FloatOp
-from fixq.simulate import SIM_RULES
-from fixq.zoo import CifarResNet, LeNet, build_model, load_weights
+from fixq.backends.engine import ENGINE_RULES, Engine, EngineError
+from fixq.backends.export_c import C_EMITTERS, export_c, run_c_program
+from fixq.backends.export_c.run import UBSAN_FLAGS, build
+from fixq.graph.ir import FloatOp
+from fixq.backends.simulate import SIM_RULES
+from fixq.data.zoo import CifarResNet, LeNet, build_model, load_weights
 
 from helpers import DepthwiseNet, make_graph, plan_for
 from shared_data import resnet_weights
@@ -49,7 +49,7 @@ def test_registries_cover_the_same_ops():
 @pytest.mark.parametrize("cm,dm,A,bits", [("3D", "4D", 32, 8), ("2D", "3D", 24, 4), ("4D", "3D", 16, 8)])
 def test_lenet_bundled(tmp_path, cm, dm, A, bits):
     model, _ = build_model("lenet-digits")
-    from fixq.graph import capture
+    from fixq.graph.capture import capture
     g = capture(model, torch.randn(2, 1, 8, 8))
     c_vs_engine(g, plan_for(g, (1, 8, 8), coeff_mode=cm, data_mode=dm, acc_bits=A, coeff_bits=bits), (1, 8, 8), tmp_path)
 
@@ -59,7 +59,7 @@ def test_lenet_bundled(tmp_path, cm, dm, A, bits):
 def test_parity_every_rounding_and_wrap(tmp_path, rounding, overflow):
     """C == engine with floor rounding and wrapping accumulators (narrow A so wraps happen),
     under UBSan; the engine equals the float64 simulation there too."""
-    from fixq.simulate import Simulator
+    from fixq.backends.simulate import Simulator
     g = make_graph(DepthwiseNet(), (3, 16, 16))
     plan = plan_for(g, (3, 16, 16), coeff_mode="2D", data_mode="3D", acc_bits=12, acc_overflow=overflow,
                     rounding=rounding)
@@ -72,8 +72,8 @@ def test_parity_every_rounding_and_wrap(tmp_path, rounding, overflow):
 
 
 def test_depthwise_model_mixed_4_8_bits(tmp_path):
-    from fixq.calibrate import calibrate
-    from fixq.plan import LayerConfig, QuantConfig
+    from fixq.algorithms.calibrate import calibrate
+    from fixq.planning.plan import LayerConfig, QuantConfig
     g = make_graph(DepthwiseNet(), (3, 16, 16))
     cfg = QuantConfig(LayerConfig(coeff_mode="2D"), overrides=(("dw", {"coeff_bits": 4}), ("grp", {"coeff_bits": 4})))
     plan = calibrate(g, [(torch.randn(16, 3, 16, 16), None)], cfg, show_progress=False)
@@ -89,7 +89,7 @@ def test_resnet20_accumulator_saturates(tmp_path):
 
 
 def test_resnet20_shared_weights(tmp_path):
-    from fixq.graph import capture
+    from fixq.graph.capture import capture
     m = load_weights(CifarResNet(20), str(resnet_weights(20)))
     g = capture(m, torch.randn(2, 3, 32, 32))
     res, _ = c_vs_engine(g, plan_for(g, (3, 32, 32), coeff_mode="3D", data_sign="signed"), (3, 32, 32), tmp_path)
@@ -173,7 +173,7 @@ def test_export_refuses_affine_and_float_ops(tmp_path):
 
 def test_cli_export_run_c_equals_quantize_logits(tmp_path, digits_dir, capsys):
     import numpy as np
-    from fixq.cli import main
+    from fixq.app.cli import main
     q = tmp_path / "q"
     assert main(["quantize", "--model", "lenet-digits", "--calib", str(digits_dir), "--calib-size", "64",
                  "--eval", str(digits_dir), "--exact", "--coeff-mode", "2D", "--quiet",
@@ -192,7 +192,7 @@ def test_cli_export_run_c_equals_quantize_logits(tmp_path, digits_dir, capsys):
 
 
 def test_accumulator_table(tmp_path):
-    from fixq.accumulators import accumulator_table
+    from fixq.analysis.accumulators import accumulator_table
     g = make_graph(CifarResNet(20), (3, 32, 32))
     plan = plan_for(g, (3, 32, 32))
     rows = accumulator_table(g, plan, torch.randn(16, 3, 32, 32))

@@ -8,11 +8,11 @@ import subprocess
 import pytest
 import torch
 
-from fixq.engine import Engine
-from fixq.export_c import export_c, run_c_program
-from fixq.export_c.run import STRICT_FLAGS, UBSAN_FLAGS, build
-from fixq.export_c.targets import build_target, runner_for, size_report, tools_missing
-from fixq.zoo import CifarResNet, LeNet
+from fixq.backends.engine import Engine
+from fixq.backends.export_c import export_c, run_c_program
+from fixq.backends.export_c.run import STRICT_FLAGS, UBSAN_FLAGS, build
+from fixq.backends.export_c.targets import build_target, runner_for, size_report, tools_missing
+from fixq.data.zoo import CifarResNet, LeNet
 
 from helpers import DepthwiseNet, make_graph, plan_for
 from shared_data import resnet_weights
@@ -20,7 +20,7 @@ from test_export_c import c_vs_engine
 
 pytestmark = pytest.mark.skipif(shutil.which("gcc") is None or shutil.which("make") is None,
                                 reason="needs gcc and make")
-STRICT = STRICT_FLAGS  # fixq.export_c.run's strict warning set
+STRICT = STRICT_FLAGS  # fixq.backends.export_c.run's strict warning set
 
 
 def test_int32_and_int64_sums(tmp_path):
@@ -90,7 +90,7 @@ def test_two_models_link_into_one_program(tmp_path):
     torch.manual_seed(0)
     ea, eb = Engine(ga, pa), Engine(gb, pb)
     qa, qb = ea.quantize_input(torch.randn(1, 1, 8, 8)), eb.quantize_input(torch.randn(1, 3, 16, 16))
-    from fixq.export_c.run import NP_TYPES
+    from fixq.backends.export_c.run import NP_TYPES
     import json
     for q, r, f in ((qa, ra, "in_a.bin"), (qb, rb, "in_b.bin")):
         info = json.loads((r.out / "export.json").read_text())
@@ -122,10 +122,10 @@ def _readme_example() -> str:
 def test_readme_firmware_example_compiles_and_runs(tmp_path, digits_dir):
     """The README's firmware example, on the bundled digits LeNet with its preprocessing:
     pixels through the model's table, the top class equals the engine's on real images."""
-    from fixq.evaluate import ImageSet, load_images
-    from fixq.export_c.pixels import load_pixels
-    from fixq.graph import capture
-    from fixq.zoo import PRESETS, build_model
+    from fixq.analysis.evaluate import ImageSet, load_images
+    from fixq.backends.export_c.pixels import load_pixels
+    from fixq.graph.capture import capture
+    from fixq.data.zoo import PRESETS, build_model
     from dataclasses import asdict
     model, _ = build_model("lenet-digits")
     g = capture(model, torch.zeros(2, 1, 8, 8))
@@ -169,8 +169,8 @@ int main(void) {
 def test_packed_4bit_weights_same_outputs_less_rom(tmp_path):
     """A mixed 8/4 plan (4-bit depthwise and grouped layers): packed weights give the same
     outputs as one code per byte and less ROM."""
-    from fixq.calibrate import calibrate
-    from fixq.plan import LayerConfig, QuantConfig
+    from fixq.algorithms.calibrate import calibrate
+    from fixq.planning.plan import LayerConfig, QuantConfig
     g = make_graph(DepthwiseNet(), (3, 16, 16))
     cfg = QuantConfig(LayerConfig(coeff_mode="3D"), overrides=(("dw", {"coeff_bits": 4}), ("grp", {"coeff_bits": 4}),
                                                                ("pw", {"coeff_bits": 4})))
@@ -225,8 +225,8 @@ def test_cortex_m4_and_arm_linux_resnet20(tmp_path):
     missing = tools_missing("cortex-m4") + tools_missing("arm-linux")
     if missing:
         pytest.skip(f"needs {', '.join(missing)}")
-    from fixq.graph import capture
-    from fixq.zoo import load_weights
+    from fixq.graph.capture import capture
+    from fixq.data.zoo import load_weights
     m = load_weights(CifarResNet(20), str(resnet_weights(20)))
     g = capture(m, torch.randn(2, 3, 32, 32))
     plan = plan_for(g, (3, 32, 32), coeff_mode="3D", data_sign="signed")

@@ -11,9 +11,9 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as Fn
 
-from fixq.engine import Engine
-from fixq.export_c import export_c, run_c_program
-from fixq.export_c.run import UBSAN_FLAGS, build
+from fixq.backends.engine import Engine
+from fixq.backends.export_c import export_c, run_c_program
+from fixq.backends.export_c.run import UBSAN_FLAGS, build
 
 from helpers import make_graph, plan_for
 

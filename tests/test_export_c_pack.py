@@ -10,17 +10,17 @@ import subprocess
 import pytest
 import torch
 
-from fixq.calibrate import observe, plan_from
-from fixq.engine import Engine
-from fixq.export_c import export_c, run_c_program
-from fixq.export_c.pack import p48_bytes, p48_layout, p48_unpack
-from fixq.export_c.run import UBSAN_FLAGS, build
-from fixq.export_c.targets import M4_FLAGS
-from fixq.kmeans import cluster_kernels
-from fixq.mixed import filter_bits, filter_energies
-from fixq.plan import LayerConfig, QuantConfig
+from fixq.algorithms.calibrate import observe, plan_from
+from fixq.backends.engine import Engine
+from fixq.backends.export_c import export_c, run_c_program
+from fixq.backends.export_c.pack import p48_bytes, p48_layout, p48_unpack
+from fixq.backends.export_c.run import UBSAN_FLAGS, build
+from fixq.backends.export_c.targets import M4_FLAGS
+from fixq.algorithms.kmeans import cluster_kernels
+from fixq.algorithms.mixed import filter_bits, filter_energies
+from fixq.planning.plan import LayerConfig, QuantConfig
 
-import fixq.export_c.pack as pk
+import fixq.backends.export_c.pack as pk
 
 from helpers import DepthwiseNet, make_graph, plan_for
 
@@ -160,7 +160,7 @@ def test_int32_row_offsets_unpack_in_c(tmp_path, monkeypatch):
     """The int32 row-offset branch (layers whose rows start past 64 KiB) read by the C: forced
     on a small model, packed C still equals the engine; the unpacking is compiled only where
     some layer uses it (FIXQ_P48)."""
-    import fixq.export_c.pack as pk
+    import fixq.backends.export_c.pack as pk
     from test_export_c import c_vs_engine
     g, plan = _shrunk_4d_plan()
     monkeypatch.setattr(pk, "row_bytes", lambda row: 4)

@@ -4,8 +4,8 @@ import pytest
 import torch
 from hypothesis import given, strategies as st
 
-from fixq.formats import (QFormat, fake_quantize, quantize_codes, quantize_scalar, round_div, round_shift,
-                          round_shift_int, round_values, saturate)
+from fixq.numerics.formats import (QFormat, fake_quantize, quantize_codes, quantize_scalar, round_div, round_shift,
+                                   round_shift_int, round_values, saturate)
 
 ROUND = st.sampled_from(["half_up", "nearest_even", "floor"])
 T_ = st.integers(2, 32)

@@ -13,6 +13,7 @@ times powers of two and do not.
 from __future__ import annotations
 
 import hashlib
+import importlib
 import json
 import sys
 import tempfile
@@ -23,14 +24,14 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
 
-from fixq.calibrate import observe, plan_from  # noqa: E402
-from fixq.engine import Engine  # noqa: E402
-from fixq.export_c import export_c  # noqa: E402
-from fixq.kmeans import cluster_kernels  # noqa: E402
-from fixq.mixed import filter_bits, filter_energies  # noqa: E402
-from fixq.plan import LayerConfig, QuantConfig  # noqa: E402
-from fixq.simulate import Simulator  # noqa: E402
-from fixq.zoo import CifarResNet, build_model  # noqa: E402
+from fixq.algorithms.calibrate import observe, plan_from  # noqa: E402
+from fixq.backends.engine import Engine  # noqa: E402
+from fixq.backends.export_c import export_c  # noqa: E402
+from fixq.algorithms.kmeans import cluster_kernels  # noqa: E402
+from fixq.algorithms.mixed import filter_bits, filter_energies  # noqa: E402
+from fixq.planning.plan import LayerConfig, QuantConfig  # noqa: E402
+from fixq.backends.simulate import Simulator  # noqa: E402
+from fixq.data.zoo import CifarResNet, build_model  # noqa: E402
 
 from helpers import DepthwiseNet, make_graph  # noqa: E402
 from test_mobile import MobileNet  # noqa: E402
@@ -88,7 +89,7 @@ def _plan(g, x, cfg: str):
         return plan_from(obs, qc, "golden", kmeans=km, kmeans_bits=(8, 4, 4) if extra == "kmeans44" else (8, 4))
     plan = plan_from(obs, qc, "golden")
     if extra == "learned":
-        from fixq.learned import RoundingOptions, learn_rounding
+        from fixq.algorithms.learned import RoundingOptions, learn_rounding
         plan = learn_rounding(g, plan, x, RoundingOptions(iters=40, samples=2048, batch=256), show_progress=False)[0]
     return plan
 
@@ -119,11 +120,11 @@ def digests(model: str, cfg: str) -> dict[str, str]:
         rt = sorted(p for p in res.out.iterdir() if p.name.startswith("fixq_rt"))  # the hand-written runtime
         out["c/runtime"] = _sha(b"".join(p.name.encode() + p.read_bytes() for p in rt))
         try:
-            import onnx  # noqa: F401
+            importlib.import_module("onnx")
         except ImportError:
             pass
         else:
-            from fixq.onnx_out import export_qdq
+            from fixq.backends.onnx_out import export_qdq
             m = export_qdq(g, plan, Path(d) / "m.onnx")
             m.producer_version = ""
             out["qdq.onnx"] = _sha(m.SerializeToString(deterministic=True))
@@ -131,7 +132,7 @@ def digests(model: str, cfg: str) -> dict[str, str]:
 
 
 def _capture(net, shape):
-    from fixq.graph import capture
+    from fixq.graph.capture import capture
     return capture(net, torch.zeros(2, *shape))
 
 

@@ -13,12 +13,12 @@ import torch.nn.functional as Fn
 hypothesis = pytest.importorskip("hypothesis")
 from hypothesis import HealthCheck, given, settings, strategies as st  # noqa: E402
 
-from fixq.calibrate import calibrate  # noqa: E402
-from fixq.engine import Engine, exact_sum  # noqa: E402
-from fixq.export_c import export_c, run_c_program  # noqa: E402
-from fixq.export_c.run import UBSAN_FLAGS, build  # noqa: E402
-from fixq.plan import LayerConfig, PlanError, QuantConfig  # noqa: E402
-from fixq.simulate import Simulator  # noqa: E402
+from fixq.algorithms.calibrate import calibrate  # noqa: E402
+from fixq.backends.engine import Engine, exact_sum  # noqa: E402
+from fixq.backends.export_c import export_c, run_c_program  # noqa: E402
+from fixq.backends.export_c.run import UBSAN_FLAGS, build  # noqa: E402
+from fixq.planning.plan import LayerConfig, PlanError, QuantConfig  # noqa: E402
+from fixq.backends.simulate import Simulator  # noqa: E402
 
 
 HAS_CC = shutil.which("gcc") is not None and shutil.which("make") is not None
@@ -97,7 +97,7 @@ def test_hostile_nets_are_exact_or_refused(tmp_path_factory, kind, pool, seed, c
     m = Hostile(kind, pool).eval()
     g = torch.Generator().manual_seed(seed)
     _hostile_weights(m, g, layer_exp, chan_exp, dead, zero_layer, halves)
-    from fixq.graph import capture
+    from fixq.graph.capture import capture
     graph = capture(m, torch.randn(2, 2, 6, 6))
     xc = torch.randn(16, 2, 6, 6, generator=g) * 2.0 ** in_exp
     x = torch.randn(4, 2, 6, 6, generator=g) * 2.0 ** (in_exp + 1)  # beyond the calibration range

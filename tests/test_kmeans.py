@@ -7,16 +7,17 @@ import shutil
 import pytest
 import torch
 
-from fixq.calibrate import observe, plan_from
-from fixq.cli import main
-from fixq.complexity import analyze
-from fixq.engine import Engine
-from fixq.kmeans import (KMeansError, basis_values, check_K, cluster_kernels, kmeans_layer, layer_savings,
-                         residual)
-from fixq.kmeans_search import candidate_Ks, kmeans_layers, parse_k
-from fixq.plan import LayerConfig, QuantConfig, QuantPlan
-from fixq.simulate import Simulator
-from fixq.zoo import CifarResNet
+from fixq.planning.plan_io import load_plan, plan_from_json
+from fixq.algorithms.calibrate import observe, plan_from
+from fixq.app.cli import main
+from fixq.analysis.complexity import analyze
+from fixq.backends.engine import Engine
+from fixq.algorithms.kmeans import KMeansError, check_K, cluster_kernels, kmeans_layer, layer_savings
+from fixq.planning.coeffs import basis_values, kmeans_residual
+from fixq.algorithms.kmeans_search import candidate_Ks, kmeans_layers, parse_k
+from fixq.planning.plan import LayerConfig, QuantConfig
+from fixq.backends.simulate import Simulator
+from fixq.data.zoo import CifarResNet
 
 from helpers import DepthwiseNet, make_graph
 
@@ -35,7 +36,7 @@ def test_basis_plus_residual_is_the_float_kernel(mode):
     w = torch.randn(24, 6, 3, 3) * 0.1
     km, rf = kmeans_layer(w, cluster_kernels(w, 4), 8, 4, mode, "maxabs")
     Gq = basis_values(km, (6, 3, 3))[km.assign_tensor()]
-    assert torch.equal(Gq + residual(w, km), w.double())
+    assert torch.equal(Gq + kmeans_residual(w, km), w.double())
     assert rf.T == 4 and km.basis.T == 8 and km.K == 4
 
 
@@ -78,7 +79,7 @@ def test_kmeans_bit_exact_sim_engine(mode, dm, A, tmp_path):
     plan = _kmeans_plan(g, x, {"layer1.0.conv2": 3, "layer2.1.conv1": 5, "layer3.2.conv2": 2, "linear": 2}, mode,
                         data_mode=dm, acc_bits=A)
     plan.save(tmp_path / "p.json")
-    assert QuantPlan.load(tmp_path / "p.json").to_json() == plan.to_json()
+    assert load_plan(tmp_path / "p.json").to_json() == plan.to_json()
     xt = torch.randn(4, 3, 32, 32) * 1.5
     sim, eng = Simulator(g, plan, exact=True), Engine(g, plan)
     assert torch.equal(eng.dequantize(eng.run(eng.quantize_input(xt))), sim(xt))
@@ -137,7 +138,7 @@ def test_cli_kmeans_reports_tables(capsys, tmp_path, digits_dir):
         assert r["layer_savings_pct"] == pytest.approx(100 * (0.5 * rep["table4"]["N"] - K) / rep["table4"]["N"])
         assert r["noise_recovered_pct"] == pytest.approx(100 * (n4 - r["logit_noise"]) / (n4 - n8))
     assert "candidate K" in (tmp_path / "k" / "report.md").read_text()
-    plan = QuantPlan.load(tmp_path / "k" / "plan.json")
+    plan = load_plan(tmp_path / "k" / "plan.json")
     assert plan.layers["conv2"].kmeans.K == 3 and plan.layers["fc1"].kmeans.K == 2
 
 
@@ -178,7 +179,7 @@ def test_kmeans_44_bit_exact_sim_engine(mode, dm, method, tmp_path):
         d = plan.layers[n].kmeans.data
         assert d is not None and d.T == 4 and d.granularity == dm
     plan.save(tmp_path / "p.json")
-    assert QuantPlan.load(tmp_path / "p.json").to_json() == plan.to_json()
+    assert load_plan(tmp_path / "p.json").to_json() == plan.to_json()
     xt = torch.randn(4, 3, 32, 32) * 1.5
     sim, eng = Simulator(g, plan, exact=True), Engine(g, plan)
     got = sim(xt)
@@ -227,7 +228,7 @@ def test_kmeans_44_runs_in_c(tmp_path, dm):
 
 def test_kmeans_44_qdq_onnx(tmp_path):
     pytest.importorskip("onnxruntime")
-    from fixq.onnx_out import compare_qdq, export_qdq
+    from fixq.backends.onnx_out import compare_qdq, export_qdq
     g = make_graph(DepthwiseNet(), (3, 16, 16))
     torch.manual_seed(2)
     x = torch.randn(16, 3, 16, 16)
@@ -238,15 +239,15 @@ def test_kmeans_44_qdq_onnx(tmp_path):
 
 
 def test_kmeans_44_plan_schema_refuses_a_wrong_grid():
-    from fixq.plan import PlanError
-    from fixq.plan_schema import check_plan_graph
+    from fixq.planning.plan import PlanError
+    from fixq.planning.plan_schema import check_plan_graph
     g = make_graph(DepthwiseNet(), (3, 16, 16))
     plan = _kmeans44(g, torch.randn(8, 3, 16, 16), {"pw": 2}, data_mode="3D")
     d = plan.to_json()
     assert d["layers"]["pw"]["kmeans"]["data"]["T"] == 4
     d["layers"]["pw"]["kmeans"]["data"].update(F=[1, 2], shape=[2])
     with pytest.raises(PlanError, match=r"kmeans\.data\.shape"):
-        check_plan_graph(QuantPlan.from_json(d), g)
+        check_plan_graph(plan_from_json(d), g)
 
 
 def test_cli_kmeans_44(capsys, tmp_path, digits_dir):
@@ -256,5 +257,5 @@ def test_cli_kmeans_44(capsys, tmp_path, digits_dir):
     assert "<4b,4b> residuals" in rep["table4"]["rows"][3]["plan"] and "<4b,4b>" in rep["table6"][-1]["plan"]
     assert "<4b,8b> residuals" in rep["table4"]["rows"][4]["plan"] and "<4b,8b>" in rep["table6"][-2]["plan"]
     assert rep["layers"]["conv2"]["layer_savings_pct"] == pytest.approx(100 * (0.75 * 32 - 3) / 32)
-    plan = QuantPlan.load(tmp_path / "k" / "plan.json")
+    plan = load_plan(tmp_path / "k" / "plan.json")
     assert plan.layers["conv2"].kmeans.data.T == 4 and plan.layers["fc1"].kmeans.data.T == 4

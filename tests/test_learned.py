@@ -8,16 +8,17 @@ import pytest
 import torch
 import torch.nn as nn
 
-from fixq.calibrate import observe, plan_from
-from fixq.coeffs import coeff_grid, layer_codes, layer_values, weights_digest
-from fixq.engine import Engine, compile_layer
-from fixq.graph import capture
-from fixq.ir import pre_activation
-from fixq.kmeans import cluster_kernels
-from fixq.learned import RoundingOptions, learn_rounding
-from fixq.plan import LayerConfig, PlanError, QuantConfig, QuantPlan
-from fixq.plan_schema import check_plan_graph
-from fixq.simulate import Simulator
+from fixq.planning.plan_io import load_plan, plan_from_json
+from fixq.algorithms.calibrate import observe, plan_from
+from fixq.planning.coeffs import coeff_grid, layer_codes, layer_values, weights_digest
+from fixq.backends.engine import Engine, compile_layer
+from fixq.graph.capture import capture
+from fixq.graph.ir import pre_activation
+from fixq.algorithms.kmeans import cluster_kernels
+from fixq.algorithms.learned import RoundingOptions, learn_rounding
+from fixq.planning.plan import LayerConfig, PlanError, QuantConfig
+from fixq.planning.plan_schema import check_plan_graph
+from fixq.backends.simulate import Simulator
 
 from helpers import DepthwiseNet, make_graph
 
@@ -89,7 +90,7 @@ def test_bias_correction_leaves_at_most_one_bias_lsb_per_channel():
 
     def mean_err(p):
         lp = p.layers[n.name]
-        from fixq.coeffs import bias_codes
+        from fixq.planning.coeffs import bias_codes
         b = bias_codes(n, lp, p.rounding).double() * torch.pow(2.0, -lp.bias.F_tensor().double())
         return (pre_activation(n, xq, layer_values(n, lp, p.rounding), b) - ref).mean(dim=dims), lp.bias
 
@@ -140,7 +141,7 @@ def test_learned_plan_round_trips_json_and_is_bit_exact(tmp_path):
     g, shape, plan, learned, rows = _rich_plan()
     assert {r["layer"] for r in rows if r["kept"] == "learned"} >= {"stem"}  # K-means residuals learned too
     learned.save(tmp_path / "p.json")
-    back = QuantPlan.load(tmp_path / "p.json")
+    back = load_plan(tmp_path / "p.json")
     assert back == learned
     check_plan_graph(back, g)
     torch.manual_seed(5)
@@ -175,14 +176,14 @@ def test_mismatched_weights_are_refused(tmp_path):
     d = learned.to_json()
     d["layers"]["conv"]["codes"]["up"] = "not base64!"
     with pytest.raises(PlanError, match="codes.up"):
-        QuantPlan.from_json(d)
+        plan_from_json(d)
 
 
 def test_sampled_pixels_are_the_layer_output():
     """The optimiser's im2col rows (strided, padded, dilated, grouped convs and a linear layer)
     times the weights give the layer's pre-activation at the sampled pixels."""
-    from fixq.ir import run_float
-    from fixq.learned import _samples
+    from fixq.graph.ir import run_float
+    from fixq.algorithms.learned import _samples
     shape = (3, 16, 16)
     g = make_graph(DepthwiseNet(), shape)
     x = torch.randn(5, *shape)
@@ -199,7 +200,7 @@ def test_sampled_pixels_are_the_layer_output():
 
 
 def _cli(capsys, tmp_path, digits_dir, cmd, *extra):
-    from fixq.cli import main
+    from fixq.app.cli import main
     out = tmp_path / cmd
     argv = [cmd, "--model", "lenet-digits", "--calib", str(digits_dir), "--calib-size", "64", "--eval",
             str(digits_dir), "--eval-size", "200", "--out", str(out), "--quiet", "--learned-rounding",
@@ -217,7 +218,7 @@ def _cli(capsys, tmp_path, digits_dir, cmd, *extra):
 def test_cli_learned_rounding_on_every_command(capsys, tmp_path, digits_dir, cmd, extra, plan_file):
     code, cap, out = _cli(capsys, tmp_path, digits_dir, cmd, *extra)
     assert code == 0, cap.err
-    plan = QuantPlan.load(out / plan_file)
+    plan = load_plan(out / plan_file)
     assert any(lp.codes is not None and lp.codes.bias is not None for lp in plan.layers.values())
     assert any("learned rounding" in x for x in plan.notes)
     if cmd == "kmeans":  # the clustered layer's residual codes were decided too

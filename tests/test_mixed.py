@@ -8,14 +8,15 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as Fn
 
-from fixq.calibrate import observe, plan_from
-from fixq.cli import main
-from fixq.complexity import analyze
-from fixq.engine import Engine
-from fixq.mixed import (MixedError, Trial, eligible_layers, filter_bits, filter_energies, low_precision_mask,
-                        tune_threshold)
-from fixq.plan import LayerConfig, QuantConfig, QuantPlan
-from fixq.simulate import Simulator
+from fixq.planning.plan_io import load_plan
+from fixq.algorithms.calibrate import observe, plan_from
+from fixq.app.cli import main
+from fixq.analysis.complexity import analyze
+from fixq.backends.engine import Engine
+from fixq.algorithms.mixed import (MixedError, Trial, eligible_layers, filter_bits, filter_energies, low_precision_mask,
+                                   tune_threshold)
+from fixq.planning.plan import LayerConfig, QuantConfig
+from fixq.backends.simulate import Simulator
 
 from helpers import DepthwiseNet, make_graph
 
@@ -101,7 +102,7 @@ def test_mixed_plan_bit_exact_sim_engine_and_json_roundtrip(tmp_path):
     w = plan.layers["grp"].weight
     assert w.T == 8 and w.bits().tolist() == bits["grp"].tolist()
     plan.save(tmp_path / "p.json")
-    assert QuantPlan.load(tmp_path / "p.json").to_json() == plan.to_json()
+    assert load_plan(tmp_path / "p.json").to_json() == plan.to_json()
     xt = torch.randn(6, 3, 16, 16) * 1.5
     sim, eng = Simulator(g, plan, exact=True), Engine(g, plan)
     assert torch.equal(eng.dequantize(eng.run(eng.quantize_input(xt))), sim(xt))
@@ -160,7 +161,7 @@ def test_cli_mixed_meets_target_on_tuning_images(capsys, tmp_path, digits_dir):
     assert rep["complexity"]["savings_pct"] == max(t["savings_pct"] for t in best)
     assert rep["complexity"]["savings_pct"] > 0 and 0 < rep["low_precision_filters_pct"]["overall"] < 100
     assert "Conservative" in cap.out and "Aggressive" in cap.out
-    plan = QuantPlan.load(tmp_path / "m" / "plan.json")
+    plan = load_plan(tmp_path / "m" / "plan.json")
     assert any(lp.weight.Tp is not None for lp in plan.layers.values())
 
 

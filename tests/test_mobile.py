@@ -8,12 +8,12 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as Fn
 
-from fixq.elementwise import unary_table
-from fixq.engine import Engine
-from fixq.formats import Word, round_values
-from fixq.graph import UnsupportedOpError, capture
-from fixq.ir import UNARY_FUNCS, ChannelShuffle, Conv, Mul, Table, run_float
-from fixq.simulate import Simulator
+from fixq.planning.elementwise import unary_table
+from fixq.backends.engine import Engine
+from fixq.numerics.formats import Word, round_values
+from fixq.graph.capture import UnsupportedOpError, capture
+from fixq.graph.ir import UNARY_FUNCS, ChannelShuffle, Conv, Mul, Table, run_float
+from fixq.backends.simulate import Simulator
 
 from helpers import make_graph, plan_for
 from test_engine import _nonzero
@@ -119,14 +119,14 @@ def test_c_bit_exact(mobile_graph, tmp_path, dm, bits, rounding):
     assert all(t["entries"] == 2 ** bits and t["bytes"] > 0 for t in res.tables)
     text = (res.out / "model.c").read_text()
     assert "fixq_table(" in text and "fixq_mul(" in text and "fixq_shuffle(" in text
-    from fixq.export_c.run import strict_build
+    from fixq.backends.export_c.run import strict_build
     r = strict_build(res.out, extra=["-DFIXQ_COUNTS=1"])  # every runtime file, counters on
     assert r.returncode == 0, r.stderr
 
 
 def test_qdq_onnx_exact(mobile_graph, tmp_path):
     pytest.importorskip("onnxruntime")
-    from fixq.onnx_out import compare_qdq, export_qdq
+    from fixq.backends.onnx_out import compare_qdq, export_qdq
     for dm in ("4D", "3D"):
         plan = plan_for(mobile_graph, SHAPE, n=8, data_mode=dm, rounding="nearest_even")
         export_qdq(mobile_graph, plan, tmp_path / f"m{dm}.onnx")
@@ -261,7 +261,7 @@ def test_torchvision_mobile_nets_bit_exact(name, with_c, tmp_path):
 
 
 def test_zoo_lists_the_mobile_nets_with_their_preprocessing():
-    from fixq.zoo import PRESETS, ZOO
+    from fixq.data.zoo import PRESETS, ZOO
     for n in ("mobilenet_v3_small", "mobilenet_v3_large", "efficientnet_b0", "mnasnet0_5", "shufflenet_v2_x0_5"):
         e = ZOO[n]
         assert e.torchvision and e.needs_weights and "not bundled" in e.weights
@@ -281,7 +281,7 @@ def test_onnx_package_graphs_bit_exact(name, hw, tmp_path):
     import os
 
     import numpy as np
-    from fixq.onnx_in import load_onnx, prepare_onnx, redraw_weights
+    from fixq.data.onnx_in import load_onnx, prepare_onnx, redraw_weights
     src = os.path.join(os.path.dirname(onnx.__file__), "backend", "test", "data", "light", name + ".onnx")
     if not os.path.isfile(src):
         pytest.skip(f"{src} is not in this onnx package")
@@ -332,7 +332,7 @@ def test_cli_quantize_and_export_c_list_the_tables(capsys, tmp_path, digits_dir)
 def test_extreme_ranges_exact_or_refused(scale, bits):
     """Tables and products at far-off formats: engine == exact simulation, or a PlanError
     naming the node (never a silently wrong integer)."""
-    from fixq.plan import PlanError
+    from fixq.planning.plan import PlanError
     torch.manual_seed(3)
     m = _SE()
     with torch.no_grad():

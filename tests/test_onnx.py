@@ -11,16 +11,16 @@ onnx = pytest.importorskip("onnx", reason="ONNX support needs `pip install fixq[
 ort = pytest.importorskip("onnxruntime", reason="ONNX support needs `pip install fixq[onnx]`")
 pytest.importorskip("onnx2torch", reason="ONNX support needs `pip install fixq[onnx]`")
 
-from fixq.calibrate import calibrate  # noqa: E402
-from fixq.cli import main  # noqa: E402
-from fixq.engine import Engine, EngineError  # noqa: E402
-from fixq.graph import capture  # noqa: E402
-from fixq.ir import FloatOp, run_float  # noqa: E402
-from fixq.onnx_in import load_onnx, prepare_onnx, redraw_weights  # noqa: E402
-from fixq.onnx_out import compare_qdq, export_qdq  # noqa: E402
-from fixq.plan import LayerConfig, QuantConfig  # noqa: E402
-from fixq.simulate import Simulator  # noqa: E402
-from fixq.zoo import CifarResNet, build_model, load_weights  # noqa: E402
+from fixq.algorithms.calibrate import calibrate  # noqa: E402
+from fixq.app.cli import main  # noqa: E402
+from fixq.backends.engine import Engine, EngineError  # noqa: E402
+from fixq.graph.capture import capture  # noqa: E402
+from fixq.graph.ir import FloatOp, run_float  # noqa: E402
+from fixq.data.onnx_in import load_onnx, prepare_onnx, redraw_weights  # noqa: E402
+from fixq.backends.onnx_out import compare_qdq, export_qdq  # noqa: E402
+from fixq.planning.plan import LayerConfig, QuantConfig  # noqa: E402
+from fixq.backends.simulate import Simulator  # noqa: E402
+from fixq.data.zoo import CifarResNet, build_model, load_weights  # noqa: E402
 
 from shared_data import resnet_weights, shared_path  # noqa: E402
 
@@ -101,8 +101,8 @@ def test_pytorch_onnx_fixq_round_trip_same_plan(which, tmp_path):
 
 
 def test_qdq_export_lenet_runs_in_onnxruntime(tmp_path, digits_dir):
-    from fixq.evaluate import ImageSet, load_images
-    from fixq.zoo import PRESETS
+    from fixq.analysis.evaluate import ImageSet, load_images
+    from fixq.data.zoo import PRESETS
     model = build_model("lenet-digits")[0]
     s = ImageSet.scan(digits_dir)
     x, _ = load_images(s, list(range(0, len(s), 3)), PRESETS["digits"], show_progress=False)

@@ -6,12 +6,14 @@ import math
 import pytest
 import torch
 
-from fixq.calibrate import calibrate
-from fixq.cli import explicit_options, main
-from fixq.commands import make_config
-from fixq.ir import QUANT_POINTS, Linear
-from fixq.paper import apply_paper
-from fixq.plan import LayerConfig, PlanError, QuantConfig, QuantPlan
+from fixq.planning.plan_io import load_plan, plan_from_json
+from fixq.algorithms.calibrate import calibrate
+from fixq.app.cli import main
+from fixq.app.parser import explicit_options
+from fixq.app.common import make_config
+from fixq.graph.ir import QUANT_POINTS, Linear
+from fixq.app.paper import apply_paper
+from fixq.planning.plan import LayerConfig, PlanError, QuantConfig
 
 from helpers import DepthwiseNet, make_graph
 
@@ -49,7 +51,7 @@ def test_paper_plan_matches_the_papers_rules_field_by_field():
     for n in g.nodes:
         if n.inputs:
             torch.set_grad_enabled(False)
-            from fixq.ir import FLOAT_RULES, apply_act, pre_activation
+            from fixq.graph.ir import FLOAT_RULES, apply_act, pre_activation
             args = [env[i] for i in n.inputs]
             env[n.name] = apply_act(pre_activation(n, *args), n.act) if n.name in plan.layers else \
                 FLOAT_RULES[type(n)](n, *args)
@@ -94,10 +96,10 @@ def test_fc_mode_4d_and_its_json():
     assert fc4.layers["pw"].weight == base.layers["pw"].weight
     assert "fc_mode" not in base.to_json()["config"]["default"]  # default left out: old plans keep their bytes
     assert fc4.to_json()["config"]["default"]["fc_mode"] == "4D"
-    assert QuantPlan.from_json(json.loads(json.dumps(fc4.to_json()))).config.default.fc_mode == "4D"
+    assert plan_from_json(json.loads(json.dumps(fc4.to_json()))).config.default.fc_mode == "4D"
     with pytest.raises(PlanError, match="fully connected mode"):
         LayerConfig(fc_mode="2D")
-    from fixq.calibrate import observe, plan_from
+    from fixq.algorithms.calibrate import observe, plan_from
     obs = observe(g, [(x, None)], show_progress=False)
     mixed = torch.full((5, 32), 8)
     mixed[0, 0] = 4
@@ -116,7 +118,7 @@ def test_cli_paper_report_says_so(capsys, tmp_path, digits_dir):
     rep = json.loads((tmp_path / "q" / "report.json").read_text())
     assert rep["paper"]["departures"] == ["--rounding floor"]
     assert "paper's choices were used" in (tmp_path / "q" / "report.md").read_text()
-    plan = QuantPlan.load(tmp_path / "q" / "plan.json")
+    plan = load_plan(tmp_path / "q" / "plan.json")
     d = plan.config.default
     assert (d.data_sign, d.effective_data_method, d.fc_mode, plan.rounding) == ("signed", "maxabs", "4D", "floor")
     assert all(f.signed for f in plan.tensors.values())
@@ -132,7 +134,7 @@ def test_cli_paper_names_config_file_departures(capsys, tmp_path, digits_dir):
     rep = json.loads((tmp_path / "q" / "report.json").read_text())
     assert rep["paper"]["departures"] == ["--config 'fc*': data_method mse"]  # bias_bits 8 is the paper's
     assert "--config 'fc*': data_method mse" in capsys.readouterr().out
-    plan = QuantPlan.load(tmp_path / "q" / "plan.json")
+    plan = load_plan(tmp_path / "q" / "plan.json")
     assert plan.config.for_layer("fc1").data_method == "mse" and plan.config.default.data_method == "maxabs"
 
 
@@ -144,7 +146,7 @@ def test_cli_mixed_paper_keeps_fc_layers_whole(capsys, tmp_path, digits_dir):
     assert main(argv) == 0, capsys.readouterr().err
     rep = json.loads((tmp_path / "m" / "report.json").read_text())
     assert "first and last layers kept at base bits (§5, Table 3)" in rep["paper"]["used"]
-    plan = QuantPlan.load(tmp_path / "m" / "plan.json")
+    plan = load_plan(tmp_path / "m" / "plan.json")
     assert plan.layers["fc1"].weight.granularity == "4D" and plan.layers["fc1"].weight.T == 8
 
 
@@ -166,7 +168,7 @@ def test_cli_kmeans_paper_table4_with_float_elsewhere(capsys, tmp_path, digits_d
     assert rep["table6"][1]["network_savings_pct"] > 10  # the all-4-bit set of the clustered layers saves a lot
     # one layer quantized, the rest float: less logit noise than the whole 2D-HQ <8b,8b> network
     assert t4["rows"][0]["logit_sqnr_db"] > rep["table6"][0]["logit_sqnr_db"]
-    from fixq.kmeans_search import only_layer_config
+    from fixq.algorithms.kmeans_search import only_layer_config
     g = make_graph(DepthwiseNet(), (3, 16, 16))
     cfg = only_layer_config(g, QuantConfig(LayerConfig(coeff_mode="2D")), "pw")
     assert cfg.for_layer("pw").coeff_bits == 8 and cfg.for_layer("grp").coeff_bits is None

@@ -5,10 +5,11 @@ import json
 
 import pytest
 
+from fixq.planning.plan_io import load_plan, plan_from_json
 from fixq.errors import FixqError
-from fixq.plan import PLAN_VERSION, PlanError, QuantPlan
-from fixq.plan_schema import (check_plan_graph, json_path, plan_schema, validate_config_json,
-                              validate_plan_json)
+from fixq.planning.plan import PLAN_VERSION, PlanError
+from fixq.planning.plan_schema import (check_plan_graph, json_path, plan_schema, validate_config_json,
+                                       validate_plan_json)
 
 from helpers import DepthwiseNet, make_graph, plan_for
 
@@ -22,7 +23,7 @@ def graph_plan():
 
 
 def _load(d, name="plan.json"):
-    return QuantPlan.from_json(d, name)
+    return plan_from_json(d, name)
 
 
 def _err(d) -> str:
@@ -36,7 +37,7 @@ def test_saved_plans_validate_and_round_trip(graph_plan, tmp_path):
     plan.save(tmp_path / "plan.json")
     d = json.loads((tmp_path / "plan.json").read_text())
     validate_plan_json(d)
-    loaded = QuantPlan.load(tmp_path / "plan.json")
+    loaded = load_plan(tmp_path / "plan.json")
     assert loaded == plan
     check_plan_graph(loaded, g)
     assert plan_schema()["properties"]["version"] == {"const": PLAN_VERSION}
@@ -92,12 +93,12 @@ def test_not_json_and_not_an_object(tmp_path):
     p = tmp_path / "plan.json"
     p.write_text("{not json")
     with pytest.raises(PlanError, match="not a fixq plan: not JSON"):
-        QuantPlan.load(p)
+        load_plan(p)
     p.write_text("[1, 2]")
     with pytest.raises(PlanError, match="expected a JSON object, got list"):
-        QuantPlan.load(p)
+        load_plan(p)
     with pytest.raises(PlanError, match="does not exist"):
-        QuantPlan.load(tmp_path / "nothing.json")
+        load_plan(tmp_path / "nothing.json")
 
 
 def test_graph_check_missing_extra_and_shape(graph_plan):
@@ -141,18 +142,18 @@ def test_config_schema_errors():
 
 
 def test_errors_share_one_base():
-    from fixq.calibrate import CalibrationError
-    from fixq.cli import UsageError
-    from fixq.engine import EngineError
-    from fixq.evaluate import DataError
-    from fixq.graph import CaptureError, UnsupportedOpError
-    from fixq.html_report import ReportError
-    from fixq.kmeans import KMeansError
-    from fixq.mixed import MixedError
-    from fixq.onnx_in import OnnxImportError
-    from fixq.onnx_out import QDQError
-    from fixq.search import SearchError
-    from fixq.zoo import ModelError
+    from fixq.algorithms.calibrate import CalibrationError
+    from fixq.app.parser import UsageError
+    from fixq.backends.engine import EngineError
+    from fixq.analysis.evaluate import DataError
+    from fixq.graph.capture import CaptureError, UnsupportedOpError
+    from fixq.app.html_report import ReportError
+    from fixq.algorithms.kmeans import KMeansError
+    from fixq.algorithms.mixed import MixedError
+    from fixq.data.onnx_in import OnnxImportError
+    from fixq.backends.onnx_out import QDQError
+    from fixq.algorithms.search import SearchError
+    from fixq.data.zoo import ModelError
     for cls in (PlanError, ModelError, DataError, CaptureError, UnsupportedOpError, CalibrationError, EngineError,
                 MixedError, KMeansError, SearchError, OnnxImportError, QDQError, ReportError, UsageError):
         assert issubclass(cls, FixqError) and issubclass(cls, ValueError), cls
@@ -164,9 +165,9 @@ def test_json_path_quotes_dotted_names():
 
 def test_kmeans_and_mixed_plans_fit_their_graph(graph_plan, tmp_path):
     import torch
-    from fixq.calibrate import observe, plan_from
-    from fixq.kmeans import cluster_kernels
-    from fixq.plan import LayerConfig, QuantConfig
+    from fixq.algorithms.calibrate import observe, plan_from
+    from fixq.algorithms.kmeans import cluster_kernels
+    from fixq.planning.plan import LayerConfig, QuantConfig
     g, _ = graph_plan
     obs = observe(g, [(torch.randn(8, *SHAPE), None)], show_progress=False)
     cfg = QuantConfig(LayerConfig(coeff_mode="2D"))
@@ -175,7 +176,7 @@ def test_kmeans_and_mixed_plans_fit_their_graph(graph_plan, tmp_path):
     for i, plan in enumerate([plan_from(obs, cfg, "t", kmeans={"pw": cluster_kernels(g.node("pw").weight, 3)}),
                               plan_from(obs, cfg, "t", filter_bits={"stem": bits})]):
         plan.save(tmp_path / f"p{i}.json")
-        loaded = QuantPlan.load(tmp_path / f"p{i}.json")
+        loaded = load_plan(tmp_path / f"p{i}.json")
         check_plan_graph(loaded, g)
         assert loaded == plan
     d = json.loads((tmp_path / "p0.json").read_text())
@@ -186,7 +187,7 @@ def test_kmeans_and_mixed_plans_fit_their_graph(graph_plan, tmp_path):
 
 def test_fields_added_to_the_dataclasses_extend_the_schema():
     """A field another change adds to a plan dataclass is accepted without editing the schema."""
-    from fixq.plan_schema import _from_annotation
+    from fixq.planning.plan_schema import _from_annotation
     assert _from_annotation("tuple[int, ...] | None") == {}
     assert _from_annotation("int | None") == {"type": ["integer", "null"]}
     assert _from_annotation("bool") == {"type": ["boolean"]}

@@ -2,9 +2,9 @@ import pytest
 import torch
 from hypothesis import given, strategies as st
 
-from fixq.ranges import (F_from_histogram, F_from_maxabs, F_from_percentile_rows, affine_params, affine_quantize,
-                         ceil_log2, exponent_histogram, parse_method)
-from fixq.calibrate import weight_formats
+from fixq.numerics.ranges import (F_from_histogram, F_from_maxabs, F_from_percentile_rows, affine_params, affine_quantize,
+                                  ceil_log2, exponent_histogram, parse_method)
+from fixq.algorithms.coeff_formats import weight_formats
 
 
 @given(st.floats(1e-30, 1e30))
@@ -50,7 +50,7 @@ def test_mse_never_worse_than_maxabs():
     w = torch.randn(8, 4, 3, 3)
     w[0, 0, 0, 0] = 12.0  # outlier
     fm, fe = weight_formats(w, 4, "3D", "maxabs"), weight_formats(w, 4, "3D", "mse")
-    from fixq.formats import fake_quantize
+    from fixq.numerics.formats import fake_quantize
     for i in range(8):
         e_m = ((fake_quantize(w[i].double(), fm.F[i], 4)[0] - w[i]) ** 2).sum()
         e_e = ((fake_quantize(w[i].double(), fe.F[i], 4)[0] - w[i]) ** 2).sum()

@@ -1,8 +1,8 @@
 """Accuracy on real data from ../shared/ (skipped when it is absent)."""
 import pytest
 
-from fixq.commands import make_config
-from fixq.pipeline import open_session, run_config
+from fixq.app.common import make_config
+from fixq.algorithms.pipeline import open_session, run_config
 
 from shared_data import resnet_weights, shared_path
 

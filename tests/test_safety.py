@@ -10,14 +10,14 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as Fn
 
-from fixq.calibrate import calibrate
-from fixq.engine import Engine, check_plan
-from fixq.export_c import export_c, run_c_program
-from fixq.export_c.run import UBSAN_FLAGS, build
-from fixq.formats import round_shift, round_shift_int
-from fixq.plan import LayerConfig, PlanError, QuantConfig
-from fixq.safety import MAX_SHIFT, SPREAD_BITS, bound_spread
-from fixq.simulate import Simulator
+from fixq.algorithms.calibrate import calibrate
+from fixq.backends.engine import Engine, check_plan
+from fixq.backends.export_c import export_c, run_c_program
+from fixq.backends.export_c.run import UBSAN_FLAGS, build
+from fixq.numerics.formats import round_shift, round_shift_int
+from fixq.planning.plan import LayerConfig, PlanError, QuantConfig
+from fixq.planning.safety import MAX_SHIFT, SPREAD_BITS, bound_spread
+from fixq.backends.simulate import Simulator
 
 from helpers import make_graph
 
@@ -227,7 +227,7 @@ def _trunc4(a: int) -> int:  # C's a / 4 (toward zero)
 def test_c_runtime_extremes_under_ubsan(tmp_path):
     """Negative halves, every shift 0..64 and beyond, INT64 extremes, wrap at every width:
     the runtime equals exact rational arithmetic and UBSan stays silent."""
-    from fixq.export_c.emit import RUNTIME_DIR
+    from fixq.backends.export_c.emit import RUNTIME_DIR
     A = [0, 1, -1, 2, -2, 3, -3, 5, -5, 6, -6, 7, -7, 2 ** 31, -2 ** 31 - 1, 3 * 2 ** 40, -3 * 2 ** 40,
          2 ** 61, -2 ** 61, 3 * 2 ** 61, -3 * 2 ** 61, 2 ** 62, -2 ** 62, 2 ** 62 + 1, -2 ** 62 - 1,
          2 ** 63 - 1, -2 ** 63 + 1, -2 ** 63]
@@ -256,7 +256,7 @@ def test_fused_quantizer_says_once_why_it_falls_back(monkeypatch):
     import warnings
     from types import SimpleNamespace
 
-    from fixq import fused
+    from fixq.numerics import fused
 
     def broken():
         raise ImportError("no module named triton")
@@ -271,7 +271,7 @@ def test_fused_quantizer_says_once_why_it_falls_back(monkeypatch):
 
 
 def test_emitter_table_check_names_the_table():
-    from fixq.safety import check_table
+    from fixq.planning.safety import check_table
     check_table("ws_c2", "uint8_t", [0, 62, 255])
     with pytest.raises(PlanError, match=r"ws_c2: value 256 does not fit uint8_t"):
         check_table("ws_c2", "uint8_t", [0, 256])
@@ -283,9 +283,9 @@ def test_spread_cap_binds_on_no_real_plan(monkeypatch):
     """DESIGN §5a rule 1: D = 24 leaves the plans of real models alone (their tiny but
     nonzero partitions keep eq. 6's F): the same plans with the cap lifted are identical."""
     import importlib
-    cal = importlib.import_module("fixq.calibrate")  # the package exports a function of the same name
-    from fixq.graph import capture
-    from fixq.zoo import CifarResNet, build_model, load_weights
+    cal = importlib.import_module("fixq.algorithms.calibrate")  # fixq.calibrate is the function; this is the module
+    from fixq.graph.capture import capture
+    from fixq.data.zoo import CifarResNet, build_model, load_weights
     from helpers import plan_for
     from shared_data import SHARED, resnet_weights
     nets = [(build_model("lenet-digits")[0], (1, 8, 8))]
@@ -307,7 +307,7 @@ def test_spread_cap_binds_on_no_real_plan(monkeypatch):
 def test_int32_rule_boundary():
     """The C's 32-bit loops: a dot product bound of exactly 2^31 - 1 fits, 2^31 does not;
     per-filter shifts count, and a shift above 30 always takes int64."""
-    from fixq.safety import sum_fits_int32
+    from fixq.planning.safety import sum_fits_int32
     z = torch.zeros(1, 2, dtype=torch.long)
     # 8-bit signed data: max |x| = 128 = 2^7
     assert sum_fits_int32(torch.tensor([[2 ** 23, 2 ** 23]]), z, 8) is False     # exactly 2^31

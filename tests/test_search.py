@@ -5,8 +5,8 @@ import math
 
 import torch
 
-from fixq.mixed import Trial, tune_threshold
-from fixq.search import accepts, paired_drop
+from fixq.algorithms.mixed import Trial, tune_threshold
+from fixq.algorithms.search import accepts, paired_drop
 
 
 def _case(n, b, c, n_float_wrong=100):

@@ -2,12 +2,12 @@ import pytest
 import torch
 import torch.nn as nn
 
-from fixq.formats import code_limits, exp2
-from fixq.ir import run_float
-from fixq.partitions import propagate_formats
-from fixq.plan import QuantPlan
-from fixq.simulate import Simulator
-from fixq.zoo import CifarResNet, LeNet
+from fixq.planning.plan_io import load_plan
+from fixq.numerics.formats import code_limits, exp2
+from fixq.graph.ir import run_float
+from fixq.planning.partitions import propagate_formats
+from fixq.backends.simulate import Simulator
+from fixq.data.zoo import CifarResNet, LeNet
 
 from helpers import DepthwiseNet, make_graph, plan_for
 
@@ -73,7 +73,7 @@ def test_plan_json_round_trip_reproduces_outputs(tmp_path):
     g = make_graph(DepthwiseNet(), SHAPE)
     plan = plan_for(g, SHAPE, coeff_mode="2D", data_mode="3D", method="percentile:99.9")
     plan.save(tmp_path / "plan.json")
-    loaded = QuantPlan.load(tmp_path / "plan.json")
+    loaded = load_plan(tmp_path / "plan.json")
     assert loaded == plan
     x = torch.randn(4, *SHAPE)
     assert torch.equal(Simulator(g, plan, exact=True)(x), Simulator(g, loaded, exact=True)(x))
@@ -141,10 +141,10 @@ def test_cuda_exact_equals_cpu_exact_and_fast_close():
 
 
 def test_nan_activation_names_the_layer():
-    from fixq.calibrate import CalibrationError
+    from fixq.algorithms.calibrate import CalibrationError
     g = make_graph(LeNet(8), (1, 8, 8))
-    from fixq.calibrate import calibrate
-    from fixq.plan import QuantConfig
+    from fixq.algorithms.calibrate import calibrate
+    from fixq.planning.plan import QuantConfig
     g.node("conv1").weight.mul_(1e10)
     x = torch.full((4, 1, 8, 8), 1e30)  # finite input, conv1 overflows float32
     with pytest.raises(CalibrationError, match="layer 'conv1' produced NaN or Inf"):
@@ -156,8 +156,8 @@ def test_nan_activation_names_the_layer():
 
 
 def test_empty_calibration_set_is_refused():
-    from fixq.calibrate import CalibrationError, calibrate
-    from fixq.plan import QuantConfig
+    from fixq.algorithms.calibrate import CalibrationError, calibrate
+    from fixq.planning.plan import QuantConfig
     g = make_graph(LeNet(8), (1, 8, 8))
     with pytest.raises(CalibrationError, match="empty"):
         calibrate(g, [], QuantConfig(), show_progress=False)
@@ -166,7 +166,7 @@ def test_empty_calibration_set_is_refused():
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 @pytest.mark.parametrize("rounding", ["half_up", "floor"])
 def test_cuda_fused_kernel_equals_torch_formula(rounding):
-    import fixq.fused as fused
+    import fixq.numerics.fused as fused
     g = make_graph(CifarResNet(20), (3, 32, 32))
     plan = plan_for(g, (3, 32, 32), coeff_mode="2D", data_mode="3D", acc_bits=16, rounding=rounding)
     x = torch.randn(32, 3, 32, 32, device="cuda") * 2
@@ -185,8 +185,8 @@ def test_cuda_fused_kernel_equals_torch_formula(rounding):
 def test_data_mse_uses_a_second_pass_even_from_a_generator():
     """Regression: calibration batches given as a one-shot generator must still reach the
     mse pass (it used to see none and silently fall back to maxabs)."""
-    from fixq.calibrate import calibrate, observe, plan_from
-    from fixq.plan import LayerConfig, QuantConfig
+    from fixq.algorithms.calibrate import calibrate, observe, plan_from
+    from fixq.planning.plan import LayerConfig, QuantConfig
     g = make_graph(CifarResNet(20), (3, 32, 32))
     x = torch.randn(32, 3, 32, 32)
     x[0, 0, 0, 0] = 20.0  # an input outlier: mse trades it for resolution

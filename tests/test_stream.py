@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from fixq.cli import main
+from fixq.app.cli import main
 
 SRC = str(Path(__file__).resolve().parents[1] / "src")
 
@@ -28,11 +28,11 @@ def run(capsys, *argv):
 def test_session_holds_no_image_set_and_passes_one_batch(digits_dir, monkeypatch):
     """Structure, not a memory number: every pass sees at most one batch of images, and the
     session keeps no image tensor (streams, labels and N x classes logits only)."""
-    import fixq.evaluate as ev
-    import fixq.observe as ob
-    from fixq.commands import make_config
-    from fixq.pipeline import open_session, run_config
-    from fixq.simulate import Simulator
+    import fixq.analysis.evaluate as ev
+    import fixq.algorithms.observe as ob
+    from fixq.app.common import make_config
+    from fixq.algorithms.pipeline import open_session, run_config
+    from fixq.backends.simulate import Simulator
     seen = []
     f0, s0, o0 = ev.run_float, Simulator.run, ob._forward_observed
     monkeypatch.setattr(ev, "run_float", lambda g, x, *a, **k: (seen.append(x.shape[0]), f0(g, x, *a, **k))[1])
@@ -61,11 +61,11 @@ def test_session_holds_no_image_set_and_passes_one_batch(digits_dir, monkeypatch
 
 def test_streamed_equals_in_memory(digits_dir):
     """The streamed session gives the numbers of the in-memory Python API on the same batches."""
-    from fixq.calibrate import calibrate
-    from fixq.commands import make_config
-    from fixq.evaluate import evaluate_quant
-    from fixq.pipeline import open_session, run_config
-    from fixq.simulate import Simulator
+    from fixq.algorithms.calibrate import calibrate
+    from fixq.app.common import make_config
+    from fixq.analysis.evaluate import evaluate_quant
+    from fixq.algorithms.pipeline import open_session, run_config
+    from fixq.backends.simulate import Simulator
     s = open_session("lenet-digits", str(digits_dir), str(digits_dir), calib_size=40, eval_size=70,
                      batch_size=16, workers=2, show_progress=False)
     cfg = make_config(data_mode="3D")
@@ -83,11 +83,11 @@ def test_float64_temporaries_are_bounded_and_give_the_same_numbers(digits_dir, m
     """The mse range search and the SQNR sums work on blocks of values (temporaries bounded
     by a constant, not by the batch's largest tensor); tiny blocks give the same plan and
     SQNR as one block."""
-    import fixq.evaluate as ev
-    import fixq.observe as ob
-    from fixq.commands import make_config
-    from fixq.pipeline import open_session, run_config
-    from fixq.ranges import MSE_CANDIDATES
+    import fixq.analysis.evaluate as ev
+    import fixq.algorithms.observe as ob
+    from fixq.app.common import make_config
+    from fixq.algorithms.pipeline import open_session, run_config
+    from fixq.numerics.ranges import MSE_CANDIDATES
 
     def go():
         s = open_session("lenet-digits", str(digits_dir), str(digits_dir), calib_size=40, eval_size=40,

@@ -9,12 +9,12 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as Fn
 
-from fixq.elementwise import (MAX_SEGMENTED_BITS, MAX_TABLE_BITS, STEP_LIMIT, TableInts, compile_table,
-                              segment_table, unary_table)
-from fixq.engine import Engine, EngineError
-from fixq.formats import Word
-from fixq.ir import Table
-from fixq.simulate import Simulator
+from fixq.planning.elementwise import (MAX_SEGMENTED_BITS, MAX_TABLE_BITS, STEP_LIMIT, TableInts, compile_table,
+                                       segment_table, unary_table)
+from fixq.backends.engine import Engine, EngineError
+from fixq.numerics.formats import Word
+from fixq.graph.ir import Table
+from fixq.backends.simulate import Simulator
 
 from helpers import make_graph, plan_for
 from test_engine import _nonzero
@@ -87,7 +87,7 @@ def test_compile_table_per_channel_formats():
 def test_c_stores_the_smaller_exact_form():
     """A steep table at high output resolution (SiLU 12 -> 16 bits, F8 -> F12: a new output
     code at nearly every input code) is smaller dense; a 12 -> 12-bit one is smaller segmented."""
-    from fixq.export_c.emit_elementwise import _seg_bytes, table_form
+    from fixq.backends.export_c.emit_elementwise import _seg_bytes, table_form
     n = SimpleNamespace(name="t", op="silu", alpha=None, inputs=["x"])
     steep = compile_table(n, {"x": (Word(12), torch.tensor(8)), "t": (Word(16), torch.tensor(12))}, 1, "half_up")
     flat = compile_table(n, {"x": (Word(12), torch.tensor(8)), "t": (Word(12), torch.tensor(8))}, 1, "half_up")
@@ -160,7 +160,7 @@ def test_fast_sim_tables_exact(bits):
 @pytest.mark.skipif(not HAS_CC, reason="needs a C compiler (cc) and make")
 def test_c_dense_form_of_a_wide_input_equals_the_engine(gates, tmp_path, monkeypatch):
     """The dense C kernel with a 12-bit input (what the emitter stores when it is smaller)."""
-    import fixq.export_c.emit_elementwise as ee
+    import fixq.backends.export_c.emit_elementwise as ee
     from test_export_c import c_vs_engine
     monkeypatch.setattr(ee, "table_form", lambda ti: "dense")
     plan = plan_for(gates, SHAPE, n=8, data_mode="3D", data_bits=12, coeff_bits=8, rounding="nearest_even")
@@ -174,9 +174,9 @@ def test_c_dense_form_of_a_wide_input_equals_the_engine(gates, tmp_path, monkeyp
 @pytest.mark.parametrize("bits,dm,rounding", [(12, "4D", "half_up"), (16, "3D", "floor")])
 def test_c_bit_exact_wide(gates, tmp_path, bits, dm, rounding):
     from test_export_c import c_vs_engine
-    from fixq.export_c.run import strict_build
-    from fixq.export_c.emit import CTYPE_BYTES
-    from fixq.export_c.emit_elementwise import table_form
+    from fixq.backends.export_c.run import strict_build
+    from fixq.backends.export_c.emit import CTYPE_BYTES
+    from fixq.backends.export_c.emit_elementwise import table_form
     plan = plan_for(gates, SHAPE, n=8, data_mode=dm, data_bits=bits, coeff_bits=8, rounding=rounding)
     res, totals = c_vs_engine(gates, plan, SHAPE, tmp_path, scale=3.0)
     assert totals["data"] > 0
@@ -194,7 +194,7 @@ def test_c_bit_exact_wide(gates, tmp_path, bits, dm, rounding):
 
 def test_qdq_refuses_wide_data(gates, tmp_path):
     pytest.importorskip("onnx")
-    from fixq.onnx_out import QDQError, export_qdq
+    from fixq.backends.onnx_out import QDQError, export_qdq
     plan = plan_for(gates, SHAPE, n=8, data_bits=12)
     with pytest.raises(QDQError, match="12-bit data.*int8 activations"):
         export_qdq(gates, plan, tmp_path / "m.onnx")

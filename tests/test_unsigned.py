@@ -8,12 +8,13 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as Fn
 
-from fixq.calibrate import calibrate
-from fixq.engine import Engine
-from fixq.formats import Word, code_limits, fake_quantize, saturate
-from fixq.ir import Add, AvgPool, Clamp, Concat, Conv, Flatten, Graph, Input, Linear, MaxPool, Pad, nonnegative_nodes
-from fixq.plan import Formats, LayerConfig, QuantConfig, QuantPlan
-from fixq.simulate import Simulator
+from fixq.planning.plan_io import load_plan
+from fixq.algorithms.calibrate import calibrate
+from fixq.backends.engine import Engine
+from fixq.numerics.formats import Word, code_limits, fake_quantize, saturate
+from fixq.graph.ir import Add, AvgPool, Clamp, Concat, Conv, Flatten, Graph, Input, Linear, MaxPool, Pad, nonnegative_nodes
+from fixq.planning.plan import Formats, LayerConfig, QuantConfig
+from fixq.backends.simulate import Simulator
 
 from helpers import DepthwiseNet, make_graph, plan_for
 from test_engine import _nonzero
@@ -74,7 +75,7 @@ def test_plan_json_round_trip_keeps_signedness(tmp_path):
     g = make_graph(DepthwiseNet(), (3, 16, 16))
     plan = plan_for(g, (3, 16, 16))
     plan.save(tmp_path / "p.json")
-    back = QuantPlan.load(tmp_path / "p.json")
+    back = load_plan(tmp_path / "p.json")
     assert {k: f.signed for k, f in back.tensors.items()} == {k: f.signed for k, f in plan.tensors.items()}
     text = (tmp_path / "p.json").read_text()
     assert '"signed": false' in text and '"signed": true' not in text  # signed is the default, left out
@@ -130,7 +131,7 @@ class _ReluNet(nn.Module):
 def test_unsigned_qdq_onnx_agrees_with_simulation(tmp_path):
     pytest.importorskip("onnxruntime", reason="ONNX support needs `pip install fixq[onnx]`")
     onnx = pytest.importorskip("onnx", reason="ONNX support needs `pip install fixq[onnx]`")
-    from fixq.onnx_out import compare_qdq, export_qdq
+    from fixq.backends.onnx_out import compare_qdq, export_qdq
     g = make_graph(_ReluNet(), (3, 16, 16))
     torch.manual_seed(2)
     x = torch.randn(400, 3, 16, 16)

@@ -9,14 +9,14 @@ The public flow, in Python::
     plan = calibrate(graph, calib_batches, QuantConfig(LayerConfig(coeff_bits=8, coeff_mode="3D")))
     logits = Simulator(graph, plan, exact=True)(images)
 """
-from .calibrate import calibrate
-from .complexity import analyze
-from .formats import QFormat
-from .graph import capture
-from .pipeline import open_session, run_config
-from .plan import LayerConfig, QuantConfig, QuantPlan
-from .simulate import Simulator
-from .zoo import build_model
+from fixq.algorithms.calibrate import calibrate
+from fixq.algorithms.pipeline import open_session, run_config
+from fixq.analysis.complexity import analyze
+from fixq.backends.simulate import Simulator
+from fixq.data.zoo import build_model
+from fixq.graph.capture import capture
+from fixq.numerics.formats import QFormat
+from fixq.planning.plan import LayerConfig, QuantConfig, QuantPlan
 
 __all__ = ["QFormat", "capture", "calibrate", "analyze", "QuantConfig", "LayerConfig", "QuantPlan",
            "Simulator", "build_model", "open_session", "run_config"]

@@ -1,6 +1,6 @@
 """``python -m fixq ...`` is the same as the ``fixq`` command."""
 import sys
 
-from .cli import main
+from fixq.app.cli import main
 
 sys.exit(main())

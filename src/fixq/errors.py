@@ -4,7 +4,7 @@ Every error fixq raises about a user's input (command line, model, weights, data
 config) derives from :class:`FixqError`; the ``fixq`` command prints it as one line with a
 hint and exits with code 2. Anything else that escapes is a bug in fixq (exit code 1).
 
->>> from fixq.plan import PlanError
+>>> from fixq.planning.plan import PlanError
 >>> issubclass(PlanError, FixqError) and issubclass(FixqError, ValueError)
 True
 """

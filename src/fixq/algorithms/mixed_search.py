@@ -1,0 +1,185 @@
+"""The automatic 8/4-bit search of ``fixq mixed`` over a Session (paper Fig. 4, Table 3).
+
+The evaluation images are split once (seeded) into a tuning part, on which every trial
+is measured, and a test part, on which only the final plans are reported: the reported
+error is not the one the tuner saw. Complexity is in <8b,8b> MAC units (DESIGN §7);
+savings are relative to 2D-HQ with every filter at the base bits.
+"""
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+
+import torch
+
+from fixq.graph.ir import Linear
+from fixq.planning.plan import QuantConfig, QuantPlan
+from fixq.util.progress import progress
+from .learned import learn_rounding
+from .mixed import (MixedError, Trial, TuneResult, eligible_layers, filter_bits, filter_energies, layer_thresholds,
+                    tune_threshold)
+from .pipeline import Session
+from .search import PlanBench, base_config, resolve_target
+
+__all__ = ["MixedOptions", "MixedResult", "PlanScore", "search_mixed"]
+
+
+@dataclass(frozen=True)
+class MixedOptions:
+    base_bits: int = 8
+    low_bits: int = 4
+    target_drop: float | None = 1.0     # points over float on the tuning images
+    target_error: float | None = None   # absolute top-1 error (%), instead of target_drop
+    probe_size: int = 64
+    tune_size: int | None = None        # default: half the evaluation images
+    sensitivity_size: int = 256
+    exclude: str = "first,last"
+    trials: int = 12
+    f0: float = 0.05
+    delta: float = 0.05
+    min_delta: float = 0.005
+    strategies: tuple[str, ...] = ("global", "per-layer")
+    seed: int = 0
+    margin_z: float = 1.0               # acceptance margin in standard errors (fixq.algorithms.search)
+
+    def __post_init__(self) -> None:
+        if self.low_bits >= self.base_bits:
+            raise MixedError(f"--low-bits ({self.low_bits}) must be below --base-bits ({self.base_bits})")
+        if self.probe_size <= 0:
+            raise MixedError("the probe set is empty: --probe-size must be at least 1")
+        if not (0 < self.f0 <= 1 and 0 < self.delta <= 1 and 0 < self.min_delta <= self.delta):
+            raise MixedError("need 0 < f0 <= 1 and 0 < min_delta <= delta <= 1")
+        if self.trials < 2:
+            raise MixedError("--trials must be at least 2 (f = 0 and one threshold)")
+        bad = set(self.strategies) - {"global", "per-layer"}
+        if bad or not self.strategies:
+            raise MixedError(f"strategies are 'global' and 'per-layer', got {sorted(bad) or 'none'}")
+
+
+@dataclass(frozen=True)
+class PlanScore:
+    """A plan measured on the test images."""
+
+    label: str
+    plan: QuantPlan
+    top1_error: float
+    top5_error: float
+    rel_complexity_mmacs: float
+    savings_pct: float
+    low_filters_pct: float
+    low_by_layer: dict = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class MixedResult:
+    float_top1_tune: float
+    float_top1_test: float
+    float_top5_test: float
+    target: float
+    n_tune: int
+    n_test: int
+    conservative: PlanScore
+    tuned: PlanScore
+    aggressive: PlanScore
+    strategy: str
+    tuning: dict                      # strategy -> TuneResult
+    sensitivity: dict                 # layer -> {"delta_top1": .., "output_noise": ..}
+    thresholds: dict                  # layer -> f used by the tuned plan
+    seconds: dict
+    learned: PlanScore | None = None  # the tuned plan with learned rounding / bias correction (``codes``)
+    codes_rows: list | None = None
+
+
+def _low_pct(bits: dict, base: int) -> tuple[float, dict]:
+    per = {k: 100.0 * float((b < base).double().mean()) for k, b in bits.items()}
+    tot = sum(b.numel() for b in bits.values())
+    low = sum(int((b < base).sum()) for b in bits.values())
+    return (100.0 * low / tot if tot else 0.0), per
+
+
+def search_mixed(session: Session, config: QuantConfig, opts: MixedOptions, codes=None) -> MixedResult:
+    """Energies on probe images, then the tuning loop for each strategy, then the
+    Conservative / tuned / Aggressive plans on the test images. ``codes`` (a
+    :class:`fixq.algorithms.learned.RoundingOptions`): the tuned plan's codes are then learned on the
+    calibration images (after the search, which ran with nearest rounding) and reported too.
+
+    >>> res = search_mixed(session, QuantConfig(), MixedOptions(target_drop=1.0))  # doctest: +SKIP
+    >>> res.tuned.savings_pct, res.tuned.top1_error                              # doctest: +SKIP
+    """
+    t0 = time.time()
+    g = session.graph
+    names = eligible_layers(g, opts.exclude)
+    # fc_mode 4D (the paper's §3): one format per fully connected layer, so no per-weight 8/4 mix there
+    names = [n for n in names if not (isinstance(g.node(n), Linear) and config.for_layer(n).fc_mode == "4D")]
+    if not names:
+        raise MixedError("no layer is left for low precision: the others are excluded or fully connected with "
+                         "--fc-mode 4D (one format per layer)")
+    bench = PlanBench(session, base_config(config, opts.base_bits), opts.tune_size, opts.seed, opts.margin_z)
+    target = resolve_target(bench.float_tune, opts.target_drop, opts.target_error)
+    bench.require_base(target, "tune", MixedError)  # refuse before energies and sensitivity
+    cal = session.calib_stream
+    if len(cal) == 0:
+        raise MixedError("the probe set is empty: no calibration images were loaded")
+    probe = cal.subset(range(min(opts.probe_size, len(cal))), batch_size=32)  # the first calibration images
+    energies = filter_energies(g, probe, names, session.device, session.show_progress)
+    t_energy = time.time() - t0
+
+    def make_plan(bits: dict) -> QuantPlan:
+        return bench.plan(filter_bits=bits)
+
+    def trial_for(strategy, fmap):
+        def run(f: float) -> Trial:
+            bits = filter_bits(energies, fmap(f), opts.base_bits, opts.low_bits)
+            plan = make_plan(bits)
+            err, _, logits = bench.measure(plan)
+            ok, d = bench.judge(logits, target)
+            c, sv = bench.cost(plan)
+            return Trial(f, strategy, err, c, sv, _low_pct(bits, opts.base_bits)[0], ok, d["bound"])
+        return run
+
+    sensitivity: dict = {}
+    fmaps = {"global": lambda f: f}
+    if "per-layer" in opts.strategies:
+        m = opts.sensitivity_size
+        base_err = bench.measure(bench.base_plan, "tune", m)[0]
+        for name in progress(names, "layer sensitivity", session.show_progress):
+            plan = make_plan({name: torch.full(tuple(energies[name].shape), opts.low_bits, dtype=torch.int64)})
+            err = bench.measure(plan, "tune", m)[0]
+            sensitivity[name] = {"delta_top1": err - base_err, "output_noise": bench.output_noise(plan, m)}
+        fmaps["per-layer"] = lambda f: layer_thresholds({k: v["output_noise"] for k, v in sensitivity.items()}, f)
+    t_sens = time.time() - t0 - t_energy
+    tuning: dict[str, TuneResult] = {}
+    for s in opts.strategies:
+        tuning[s] = tune_threshold(trial_for(s, fmaps[s]), target, opts.f0, opts.delta, opts.min_delta,
+                                   opts.trials, session.show_progress)
+    winners = [(r.best, s) for s, r in tuning.items() if r.best is not None]
+    if not winners:
+        raise MixedError(f"even the all-{opts.base_bits}-bit plan misses the target {target:.2f}% on the tuning "
+                         "images: raise --target-drop / --target-error or use more base bits")
+    # lowest complexity wins; at equal complexity the paper's single global threshold
+    best, strategy = min(winners, key=lambda w: (w[0].rel_complexity_mmacs, w[1] != "global"))
+    t_tune = time.time() - t0 - t_energy - t_sens
+
+    def score(label, bits, plan=None) -> PlanScore:
+        plan = plan or make_plan(bits)
+        e1, e5, _ = bench.measure(plan, "test")
+        c, sv = bench.cost(plan)
+        tot, per = _low_pct(bits, opts.base_bits) if bits else (0.0, {n: 0.0 for n in names})
+        return PlanScore(label, plan, e1, e5, c, sv, tot, per)
+
+    thresholds = fmaps[strategy](best.f)
+    thresholds = {n: thresholds for n in names} if not isinstance(thresholds, dict) else thresholds
+    tuned_bits = filter_bits(energies, thresholds, opts.base_bits, opts.low_bits)
+    aggressive_bits = {n: torch.full(tuple(energies[n].shape), opts.low_bits, dtype=torch.int64) for n in names}
+    cons = score(f"Conservative (all {opts.base_bits}b)", {})
+    tuned = score(f"Tuned ({strategy}, f={best.f:.4g})", tuned_bits)
+    aggr = score(f"Aggressive (eligible layers {opts.low_bits}b)", aggressive_bits)
+    learned, rows, t_codes = None, None, time.time()
+    if codes is not None:
+        plan, rows = learn_rounding(g, tuned.plan, session.calib_stream.tensor(), codes, session.device, session.show_progress)
+        learned = score(f"Tuned + {codes.label()}", tuned_bits, plan)
+    t_codes = time.time() - t_codes
+    return MixedResult(bench.float_tune, *bench.float_test, target, bench.n_tune, bench.n_test, cons, tuned, aggr, strategy,
+                       tuning, sensitivity, thresholds,
+                       {"energies_s": t_energy, "sensitivity_s": t_sens, "tuning_s": t_tune, "codes_s": t_codes,
+                        "total_s": time.time() - t0}, learned, rows)

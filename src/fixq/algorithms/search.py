@@ -1,0 +1,184 @@
+"""Shared machinery of the plan searches (``fixq mixed``, ``fixq kmeans``): a seeded split
+of the evaluation images into tuning and test parts, plan building from one calibration,
+error measurement on either part, and complexity relative to the all-base-bits plan.
+
+Trials are measured on the tuning part only; the final plans are reported on the test
+part, so the reported error is not the one the search optimised.
+
+Acceptance rule (noise of the tuning set). The search selects among plans that differ from
+the all-base-bits plan; what it can be fooled by is the noise of each trial's difference to
+that base plan on the tuning images. Paired on the same images, with ``b`` images one plan
+gets right and the other wrong, ``c`` the reverse, ``n`` images: ``d = (b - c)/n`` and
+``sd = sqrt(((b + c)/n - d**2)/n)`` (the mean of per-image differences in {-1, 0, 1}). A trial
+meets the target when ``drop_vs_float + z * sd_vs_base <= allowed drop``: by default z = 1,
+the one-standard-error rule of model selection (Breiman et al.); ``--margin-z`` changes it
+(1.645: one-sided 95%). The base plan itself is accepted when its measured drop is within
+the target (no search can do better than it); otherwise the search refuses at once.
+"""
+from __future__ import annotations
+
+import math
+import warnings
+from dataclasses import dataclass, replace
+
+import torch
+
+from fixq.analysis.complexity import analyze
+from fixq.analysis.evaluate import evaluate_quant, topk_errors
+from fixq.backends.simulate import Simulator
+from fixq.errors import FixqError
+from fixq.planning.plan import QuantConfig, QuantPlan
+from .calibrate import needs_histograms, plan_from
+from .pipeline import Session
+
+__all__ = ["SearchError", "PlanBench", "split_eval", "resolve_target", "paired_drop", "accepts", "Z_MARGIN",
+           "acceptance_rule"]
+
+Z_MARGIN = 1.0  # the one-standard-error rule
+
+
+def acceptance_rule(z: float = Z_MARGIN) -> str:
+    return (f"top-1 drop vs float + {z:g} x the standard error of the trial's paired difference to the all-base "
+            "plan, on the tuning images, <= the allowed drop")
+
+
+class SearchError(FixqError):
+    """A search request that cannot be honoured (target, sizes)."""
+
+
+def split_eval(n: int, n_tune: int | None, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Seeded disjoint (tune, test) index sets of ``n`` evaluation images (default half/half)."""
+    n_tune = n // 2 if n_tune is None else n_tune
+    if not 0 < n_tune < n:
+        raise SearchError(f"--tune-size must leave images on both sides: 0 < {n_tune} < {n} evaluation images")
+    perm = torch.randperm(n, generator=torch.Generator().manual_seed(seed + 7))
+    return perm[:n_tune].sort().values, perm[n_tune:].sort().values
+
+
+def paired_drop(logits: torch.Tensor, ref: torch.Tensor, y: torch.Tensor) -> dict:
+    """Top-1 drop (points) of ``logits`` against ``ref`` on the same images and the standard
+    error of that paired difference (points; module docstring).
+
+    >>> y = torch.arange(100) % 2
+    >>> good = torch.nn.functional.one_hot(y, 2).float()
+    >>> bad = good.clone(); bad[:3] = bad[:3].flip(1)      # 3 images flipped to wrong
+    >>> d = paired_drop(bad, good, y)
+    >>> (round(d["drop"], 2), round(d["se"], 3), d["discordant"])
+    (3.0, 1.706, 3)
+    """
+    q = logits.argmax(1) == y
+    f = ref.argmax(1) == y
+    n = int(y.numel())
+    b, c = int((f & ~q).sum()), int((~f & q).sum())
+    d = (b - c) / n
+    var = max(((b + c) / n - d * d) / n, 0.0)
+    return {"drop": 100.0 * d, "se": 100.0 * math.sqrt(var), "discordant": b + c, "n": n}
+
+
+def accepts(logits: torch.Tensor, base: torch.Tensor, ref: torch.Tensor, y: torch.Tensor, allowed: float,
+            z: float = Z_MARGIN) -> tuple[bool, dict]:
+    """The acceptance rule (module docstring): ``(meets, {"drop", "margin", "bound"})`` for a
+    trial's ``logits`` given the all-base plan's ``base`` and the float ``ref`` logits.
+
+    >>> y = torch.zeros(400, dtype=torch.long); f = torch.tensor([[1.0, 0.0]]).repeat(400, 1)
+    >>> t = f.clone(); t[:8] = t[:8].flip(1)                 # drop 2 points, 8 images changed
+    >>> accepts(t, f, f, y, allowed=3.0)[0], accepts(t, f, f, y, allowed=2.5)[0]   # bound 2 + 0.7
+    (True, False)
+    """
+    vs_float, vs_base = paired_drop(logits, ref, y), paired_drop(logits, base, y)
+    margin = z * vs_base["se"]
+    bound = vs_float["drop"] + margin
+    return bound <= allowed + 1e-9, {"drop": vs_float["drop"], "margin": margin, "bound": bound}
+
+
+def resolve_target(float_tune: float, drop: float | None, error: float | None) -> float:
+    """Absolute top-1 target (%) from ``--target-error`` or float error + ``--target-drop``."""
+    if error is not None:
+        if error < float_tune:
+            raise SearchError(f"target error {error:.2f}% is below the float model's own error on the tuning "
+                              f"images ({float_tune:.2f}%): no quantized plan can meet it")
+        return float(error)
+    if drop is None or drop < 0:
+        raise SearchError("give --target-drop POINTS (>= 0) or --target-error PERCENT")
+    return float_tune + float(drop)
+
+
+@dataclass
+class PlanBench:
+    """Plans from one calibration of ``session`` with ``config`` (2D-HQ at the base bits),
+    measured on the tuning or test images."""
+
+    session: Session
+    config: QuantConfig
+    tune_size: int | None = None
+    seed: int = 0
+    margin_z: float = Z_MARGIN
+
+    def __post_init__(self) -> None:
+        if not (math.isfinite(self.margin_z) and self.margin_z >= 0):
+            raise SearchError(f"--margin-z must be a finite number >= 0 (standard errors), got {self.margin_z}")
+        self.base_logits = None
+        s = self.session
+        tune, test = split_eval(len(s.eval_stream), self.tune_size, self.seed)
+        self.parts = {"tune": (s.eval_stream.subset(tune.tolist()), s.eval_y[tune], s.float_logits[tune]),
+                      "test": (s.eval_stream.subset(test.tolist()), s.eval_y[test], s.float_logits[test])}
+        self._heads: dict = {}
+        self.n_tune, self.n_test = len(tune), len(test)
+        self.float_tune = topk_errors(s.float_logits[tune], s.eval_y[tune])[0]
+        self.float_test = topk_errors(s.float_logits[test], s.eval_y[test])
+        self.obs = s.observations(needs_histograms(s.graph, [self.config]))
+        self.base_plan = self.plan()
+        self.base_cost = analyze(s.graph, self.base_plan).rel_complexity_mmacs
+
+    def plan(self, config: QuantConfig | None = None, **kw) -> QuantPlan:
+        """``plan_from`` with this bench's calibration (and its config unless ``config``);
+        ``kw``: filter_bits, kmeans, kmeans_bits."""
+        with warnings.catch_warnings():  # "2D on a linear layer" is noted in the plan itself
+            warnings.simplefilter("ignore")
+            return plan_from(self.obs, config or self.config, self.session.model_name, **kw)
+
+    def measure(self, plan: QuantPlan, part: str = "tune", limit: int | None = None):
+        """``(top1, top5, logits)`` of the fast simulation on the tuning or test images."""
+        x, y, ref = self.parts[part]
+        if limit is not None and limit < len(x):
+            if (part, limit) not in self._heads:  # the first images of the part, batched as before
+                self._heads[(part, limit)] = x.subset(range(limit))
+            x, y, ref = self._heads[(part, limit)], y[:limit], ref[:limit]
+        sim = Simulator(self.session.graph, plan, exact=False, device=self.session.device)
+        r = evaluate_quant(sim, x, y, ref, self.session.batch_size, sqnr_images=0, show_progress=False)
+        return r.top1_error, r.top5_error, r.logits
+
+    def judge(self, logits: torch.Tensor, target: float) -> tuple[bool, dict]:
+        """Whether tuning-image ``logits`` meet the absolute top-1 ``target`` under the
+        acceptance rule (module docstring): ``(meets, {"drop", "margin", "bound"})``."""
+        _, y, ref = self.parts["tune"]
+        if self.base_logits is None:
+            self.base_logits = self.measure(self.base_plan)[2]
+        return accepts(logits, self.base_logits, ref, y, target - self.float_tune, self.margin_z)
+
+    def require_base(self, target: float, what: str, error_cls) -> None:
+        """Refuse at once when the all-base-bits plan misses the target (before any search)."""
+        e1, _, self.base_logits = self.measure(self.base_plan)
+        if e1 > target + 1e-9:
+            raise error_cls(f"the all-base-bits plan misses the target on the {self.n_tune} tuning images: top-1 "
+                            f"{e1:.2f}% vs target {target:.2f}% (float {self.float_tune:.2f}%); nothing to {what}: "
+                            "raise --target-drop, use more base bits, or check the data formats "
+                            "(--data-method, --data-sign)")
+
+    def output_noise(self, plan: QuantPlan, limit: int) -> float:
+        """``||logits - float||^2 / ||float||^2`` on the first ``limit`` tuning images."""
+        return self.logit_noise(self.measure(plan, "tune", limit)[2], "tune")
+
+    def logit_noise(self, logits: torch.Tensor, part: str = "test") -> float:
+        """``||logits - float||^2 / ||float||^2`` of logits measured on the first images of ``part``."""
+        ref = self.parts[part][2][:logits.shape[0]].double()
+        return float(((logits.double() - ref) ** 2).sum() / (ref ** 2).sum())
+
+    def cost(self, plan: QuantPlan) -> tuple[float, float]:
+        """``(complexity in M <8b,8b> MACs, savings % vs the all-base plan)``."""
+        c = analyze(self.session.graph, plan).rel_complexity_mmacs
+        return c, 100.0 * (1.0 - c / self.base_cost)
+
+
+def base_config(config: QuantConfig, bits: int) -> QuantConfig:
+    return replace(config, default=replace(config.default, coeff_bits=bits, coeff_mode="2D"))

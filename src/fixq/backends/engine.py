@@ -1,0 +1,347 @@
+"""The integer engine: graph + plan interpreted with integers only (DESIGN.md §5). This is
+fixq's executable specification; the float64 simulation and the generated C are tested
+against it bit for bit.
+
+Notation: codes ``q`` (int64) at fractional bits ``F``; ``T`` data bits; ``Fw``/``Fx``
+coefficient/input formats; ``S[i] = max_j Fw[i,j] + Fx[j]`` exact-sum format; ``A`` and
+``Facc`` accumulator; ``round_shift(a, s)`` rounds right for s > 0, shifts left for s <= 0;
+``sat_T`` saturates (or wraps) to T bits and counts events.
+
+Conv/linear, per output channel i:
+  1. ``sum = Σ_j (Σ_hw w_q[i,j] x_q[j]) << (S[i] - Fw[i,j] - Fx[j])``   (exact, wide);
+     a K-means layer adds its basis map ``g[l(i)] << (S[i] - Sg[l(i)])`` (DESIGN §9); with
+     ``<4b,4b>`` residuals the residual kernels read ``xr = sat_Tr(round_shift(x, Fx - Fxr))``
+  2. ``acc = sat_A(round_shift(sum + round_shift(b_q, Fb - S), S - Facc))``
+  3. fused activation: clamp at the bounds' codes at Facc
+  4. ``y = sat_Ty(round_shift(acc, Facc - Fy))``
+Matrix products run in float64 only when the checked bound ``max|a| max|b| K < 2**53``
+makes every partial sum an exact integer; otherwise in int64, where every shift table is in
+[-62, 62] and the worst-case sum is proved below 2**62 when the tables are built
+(:mod:`fixq.planning.safety`, DESIGN §5a): a plan that cannot be proved is refused, naming the layer.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+import torch.nn.functional as Fn
+
+from fixq.graph.ir import (AdaptiveAvgPool, Add, AvgPool, Clamp, Concat, Conv, Flatten, FloatOp, Graph, Input, Linear,
+                           MaxPool, Pad, Slice, Table)
+from fixq.numerics.formats import (bound_codes, per_channel, quantize_codes, round_div, round_shift, round_shift_int,
+                                   saturate)
+from fixq.planning.coeffs import basis_grid, bias_codes, layer_codes
+from fixq.planning.elementwise import ENGINE_ELEMENTWISE, compile_table, prove_elementwise, table_ready, table_refusal
+from fixq.planning.partitions import filter_formats, layer_sum_format, propagate_formats
+from fixq.planning.plan import QuantPlan
+from fixq.planning.safety import check_headroom, check_shift, max_code, prove_layer, prove_op
+from .pooling import adaptive_windows, pool_divisors
+from .exact_sums import EngineError, bc, product_sum, shift_left, windows
+
+__all__ = ["Engine", "EngineError", "ENGINE_RULES", "LayerInts", "BasisInts", "compile_layer",
+           "exact_sum", "residual_input", "layer_forward", "check_plan"]
+
+
+@dataclass(frozen=True)
+class LayerInts:
+    """Integer tables of one conv/linear layer: what the engine and the C code execute."""
+
+    w: torch.Tensor          # int64 (N, Mg, kh, kw) codes at Fw
+    wshift: torch.Tensor     # int64 (N, Mg): S - Fw - Fx >= 0
+    bias: torch.Tensor       # int64 (N,): bias codes aligned to S
+    acc_shift: torch.Tensor  # int64 (N,): S - Facc >= 0
+    A: int
+    overflow: str
+    lo: torch.Tensor | None  # int64 (N,) activation bounds at Facc
+    hi: torch.Tensor | None
+    out_shift: torch.Tensor  # int64 (N,): Facc - Fy
+    Ty: int
+    S: torch.Tensor
+    Facc: torch.Tensor
+    Fy: torch.Tensor
+    basis: "BasisInts | None" = None
+    bound: float = 0.0       # proved worst-case max_i |sum_i| at S (DESIGN §5a), < 2**62
+    rdata: "tuple | None" = None  # <4b,4b> K-means: (shift Fx - Fxr per input channel, word Tr)
+
+
+@dataclass(frozen=True)
+class BasisInts:
+    """K-means basis kernels of a layer (DESIGN §9): ``Sg[k] = max_j Fg[k,j] + Fx[j]``."""
+
+    w: torch.Tensor          # int64 (K, Mg, kh, kw) codes at Fg
+    wshift: torch.Tensor     # int64 (K, Mg): Sg - Fg - Fx >= 0
+    assign: torch.Tensor     # int64 (N,): l(i)
+    align: torch.Tensor      # int64 (N,): S[i] - Sg[l(i)] >= 0
+
+
+def compile_layer(n: Conv | Linear, plan: QuantPlan, fmts, rounding: str) -> LayerInts:
+    lp = plan.layers[n.name]
+    groups = n.groups if isinstance(n, Conv) else 1
+    w = n.weight.detach().double().cpu()
+    w4 = w if w.dim() == 4 else w[:, :, None, None]
+    N, Mg = w4.shape[:2]
+    Tx, Fx = fmts[n.inputs[0]]
+    km, basis, rdata = lp.kmeans, None, None
+    Fxr = Fx if km is None else km.residual_F(Fx)  # <4b,4b>: the residuals read their own data format
+    Fw2, Fxg = filter_formats(lp.weight.F_tensor(), Fxr, w4.shape, groups)  # residual formats for K-means
+    S = layer_sum_format(lp, Fx, w4.shape, groups)
+    wq = layer_codes(n, lp, rounding).reshape(w4.shape)  # the one place codes come from (fixq.planning.coeffs)
+    if km is not None:
+        Fg = basis_grid(km, Mg)
+        Fxb = filter_formats(Fg, Fx, (km.K, Mg), 1)[1]  # groups == 1: every kernel reads every input channel
+        if km.data is not None:
+            rsh = per_channel(Fx, Mg) - per_channel(Fxr, Mg)
+            check_shift(f"layer '{n.name}'", "residual data requantization (Fx - Fxr)", rsh)
+            rdata = (rsh, km.data.word)
+        Sg = (Fg + Fxb).amax(dim=1)
+        a = km.assign_tensor()
+        basis = BasisInts(km.basis_tensor(w4.shape[1:]), Sg[:, None] - Fg - Fxb, a, S - Sg[a])
+    wshift = S[:, None] - Fw2 - Fxg
+    check_shift(f"layer '{n.name}'", "weight (S - Fw - Fx)", wshift, 0)
+    bq = bias_codes(n, lp, rounding)
+    if bq is not None:
+        sh = (lp.bias.F_tensor() - S).tolist()  # exact in Python integers, any shift
+        aligned = [round_shift_int(int(b), int(s), rounding) for b, s in zip(bq.long().tolist(), sh)]
+        check_headroom(f"layer '{n.name}'", "bias aligned to S", float(max(abs(a) for a in aligned)),
+                       "the bias is far above the range of its weights times the data; rescale or drop it")
+        bias = torch.tensor(aligned, dtype=torch.int64)
+    else:
+        bias = torch.zeros(N, dtype=torch.int64)
+    Facc = torch.tensor(lp.acc_F, dtype=torch.int64)
+    Fy = per_channel(fmts[n.name][1], N)
+    lo, hi = (None, None) if n.act is None else bound_codes(n.act, Facc, N, rounding)
+    wq = wq.long()
+    bsum = None if basis is None else (basis.w.abs().sum(dim=(2, 3)), basis.wshift, basis.assign, basis.align)
+    if rdata is not None and max_code(rdata[1]) > max_code(Tx):  # |x|, |xr| <= the larger code: a valid bound
+        Tx = rdata[1]
+    bound = prove_layer(n.name, wq.abs().sum(dim=(2, 3)), wshift, Tx, bias, S - Facc, Facc - Fy, lp.acc_bits,
+                        (lo, hi), bsum)
+    return LayerInts(wq, wshift, bias, S - Facc, lp.acc_bits, lp.acc_overflow, lo, hi,
+                     Facc - Fy, fmts[n.name][0], S, Facc, Fy, basis, bound, rdata)
+
+
+def prove_ops(graph: Graph, fmts) -> None:
+    """DESIGN §5a rules 2-3 for the ops other than conv/linear (add, concat, average pools),
+    from the formats alone; nodes whose data are flp are skipped."""
+    for n in graph.nodes:
+        T, Fy = fmts.get(n.name, (None, None))
+        if T is None or Fy is None or not isinstance(n, (Add, Concat, AvgPool, AdaptiveAvgPool)):
+            continue
+        ins = [fmts[i] for i in n.inputs]
+        if any(t is None or f is None for t, f in ins):
+            continue
+        C = graph.shapes[n.name][0]
+        if isinstance(n, Add):
+            Fm = torch.maximum(per_channel(ins[0][1], C), per_channel(ins[1][1], C))
+            prove_op(n.name, [(max_code(t), Fm - per_channel(f, C)) for t, f in ins], Fm - per_channel(Fy, C))
+        elif isinstance(n, Concat):
+            c0, Fv = 0, per_channel(Fy, C)
+            for i, (t, f) in zip(n.inputs, ins):
+                c = graph.shapes[i][0]
+                prove_op(n.name, [(max_code(t), torch.zeros(1, dtype=torch.int64))], per_channel(f, c) - Fv[c0:c0 + c])
+                c0 += c
+        else:
+            Tx, Fx = ins[0]
+            K = int(pool_divisors(n, tuple(graph.shapes[n.inputs[0]][1:])).max())
+            sh = per_channel(Fy, C) - per_channel(Fx, C)
+            prove_op(n.name, [(K * max_code(Tx), sh.clamp(min=0))])  # numerator: window sum << (Fy - Fx)
+            prove_op(n.name, [(K, (-sh).clamp(min=0))])              # divisor: K << (Fx - Fy)
+    prove_elementwise(graph, fmts)
+
+
+def check_plan(graph: Graph, plan: QuantPlan) -> dict[str, float]:
+    """Prove DESIGN §5a for every integer layer and op of a plan (the plan-time refusal):
+    returns each conv/linear's proved worst-case |sum|; raises PlanError naming the node."""
+    if plan.is_affine:
+        return {}
+    fmts = propagate_formats(graph, plan.tensors)
+    out = {}
+    for n in graph.layers():
+        lp = plan.layers.get(n.name)
+        if lp is None or lp.acc_F is None or fmts[n.inputs[0]][1] is None or fmts[n.name][1] is None:
+            continue
+        out[n.name] = compile_layer(n, plan, fmts, plan.rounding).bound
+    prove_ops(graph, fmts)
+    return out
+
+
+class Engine:
+    """Run a graph + plan on integer codes.
+
+    >>> eng = Engine(graph, plan)                     # doctest: +SKIP
+    >>> codes = eng.run(eng.quantize_input(images))   # int64 output codes
+    >>> eng.dequantize(codes)                         # == Simulator(graph, plan, exact=True)(images)
+    """
+
+    def __init__(self, graph: Graph, plan: QuantPlan):
+        if plan.is_affine:
+            raise EngineError("the plan uses affine (TensorFlow-style) formats: not powers of two, so the integer "
+                              "engine and the C export cannot run it; use maxabs, percentile:P or mse")
+        for n in graph.nodes:
+            if isinstance(n, FloatOp):
+                raise EngineError(f"node '{n.name}' ({n.op}) has no integer rule in fixq: the integer engine and the "
+                                  "C export cannot run it (the simulation runs it in float between quantizers). "
+                                  "Replace the op with one fixq has an integer rule for (README 'Supported ops'), or "
+                                  "cut the model before it and run it yourself on the exported output", hint="")
+            if isinstance(n, (Conv, Linear)) and (plan.layers.get(n.name) is None or plan.layers[n.name].acc_F is None):
+                raise EngineError(f"layer '{n.name}' keeps coefficients or data in floating point (flp): the "
+                                  "integer engine needs fixed-point formats for every tensor")
+        if graph.input not in plan.tensors:
+            raise EngineError("the plan keeps the input in floating point: the integer engine needs data bits")
+        self.graph, self.plan, self.rounding = graph, plan, plan.rounding
+        self.fmts = propagate_formats(graph, plan.tensors)
+        for n in graph.nodes:
+            if isinstance(n, Table) and not table_ready(n, self.fmts, plan.tensors):
+                raise EngineError(table_refusal(n, self.fmts, plan.tensors), hint="")
+        self.layers = {n.name: compile_layer(n, plan, self.fmts, self.rounding) for n in graph.layers()}
+        self.tables = {n.name: compile_table(n, self.fmts, graph.shapes[n.name][0], self.rounding)
+                       for n in graph.nodes if isinstance(n, Table)}
+        prove_ops(graph, self.fmts)
+        self._sat: dict[str, dict[str, int]] = {}
+
+    # -- helpers ---------------------------------------------------------------------
+    def count(self, name: str, what: str, events) -> None:
+        d = self._sat.setdefault(name, {})
+        d[what] = d.get(what, 0) + int(events)
+
+    def saturations(self) -> dict[str, dict[str, int]]:
+        return {k: {w: c for w, c in d.items()} for k, d in self._sat.items()}
+
+    def reset_counts(self) -> None:
+        self._sat.clear()
+
+    def F(self, name: str) -> torch.Tensor:
+        return self.fmts[name][1]
+
+    def requant(self, name: str, q: torch.Tensor, F_in: torch.Tensor) -> torch.Tensor:
+        T, Fy = self.fmts[name]
+        y, ev = saturate(round_shift(q, bc(F_in - Fy, q), self.rounding), T)
+        self.count(name, "data", ev)
+        return y
+
+    def quantize_input(self, x: torch.Tensor) -> torch.Tensor:
+        """Float images to input codes, exactly as the simulation does (counted)."""
+        T, F = self.fmts[self.graph.input]
+        q, ev = quantize_codes(x.double().cpu(), bc(F, x), T, self.rounding)
+        self.count(self.graph.input, "data", ev)
+        return q.long()
+
+    def dequantize(self, q: torch.Tensor, name: str | None = None) -> torch.Tensor:
+        F = self.F(name or self.graph.output)
+        return q.double() * torch.pow(2.0, -bc(F, q).double())
+
+    # -- running ---------------------------------------------------------------------
+    @torch.no_grad()
+    def run(self, q: torch.Tensor, keep: bool = False):
+        env = {self.graph.input: q.long()}
+        for n in self.graph.nodes:
+            if isinstance(n, Input):
+                continue
+            env[n.name] = ENGINE_RULES[type(n)](self, n, *(env[i] for i in n.inputs))
+        return env if keep else env[self.graph.output]
+
+
+def _eng_layer(eng: Engine, n, x):
+    return layer_forward(eng.layers[n.name], n, x, eng.rounding, lambda what, ev: eng.count(n.name, what, ev))
+
+
+def residual_input(L: LayerInts, x: torch.Tensor, rounding: str, count=lambda what, ev: None) -> torch.Tensor:
+    """What the (residual) kernels read: ``x``, or for ``<4b,4b>`` K-means residuals
+    ``xr = sat_Tr(round_shift(x, Fx - Fxr))`` (saturations counted as the layer's data)."""
+    if L.rdata is None:
+        return x
+    sh, Tr = L.rdata
+    xr, ev = saturate(round_shift(x, bc(sh, x), rounding), Tr)
+    count("data", ev)
+    return xr
+
+
+def exact_sum(L: LayerInts, n, x: torch.Tensor, xr: torch.Tensor | None = None) -> torch.Tensor:
+    """Step 1 of a conv/linear: the exact wide sum at S, bias included. A K-means layer
+    adds its shared basis maps: ``sum_i += basis[l(i)] << (S[i] - Sg[l(i)])``; its
+    residual kernels read ``xr`` (:func:`residual_input`; default ``x``)."""
+    s = product_sum(L.w, L.wshift, n, x if xr is None else xr)
+    if L.basis is not None:
+        b = product_sum(L.basis.w, L.basis.wshift, n, x)[:, L.basis.assign]
+        s = s + (b << bc(L.basis.align, b))
+    return s.add_(bc(L.bias, s))
+
+
+def layer_forward(L: LayerInts, n, x: torch.Tensor, rounding: str, count=lambda what, ev: None) -> torch.Tensor:
+    """Steps 1-4 of a conv/linear on integer codes (see the module docstring)."""
+    s = exact_sum(L, n, x, residual_input(L, x, rounding, count))  # a new tensor: updated in place below
+    acc = round_shift(s, bc(L.acc_shift, s), rounding, inplace=True)
+    acc, ev = saturate(acc, L.A, L.overflow)
+    count("acc", ev)
+    if L.lo is not None or L.hi is not None:
+        acc = acc.clamp_(min=None if L.lo is None else bc(L.lo, acc), max=None if L.hi is None else bc(L.hi, acc))
+    y, ev = saturate(round_shift(acc, bc(L.out_shift, acc), rounding, inplace=True), L.Ty)
+    count("data", ev)
+    return y
+
+
+def _eng_add(eng: Engine, n: Add, a, b):
+    Fa, Fb = eng.F(n.inputs[0]), eng.F(n.inputs[1])
+    Fm = torch.maximum(Fa, Fb)
+    s = shift_left(a.clone(), Fm - Fa).add_(shift_left(b.clone(), Fm - Fb) if bool((Fm - Fb).any()) else b)
+    if n.act is not None:
+        lo, hi = bound_codes(n.act, Fm, s.shape[1], eng.rounding)
+        s = torch.clamp(s, min=None if lo is None else bc(lo, s), max=None if hi is None else bc(hi, s))
+    return eng.requant(n.name, s, Fm)
+
+
+def _eng_concat(eng: Engine, n: Concat, *xs):
+    T, Fy = eng.fmts[n.name]
+    out, c0 = [], 0
+    for i, x in zip(n.inputs, xs):
+        c = x.shape[1]
+        F_out = Fy if Fy.dim() == 0 else Fy[c0:c0 + c]
+        y, ev = saturate(round_shift(x, bc(eng.F(i) - F_out, x), eng.rounding), T)
+        eng.count(n.name, "data", ev)
+        out.append(y)
+        c0 += c
+    return torch.cat(out, dim=1)
+
+
+def _eng_avg(eng: Engine, n, x):
+    Fx, (T, Fy) = eng.F(n.inputs[0]), eng.fmts[n.name]
+    if isinstance(n, AdaptiveAvgPool):
+        wh = adaptive_windows(x.shape[2], n.output_size[0])
+        ww = adaptive_windows(x.shape[3], n.output_size[1])
+        s = torch.stack([torch.stack([x[:, :, a:b, c:d].sum(dim=(2, 3)) for c, d in ww], -1) for a, b in wh], -2)
+    else:
+        s = windows(x, n.kernel, n.stride, n.padding, (1, 1), 0, n.ceil_mode).sum(dim=(4, 5))
+    K = pool_divisors(n, tuple(x.shape[2:]))
+    sh = bc(Fy - Fx, s)
+    num = s << torch.clamp(sh, min=0)
+    den = K << torch.clamp(-sh, min=0)
+    y, ev = saturate(round_div(num, den, eng.rounding), T)
+    eng.count(n.name, "data", ev)
+    return y
+
+
+def _eng_maxpool(eng: Engine, n: MaxPool, x):
+    fill = -(2 ** 62)
+    return windows(x, n.kernel, n.stride, n.padding, n.dilation, fill, n.ceil_mode).amax(dim=(4, 5))
+
+
+def _eng_clamp(eng: Engine, n: Clamp, x):
+    lo, hi = bound_codes((n.lo, n.hi), eng.F(n.inputs[0]), x.shape[1], eng.rounding)
+    return torch.clamp(x, min=None if lo is None else bc(lo, x), max=None if hi is None else bc(hi, x))
+
+
+ENGINE_RULES: dict[type, Callable] = {
+    Conv: _eng_layer,
+    Linear: _eng_layer,
+    Add: _eng_add,
+    Concat: _eng_concat,
+    AvgPool: _eng_avg,
+    AdaptiveAvgPool: _eng_avg,
+    MaxPool: _eng_maxpool,
+    Clamp: _eng_clamp,
+    Pad: lambda eng, n, x: Fn.pad(x, n.pads),
+    Slice: lambda eng, n, x: x[tuple(slice(*s) for s in n.index)],
+    Flatten: lambda eng, n, x: x.reshape(x.shape[0], -1),
+    **ENGINE_ELEMENTWISE,  # table functions, multiply, channel shuffle (DESIGN §5b)
+}
