@@ -37,10 +37,10 @@ from fixq.planning.partitions import filter_formats, layer_sum_format, propagate
 from fixq.planning.plan import QuantPlan
 from fixq.planning.safety import check_headroom, check_shift, max_code, prove_layer, prove_op
 from .pooling import adaptive_windows, pool_divisors
-from .exact_sums import EngineError, bc, product_sum, shift_left, windows
+from .exact_sums import EngineError, bc, product_sum, windows
 
 __all__ = ["Engine", "EngineError", "ENGINE_RULES", "LayerInts", "BasisInts", "compile_layer",
-           "exact_sum", "residual_input", "layer_forward", "check_plan"]
+           "exact_sum", "residual_input", "layer_forward", "check_plan", "clamp_codes"]
 
 
 @dataclass(frozen=True)
@@ -214,9 +214,10 @@ class Engine:
     def F(self, name: str) -> torch.Tensor:
         return self.fmts[name][1]
 
-    def requant(self, name: str, q: torch.Tensor, F_in: torch.Tensor) -> torch.Tensor:
+    def requant(self, name: str, q: torch.Tensor, F_in: torch.Tensor, inplace: bool = False) -> torch.Tensor:
+        """``sat_T(round_shift(q, F_in - Fy))`` into ``name``'s format; ``inplace``: q may be reused."""
         T, Fy = self.fmts[name]
-        y, ev = saturate(round_shift(q, bc(F_in - Fy, q), self.rounding), T)
+        y, ev = saturate(round_shift(q, bc(F_in - Fy, q), self.rounding, inplace), T)
         self.count(name, "data", ev)
         return y
 
@@ -275,7 +276,7 @@ def layer_forward(L: LayerInts, n, x: torch.Tensor, rounding: str, count=lambda 
     acc, ev = saturate(acc, L.A, L.overflow)
     count("acc", ev)
     if L.lo is not None or L.hi is not None:
-        acc = acc.clamp_(min=None if L.lo is None else bc(L.lo, acc), max=None if L.hi is None else bc(L.hi, acc))
+        acc = clamp_codes(acc, L.lo, L.hi, inplace=True)
     y, ev = saturate(round_shift(acc, bc(L.out_shift, acc), rounding, inplace=True), L.Ty)
     count("data", ev)
     return y
@@ -284,11 +285,11 @@ def layer_forward(L: LayerInts, n, x: torch.Tensor, rounding: str, count=lambda 
 def _eng_add(eng: Engine, n: Add, a, b):
     Fa, Fb = eng.F(n.inputs[0]), eng.F(n.inputs[1])
     Fm = torch.maximum(Fa, Fb)
-    s = shift_left(a.clone(), Fm - Fa).add_(shift_left(b.clone(), Fm - Fb) if bool((Fm - Fb).any()) else b)
+    sa, sb = Fm - Fa, Fm - Fb
+    s = (a << bc(sa, a) if bool(sa.any()) else a) + (b << bc(sb, b) if bool(sb.any()) else b)  # a new tensor
     if n.act is not None:
-        lo, hi = bound_codes(n.act, Fm, s.shape[1], eng.rounding)
-        s = torch.clamp(s, min=None if lo is None else bc(lo, s), max=None if hi is None else bc(hi, s))
-    return eng.requant(n.name, s, Fm)
+        s = clamp_codes(s, *bound_codes(n.act, Fm, s.shape[1], eng.rounding), inplace=True)
+    return eng.requant(n.name, s, Fm, inplace=True)
 
 
 def _eng_concat(eng: Engine, n: Concat, *xs):
@@ -327,8 +328,20 @@ def _eng_maxpool(eng: Engine, n: MaxPool, x):
 
 
 def _eng_clamp(eng: Engine, n: Clamp, x):
-    lo, hi = bound_codes((n.lo, n.hi), eng.F(n.inputs[0]), x.shape[1], eng.rounding)
-    return torch.clamp(x, min=None if lo is None else bc(lo, x), max=None if hi is None else bc(hi, x))
+    return clamp_codes(x, *bound_codes((n.lo, n.hi), eng.F(n.inputs[0]), x.shape[1], eng.rounding))
+
+
+def clamp_codes(t: torch.Tensor, lo, hi, inplace: bool = False) -> torch.Tensor:
+    """Clamp codes to per-channel bounds ``lo``/``hi`` (tensors or None); a bound equal on
+    every channel is applied as one number (a faster kernel, same values)."""
+    lo, hi = (None if v is None or v.numel() == 0 else v for v in (lo, hi))
+    if lo is None and hi is None:
+        return t
+    if all(v is None or bool((v == v.reshape(-1)[0]).all()) for v in (lo, hi)):  # torch.clamp: numbers or
+        lo, hi = (None if v is None else int(v.reshape(-1)[0]) for v in (lo, hi))  # tensors, not one of each
+    else:
+        lo, hi = (None if v is None else bc(v, t) for v in (lo, hi))
+    return t.clamp_(min=lo, max=hi) if inplace else torch.clamp(t, min=lo, max=hi)
 
 
 ENGINE_RULES: dict[type, Callable] = {

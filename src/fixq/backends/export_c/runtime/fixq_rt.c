@@ -198,9 +198,10 @@ static int32_t asr32(int32_t v, int s) { /* floor(v / 2^s), 0 <= s <= 31 */
 }
 
 /* one channel of fixq_add in int32, for activations of at most 16 bits, alignment shifts <= 14
- * and 0 <= os <= 29 (half_up or floor), lo <= 2^30: |a << sa| + |b << sb| <= 2^30 and stays
- * <= 2^30 after the clamp, the rounding offset is below 2^29, the bounds clipped to int32 (a
- * bound outside it is never reached); returns the data saturation events */
+ * and 0 <= os <= 29 (half_up or floor), lo <= 2^30 and hi >= -2^30: |a << sa| + |b << sb| <= 2^30
+ * and stays within [-2^30, 2^30] after the clamp, the rounding offset is below 2^29, the bounds
+ * clipped to int32 (clipping a bound on the near side of the values changes no result); returns
+ * the data saturation events */
 static uint32_t add32(int hw, const FIXQ_ACT_T *FIXQ_RESTRICT a, const FIXQ_ACT_T *FIXQ_RESTRICT b,
                       FIXQ_ACT_T *FIXQ_RESTRICT y, int sa, int sb, int64_t lo, int64_t hi, int os, int rounding,
                       int64_t ylo, int64_t yhi) {
@@ -234,6 +235,7 @@ void fixq_add(const fixq_add_t *p, const FIXQ_ACT_T *a, const FIXQ_ACT_T *b, FIX
         const FIXQ_ACT_T *ac = a + (size_t)ch * (size_t)p->hw, *bc = b + (size_t)ch * (size_t)p->hw;
         FIXQ_ACT_T *yc = y + (size_t)ch * (size_t)p->hw;
         if (sizeof(FIXQ_ACT_T) <= 2u && sa <= 14 && sb <= 14 && os >= 0 && os <= 29 && lo <= ((int64_t)1 << 30) &&
+            hi >= -((int64_t)1 << 30) &&
             p->rounding != FIXQ_NEAREST_EVEN && (p->out_bits & FIXQ_BITS_MASK) <= 30) {
             uint32_t ev = add32(p->hw, ac, bc, yc, sa, sb, lo, hi, os, p->rounding, ylo, yhi);
             if (sat) {

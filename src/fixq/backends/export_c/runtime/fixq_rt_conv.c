@@ -482,6 +482,9 @@ static int epilogue32(const fixq_conv_t *p, int i, int oy, int n, const int32_t 
     dmax = (int64_t)m;
     lo = lo > i32min ? lo : i32min;
     hi = hi < i32max ? hi : i32max;
+    if (lo > hi) { /* a bound on the far side of int32 (lo > 2^31 - 1 or hi < -2^31): the general path */
+        return 0;
+    }
     if (fixq_shl_proved(dmin, s) + bias < i32min || fixq_shl_proved(dmax, s) + bias > i32max) {
         return 0;
     }
