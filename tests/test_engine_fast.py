@@ -122,3 +122,7 @@ def test_round_shift_fast_paths_match_python_integers(rounding):
         assert round_shift(small, s2, rounding).tolist() == want, (rounding, s)
         inp = small.clone()
         assert round_shift(inp, s2, rounding, inplace=True).tolist() == want, (rounding, s)
+    big = torch.tensor([[2 ** 61, -2 ** 61 + 3], [2 ** 62 - 1, -2 ** 62]])  # mixed signs near the int64 edge
+    s2 = torch.tensor([[-1], [3]])
+    want = [[round_shift_int(int(v), int(k), rounding) for v in row] for row, k in zip(big.tolist(), [-1, 3])]
+    assert round_shift(big, s2, rounding).tolist() == want

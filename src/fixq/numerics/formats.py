@@ -200,6 +200,16 @@ def round_shift(a: torch.Tensor, s, rounding: str = "half_up", inplace: bool = F
                 return a.__irshift__(s) if inplace else a >> s
             b = a.__irshift__(s - 1) if inplace else a >> (s - 1)
             return b.sub_(b >> 1)  # no overflow anywhere in int64
+        left, right = torch.clamp(-s, min=0), torch.clamp(s, min=0)  # both signs: one of them is 0 per entry
+        if rounding == "floor":
+            return (a.__ilshift__(left) if inplace else a << left).__irshift__(right)
+        # half_up: b = floor(a * 2**(1 - s)) = (a << (1 - s)) where s <= 0, a >> (s - 1) where s > 0; then ceil(b / 2)
+        L = int(left.max()) + 1
+        if a.numel() and L < 63:
+            mn, mx = torch.aminmax(a)
+            if -int(mn) <= 2 ** (62 - L) and int(mx) < 2 ** (62 - L):  # b = a << (1 - s) fits int64
+                b = (a.__ilshift__(left + 1) if inplace else a << (left + 1)).__irshift__(right)
+                return b.sub_(b >> 1)
     right = torch.clamp(s, min=0)
     left = torch.clamp(-s, min=0)
     shifted_left = a << left
