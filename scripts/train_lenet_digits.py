@@ -9,9 +9,10 @@ from pathlib import Path
 
 import torch
 
-from fixq.digits import export_digits
-from fixq.evaluate import ImageSet, load_images, topk_errors
-from fixq.zoo import PRESETS, LeNet, bundled_weights_path
+from fixq.analysis.evaluate import topk_errors
+from fixq.data.digits import export_digits
+from fixq.data.images import ImageSet, load_images
+from fixq.data.zoo import PRESETS, LeNet, bundled_weights_path
 
 
 def main() -> None:

@@ -8,6 +8,7 @@ The public flow, in Python::
     graph = capture(model, example_batch)
     plan = calibrate(graph, calib_batches, QuantConfig(LayerConfig(coeff_bits=8, coeff_mode="3D")))
     logits = Simulator(graph, plan, exact=True)(images)
+    plan.save("plan.json"); plan = load_plan("plan.json")   # QuantPlan.load before 0.1's layout
 """
 from fixq.algorithms.calibrate import calibrate
 from fixq.algorithms.pipeline import open_session, run_config
@@ -17,7 +18,8 @@ from fixq.data.zoo import build_model
 from fixq.graph.capture import capture
 from fixq.numerics.formats import QFormat
 from fixq.planning.plan import LayerConfig, QuantConfig, QuantPlan
+from fixq.planning.plan_io import load_plan
 
 __all__ = ["QFormat", "capture", "calibrate", "analyze", "QuantConfig", "LayerConfig", "QuantPlan",
-           "Simulator", "build_model", "open_session", "run_config"]
+           "load_plan", "Simulator", "build_model", "open_session", "run_config"]
 __version__ = "0.1.0"

@@ -16,8 +16,8 @@ __all__ = ["FixqError", "os_error_reason"]
 class FixqError(ValueError):
     """A user, data, model or plan problem: printed as one line, exit code 2.
 
-    Subclasses live next to the code that raises them (``PlanError`` in plan.py,
-    ``DataError`` in evaluate.py, ...) and stay importable from there. It derives from
+    Subclasses live next to the code that raises them (``PlanError`` in planning/plan.py,
+    ``DataError`` in data/images.py, ...) and stay importable from there. It derives from
     ``ValueError`` so that code catching ``ValueError`` keeps working. ``hint`` overrides
     the class's usual hint (``""``: none, when the message already says what to do).
 

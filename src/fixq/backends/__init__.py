@@ -1,4 +1,4 @@
 """Executing a graph + plan: the float-carrier simulation (``simulate``), the bit-exact
-integer engine (``engine``), QDQ ONNX export (``onnx_out``), C99 export with its runtime
+integer engine (``engine``) with its exact sums (``exact_sums``), QDQ ONNX export (``onnx_out``), C99 export with its runtime
 (``export_c``) and the shared pooling windows (``pooling``). May import
 :mod:`fixq.planning` and everything below it; never decides a format."""

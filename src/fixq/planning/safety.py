@@ -52,6 +52,7 @@ def max_code(T: int) -> int:
     """Largest |code| of a T-bit data word: ``2**(T-1)`` (two's complement ``qmin``), or
     ``2**T - 1`` for an unsigned :class:`fixq.numerics.formats.Word`.
 
+    >>> from fixq.numerics.formats import Word
     >>> max_code(8), max_code(Word(8, signed=False))
     (128, 255)
     """
