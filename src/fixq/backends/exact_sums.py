@@ -37,11 +37,16 @@ def exact_matmul(a: torch.Tensor, b: torch.Tensor, proved: bool = False) -> torc
     ``proved``: every partial sum is already proved below 2**62 at plan time (DESIGN §5a)."""
     K = a.shape[-1]
     bound = int(a.abs().max()) * int(b.abs().max()) * K if a.numel() and b.numel() else 0
-    if bound < EXACT:
-        return torch.matmul(a.double(), b.double()).long()
-    if bound >= INT64_SAFE and not proved:
+    dt = sum_dtype(bound, (torch.float64,))
+    if dt is None and bound >= INT64_SAFE and not proved:
         raise EngineError(f"integer sum bound {bound:.3g} overflows int64; use fewer bits")
-    return torch.matmul(a, b)
+    return _matmul(a, b, dt)
+
+
+def _matmul(a: torch.Tensor, b: torch.Tensor, dt) -> torch.Tensor:
+    """``a @ b`` of int64 codes, carried in ``dt`` (a float type :func:`sum_dtype` chose) or
+    in int64 when ``dt`` is None."""
+    return torch.matmul(a, b) if dt is None else torch.matmul(a.to(dt), b.to(dt)).long()
 
 
 def pool_out_size(n: int, k: int, s: int, p: int, d: int, ceil: bool) -> int:
@@ -100,9 +105,7 @@ def product_sum(w: torch.Tensor, wshift: torch.Tensor, n, x: torch.Tensor, allow
     wsum = int(wr.abs().reshape(w.shape[0], -1).sum(dim=1).max()) if wr.numel() else 0
     dt = sum_dtype(xmax * wsum, allowed)
     if isinstance(n, Linear):
-        y = exact_matmul(x, wr.reshape(w.shape[0], -1).t(), proved=True) if dt is None else \
-            torch.matmul(x.to(dt), wr.reshape(w.shape[0], -1).t().to(dt)).long()
-        return shift_left(y, m)
+        return shift_left(_matmul(x, wr.reshape(w.shape[0], -1).t(), dt), m)
     B, C = x.shape[:2]
     g, (kh, kw) = n.groups, tuple(w.shape[2:])
     K = (C // g) * kh * kw
@@ -110,7 +113,7 @@ def product_sum(w: torch.Tensor, wshift: torch.Tensor, n, x: torch.Tensor, allow
         cols = windows(x, (kh, kw), n.stride, n.padding, n.dilation, 0)
         OH, OW = cols.shape[2:4]
         cols = cols.reshape(B, g, C // g, OH * OW, kh * kw).permute(0, 1, 2, 4, 3).reshape(B, g, K, OH * OW)
-        y = exact_matmul(wr.reshape(g, -1, K).unsqueeze(0), cols, proved=True)
+        y = _matmul(wr.reshape(g, -1, K).unsqueeze(0), cols, None)  # int64: the sum is proved < 2**62
     else:
         xf, wf = x.to(dt), wr.to(dt)
         with torch.backends.nnpack.flags(enabled=False):  # NNPACK may pick Winograd or FFT: not exact
@@ -119,7 +122,7 @@ def product_sum(w: torch.Tensor, wshift: torch.Tensor, n, x: torch.Tensor, allow
         OH, OW = (pool_out_size(x.shape[2 + a], (kh, kw)[a], n.stride[a], n.padding[a], n.dilation[a], False)
                   for a in (0, 1))
         cols = Fn.unfold(xf, (kh, kw), n.dilation, n.padding, n.stride).reshape(B, g, K, OH * OW)
-        y = torch.matmul(wf.reshape(g, -1, K), cols).long()
+        y = _matmul(wf.reshape(g, -1, K), cols, dt)
     return shift_left(y.reshape(B, -1, OH, OW), m)
 
 
