@@ -17,13 +17,16 @@ import time
 from pathlib import Path
 
 import torch
+from dataclasses import replace
 
 from fixq.app.common import make_config
 from fixq.algorithms.learned import RoundingOptions, learn_rounding
 from fixq.algorithms.pipeline import run_config
 from fixq.analysis.report import markdown_table
+from fixq.graph.ir import Conv
 
-from ptq_table import cpu_name, setup_args, setup_session
+from ptq_table import setup_args, setup_session
+from search_table import machine
 
 PUBLISHED = [  # (tool, model, scales, float top-1, W4A8 top-1): from the issue; not run here
     ("AIMET (CLE + AdaRound)", "EfficientNet-Lite0 ImageNet", "float scales", 75.40, 74.46),
@@ -40,6 +43,8 @@ def main() -> None:
     ap.add_argument("--iters", type=int, default=1000, help="optimiser steps per layer")
     ap.add_argument("--variants", default="bc,learned+bc")
     ap.add_argument("--append", action="store_true", help="add this model's section to learned_rounding.md")
+    ap.add_argument("--depthwise-bits", default=None,
+                    help="coefficient bits of depthwise layers (groups == channels > 1); default: as the others")
     args = ap.parse_args()
     torch.manual_seed(0)
     t0 = time.time()
@@ -53,6 +58,10 @@ def main() -> None:
                 "learned+bc": RoundingOptions(iters=args.iters, bias_correction=True)}
     for mode in args.modes.split(","):
         cfg = make_config("4", "8", mode, "4D")
+        if args.depthwise_bits:
+            dw = [n.name for n in session.graph.layers() if isinstance(n, Conv) and n.groups > 1
+                  and n.groups == n.weight.shape[0]]
+            cfg = replace(cfg, overrides=tuple((name, {"coeff_bits": args.depthwise_bits}) for name in dw))
         plain = run_config(session, cfg)
         todo = [("nearest (plain)", plain.plan, 0.0, None)]
         for v in args.variants.split(","):
@@ -72,18 +81,21 @@ def main() -> None:
             print(rows[-1], flush=True)
     wall = time.time() - t0
     head = ["coefficients", "codes", "layers learned", "top-1 err %", "drop (points)", "agreement %",
-            "codes CPU wall s"]
+            "codes wall s"]
     pub = markdown_table(["tool (published, not run here)", "model", "scales", "float top-1 %", "W4A8 top-1 %",
                           "drop"], [[a, b, c, f, q, f"{f - q:.2f}"] for a, b, c, f, q in PUBLISHED])
     md = (f"## {args.model}\n\n"
           f"`python benchmarks/learned_rounding.py --model {args.model} --iters {args.iters}"
-          f"{' --eval-size ' + str(args.eval_size) if args.eval_size else ''}`\n\n"
-          f"{time.strftime('%Y-%m-%d')}, {cpu_name()} (shared 2-core machine, CPU only), wall time {wall / 60:.1f} min "
+          f"{' --eval-size ' + str(args.eval_size) if args.eval_size else ''}"
+          f"{' --modes ' + args.modes if args.modes != '2D,3D' else ''}"
+          f"{' --depthwise-bits ' + args.depthwise_bits if args.depthwise_bits else ''}"
+          f"{' --device ' + args.device if args.device != 'cpu' else ''}`\n\n"
+          f"{time.strftime('%Y-%m-%d')}, {machine()}, device {args.device}, wall time {wall / 60:.1f} min "
           f"in all. Calibration: {n_calib} images of `{data}`; evaluation: the other {n_eval} images (seed 0, "
           f"disjoint). Data: 8-bit, 4D, mse (fixq's defaults); coefficients 4-bit maxabs per kernel (3D) or per 2D "
-          f"filter (2D); rounding half_up. Learned rounding: {args.iters} Adam steps per layer, 1,024 sampled pixels per step, "
+          f"filter (2D){'; depthwise layers ' + args.depthwise_bits + '-bit' if args.depthwise_bits else ''}; rounding half_up. Learned rounding: {args.iters} Adam steps per layer, 1,024 sampled pixels per step, "
           "seed 0; a layer keeps nearest rounding when learned rounding does not lower its output error on the "
-          "calibration images (\"layers learned\" counts the others). \"codes CPU wall s\" is the time to decide "
+          "calibration images (\"layers learned\" counts the others). \"codes wall s\" is the time to decide "
           "the codes (learned rounding and/or bias correction), measured in this run.\n\n"
           + markdown_table(head, rows) +
           "\n\nPublished anchors quoted in issue #18 (float scales, other models and data: **published, not run "

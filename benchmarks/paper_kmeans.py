@@ -18,7 +18,8 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
-from ptq_table import SETUPS, cpu_name  # noqa: E402
+from ptq_table import SETUPS  # noqa: E402
+from search_table import machine  # noqa: E402
 
 from fixq.app.cli import main as fixq  # noqa: E402
 from fixq.analysis.report import markdown_table  # noqa: E402
@@ -36,13 +37,18 @@ def main() -> None:
     ap.add_argument("--eval-size", type=int, default=4000)
     ap.add_argument("--work", default="/tmp/fixq-paper-kmeans")
     ap.add_argument("--out", default=str(Path(__file__).parent / "results"))
+    ap.add_argument("--device", default="cpu")
+    ap.add_argument("--workers", type=int, default=None)
     args = ap.parse_args()
-    torch.set_num_threads(2)
+    if args.device == "cpu":
+        torch.set_num_threads(2)
     data, weights, nc, _ = SETUPS[args.model]
     shared = Path(args.shared)
     base = ["kmeans", "--model", args.model, "--calib", str(shared / data), "--calib-size", str(nc),
             "--eval", str(shared / data), "--eval-size", str(args.eval_size), "--k", KS.get(args.model, "2"),
-            "--sensitivity-size", "128", "--batch-size", "256", "--quiet", "--json"]
+            "--sensitivity-size", "128", "--batch-size", "256", "--quiet", "--json", "--device", args.device]
+    if args.workers is not None:
+        base += ["--workers", str(args.workers)]
     if weights:
         base += ["--weights", str(shared / weights)]
     t0 = time.time()
@@ -68,9 +74,10 @@ def main() -> None:
             print(t6[-1], flush=True)
     fl = rep["float"]
     md = (f"### {args.model}: K-means <4b,8b> and <4b,4b> residuals, default vs --paper (Tables 4/6 shape)\n\n"
-          f"Command: `python benchmarks/paper_kmeans.py --model {args.model} --eval-size {args.eval_size}` "
+          f"Command: `python benchmarks/paper_kmeans.py --model {args.model} --eval-size {args.eval_size}"
+          f"{' --device ' + args.device if args.device != 'cpu' else ''}` "
           f"(fixq kmeans with a fixed K per layer: `--k {KS.get(args.model, '2')}`; no K search)  \n"
-          f"Date: {time.strftime('%Y-%m-%d')}; machine: {cpu_name()} (2 threads, shared); torch {torch.__version__}; "
+          f"Date: {time.strftime('%Y-%m-%d')}; machine: {machine()}; device {args.device}; "
           f"total wall time {time.time() - t0:.0f} s.  \n"
           f"Images: calibration {nc}, evaluation {args.eval_size} split in halves (tuning / test; errors on the "
           f"{rep['n_test']} test images). Float top-1 error on them {fl['top1_error']:.2f}%.\n"

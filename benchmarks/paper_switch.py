@@ -19,7 +19,8 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
-from ptq_table import cpu_name, setup_args, setup_session  # noqa: E402
+from ptq_table import setup_args, setup_session  # noqa: E402
+from search_table import machine  # noqa: E402
 
 from fixq.app.common import make_config  # noqa: E402
 from fixq.analysis.complexity import analyze  # noqa: E402
@@ -48,7 +49,8 @@ def main() -> None:
     ap.add_argument("--append", action="store_true")
     args = ap.parse_args()
     t0 = time.time()
-    torch.set_num_threads(2)
+    if args.device == "cpu":
+        torch.set_num_threads(2)
     session, data = setup_session(args)
     grid = [("8", "4D"), ("8", "3D"), ("8", "2D"), ("4", "3D"), ("4", "2D")]
     rows = []
@@ -76,8 +78,9 @@ def main() -> None:
     im = session.images
     md = (f"### {args.model}: default vs --paper (Tables 2/5 shape)\n\n"
           f"Command: `python benchmarks/paper_switch.py --model {args.model}"
-          f"{' --eval-size ' + str(args.eval_size) if args.eval_size else ''}`  \n"
-          f"Date: {time.strftime('%Y-%m-%d')}; machine: {cpu_name()} (2 threads, shared); torch {torch.__version__}; "
+          f"{' --eval-size ' + str(args.eval_size) if args.eval_size else ''}"
+          f"{' --device ' + args.device if args.device != 'cpu' else ''}`  \n"
+          f"Date: {time.strftime('%Y-%m-%d')}; machine: {machine()}; device {args.device}; "
           f"Python {platform.python_version()}  \n"
           f"Calibration: {im['n_calib']} images, evaluation: {im['n_eval']} other images of `{data}` (seed 0). "
           f"Total wall time {time.time() - t0:.0f} s.\n\n"
