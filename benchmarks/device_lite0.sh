@@ -9,9 +9,9 @@ O=${OUT:-/tmp/out}; mkdir -p "$O"; S=.devcarry/a/shared
 python3 -c "import torch; print(torch.__version__, torch.cuda.get_device_name(0))"; nproc; date -u +%T
 if [ "$1" = first ]; then
   timeout 75 python3 -m pytest -q -p no:cacheprovider tests/test_simulate.py -k cuda 2>&1 | tail -3; date -u +%T
-  timeout 200 python3 benchmarks/paper_kmeans.py --model efficientnet-lite0 --eval-size 872 --device cuda \
+  timeout 250 python3 benchmarks/paper_kmeans.py --model efficientnet-lite0 --eval-size 872 --device cuda \
       --workers 8 --shared $S --out "$O" --work /tmp/pk 2>&1 | grep -v -i warn | grep "^\[" ; date -u +%T
-  timeout 190 python3 benchmarks/learned_rounding.py --model efficientnet-lite0 --modes 2D --iters 600 \
+  timeout 180 python3 benchmarks/learned_rounding.py --model efficientnet-lite0 --modes 2D --iters 600 \
       --depthwise-bits 8 --device cuda --workers 8 --shared $S --out "$O" 2>&1 | grep "^\[" ; date -u +%T
 else
   timeout 260 python3 benchmarks/search_table.py kmeans --model efficientnet-lite0 --device cuda --shared $S \
