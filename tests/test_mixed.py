@@ -174,3 +174,21 @@ def test_cli_mixed_meets_target_on_tuning_images(capsys, tmp_path, digits_dir):
 def test_cli_mixed_bad_input_exit_2(capsys, tmp_path, digits_dir, extra, msg):
     code, cap = _mixed(capsys, digits_dir, tmp_path / "m", *extra)
     assert code == 2 and msg in cap.err
+
+
+def test_sensitivity_measures_each_layer_plan_once(capsys, tmp_path, digits_dir, monkeypatch):
+    """Per-layer sensitivity takes the top-1 change and the output noise from one simulation
+    of each one-layer-low plan (issue #16: a search re-measures nothing it already has)."""
+    from fixq.algorithms.search import PlanBench
+    calls, measure = [], PlanBench.measure
+
+    def counted(self, plan, part="tune", limit=None):
+        calls.append((id(plan), part, limit))
+        return measure(self, plan, part, limit)
+    monkeypatch.setattr(PlanBench, "measure", counted)
+    code, cap = _mixed(capsys, digits_dir, tmp_path / "m", "--low-bits", 2, "--trials", 2)
+    assert code == 0, cap.err
+    rep = json.loads((tmp_path / "m" / "report.json").read_text())
+    limited = [c for c in calls if c[2] is not None]  # the sensitivity pass: base + one per layer
+    assert rep["sensitivity"] and len(limited) == len(rep["sensitivity"]) + 1
+    assert len({c[0] for c in limited}) == len(limited)

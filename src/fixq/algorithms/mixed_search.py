@@ -144,8 +144,8 @@ def search_mixed(session: Session, config: QuantConfig, opts: MixedOptions, code
         base_err = bench.measure(bench.base_plan, "tune", m)[0]
         for name in progress(names, "layer sensitivity", session.show_progress):
             plan = make_plan({name: torch.full(tuple(energies[name].shape), opts.low_bits, dtype=torch.int64)})
-            err = bench.measure(plan, "tune", m)[0]
-            sensitivity[name] = {"delta_top1": err - base_err, "output_noise": bench.output_noise(plan, m)}
+            err, _, logits = bench.measure(plan, "tune", m)  # one pass gives both (same plan, same images)
+            sensitivity[name] = {"delta_top1": err - base_err, "output_noise": bench.logit_noise(logits, "tune")}
         fmaps["per-layer"] = lambda f: layer_thresholds({k: v["output_noise"] for k, v in sensitivity.items()}, f)
     t_sens = time.time() - t0 - t_energy
     tuning: dict[str, TuneResult] = {}
