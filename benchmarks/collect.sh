@@ -35,12 +35,12 @@ cd "$(dirname "$0")"
   for m in cifar10-resnet20 cifar10-resnet32 efficientnet-lite0; do
     for f in results/kmeans_$m*.md; do [ -f "$f" ] && { cat "$f"; echo; }; done
   done
+  [ -f results/search_speed_notes.md ] && { cat results/search_speed_notes.md; echo; }
   echo "## ONNX in / QDQ ONNX out (issue 8)"; echo
   [ -f results/onnx.md ] && cat results/onnx.md
   [ -f results/memory.md ] && { echo; echo "## Bounded memory: streaming (issue 14)"; echo; sed 1d results/memory.md; }
   sec() { [ -f "$2" ] && { echo; echo "## $1"; echo; sed 1d "$2"; }; }
   sec "Generated C speed: fast kernels (issue 17)" results/c_speed.md
-  [ -f results/search_speed_notes.md ] && { echo; cat results/search_speed_notes.md; }
   [ -f results/c_speed_notes.md ] && { echo; cat results/c_speed_notes.md; }
   sec "Generated C size, packed weights, Cortex-M4 (issues 17, 22)" results/c_size.md
   sec "Learned rounding and bias correction (issue 18)" results/learned_rounding.md
