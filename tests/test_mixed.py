@@ -176,19 +176,52 @@ def test_cli_mixed_bad_input_exit_2(capsys, tmp_path, digits_dir, extra, msg):
     assert code == 2 and msg in cap.err
 
 
-def test_sensitivity_measures_each_layer_plan_once(capsys, tmp_path, digits_dir, monkeypatch):
-    """Per-layer sensitivity takes the top-1 change and the output noise from one simulation
-    of each one-layer-low plan (issue #16: a search re-measures nothing it already has)."""
-    from fixq.algorithms.search import PlanBench
-    calls, measure = [], PlanBench.measure
 
-    def counted(self, plan, part="tune", limit=None):
-        calls.append((id(plan), part, limit))
-        return measure(self, plan, part, limit)
-    monkeypatch.setattr(PlanBench, "measure", counted)
+def test_resumed_simulation_equals_the_whole_run_on_a_residual_net():
+    """Simulator.run_from at a layer, on the live tensors of the base plan's run of the same
+    batch, gives exactly the outputs of the one-layer-low plan's own run (skip tensors kept)."""
+    from fixq.data.zoo import CifarResNet
+    torch.manual_seed(0)
+    g = make_graph(CifarResNet(20).eval(), (3, 32, 32))
+    x = torch.randn(8, 3, 32, 32)
+    cfg = QuantConfig(LayerConfig(coeff_mode="2D"))
+    obs = observe(g, [(x, None)], histograms=True, show_progress=False)
+    base = Simulator(g, plan_from(obs, cfg))
+    index = {n.name: i for i, n in enumerate(g.nodes)}
+    names = ["layer1.0.conv1", "layer2.0.conv1", "layer2.2.conv2", "layer3.1.conv1", "linear"]
+    sims = {index[k]: Simulator(g, plan_from(obs, cfg, filter_bits={k: torch.full(
+        tuple(g.node(k).weight.shape[:2]), 2, dtype=torch.int64)})) for k in names}
+    got = {}
+    base.run(x, before=lambda i, env: got.__setitem__(i, sims[i].run_from(i, env)) if i in sims else None)
+    assert set(got) == set(sims)
+    for i, sim in sims.items():
+        assert torch.equal(got[i], sim(x)), g.nodes[i].name
+        assert not torch.equal(got[i], base(x)), g.nodes[i].name  # the low layer changed the output
+
+
+def test_sensitivity_is_one_base_pass_and_equals_separate_measurements(capsys, tmp_path, digits_dir, monkeypatch):
+    """Per-layer sensitivity resumes one base simulation per batch at each layer
+    (PlanBench.measure_each) and gets the numbers separate simulations give; a plan that
+    differs elsewhere too is measured on its own (issue #16)."""
+    from fixq.algorithms.pipeline import open_session
+    from fixq.algorithms.search import PlanBench, base_config
+    s = open_session("lenet-digits", str(digits_dir), str(digits_dir), calib_size=40, eval_size=60, batch_size=16,
+                     workers=0, show_progress=False)
+    bench = PlanBench(s, base_config(QuantConfig(), 8))
+    names = eligible_layers(s.graph, ())
+    low = {k: torch.full(tuple(s.graph.node(k).weight.shape[:2]), 2, dtype=torch.int64) for k in names}
+    plans = {k: bench.plan(filter_bits={k: low[k]}) for k in names}
+    plans[names[0]] = bench.plan(filter_bits={names[0]: low[names[0]], names[-1]: low[names[-1]]})  # not one layer
+    calls, measure = [], PlanBench.measure
+    monkeypatch.setattr(PlanBench, "measure", lambda self, p, part="tune", limit=None: (
+        calls.append((id(p), limit)), measure(self, p, part, limit))[1])
+    got = bench.measure_each(plans, "tune", 30)
+    assert calls == [(id(plans[names[0]]), 30)]  # only the plan that differs in two layers
+    for k in names:
+        e1, e5, lg = measure(bench, plans[k], "tune", 30)
+        assert (got[k][0], got[k][1]) == (e1, e5) and torch.equal(got[k][2], lg), k
+    calls.clear()
     code, cap = _mixed(capsys, digits_dir, tmp_path / "m", "--low-bits", 2, "--trials", 2)
     assert code == 0, cap.err
     rep = json.loads((tmp_path / "m" / "report.json").read_text())
-    limited = [c for c in calls if c[2] is not None]  # the sensitivity pass: base + one per layer
-    assert rep["sensitivity"] and len(limited) == len(rep["sensitivity"]) + 1
-    assert len({c[0] for c in limited}) == len(limited)
+    assert len(rep["sensitivity"]) >= 2 and len([c for c in calls if c[1] is not None]) == 1  # the base, once

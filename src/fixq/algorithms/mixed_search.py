@@ -90,6 +90,9 @@ class MixedResult:
     codes_rows: list | None = None
 
 
+SENSITIVITY_CHUNK = 8  # one-layer-low plans measured together: their simulators are alive at once
+
+
 def _low_pct(bits: dict, base: int) -> tuple[float, dict]:
     per = {k: 100.0 * float((b < base).double().mean()) for k, b in bits.items()}
     tot = sum(b.numel() for b in bits.values())
@@ -142,10 +145,13 @@ def search_mixed(session: Session, config: QuantConfig, opts: MixedOptions, code
     if "per-layer" in opts.strategies:
         m = opts.sensitivity_size
         base_err = bench.measure(bench.base_plan, "tune", m)[0]
-        for name in progress(names, "layer sensitivity", session.show_progress):
-            plan = make_plan({name: torch.full(tuple(energies[name].shape), opts.low_bits, dtype=torch.int64)})
-            err, _, logits = bench.measure(plan, "tune", m)  # one pass gives both (same plan, same images)
-            sensitivity[name] = {"delta_top1": err - base_err, "output_noise": bench.logit_noise(logits, "tune")}
+        chunks = [names[i:i + SENSITIVITY_CHUNK] for i in range(0, len(names), SENSITIVITY_CHUNK)]
+        for chunk in progress(chunks, "layer sensitivity", session.show_progress):  # one base pass per chunk
+            got = bench.measure_each({name: make_plan({name: torch.full(tuple(energies[name].shape), opts.low_bits,
+                                                                       dtype=torch.int64)}) for name in chunk}, "tune", m)
+            for name in chunk:
+                err, _, logits = got[name]  # one simulation gives both (same plan, same images)
+                sensitivity[name] = {"delta_top1": err - base_err, "output_noise": bench.logit_noise(logits, "tune")}
         fmaps["per-layer"] = lambda f: layer_thresholds({k: v["output_noise"] for k, v in sensitivity.items()}, f)
     t_sens = time.time() - t0 - t_energy
     tuning: dict[str, TuneResult] = {}

@@ -24,8 +24,9 @@ from dataclasses import dataclass, replace
 import torch
 
 from fixq.analysis.complexity import analyze
-from fixq.analysis.evaluate import evaluate_quant, topk_errors
+from fixq.analysis.evaluate import evaluate_quant, to_stream, topk_errors
 from fixq.backends.simulate import Simulator
+from fixq.data.stream import stream_map
 from fixq.errors import FixqError
 from fixq.planning.plan import QuantConfig, QuantPlan
 from .calibrate import needs_histograms, plan_from
@@ -137,16 +138,63 @@ class PlanBench:
             warnings.simplefilter("ignore")
             return plan_from(self.obs, config or self.config, self.session.model_name, **kw)
 
-    def measure(self, plan: QuantPlan, part: str = "tune", limit: int | None = None):
-        """``(top1, top5, logits)`` of the fast simulation on the tuning or test images."""
+    def _part(self, part: str, limit: int | None):
+        """``(images, labels, float logits)`` of the tuning or test part, its first ``limit`` images."""
         x, y, ref = self.parts[part]
         if limit is not None and limit < len(x):
             if (part, limit) not in self._heads:  # the first images of the part, batched as before
                 self._heads[(part, limit)] = x.subset(range(limit))
             x, y, ref = self._heads[(part, limit)], y[:limit], ref[:limit]
+        return x, y, ref
+
+    def measure(self, plan: QuantPlan, part: str = "tune", limit: int | None = None):
+        """``(top1, top5, logits)`` of the fast simulation on the tuning or test images."""
+        x, y, ref = self._part(part, limit)
         sim = Simulator(self.session.graph, plan, exact=False, device=self.session.device)
         r = evaluate_quant(sim, x, y, ref, self.session.batch_size, sqnr_images=0, show_progress=False)
         return r.top1_error, r.top5_error, r.logits
+
+    def measure_each(self, plans: dict, part: str = "tune", limit: int | None = None) -> dict:
+        """``{layer: measure(plan, part, limit)}`` for plans that each differ from the base plan
+        in their own layer only: one base simulation per batch, resumed with each plan's
+        simulator at its layer (the unchanged prefix is computed once; same values as
+        ``measure``). A plan that differs elsewhere too is measured on its own.
+
+        >>> bench.measure_each({"conv2": plan_with_conv2_low})["conv2"][0]  # top-1 %  # doctest: +SKIP
+        """
+        s = self.session
+        x, y, _ = self._part(part, limit)
+        index = {n.name: i for i, n in enumerate(s.graph.nodes)}
+        forks = {index[k]: (k, Simulator(s.graph, p, exact=False, device=s.device))
+                 for k, p in plans.items() if k in index and self._only_differs_in(p, k)}
+        base = Simulator(s.graph, self.base_plan, exact=False, device=s.device)
+
+        def one(b, xb):
+            got = {}
+
+            def fork(i, env):
+                if i in forks:
+                    got[forks[i][0]] = forks[i][1].run_from(i, env).float().cpu()
+            base.run(xb.to(s.device), before=fork)
+            return got
+        parts: dict = {k: [] for k, _ in forks.values()}
+        for got in stream_map(to_stream(x, s.batch_size), one, "sensitivity", False):
+            for k, v in got.items():
+                parts[k].append(v)
+        out = {}
+        for k, p in plans.items():
+            if k in parts:
+                logits = torch.cat(parts[k])
+                out[k] = (*topk_errors(logits, y), logits)
+            else:
+                out[k] = self.measure(p, part, limit)
+        return out
+
+    def _only_differs_in(self, plan: QuantPlan, name: str) -> bool:
+        a, b = plan.to_json(), self.base_plan.to_json()
+        return (a["tensors"] == b["tensors"] and a["float_ops"] == b["float_ops"]
+                and a["config"]["rounding"] == b["config"]["rounding"] and set(a["layers"]) == set(b["layers"])
+                and all(v == b["layers"][k] for k, v in a["layers"].items() if k != name))
 
     def judge(self, logits: torch.Tensor, target: float) -> tuple[bool, dict]:
         """Whether tuning-image ``logits`` meet the absolute top-1 ``target`` under the

@@ -15,7 +15,7 @@ from fixq.graph.ir import FLOAT_RULES, QUANT_POINTS, Graph, Input, run_float
 from fixq.util import distributed as dist
 
 __all__ = ["DataError", "ImageSet", "load_images", "known_classes", "class_mapping", "CIFAR10_CLASSES",
-           "select_subsets", "Split", "topk_errors", "float_logits", "EvalResult", "evaluate_quant", "batches"]
+           "select_subsets", "Split", "topk_errors", "float_logits", "EvalResult", "evaluate_quant", "batches", "to_stream"]
 
 def batches(x: torch.Tensor, y: torch.Tensor | None, batch_size: int):
     for i in range(0, x.shape[0], batch_size):
@@ -31,7 +31,7 @@ def topk_errors(logits: torch.Tensor, labels: torch.Tensor) -> tuple[float, floa
     return 100.0 * (1 - hit1), 100.0 * (1 - hit5)
 
 
-def _stream(data, batch_size: int):
+def to_stream(data, batch_size: int):
     """A stream from a stream or an in-memory (N, C, H, W) tensor (Python API)."""
     if isinstance(data, torch.Tensor):
         return TensorStream([xb for xb, _ in batches(data, None, batch_size)])
@@ -42,7 +42,7 @@ def _stream(data, batch_size: int):
 def float_logits(graph: Graph, data, batch_size: int = 128, device="cpu",
                  show_progress: bool = True) -> torch.Tensor:
     """Float outputs (N, classes) of a stream (or tensor) of images, batch by batch."""
-    return torch.cat(list(stream_map(_stream(data, batch_size),
+    return torch.cat(list(stream_map(to_stream(data, batch_size),
                                      lambda b, xb: run_float(graph, xb.to(device)).float().cpu(),
                                      "float eval", show_progress)))
 
@@ -105,7 +105,7 @@ def evaluate_quant(sim, data, y: torch.Tensor, ref_logits: torch.Tensor,
     requantized tensor vs float is measured on the batches that start within the first
     ``sqnr_images`` images (float intermediates recomputed there, layer by layer)."""
     graph = sim.graph
-    stream = _stream(data, batch_size)
+    stream = to_stream(data, batch_size)
     sim.reset_counts()
     points = [n.name for n in graph.nodes if isinstance(n, QUANT_POINTS)]
     sig = {p: 0.0 for p in points}

@@ -196,15 +196,36 @@ class Simulator:
 
     # ---- running ---------------------------------------------------------------------
     @torch.no_grad()
-    def run(self, x: torch.Tensor, keep: bool = False):
+    def run(self, x: torch.Tensor, keep: bool = False, before=None):
         """The dequantized output (``keep``: every node's output, a dict). Without ``keep`` a
-        tensor is dropped once its last user has run: memory holds the live tensors only."""
+        tensor is dropped once its last user has run: memory holds the live tensors only.
+        ``before(i, env)`` is called before node ``i`` runs, with the live tensors (read only)."""
         g = self.graph
-        env = {g.input: self.requant(g.input, self._t(x))}
-        left = None if keep else {k: len(v) for k, v in g.users().items()}
-        for n in g.nodes:
+        return self.run_from(0, {g.input: self.requant(g.input, self._t(x))}, keep, before)
+
+    @torch.no_grad()
+    def run_from(self, start: int, env: dict, keep: bool = False, before=None):
+        """Run ``graph.nodes[start:]`` on ``env`` (a dict holding at least every tensor those
+        nodes read; not changed): how a plan that differs from another only from node
+        ``start`` on resumes the other's simulation of the same batch (same values as ``run``).
+
+        >>> sim.run_from(0, {g.input: sim.requant(g.input, x)})  # == sim(x)  # doctest: +SKIP
+        """
+        g = self.graph
+        left = None
+        if not keep:
+            left = {}
+            for n in g.nodes[start:]:
+                for i in n.inputs:
+                    left[i] = left.get(i, 0) + 1
+            env = {k: v for k, v in env.items() if left.get(k, 0) or k == g.output}
+        else:
+            env = dict(env)
+        for k, n in enumerate(g.nodes[start:], start):
             if isinstance(n, Input):
                 continue
+            if before is not None:
+                before(k, env)
             env[n.name] = SIM_RULES[type(n)](self, n, *(env[i] for i in n.inputs))
             if left is not None:
                 for i in n.inputs:
