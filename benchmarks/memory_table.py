@@ -100,21 +100,29 @@ def big_folder(src: Path, copies: int, root: Path) -> Path:
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--old", required=True, help="src/ of the code before streaming (a git worktree of 918aad5)")
+    ap.add_argument("--old", help="src/ of the code before streaming (a git worktree of 918aad5); needed with "
+                    "--which before")
+    ap.add_argument("--new", default=NEW, help="src/ of the code of the *after* rows (default: this checkout)")
+    ap.add_argument("--label", default="after", help="the code column of the *after* rows (e.g. a commit measured "
+                    "with --new)")
     ap.add_argument("--shared", default=str(Path(__file__).resolve().parents[2] / "shared"))
     ap.add_argument("--lite0", action="store_true", help="also EfficientNet-Lite0, 128/872 (minutes on 2 cores)")
     ap.add_argument("--no-cifar", action="store_true", help="skip the ResNet-20 rows (keep those measured before)")
     ap.add_argument("--cap-gb", type=float, default=9.0)
     ap.add_argument("--which", default="before,after", help="which code to run (rows of the other are kept)")
     ap.add_argument("--fresh", action="store_true", help="forget rows of earlier runs (measured another way)")
-    ap.add_argument("--big", type=int, default=2, help="copies of the CIFAR test set in the large folder")
+    ap.add_argument("--big", type=int, default=2, help="copies of the CIFAR test set in the large folder (0: none)")
     ap.add_argument("--sizes", default="1000,9744", help="CIFAR evaluation sizes on the test set")
     ap.add_argument("--out", default=str(Path(__file__).parent / "results" / "memory.md"))
     args = ap.parse_args()
+    if "before" in args.which.split(",") and not args.old:
+        ap.error("--which before needs --old")
     sh = Path(args.shared)
     cifar = sh / "data" / "cifar10-test"
     w = sh / "models" / "cifar10-resnet" / "resnet20-12fca82f.th"
     rows = []
+    codes = [(w_, s_) for w_, s_ in (("before", args.old), (args.label, args.new))
+             if ("before" if w_ == "before" else "after") in args.which.split(",")]
     with tempfile.TemporaryDirectory() as tmp:
         def r20(data, n, which, src):
             argv = ["quantize", "--model", "cifar10-resnet20", "--weights", str(w), "--calib", str(cifar),
@@ -126,15 +134,14 @@ def main() -> int:
         if not args.no_cifar:
             big = big_folder(cifar, args.big, Path(tmp) / f"cifar10-x{args.big}")
             for n in [int(v) for v in args.sizes.split(",")]:
-                for which, src in (("before", args.old), ("after", NEW)):
+                for which, src in codes:
                     r20(cifar, n, which, src)
-            for which, src in (("before", args.old), ("after", NEW)):
-                r20(big, 10000 * args.big, which, src)
+            if args.big:
+                for which, src in codes:
+                    r20(big, 10000 * args.big, which, src)
         if args.lite0:
             im = sh / "data" / "imagenet-sample"
-            for which, src in (("before", args.old), ("after", NEW)):
-                if which not in args.which.split(","):
-                    continue
+            for which, src in codes:
                 argv = ["quantize", "--model", "efficientnet-lite0", "--calib", str(im), "--calib-size", "128",
                         "--eval", str(im), "--coeff-mode", "3D", "--batch-size", "32", "--quiet", "--out", f"{tmp}/o"]
                 m = measure(src, argv, args.cap_gb)
@@ -165,7 +172,9 @@ def main() -> int:
     for model, folder, n, which, m in rows:
         lines.append(f"| {model} | {folder} | {n} | {which} | {m['hwm_gb']:.2f} | {m['tree_gb']:.2f} | "
                      f"{m['wall_s']:.0f} | {m['status']} |")
-    Path(args.out).write_text("\n".join(lines) + "\n")
+    prev = Path(args.out).read_text() if Path(args.out).exists() else ""
+    notes = prev[prev.find("\nNotes"):] if "\nNotes" in prev else ""  # hand-written notes are kept
+    Path(args.out).write_text("\n".join(lines) + "\n" + notes)
     print("\n".join(lines))
     return 0
 

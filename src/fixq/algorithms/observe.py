@@ -78,8 +78,8 @@ def _forward_observed(graph: Graph, x: torch.Tensor, on_tensor, on_acc) -> None:
         args = [env[i] for i in n.inputs]
         if isinstance(n, (Conv, Linear)):
             pre = pre_activation(n, *args)
-            on_acc(n.name, pre)
-            y = apply_act(pre, n.act)
+            on_acc(n.name, pre)  # observed (not kept) before the clamp overwrites it
+            y = apply_act(pre, n.act, inplace=True)
             del pre
         else:
             y = FLOAT_RULES[type(n)](n, *args)
@@ -105,6 +105,27 @@ def _merge(parts: list[_Stats]) -> _Stats:
             out = _Stats(torch.maximum(out.amax, p.amax), torch.minimum(out.vmin, p.vmin),
                          torch.maximum(out.vmax, p.vmax), None if p.hist is None else out.hist + p.hist,
                          out.count + p.count)
+    return out
+
+
+def _channel_block(t3: torch.Tensor, j: int, step: int) -> torch.Tensor:
+    """Columns ``j .. j + step`` of the (C, N * P) per-channel matrix of ``t3`` (N, C, P) (what
+    :func:`_per_channel` would copy whole), as a new float64 (C, columns) tensor: copied image
+    by image, so no temporary is larger than the block.
+
+    >>> t = torch.arange(12.).reshape(2, 3, 2)
+    >>> torch.equal(_channel_block(t, 1, 2), _per_channel(t)[:, 1:3].double())
+    True
+    """
+    N, C, P = t3.shape
+    end = min(j + step, N * P)
+    out = torch.empty((C, end - j), dtype=torch.float64, device=t3.device)
+    m = j
+    while m < end:
+        n, a = divmod(m, P)
+        b = min(P, a + end - m)
+        out[:, m - j:m - j + b - a].copy_(t3[n, :, a:b])
+        m += b - a
     return out
 
 
@@ -162,20 +183,24 @@ class Observations:
 
                 def on_tensor(name, t):
                     for r in by_name.get(name, ()):
-                        c32 = _per_channel(t)  # (C, values): float64 in column blocks of MSE_CHUNK values
+                        t3 = t.detach().reshape(t.shape[0], t.shape[1], -1)  # (N, C, P): a view, no copy
+                        C, M = t3.shape[1], t3.shape[0] * t3.shape[2]  # the (C, M) per-channel view's shape
                         word = Word(r[1], r[3])
-                        F_all = cands[r].to(c32.device)
-                        n_out = c32.shape[0] if r[2] == "3D" else 1
-                        out = [torch.zeros(n_out, dtype=torch.float64, device=c32.device) for _ in range(MSE_CANDIDATES)]
-                        step = max(1, MSE_CHUNK // max(1, c32.shape[0]))
-                        for j in range(0, c32.shape[1], step):
-                            c = c32[:, j:j + step].double()
+                        F_all = cands[r].to(t3.device)
+                        n_out = C if r[2] == "3D" else 1
+                        out = [torch.zeros(n_out, dtype=torch.float64, device=t3.device) for _ in range(MSE_CANDIDATES)]
+                        step = max(1, MSE_CHUNK // max(1, C))
+                        for j in range(0, M, step):
+                            c = _channel_block(t3, j, step)  # float64, at most MSE_CHUNK values (or one column)
                             for k in range(MSE_CANDIDATES):
                                 F = F_all[:, k:k + 1]
                                 if r[2] == "3D":
-                                    e = ((fake_quantize(c, F, word, rounding)[0] - c) ** 2).sum(dim=1)
+                                    d = fake_quantize(c, F, word, rounding)[0]  # a new tensor: squared in place
+                                    e = d.sub_(c).mul_(d).sum(dim=1)
                                 else:
-                                    e = ((fake_quantize(c, F[0, 0], word, rounding)[0] - c) ** 2).sum().reshape(1)
+                                    d = fake_quantize(c, F[0, 0], word, rounding)[0]
+                                    e = d.sub_(c).mul_(d).sum().reshape(1)
+                                del d
                                 out[k] = out[k] + e
                         errs[r] = out
                 _forward_observed(self.graph, x.to(device=self.device, dtype=torch.float32), on_tensor,

@@ -80,21 +80,33 @@ def _lockstep(sim, xb: torch.Tensor, points: list[str]):
             step = max(1, CHUNK // max(1, f_all[0].numel()))
             s_ = n_ = 0.0
             for i in range(0, f_all.shape[0], step):
-                f = f_all[i:i + step].double()
-                s_ += float((f * f).sum())
-                n_ += float(((q_all[i:i + step].double() - f) ** 2).sum())
+                f = f_all[i:i + step].to(torch.float64, copy=True)  # copies (never the env's tensors):
+                d = q_all[i:i + step].to(torch.float64, copy=True).sub_(f)  # q - f, both squared in place
+                s_ += float(f.mul_(f).sum())
+                n_ += float(d.mul_(d).sum())
+                del f, d
             sums[name] = (s_, n_)
+
+    def last_use(n):  # the inputs whose last user is n (each once, however often n names it)
+        dead = []
+        for i in n.inputs:
+            left[i] -= 1
+            if left[i] == 0 and i != g.output:
+                dead.append(i)
+        return dead
+
     take(g.input)
     for n in g.nodes:
         if isinstance(n, Input):
             continue
+        dead = last_use(n)
         q_env[n.name] = SIM_RULES[type(n)](sim, n, *(q_env[i] for i in n.inputs))
+        for i in dead:  # the fixed-point inputs go before the float node runs: the two passes
+            del q_env[i]  # never hold both sides' inputs and outputs of a node at once
         f_env[n.name] = FLOAT_RULES[type(n)](n, *(f_env[i] for i in n.inputs))
+        for i in dead:
+            del f_env[i]
         take(n.name)
-        for i in n.inputs:
-            left[i] -= 1
-            if left[i] == 0 and i != g.output:
-                del q_env[i], f_env[i]
     return q_env[g.output], sums
 
 

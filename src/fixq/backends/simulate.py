@@ -146,9 +146,10 @@ class Simulator:
         d = self._sat.setdefault(name, {})
         d[what] = d[what] + events if what in d else events
 
-    def requant(self, name: str, v: torch.Tensor, relu: bool = False) -> torch.Tensor:
+    def requant(self, name: str, v: torch.Tensor, relu: bool = False, inplace: bool = False) -> torch.Tensor:
         """Quantize a node's output to its data format (identity where data is flp).
-        ``relu`` applies a ReLU first (fused in one pass on CUDA)."""
+        ``relu`` applies a ReLU first (fused in one pass on CUDA). ``inplace``: ``v`` was just
+        made by the caller and may be overwritten (same values, no second tensor of its size)."""
         f = self.plan.tensors.get(name)
         if f is None:
             return torch.clamp(v, min=0) if relu else v
@@ -156,20 +157,22 @@ class Simulator:
             mu = _bc(torch.tensor(f.mu, dtype=v.dtype, device=v.device).reshape(f.shape), v)
             sigma = _bc(torch.tensor(f.sigma, dtype=v.dtype, device=v.device).reshape(f.shape), v)
             return affine_quantize(torch.clamp(v, min=0) if relu else v, mu, sigma, f.T, self.rounding)
-        y, ev = self.fq(v, self.formats[name][1], f.word, relu=relu)
+        y, ev = self.fq(v, self.formats[name][1], f.word, relu=relu, inplace=inplace)
         self.count(name, "data", ev)
         return y
 
-    def fq(self, v: torch.Tensor, F: torch.Tensor, T: int, overflow: str = "saturate", relu: bool = False):
-        """fake_quantize with F per channel; one fused pass on CUDA in the fast mode."""
+    def fq(self, v: torch.Tensor, F: torch.Tensor, T: int, overflow: str = "saturate", relu: bool = False,
+           inplace: bool = False):
+        """fake_quantize with F per channel; one fused pass on CUDA in the fast mode. ``inplace``:
+        ``v`` is the caller's temporary (:meth:`requant`)."""
         if not self.exact and overflow == "saturate" and fused_available(v, self.rounding):
             key = ("scale", id(F))
             if key not in self._prep:
                 self._prep[key] = (F, exp2(F.to(v.device), v))
             return fused_fake_quantize(v, self._prep[key][1], T, self.rounding, relu)
         if relu:
-            v = torch.clamp(v, min=0)
-        return fake_quantize(v, _bc(F.to(v.device), v), T, self.rounding, overflow)
+            v = v.clamp_(min=0) if inplace else torch.clamp(v, min=0)
+        return fake_quantize(v, _bc(F.to(v.device), v), T, self.rounding, overflow, inplace=inplace)
 
     def check_exact(self, n, x: torch.Tensor, xr: torch.Tensor | None = None) -> None:
         """DESIGN §5a rule 4: float64 sums are exact while ``Σ|w||x| + |b| < 2**53`` at S
@@ -251,14 +254,14 @@ def _sim_layer(sim: Simulator, n, x):
     if p["acc"] is not None:
         Facc, A, overflow = p["acc"]
         if not p["acc_identity"]:
-            y, ev = sim.fq(y, Facc, A, overflow)
+            y, ev = sim.fq(y, Facc, A, overflow, inplace=True)  # y is this rule's own temporary
             sim.count(n.name, "acc", ev)
         if n.act is not None and not relu:
             lo, hi = _act_bounds(sim, n.name, n.act, Facc, y)
-            y = torch.clamp(y, min=lo, max=hi)
+            y = y.clamp_(min=lo, max=hi)
     elif not relu:
-        y = apply_act(y, n.act)
-    return sim.requant(n.name, y, relu=relu)
+        y = apply_act(y, n.act, inplace=True)
+    return sim.requant(n.name, y, relu=relu, inplace=True)
 
 
 def _act_bounds(sim: Simulator, name: str, act, F: torch.Tensor, like: torch.Tensor):
@@ -277,10 +280,10 @@ def _sim_add(sim: Simulator, n: Add, a, b):
     Fa, Fb = sim.formats[n.inputs[0]][1], sim.formats[n.inputs[1]][1]
     if n.act is not None and Fa is not None and Fb is not None and n.name in sim.plan.tensors:
         lo, hi = _act_bounds(sim, n.name, n.act, torch.maximum(Fa, Fb), y)
-        y = torch.clamp(y, min=lo, max=hi)
+        y = y.clamp_(min=lo, max=hi)
     else:
-        y = apply_act(y, n.act)
-    return sim.requant(n.name, y)
+        y = apply_act(y, n.act, inplace=True)
+    return sim.requant(n.name, y, inplace=True)
 
 
 def _sim_avg(sim: Simulator, n, x):
@@ -288,7 +291,7 @@ def _sim_avg(sim: Simulator, n, x):
     if fx is None or not isinstance(sim.plan.tensors.get(n.name), Formats):
         return sim.requant(n.name, FLOAT_RULES[type(n)](n, x))
     K = pool_divisors(n, tuple(x.shape[-2:])).to(device=x.device, dtype=x.dtype)
-    return sim.requant(n.name, window_sum(n, x) / K)
+    return sim.requant(n.name, window_sum(n, x) / K, inplace=True)
 
 
 def _sim_clamp(sim: Simulator, n: Clamp, x):

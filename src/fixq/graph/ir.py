@@ -205,10 +205,20 @@ class Graph:
         return [n for n in self.nodes if isinstance(n, (Conv, Linear))]
 
 
-def apply_act(y: torch.Tensor, act) -> torch.Tensor:
+def apply_act(y: torch.Tensor, act, inplace: bool = False) -> torch.Tensor:
+    """The fused clamp ``act = (lo, hi)`` (None: identity). ``inplace`` clamps ``y`` itself (a
+    tensor the caller just made and owns: no second tensor of its size; same values) unless
+    autograd tracks it.
+
+    >>> y = torch.tensor([-1.0, 3.0, 9.0])
+    >>> apply_act(y, (0.0, 6.0), inplace=True) is y, y.tolist()
+    (True, [0.0, 3.0, 6.0])
+    """
     if act is None:
         return y
     lo, hi = act
+    if inplace and not y.requires_grad:
+        return y.clamp_(min=lo, max=hi)
     return torch.clamp(y, min=lo, max=hi)
 
 
@@ -228,9 +238,9 @@ def pre_activation(n: Conv | Linear, x: torch.Tensor, weight=None, bias="same") 
 
 FLOAT_RULES: dict[type, Callable] = {
     Input: lambda n, x: x,
-    Conv: lambda n, x: apply_act(pre_activation(n, x), n.act),
-    Linear: lambda n, x: apply_act(pre_activation(n, x), n.act),
-    Add: lambda n, a, b: apply_act(a + b, n.act),
+    Conv: lambda n, x: apply_act(pre_activation(n, x), n.act, inplace=True),  # on the new output
+    Linear: lambda n, x: apply_act(pre_activation(n, x), n.act, inplace=True),
+    Add: lambda n, a, b: apply_act(a + b, n.act, inplace=True),
     Concat: lambda n, *xs: torch.cat(xs, dim=n.dim),
     MaxPool: lambda n, x: Fn.max_pool2d(x, n.kernel, n.stride, n.padding, n.dilation, n.ceil_mode),
     AvgPool: lambda n, x: Fn.avg_pool2d(x, n.kernel, n.stride, n.padding, n.ceil_mode, n.count_include_pad),

@@ -280,20 +280,23 @@ def quantize_codes(x: torch.Tensor, F, T, rounding: str = "half_up",
 
 
 def fake_quantize(x: torch.Tensor, F, T, rounding: str = "half_up",
-                  overflow: str = "saturate") -> tuple[torch.Tensor, torch.Tensor]:
+                  overflow: str = "saturate", inplace: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
     """``quantize(x) = sat(round(x * 2**F)) * 2**-F`` (DESIGN §2); returns values and
-    the number of saturation events.
+    the number of saturation events. ``inplace``: ``x`` is a temporary of the caller's and
+    may be overwritten (same values, one tensor of its size fewer).
 
     >>> fake_quantize(torch.tensor([0.3, 9.0]), 4, 8)[0]
     tensor([0.3125, 7.9375])
     """
     s = exp2(F, x)
-    if rounding == "half_up":  # floor(x*s + 1/2) in one fused pass
-        v = torch.addcmul(torch.full((), 0.5, dtype=x.dtype, device=x.device), x, s).floor_()
+    inplace = inplace and not x.requires_grad and torch.broadcast_shapes(x.shape, s.shape) == x.shape
+    if rounding == "half_up":  # floor(x*s + 1/2) in one fused pass (written over x when inplace)
+        half = torch.full((), 0.5, dtype=x.dtype, device=x.device)
+        v = (torch.addcmul(half, x, s, out=x) if inplace else torch.addcmul(half, x, s)).floor_()
     else:
-        v = round_values(x * s, rounding)
+        v = round_values(x.mul_(s) if inplace else x * s, rounding)
     q, events = saturate(v, T, overflow)
-    return q.mul_(torch.reciprocal(s)), events  # q is a new tensor; 1/2**F is exact, so * is / 2**F
+    return q.mul_(torch.reciprocal(s)), events  # q is a new tensor (x when inplace); 1/2**F is exact: * is / 2**F
 
 
 def quantize_scalar(v: float, F: int, rounding: str = "half_up") -> int:
