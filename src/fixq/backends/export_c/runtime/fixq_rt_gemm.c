@@ -230,7 +230,6 @@ FIXQ_SSE2_SUMS(sums32_sse2_w8, int8_t, fixq_ld8)
  * the target attribute): the SSE2 kernels above on 256-bit registers, 16 products per vpmaddwd.
  * Same pairs (k, k + 1) for even k as SSE2, the same wrapping adds: the same int32 sums */
 #include <immintrin.h>
-#define FIXQ_AVX2_FN __attribute__((target("avx2")))
 
 /* the eight lane sums of a, b, c, e (one output each) folded into one 128-bit vector */
 FIXQ_AVX2_FN static __m128i hsum4x8(__m256i a, __m256i b, __m256i c, __m256i e) {
@@ -323,7 +322,7 @@ FIXQ_AVX2_SUMS(sums32_avx2_w8, int8_t, fixq_ld8x16, fixq_ld8)
 void fixq_sums32(int ow, const FIXQ_MAC_T *x, size_t rowlen, int r0, int ns, int seg, int L, int step,
                  const void *w0, const void *w1, int w8, int32_t *d0, int32_t *d1) {
 #if FIXQ_AVX2
-    if (sizeof(FIXQ_MAC_T) == 2u && L % 8 == 0 && __builtin_cpu_supports("avx2")) { /* a load and a test */
+    if (sizeof(FIXQ_MAC_T) == 2u && L % 8 == 0 && FIXQ_HAS_AVX2()) { /* a load and a test */
         if (w8) {
             sums32_avx2_w8(ow, (const int16_t *)(const void *)x, rowlen, r0, ns, seg, L, step, (const int8_t *)w0,
                            (const int8_t *)(w1 != NULL ? w1 : w0), d0, d1);

@@ -29,6 +29,12 @@
 #else
 #define FIXQ_AVX2 0
 #endif
+#if FIXQ_AVX2
+/* a function compiled for AVX2 (plain C loops inside are vectorised on 256-bit registers); call
+ * it only where FIXQ_HAS_AVX2() */
+#define FIXQ_AVX2_FN __attribute__((target("avx2")))
+#define FIXQ_HAS_AVX2() __builtin_cpu_supports("avx2")
+#endif
 
 /* int32 sums of the output channels with weight rows w0 and w1 (w1 NULL: one channel), int8
  * codes (w8) or FIXQ_MAC_T, into d0[ox] (and d1[ox]) for ox < ow: seg segments of length L,
