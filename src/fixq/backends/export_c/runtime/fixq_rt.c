@@ -1,6 +1,6 @@
 /* fixq runtime: scalar arithmetic and the element-wise/pooling kernels; see fixq_rt.h for
  * the notation. Convolutions are in fixq_rt_conv.c. */
-#include "fixq_rt.h"
+#include "fixq_rt_gemm.h" /* fixq_rt.h, FIXQ_AVX2 */
 
 int64_t fixq_asr(int64_t a, int s) {
     /* floor division by 2^s without relying on >> of negative numbers */
@@ -201,27 +201,45 @@ static int32_t asr32(int32_t v, int s) { /* floor(v / 2^s), 0 <= s <= 31 */
  * and 0 <= os <= 29 (half_up or floor), lo <= 2^30 and hi >= -2^30: |a << sa| + |b << sb| <= 2^30
  * and stays within [-2^30, 2^30] after the clamp, the rounding offset is below 2^29, the bounds
  * clipped to int32 (clipping a bound on the near side of the values changes no result); returns
- * the data saturation events */
-static uint32_t add32(int hw, const FIXQ_ACT_T *FIXQ_RESTRICT a, const FIXQ_ACT_T *FIXQ_RESTRICT b,
-                      FIXQ_ACT_T *FIXQ_RESTRICT y, int sa, int sb, int64_t lo, int64_t hi, int os, int rounding,
-                      int64_t ylo, int64_t yhi) {
-    int32_t lo32 = (int32_t)(lo > -(int64_t)2147483647 - 1 ? lo : -(int64_t)2147483647 - 1);
-    int32_t hi32 = (int32_t)(hi < 2147483647 ? hi : 2147483647);
-    int32_t half = rounding == FIXQ_HALF_UP && os > 0 ? (int32_t)1 << (os - 1) : 0;
-    int32_t ylo32 = (int32_t)ylo, yhi32 = (int32_t)yhi;
-    uint32_t ev = 0;
-    int k;
-    for (k = 0; k < hw; k++) {
-        int32_t v = (int32_t)((uint32_t)(int32_t)a[k] << sa) + (int32_t)((uint32_t)(int32_t)b[k] << sb);
-        v = v < lo32 ? lo32 : v;
-        v = v > hi32 ? hi32 : v;
-        v = asr32(v + half, os);
-        ev += (uint32_t)((v < ylo32) | (v > yhi32));
-        v = v < ylo32 ? ylo32 : v;
-        v = v > yhi32 ? yhi32 : v;
-        y[k] = (FIXQ_ACT_T)v;
+ * the data saturation events. The loop is compiled twice where FIXQ_AVX2 (plain, and vectorised
+ * for AVX2: taken where the CPU has it); c: lo, hi, the rounding offset, ylo, yhi in int32 */
+#define FIXQ_ADD32(NAME, ATTR)                                                                            \
+    ATTR static uint32_t NAME(int hw, const FIXQ_ACT_T *FIXQ_RESTRICT a, const FIXQ_ACT_T *FIXQ_RESTRICT b,   \
+                              FIXQ_ACT_T *FIXQ_RESTRICT y, int sa, int sb, const int32_t *c, int os) {       \
+        int32_t lo32 = c[0], hi32 = c[1], half = c[2], ylo32 = c[3], yhi32 = c[4];                          \
+        uint32_t ev = 0;                                                                                  \
+        int k;                                                                                            \
+        for (k = 0; k < hw; k++) {                                                                        \
+            int32_t v = (int32_t)((uint32_t)(int32_t)a[k] << sa) + (int32_t)((uint32_t)(int32_t)b[k] << sb); \
+            v = v < lo32 ? lo32 : v;                                                                      \
+            v = v > hi32 ? hi32 : v;                                                                      \
+            v = asr32(v + half, os);                                                                      \
+            ev += (uint32_t)((v < ylo32) | (v > yhi32));                                                  \
+            v = v < ylo32 ? ylo32 : v;                                                                    \
+            v = v > yhi32 ? yhi32 : v;                                                                    \
+            y[k] = (FIXQ_ACT_T)v;                                                                         \
+        }                                                                                                 \
+        return ev;                                                                                        \
     }
-    return ev;
+FIXQ_ADD32(add32_loop, )
+#if FIXQ_AVX2
+FIXQ_ADD32(add32_avx2, FIXQ_AVX2_FN) /* the same loop vectorised for AVX2 (fixq_rt_gemm.h) */
+#endif
+
+static uint32_t add32(int hw, const FIXQ_ACT_T *a, const FIXQ_ACT_T *b, FIXQ_ACT_T *y, int sa, int sb, int64_t lo,
+                      int64_t hi, int os, int rounding, int64_t ylo, int64_t yhi) {
+    int32_t c[5];
+    c[0] = (int32_t)(lo > -(int64_t)2147483647 - 1 ? lo : -(int64_t)2147483647 - 1);
+    c[1] = (int32_t)(hi < 2147483647 ? hi : 2147483647);
+    c[2] = rounding == FIXQ_HALF_UP && os > 0 ? (int32_t)1 << (os - 1) : 0;
+    c[3] = (int32_t)ylo;
+    c[4] = (int32_t)yhi;
+#if FIXQ_AVX2
+    if (FIXQ_HAS_AVX2()) {
+        return add32_avx2(hw, a, b, y, sa, sb, c, os);
+    }
+#endif
+    return add32_loop(hw, a, b, y, sa, sb, c, os);
 }
 
 void fixq_add(const fixq_add_t *p, const FIXQ_ACT_T *a, const FIXQ_ACT_T *b, FIXQ_ACT_T *y, uint64_t *sat) {

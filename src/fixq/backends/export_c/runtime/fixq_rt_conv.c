@@ -453,12 +453,52 @@ static int32_t asr32(int32_t v, int s) { /* floor(v / 2^s), 0 <= s <= 31 */
     return v >= 0 ? v >> s : ~((~v) >> s);
 }
 
+/* the loop of epilogue32: y[k] = clamp(asr(clamp(asr((d[k] << s) + c[0], as), c[3], c[4]) + c[5], os),
+ * c[6], c[7]) for k < n, events outside [c[1], c[2]] (accumulator) into ev[0], outside [c[6], c[7]]
+ * (data) into ev[1]; compiled twice where FIXQ_AVX2 (a plain one, and one vectorised for AVX2) */
+#define FIXQ_EPI32_LOOP(NAME, ATTR)                                                                   \
+    ATTR static void NAME(int n, const int32_t *FIXQ_RESTRICT d, int s, int as, int os, const int32_t *c, \
+                          FIXQ_ACT_T *FIXQ_RESTRICT y, uint32_t *ev) {                                \
+        int32_t b = c[0], am = c[1], ax = c[2], lo = c[3], hi = c[4], ho = c[5], ym = c[6], yx = c[7];    \
+        uint32_t ea = 0, ed = 0;                                                                      \
+        int k;                                                                                        \
+        for (k = 0; k < n; k++) {                                                                     \
+            int32_t v = asr32((int32_t)((uint32_t)d[k] << s) + b, as);                                \
+            ea += (uint32_t)((v < am) | (v > ax));                                                    \
+            v = v < lo ? lo : v;                                                                      \
+            v = v > hi ? hi : v;                                                                      \
+            v = asr32(v + ho, os);                                                                    \
+            ed += (uint32_t)((v < ym) | (v > yx));                                                    \
+            v = v < ym ? ym : v;                                                                      \
+            v = v > yx ? yx : v;                                                                      \
+            y[k] = (FIXQ_ACT_T)v;                                                                     \
+        }                                                                                             \
+        ev[0] = ea;                                                                                   \
+        ev[1] = ed;                                                                                   \
+    }
+/* the bits of every |d[k]| (of ~d[k] for d[k] < 0), k < n: -(m + 1) <= d[k] <= m */
+#define FIXQ_EPI32_BITS(NAME, ATTR)                                                                   \
+    ATTR static uint32_t NAME(int n, const int32_t *FIXQ_RESTRICT d) {                                \
+        uint32_t m = 0;                                                                               \
+        int k;                                                                                        \
+        for (k = 0; k < n; k++) {                                                                     \
+            m |= (uint32_t)(d[k] < 0 ? ~d[k] : d[k]);                                                 \
+        }                                                                                             \
+        return m;                                                                                     \
+    }
+FIXQ_EPI32_LOOP(epi32_loop, )
+FIXQ_EPI32_BITS(epi32_bits, )
+#if FIXQ_AVX2
+FIXQ_EPI32_LOOP(epi32_avx2, FIXQ_AVX2_FN)
+FIXQ_EPI32_BITS(epi32_bits_avx2, FIXQ_AVX2_FN)
+#endif
+
 /* epilogue_fast on int32 sums d << s, computed in int32 where the rows allow it: every
  * intermediate value is bounded first (a bound on the sums' magnitudes, the bias, the bounds
  * clipped to int32, which v never leaves); returns 0 (nothing written) otherwise */
 static int epilogue32(const fixq_conv_t *p, int i, int oy, int n, const int32_t *FIXQ_RESTRICT d, int s,
                       FIXQ_ACT_T *FIXQ_RESTRICT y, uint64_t *sat) {
-    int ox, as = p->acc_shift[i], os = p->out_shift[i], up = p->rounding == FIXQ_HALF_UP;
+    int as = p->acc_shift[i], os = p->out_shift[i], up = p->rounding == FIXQ_HALF_UP;
     int ab = p->acc_bits & FIXQ_BITS_MASK, yb = p->out_bits & FIXQ_BITS_MASK;
     int64_t bias = FIXQ_TAB(p->bias, i) + (up && as > 0 ? (int64_t)1 << (as - 1) : 0);
     int64_t ho = up && os > 0 ? (int64_t)1 << (os - 1) : 0, i32min = -(int64_t)2147483647 - 1;
@@ -469,15 +509,17 @@ static int epilogue32(const fixq_conv_t *p, int i, int oy, int n, const int32_t 
     int64_t ymin = (p->out_bits & FIXQ_UNSIGNED) ? 0 : -ymax - 1;
     int64_t vmax;
     int64_t dmin, dmax;
-    int32_t b32, ho32, lo32, hi32, am32, ax32, ym32, yx32;
-    uint32_t ea = 0, ed = 0, m = 0;
+    int32_t c[8];
+    uint32_t ea, ed, m, ev[2];
     FIXQ_ACT_T *yr = y + ((size_t)i * (size_t)p->oh + (size_t)oy) * (size_t)p->ow;
     if (lo > hi || s > 30 || as > 30 || os < 0 || os > 30 || ab < 2 || yb > 31) {
         return 0;
     }
-    for (ox = 0; ox < n; ox++) { /* the bits of every |d| (of ~d for d < 0): -(m + 1) <= d <= m */
-        m |= (uint32_t)(d[ox] < 0 ? ~d[ox] : d[ox]);
-    }
+#if FIXQ_AVX2
+    m = FIXQ_HAS_AVX2() ? epi32_bits_avx2(n, d) : epi32_bits(n, d);
+#else
+    m = epi32_bits(n, d);
+#endif
     dmin = -(int64_t)m - 1;
     dmax = (int64_t)m;
     lo = lo > i32min ? lo : i32min;
@@ -495,25 +537,25 @@ static int epilogue32(const fixq_conv_t *p, int i, int oy, int n, const int32_t 
     }
     /* v = d << s + bias in [dmin << s + bias, dmax << s + bias]: int32 (dmin < 0 <= dmax, so the
      * bias alone fits too); after the shift and the clamp v <= clamp(vmax), so v + ho is int32 */
-    b32 = (int32_t)bias;
-    ho32 = (int32_t)ho;
-    lo32 = (int32_t)lo;
-    hi32 = (int32_t)hi;
-    am32 = (int32_t)(amin > i32min ? amin : i32min);
-    ax32 = (int32_t)(amax < i32max ? amax : i32max);
-    ym32 = (int32_t)ymin;
-    yx32 = (int32_t)ymax;
-    for (ox = 0; ox < n; ox++) {
-        int32_t v = asr32((int32_t)((uint32_t)d[ox] << s) + b32, as);
-        ea += (uint32_t)((v < am32) | (v > ax32));
-        v = v < lo32 ? lo32 : v;
-        v = v > hi32 ? hi32 : v;
-        v = asr32(v + ho32, os);
-        ed += (uint32_t)((v < ym32) | (v > yx32));
-        v = v < ym32 ? ym32 : v;
-        v = v > yx32 ? yx32 : v;
-        yr[ox] = (FIXQ_ACT_T)v;
+    c[0] = (int32_t)bias;
+    c[1] = (int32_t)(amin > i32min ? amin : i32min);
+    c[2] = (int32_t)(amax < i32max ? amax : i32max);
+    c[3] = (int32_t)lo;
+    c[4] = (int32_t)hi;
+    c[5] = (int32_t)ho;
+    c[6] = (int32_t)ymin;
+    c[7] = (int32_t)ymax;
+#if FIXQ_AVX2
+    if (FIXQ_HAS_AVX2()) {
+        epi32_avx2(n, d, s, as, os, c, yr, ev);
+    } else {
+        epi32_loop(n, d, s, as, os, c, yr, ev);
     }
+#else
+    epi32_loop(n, d, s, as, os, c, yr, ev);
+#endif
+    ea = ev[0];
+    ed = ev[1];
     if (sat) {
         sat[0] += ea;
         sat[1] += ed;

@@ -1,7 +1,9 @@
 /* fixq runtime: the int32 dot-product kernels of the conv loop nests (fixq_rt_conv.c; DESIGN.md
  * section 5c). Portable C loops register-blocked 2 output channels x 4 outputs; on x86-64 (SSE2,
- * its baseline: no -march needed) the same sums with explicit 16x16->32 multiply-adds, unless
- * -DFIXQ_NO_SIMD. Sums are int32: callers use them only for layers proved to fit (acc32).
+ * its baseline: no -march needed) the same sums with explicit 16x16->32 multiply-adds, and with
+ * gcc/clang AVX2 kernels taken at run time on CPUs that have AVX2 (dot lengths L % 8 == 0),
+ * unless -DFIXQ_NO_SIMD (or -DFIXQ_NO_AVX2: SSE2 only). Sums are int32: callers use them only
+ * for layers proved to fit (acc32).
  */
 #ifndef FIXQ_RT_GEMM_H
 #define FIXQ_RT_GEMM_H
@@ -18,6 +20,20 @@
 #define FIXQ_SSE2 1
 #else
 #define FIXQ_SSE2 0
+#endif
+/* gcc and clang on x86-64: AVX2 variants compiled beside the SSE2 kernels (target attribute, no
+ * -march needed) and taken when the CPU has AVX2 (__builtin_cpu_supports, per call);
+ * -DFIXQ_NO_AVX2 keeps SSE2 */
+#if FIXQ_SSE2 && defined(__x86_64__) && defined(__GNUC__) && !defined(FIXQ_NO_AVX2)
+#define FIXQ_AVX2 1
+#else
+#define FIXQ_AVX2 0
+#endif
+#if FIXQ_AVX2
+/* a function compiled for AVX2 (plain C loops inside are vectorised on 256-bit registers); call
+ * it only where FIXQ_HAS_AVX2() */
+#define FIXQ_AVX2_FN __attribute__((target("avx2")))
+#define FIXQ_HAS_AVX2() __builtin_cpu_supports("avx2")
 #endif
 
 /* int32 sums of the output channels with weight rows w0 and w1 (w1 NULL: one channel), int8
