@@ -114,5 +114,24 @@ def test_channel_block_equals_the_per_channel_columns():
         for step in (1, 4, 7, full.shape[1], full.shape[1] + 3):
             for j in range(0, full.shape[1], step):
                 b = ob._channel_block(t3, j, step)
-                assert b.dtype == torch.float64 and b.is_contiguous()
-                assert torch.equal(b, full[:, j:j + step].double()), (shape, step, j)
+                old = full[:, j:j + step].double()  # what the search summed before blocks (same layout)
+                assert b.dtype == torch.float64 and b.stride() == old.stride(), (shape, step, j)
+                assert torch.equal(b, old), (shape, step, j)
+
+
+def test_mse_block_sums_keep_the_old_summation_order():
+    """The float64 error sums of the mse search are bit-identical to the whole-copy code's,
+    also for (N, C) classifier outputs, whose per-channel matrix is a column-major view."""
+    torch.manual_seed(4)
+    for shape in [(128, 1000), (64, 96, 7, 7), (32, 300, 1, 1)]:
+        t = torch.randn(*shape) * 3
+        t3 = t.reshape(shape[0], shape[1], -1)
+        full = ob._per_channel(t)
+        step = max(1, ob.MSE_CHUNK // shape[1])
+        for j in range(0, full.shape[1], step):
+            old = full[:, j:j + step].double()
+            new = ob._channel_block(t3, j, step)
+            q_old, q_new = (c.mul(8).floor_().div_(8) for c in (old, new))
+            e_old, e_new = (q - c for q, c in ((q_old, old), (q_new, new)))
+            assert torch.equal((e_new * e_new).sum(dim=1), (e_old * e_old).sum(dim=1)), (shape, j)
+            assert torch.equal((e_new * e_new).sum(), (e_old * e_old).sum()), (shape, j)

@@ -119,6 +119,8 @@ def _channel_block(t3: torch.Tensor, j: int, step: int) -> torch.Tensor:
     """
     N, C, P = t3.shape
     end = min(j + step, N * P)
+    if P == 1:  # (N, C) outputs: the per-channel matrix is a view, its float64 block keeps the
+        return t3[:, :, 0].transpose(0, 1)[:, j:end].double()  # column-major order of the sums as before
     out = torch.empty((C, end - j), dtype=torch.float64, device=t3.device)
     m = j
     while m < end:
