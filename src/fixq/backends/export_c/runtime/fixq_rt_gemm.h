@@ -23,8 +23,17 @@
 #endif
 /* gcc and clang on x86-64: AVX2 variants compiled beside the SSE2 kernels (target attribute, no
  * -march needed) and taken when the CPU has AVX2 (__builtin_cpu_supports, per call);
- * -DFIXQ_NO_AVX2 keeps SSE2 */
-#if FIXQ_SSE2 && defined(__x86_64__) && defined(__GNUC__) && !defined(FIXQ_NO_AVX2)
+ * -DFIXQ_NO_AVX2 keeps SSE2; older compilers (gcc < 4.9, clang < 3.8) cannot use AVX2 intrinsics
+ * inside target("avx2") functions and keep SSE2. __builtin_cpu_supports reads libgcc's (or
+ * compiler-rt's) __cpu_model: a freestanding -nostdlib x86-64 build links -lgcc or sets FIXQ_NO_AVX2 */
+#if defined(__clang__)
+#define FIXQ_AVX2_CC ((__clang_major__ > 3) || (__clang_major__ == 3 && __clang_minor__ >= 8))
+#elif defined(__GNUC__)
+#define FIXQ_AVX2_CC ((__GNUC__ > 4) || (__GNUC__ == 4 && __GNUC_MINOR__ >= 9))
+#else
+#define FIXQ_AVX2_CC 0
+#endif
+#if FIXQ_SSE2 && defined(__x86_64__) && FIXQ_AVX2_CC && !defined(FIXQ_NO_AVX2)
 #define FIXQ_AVX2 1
 #else
 #define FIXQ_AVX2 0
