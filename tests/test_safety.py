@@ -235,7 +235,7 @@ def test_c_runtime_extremes_under_ubsan(tmp_path):
     lit = ", ".join(("INT64_MIN" if v == -2 ** 63 else f"INT64_C({v})") for v in A)
     (tmp_path / "t.c").write_text(C_TEST.replace("A_VALUES", lit).replace("S_VALUES", ", ".join(map(str, S))))
     (tmp_path / "fixq_config.h").write_text("#define FIXQ_ACT_T int8_t\n#define FIXQ_W_T int8_t\n")
-    for f in ("fixq_rt.h", "fixq_rt.c"):
+    for f in [*(h.name for h in RUNTIME_DIR.glob("*.h")), "fixq_rt.c"]:  # fixq_rt.c includes fixq_rt_gemm.h
         shutil.copy(RUNTIME_DIR / f, tmp_path / f)
     for cc in [c for c in ("gcc", "clang") if shutil.which(c)]:
         r = subprocess.run([cc, *UBSAN_FLAGS.split(), "-o", "t", "t.c", "fixq_rt.c"], cwd=tmp_path,
