@@ -26,15 +26,17 @@ pytestmark = pytest.mark.skipif(shutil.which("cc") is None or shutil.which("make
 
 
 class OddNet(nn.Module):
-    """3 -> 7 -> 10 (stride 2) -> 10 (+ residual) -> 5 channels on a 11 x 13 input."""
+    """3 -> 7 -> 10 (stride 2) -> 10 (+ residual) -> 5 channels on a 11 x 13 input; ``ch`` and
+    ``c4`` (kernel, padding, dilation of the last conv) give the other nets of this file."""
 
-    def __init__(self):
+    def __init__(self, ch=(7, 10, 5), c4=(1, 0, 1)):
         super().__init__()
-        self.c1 = nn.Conv2d(3, 7, 3, 1, 1)
-        self.c2 = nn.Conv2d(7, 10, 3, 2, 1)
-        self.c3 = nn.Conv2d(10, 10, 3, 1, 1)
-        self.c4 = nn.Conv2d(10, 5, 1)
-        self.fc = nn.Linear(5 * 6 * 7, 3)
+        a, b, c = ch
+        self.c1 = nn.Conv2d(3, a, 3, 1, 1)
+        self.c2 = nn.Conv2d(a, b, 3, 2, 1)
+        self.c3 = nn.Conv2d(b, b, 3, 1, 1)
+        self.c4 = nn.Conv2d(b, c, c4[0], padding=c4[1], dilation=c4[2])
+        self.fc = nn.Linear(c * 6 * 7, 3)
 
     def forward(self, x):
         x = Fn.relu(self.c1(x))
@@ -65,24 +67,13 @@ def host_has_avx2() -> bool:
     return any(line.startswith("flags") and " avx2" in line for line in cpuinfo.read_text().splitlines())
 
 
-class Avx2Net(nn.Module):
+class Avx2Net(OddNet):
     """Dot lengths of every AVX2 case: ring segments kw * cin of 3 * 8 = 24 (16 + 8, stride 2, rows
     of 7 outputs: a tail of 3) and 3 * 16 = 48 (+ residual); an im2col row (dilated) of K = 144
     into 9 channels (a single last one); 9 (c1) and 378 (fc) stay on SSE2; 11 x 13 input."""
 
     def __init__(self):
-        super().__init__()
-        self.c1 = nn.Conv2d(3, 8, 3, 1, 1)
-        self.c2 = nn.Conv2d(8, 16, 3, 2, 1)
-        self.c3 = nn.Conv2d(16, 16, 3, 1, 1)
-        self.c4 = nn.Conv2d(16, 9, 3, padding=2, dilation=2)
-        self.fc = nn.Linear(9 * 6 * 7, 3)
-
-    def forward(self, x):
-        x = Fn.relu(self.c1(x))
-        y = Fn.relu(self.c2(x))
-        y = Fn.relu(self.c3(y) + y)
-        return self.fc(torch.flatten(self.c4(y), 1))
+        super().__init__((8, 16, 9), (3, 2, 2))
 
 
 @pytest.mark.skipif(not host_has_avx2(), reason="the AVX2 kernels run only on an x86-64 CPU with AVX2")

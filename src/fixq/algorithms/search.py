@@ -165,8 +165,9 @@ class PlanBench:
         s = self.session
         x, y, _ = self._part(part, limit)
         index = {n.name: i for i, n in enumerate(s.graph.nodes)}
+        base_json = self.base_plan.to_json()  # once, not once per plan
         forks = {index[k]: (k, Simulator(s.graph, p, exact=False, device=s.device))
-                 for k, p in plans.items() if k in index and self._only_differs_in(p, k)}
+                 for k, p in plans.items() if k in index and _only_differs_in(p.to_json(), base_json, k)}
         base = Simulator(s.graph, self.base_plan, exact=False, device=s.device)
 
         def one(b, xb):
@@ -189,12 +190,6 @@ class PlanBench:
             else:
                 out[k] = self.measure(p, part, limit)
         return out
-
-    def _only_differs_in(self, plan: QuantPlan, name: str) -> bool:
-        a, b = plan.to_json(), self.base_plan.to_json()
-        return (a["tensors"] == b["tensors"] and a["float_ops"] == b["float_ops"]
-                and a["config"]["rounding"] == b["config"]["rounding"] and set(a["layers"]) == set(b["layers"])
-                and all(v == b["layers"][k] for k, v in a["layers"].items() if k != name))
 
     def judge(self, logits: torch.Tensor, target: float) -> tuple[bool, dict]:
         """Whether tuning-image ``logits`` meet the absolute top-1 ``target`` under the
@@ -226,6 +221,13 @@ class PlanBench:
         """``(complexity in M <8b,8b> MACs, savings % vs the all-base plan)``."""
         c = analyze(self.session.graph, plan).rel_complexity_mmacs
         return c, 100.0 * (1.0 - c / self.base_cost)
+
+
+def _only_differs_in(a: dict, b: dict, name: str) -> bool:
+    """Whether plan JSON ``a`` equals ``b`` everywhere but layer ``name``'s entry."""
+    return (a["tensors"] == b["tensors"] and a["float_ops"] == b["float_ops"]
+            and a["config"]["rounding"] == b["config"]["rounding"] and set(a["layers"]) == set(b["layers"])
+            and all(v == b["layers"][k] for k, v in a["layers"].items() if k != name))
 
 
 def base_config(config: QuantConfig, bits: int) -> QuantConfig:
