@@ -36,6 +36,19 @@ def _paper_config(**explicit):
     return cfg, info
 
 
+
+def _float_env(g, plan, x):
+    """Every node's float output on ``x``, computed here from the graph's float rules."""
+    from fixq.graph.ir import FLOAT_RULES, apply_act, pre_activation
+    env = {g.input: x}
+    with torch.no_grad():
+        for n in g.nodes:
+            if n.inputs:
+                args = [env[i] for i in n.inputs]
+                env[n.name] = apply_act(pre_activation(n, *args), n.act) if n.name in plan.layers else \
+                    FLOAT_RULES[type(n)](n, *args)
+    return env
+
 def test_paper_plan_matches_the_papers_rules_field_by_field():
     g = make_graph(DepthwiseNet(), (3, 16, 16))
     torch.manual_seed(3)
@@ -47,15 +60,7 @@ def test_paper_plan_matches_the_papers_rules_field_by_field():
             cfg.rounding) == ("maxabs", "maxabs", "signed", 8, 32, "saturate", "4D", "half_up")
     plan = calibrate(g, [(x, None)], cfg, show_progress=False)
     # data: signed Q(8,F), one format per tensor, F from eq. 6 over the calibration images
-    env = {g.input: x}
-    for n in g.nodes:
-        if n.inputs:
-            torch.set_grad_enabled(False)
-            from fixq.graph.ir import FLOAT_RULES, apply_act, pre_activation
-            args = [env[i] for i in n.inputs]
-            env[n.name] = apply_act(pre_activation(n, *args), n.act) if n.name in plan.layers else \
-                FLOAT_RULES[type(n)](n, *args)
-    torch.set_grad_enabled(True)
+    env = _float_env(g, plan, x)
     checked = 0
     for n in g.nodes:
         if isinstance(n, QUANT_POINTS) and n.name in plan.tensors:
@@ -173,3 +178,42 @@ def test_cli_kmeans_paper_table4_with_float_elsewhere(capsys, tmp_path, digits_d
     cfg = only_layer_config(g, QuantConfig(LayerConfig(coeff_mode="2D")), "pw")
     assert cfg.for_layer("pw").coeff_bits == 8 and cfg.for_layer("grp").coeff_bits is None
     assert cfg.for_layer("fc").data_bits is None and cfg.for_layer(g.node("pw").inputs[0]).data_bits == 8
+
+
+def test_paper_residual_data_formats_are_eq6_at_4_bits():
+    """``<4b,4b>`` residuals under --paper: each residual branch's own data format is signed
+    Q(4,F) with F from eq. 6 over the calibration images, beside the input's Q(8,F)."""
+    from fixq.algorithms.kmeans import cluster_kernels
+    from fixq.algorithms.observe import observe
+    from fixq.algorithms.calibrate import plan_from
+    from fixq.planning.partitions import input_point
+    g = make_graph(DepthwiseNet(), (3, 16, 16))
+    torch.manual_seed(5)
+    x = torch.randn(32, 3, 16, 16)
+    cfg, _ = _paper_config(coeff_mode="2D")
+    km = {n: cluster_kernels(g.node(n).weight, 2) for n in ("stem", "pw", "fc")}
+    plan = plan_from(observe(g, [(x, None)], show_progress=False), cfg, "t", kmeans=km, kmeans_bits=(8, 4, 4))
+    env = _float_env(g, plan, x)
+    for name in km:
+        q = input_point(g, name)
+        m = float(env[q].abs().max())
+        d = plan.layers[name].kmeans.data
+        assert (d.T, d.signed, d.granularity) == (4, True, "4D"), name
+        assert d.F == (_eq6(m, 4),) and plan.tensors[q].F == (_eq6(m, 8),), (name, m)
+
+
+def test_kmeans_paper_excludes_the_first_layer(capsys, tmp_path, digits_dir):
+    """§6 / Table 6: under --paper every layer but the first is clustered, whatever --exclude
+    defaulted to; an explicit --exclude still wins (and is named as a departure)."""
+    a = argparse.Namespace(exclude="none", rounding="half_up", paper=True)
+    info = apply_paper(a, "kmeans", set())
+    assert a.exclude == "first" and "first layer not clustered (§6, Table 6)" in info["used"]
+    a = argparse.Namespace(exclude="none", paper=True)
+    assert apply_paper(a, "kmeans", {"exclude"})["departures"] == ["--exclude none"] and a.exclude == "none"
+    argv = ["kmeans", "--model", "lenet-digits", "--calib", str(digits_dir), "--calib-size", "64", "--eval",
+            str(digits_dir), "--eval-size", "200", "--out", str(tmp_path / "k"), "--k", "2", "--paper", "--quiet"]
+    assert main(argv) == 0, capsys.readouterr().err
+    plan = load_plan(tmp_path / "k" / "plan.json")
+    first = next(iter(plan.layers))
+    assert plan.layers[first].kmeans is None
+    assert all(lp.kmeans is not None for n, lp in plan.layers.items() if n != first)
