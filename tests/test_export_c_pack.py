@@ -38,7 +38,8 @@ def _expected_bytes(w: torch.Tensor) -> int:
     """Bytes the exporter must store codes ``w`` (O, mg, kh, kw) in, worked out from the codes
     alone: all in [-8, 7] -> two per byte; some 2D filters in [-8, 7] -> a nibble per narrow
     code, a byte per other code, rows on whole bytes, uint16 row offsets (int32 from 64 KiB) and
-    a 1-bit mask per filter, if that is below one byte per code; else one byte per code."""
+    a 1-bit mask per filter, if that (with the descriptor) saves at least 1/8 of one byte per
+    code; else one byte per code."""
     O, mg = w.shape[:2]
     f = w.reshape(O, mg, -1)
     narrow = ((f >= -8) & (f <= 7)).all(dim=2)
@@ -47,7 +48,7 @@ def _expected_bytes(w: torch.Tensor) -> int:
     khw = f.shape[2]
     rows = [(khw * (2 * mg - int(narrow[i].sum())) + 1) // 2 for i in range(O)]
     mixed = sum(rows) + (2 if sum(rows[:-1]) < 65536 else 4) * O + (O * mg + 7) // 8
-    return mixed if narrow.any() and mixed + pk.P48_STRUCT < w.numel() else w.numel()
+    return mixed if narrow.any() and 8 * (mixed + pk.P48_STRUCT) <= 7 * w.numel() else w.numel()
 
 
 def _codes(eng: Engine) -> list[torch.Tensor]:
@@ -114,7 +115,8 @@ def test_mixed_8_4_plan_packs_per_2d_filter(tmp_path):
                      filter_bits=bits)
     packed, plain, saved = _packed_vs_plain(g, plan, tmp_path)
     kinds = {k: v["weights"] for k, v in packed.layers.items()}
-    assert kinds["L_grp"] == kinds["L_fc"] == "int4/int8 per 2D filter", kinds
+    assert kinds["L_grp"] == "int4/int8 per 2D filter", kinds  # fc (5 x 32 codes): the index and descriptor
+    assert kinds["L_fc"] == "int8_t", kinds  # eat more than 1/8 of its bytes (the ROM rule is checked above)
     assert {v["weights"] for v in plain.layers.values()} == {"int8_t"}
     grp = packed.layers["L_grp"]
     assert 0 < grp["narrow_filters"] < grp["filters"] == 8 * 8 and grp["index_bytes"] == 2 * 8 + 8
@@ -145,7 +147,7 @@ def test_hwc_and_depthwise_layouts_pack_per_2d_filter(tmp_path, monkeypatch):
 
 def _shrunk_4d_plan():
     g = _net()
-    for name, sel in (("stem", slice(None, None, 2)), ("dw", slice(None, 6)), ("pw", slice(1, None)),
+    for name, sel in (("stem", slice(None, None, 2)), ("dw", slice(None, 7)), ("pw", slice(1, None)),
                       ("fc", slice(1, None))):
         w = g.node(name).weight
         if name == "dw":
@@ -238,3 +240,13 @@ def test_div64_model_equals_the_engine(tmp_path):
     g = _net()
     res, _ = c_vs_engine(g, plan_for(g, SHAPE, coeff_mode="3D", data_bits=30), SHAPE, tmp_path, n=4)
     assert "#define FIXQ_DIV64 1" in (res.out / "fixq_config.h").read_text()
+
+
+def test_rows_per_pass_come_from_the_exporter():
+    """The arena's kernel scratch is sized for emit.HWC_ROWS output rows per pass: fixq_config.h
+    defines FIXQ_ROWS to it, and the runtime's fallback (hand-made configs) is the same value."""
+    from fixq.backends.export_c.emit import HWC_ROWS, RUNTIME_DIR
+    from fixq.backends.export_c.files import config_h
+    src = (RUNTIME_DIR / "fixq_rt_conv.c").read_text()
+    assert re.search(r"#ifndef FIXQ_ROWS\n#define FIXQ_ROWS (\d+)\n#endif", src).group(1) == str(HWC_ROWS)
+    assert f"#define FIXQ_ROWS {HWC_ROWS} " in config_h("m", "int8_t", "int8_t", [], rows=HWC_ROWS)

@@ -28,6 +28,9 @@ __all__ = ["C_EMITTERS", "RUNTIME_DIR", "EmitCtx", "CTYPE_BYTES"]
 RUNTIME_DIR = Path(__file__).parent / "runtime"
 ROUNDING_C = {"half_up": "FIXQ_HALF_UP", "nearest_even": "FIXQ_NEAREST_EVEN", "floor": "FIXQ_FLOOR"}
 OVERFLOW_C = {"saturate": "FIXQ_SATURATE", "wrap": "FIXQ_WRAP"}
+# output rows per pass of the runtime's hwc loop nest: fixq_config.h defines FIXQ_ROWS to this
+# (fixq_rt_conv.c's fallback for hand-made configs is the same value, tests/test_export_c_pack.py)
+HWC_ROWS = 4
 CTYPE_BYTES = {"int8_t": 1, "int16_t": 2, "int32_t": 4, "int64_t": 8, "uint8_t": 1, "uint16_t": 2}
 
 
@@ -94,12 +97,12 @@ class EmitCtx:
         a8 = lambda n: (n + 7) // 8 * 8  # noqa: E731
         m = mac_bytes(self.act_type, self.w_type)
         W, kh, kw, sh, sw, pw, oh, ow = geo[2], geo[5], geo[6], geo[7], geo[8], geo[10], geo[-2], geo[-1]
-        if hwc:  # a ring of the input rows of FIXQ_ROWS = 4 output rows
-            rows = kh + sh * (min(oh, 4) - 1)
+        if hwc:  # a ring of the input rows of FIXQ_ROWS output rows
+            rows = kh + sh * (min(oh, HWC_ROWS) - 1)
             col = a8(rows * max(pw + W, (ow - 1) * sw + kw) * mg * m)
         else:
             col = a8(K * ow * m) if mg > 1 else 0
-        self.scratch_bytes = max(self.scratch_bytes, col + (8 + 8 * 4) * ow + a8(2 * K * m))
+        self.scratch_bytes = max(self.scratch_bytes, col + (8 + 8 * HWC_ROWS) * ow + a8(2 * K * m))
 
     def buf(self, name: str) -> str:
         return f"act + {self.offsets[name]}"

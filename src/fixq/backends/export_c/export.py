@@ -17,7 +17,7 @@ from fixq.backends.engine import Engine, EngineError
 from fixq.graph.ir import Graph, Input
 from fixq.numerics.formats import code_limits
 from fixq.planning.plan import QuantPlan
-from .emit import C_EMITTERS, CTYPE_BYTES, RUNTIME_DIR, EmitCtx, _cid, _storage_type
+from .emit import C_EMITTERS, CTYPE_BYTES, HWC_ROWS, RUNTIME_DIR, EmitCtx, _cid, _storage_type
 from .files import allocate, api_c, config_h, io_type, model_h, pixel_table, plan_hash, prefixed, runtime_symbols
 from .pack import P48_NAME
 
@@ -106,7 +106,8 @@ def export_c(graph: Graph, plan: QuantPlan, out: str | Path, meta: dict | None =
     phash = plan_hash(json.dumps(plan.to_json(), sort_keys=True))
     syms = runtime_symbols(RUNTIME_DIR)
     (out / "fixq_config.h").write_text(config_h(name, act_t, w_t, syms, ctx.div64,
-                                                any(v.get("weights") == P48_NAME for v in ctx.layers.values())))
+                                                any(v.get("weights") == P48_NAME for v in ctx.layers.values()),
+                                                HWC_ROWS))
     (out / "model.h").write_text(model_h(name, phash, plan.model, in_shape, out_size, arena_bytes, len(graph.nodes),
                                          (T_in, F_in), (T_out, F_out), pre))
     body = "\n".join(ctx.decls)

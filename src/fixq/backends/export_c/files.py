@@ -51,11 +51,13 @@ def prefixed(text: str, name: str) -> str:
     return text.replace("fixq_model_", f"fixq_{name}_").replace("FIXQ_MODEL_", f"FIXQ_{name.upper()}_")
 
 
-def config_h(name: str, act_t: str, w_t: str, symbols: list[str], div64: bool = True, p48: bool = True) -> str:
+def config_h(name: str, act_t: str, w_t: str, symbols: list[str], div64: bool = True, p48: bool = True,
+             rows: int = 4) -> str:
     """FIXQ_DIV64 0 (every average pool proved to divide in 32 bits) leaves the 64-bit
     division out of the runtime: no ``__aeabi_ldivmod``/``__divdi3`` on 32-bit targets; a
     model that needs it refuses to compile with ``-DFIXQ_DIV64=0``. FIXQ_P48 0 (no layer
-    stored int4/int8 per 2D filter) leaves that unpacking out."""
+    stored int4/int8 per 2D filter) leaves that unpacking out. FIXQ_ROWS ``rows``: output
+    rows per pass of the hwc loop nest, which the arena's kernel scratch was sized for."""
     ws = {"int8_t": "FIXQ_WS_I8", "int16_t": "FIXQ_WS_I16", "int32_t": "FIXQ_WS_I32"}[w_t]
     renames = "\n".join(f"#define {s} fixq_{name}_rt{s[4:]}" for s in symbols)
     mac = "int16_t" if mac_bytes(act_t, w_t) == 2 else "int32_t"
@@ -66,7 +68,9 @@ def config_h(name: str, act_t: str, w_t: str, symbols: list[str], div64: bool = 
             f"#ifndef FIXQ_DIV64\n#define FIXQ_DIV64 {int(div64)}\n#endif\n"
             + ("#if !FIXQ_DIV64\n#error \"an average pool of this model needs 64-bit division: do not set "
                "FIXQ_DIV64 to 0\"\n#endif\n" if div64 else "")
-            + f"#ifndef FIXQ_P48\n#define FIXQ_P48 {int(p48)}\n#endif\n{renames}\n#endif\n")
+            + f"#ifndef FIXQ_P48\n#define FIXQ_P48 {int(p48)}\n#endif\n"
+            f"#define FIXQ_ROWS {rows} /* output rows per pass of the hwc loop nest: the arena is sized for it */\n"
+            f"{renames}\n#endif\n")
 
 
 def mac_bytes(act_t: str, w_t: str) -> int:

@@ -12,10 +12,13 @@ stream (low nibble first): its filters ``j = 0 .. mg-1`` in order, each ``khw`` 
 two nibbles (low, high: two's complement 8 bits) otherwise; a row ends on a byte. The index
 is ``row`` (``uint16[O]`` where every row starts below 2^16, else ``int32[O]``) and ``mask``
 (bit ``f % 8`` of byte ``f / 8`` set when filter ``f = i * mg + j`` is narrow). It is chosen
-only when data + index + the descriptor (P48_STRUCT) are smaller than int8; the runtime's
-unpacking is compiled only into models that use it (FIXQ_P48). Unpacking costs time: rows
-are unpacked once per output row of the kernels (3.8% more Cortex-M4 instructions on a
-small depthwise model in review).
+only when data + index + the descriptor (P48_STRUCT) save at least ``P48_MIN_SAVING`` of
+the int8 bytes; the runtime's unpacking is compiled only into models that use it (FIXQ_P48).
+Unpacking costs time: a row is unpacked once per pass of FIXQ_ROWS output rows (scalar, about
+4 cycles a code on x86-64), which is as much as the dot products of a small late layer: on
+ResNet-20's <8b,8b> 3D plan (a few narrow filters in 6 layers) P48 saved 633 bytes of 277 KB
+(0.2%) and its unpacking took 8-14% of the C's time. Layers where few filters are narrow
+therefore stay int8; mixed 8/4-bit plans (most low-energy filters narrow) still pack.
 
 >>> data, row, mask = p48_layout(torch.tensor([[[[1, -2]], [[100, 3]]]]))   # O=1, mg=2, 1x2
 >>> data, row, mask      # filter 0 narrow: nibbles 1, 0xE; filter 1: bytes 100, 3
@@ -28,11 +31,12 @@ import torch
 from fixq.backends.engine import EngineError
 from fixq.planning.safety import C_LIMITS
 
-__all__ = ["WSTORE", "P48_NAME", "P48_STRUCT", "narrow_filters", "p48_layout", "p48_unpack", "p48_bytes", "row_bytes", "store_weights"]
+__all__ = ["WSTORE", "P48_NAME", "P48_STRUCT", "P48_MIN_SAVING", "narrow_filters", "p48_layout", "p48_unpack", "p48_bytes", "row_bytes", "store_weights"]
 
 WSTORE = {"int8_t": "FIXQ_WS_I8", "int16_t": "FIXQ_WS_I16", "int32_t": "FIXQ_WS_I32"}
 P48_NAME = "int4/int8 per 2D filter"
 P48_STRUCT = 32  # bytes of the fixq_wmix_t descriptor (4 pointers on a 64-bit host; 16 on 32-bit targets)
+P48_MIN_SAVING = 0.125  # P48 only where it saves >= 1/8 of the layer's int8 bytes (module docstring)
 
 
 def _nibbles_to_bytes(nib: list[int]) -> list[int]:
@@ -110,7 +114,7 @@ def store_weights(ctx, name: str, w: torch.Tensor, hwc: bool = False) -> tuple[s
         info.update(weights="int4 packed", bytes=len(packed), index_bytes=0)
         return ctx.array(name, "uint8_t", packed, "weights"), "FIXQ_WS_P4", info
     if ctx.pack and -128 <= lo and hi <= 127 and 0 < info["narrow_filters"] and \
-            p48_bytes(w) + P48_STRUCT < vals.numel():  # the descriptor counted: never larger than int8
+            p48_bytes(w) + P48_STRUCT <= (1 - P48_MIN_SAVING) * vals.numel():  # the descriptor counted
         data, row, mask = p48_layout(w)
         d = ctx.array(name, "uint8_t", data, "weights")
         rb = row_bytes(row)

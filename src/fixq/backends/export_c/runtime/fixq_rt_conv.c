@@ -28,8 +28,11 @@ static int conv_k(const fixq_conv_t *p) {
 
 /* output rows per pass of the hwc loop nest: the weight rows of a channel pair are prepared
  * (widened or unpacked) once per pass; the ring holds the input rows of a pass (fixq_conv_scratch
- * and its Python mirror, export_c/emit.py, use the same rule) */
+ * and its Python mirror, export_c/emit.py, use the same rule). fixq_config.h sets it to the value
+ * the exporter sized the arena for (emit.HWC_ROWS); this fallback is for hand-made configs. */
+#ifndef FIXQ_ROWS
 #define FIXQ_ROWS 4
+#endif
 
 /* transposed input rows the hwc ring holds: every row of a pass of FIXQ_ROWS output rows */
 static int ring_rows(const fixq_conv_t *p) {
@@ -96,10 +99,20 @@ static const FIXQ_MAC_T *mixed_row(const fixq_conv_t *p, int i, FIXQ_MAC_T *buf)
         size_t f = f0 + (size_t)j;
         FIXQ_MAC_T *d = buf + j * stride;
         const uint8_t *c = b + (n >> 1);
-        if ((m->mask[f >> 3] >> (f & 7u)) & 1u) { /* 4-bit codes: one nibble each */
-            for (t = 0; t < khw; t++) {
-                unsigned u = ((unsigned)c[(t + (int)(n & 1u)) >> 1] >> (((unsigned)t + (unsigned)n) & 1u) * 4u) & 15u;
-                d[t * step] = (FIXQ_MAC_T)((int32_t)(u ^ 8u) - 8);
+        if ((m->mask[f >> 3] >> (f & 7u)) & 1u) { /* 4-bit codes: low nibble first, two per byte */
+            const uint8_t *q = c;
+            t = 0;
+            if (n & 1u) { /* the first code is the high nibble of c[0] */
+                d[0] = (FIXQ_MAC_T)((int32_t)(((unsigned)q[0] >> 4) ^ 8u) - 8);
+                q++;
+                t = 1;
+            }
+            for (; t + 1 < khw; t += 2, q++) {
+                d[t * step] = (FIXQ_MAC_T)((int32_t)(((unsigned)q[0] & 15u) ^ 8u) - 8);
+                d[(t + 1) * step] = (FIXQ_MAC_T)((int32_t)(((unsigned)q[0] >> 4) ^ 8u) - 8);
+            }
+            if (t < khw) {
+                d[t * step] = (FIXQ_MAC_T)((int32_t)(((unsigned)q[0] & 15u) ^ 8u) - 8);
             }
             n += (size_t)khw;
         } else if ((n & 1u) == 0u) { /* int8 codes on byte boundaries */
