@@ -200,6 +200,17 @@ def test_bug_is_exit_1_with_debug_hint(capsys, monkeypatch):
     assert code == 1 and "this is a bug in fixq" in err and "FIXQ_DEBUG=1" in err and "Traceback" not in err
 
 
+
+def test_closed_stdout_pipe_is_not_a_bug():
+    """`fixq models | head -1`: the reader closes the pipe early; fixq stops quietly (141, as a
+    shell reports SIGPIPE), without the 'internal error' line."""
+    import subprocess
+    import sys
+    p = subprocess.Popen([sys.executable, "-m", "fixq", "models"], stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    p.stdout.close()  # closed before fixq writes: its first write meets a broken pipe
+    err = p.stderr.read().decode()
+    assert p.wait() == 141 and "internal error" not in err and "Traceback" not in err, err
+
 def test_library_warnings_one_clean_line(tmp_path, digits):
     """As a terminal user sees them: a real process, no pytest warning capture in between."""
     import os

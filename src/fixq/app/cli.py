@@ -61,6 +61,16 @@ def _bug(e: Exception) -> int:
     return 1
 
 
+def _quiet_stdout() -> None:
+    """Point stdout at /dev/null so the interpreter's final flush cannot fail on a closed pipe."""
+    import os
+    try:
+        fd = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(fd, sys.stdout.fileno())
+    except (OSError, ValueError, AttributeError):  # stdout without a file descriptor (captured)
+        pass
+
+
 def main(argv: list[str] | None = None) -> int:
     """Run one ``fixq`` command; returns the exit code (0 ok, 2 user problem, 1 bug in fixq).
 
@@ -82,6 +92,9 @@ def main(argv: list[str] | None = None) -> int:
         hint = _hint(e)
         print(f"fixq: error: {e}" + (f" (hint: {hint})" if hint else ""), file=sys.stderr)
         return 2
+    except BrokenPipeError:  # the reader of stdout went away (`fixq ... | head`): the outputs are written
+        _quiet_stdout()
+        return 141  # what a shell reports for a process ended by SIGPIPE
     except OSError as e:  # FileNotFoundError, PermissionError, NotADirectoryError, EROFS... on a named path
         if e.filename is None:
             return _bug(e)
