@@ -319,10 +319,16 @@ FIXQ_AVX2_SUMS(sums32_avx2, int16_t, FIXQ_LD256, FIXQ_LD)
 FIXQ_AVX2_SUMS(sums32_avx2_w8, int8_t, fixq_ld8x16, fixq_ld8)
 #endif
 
+/* tests only (tests/test_export_c_kernels.py): which kernel a call took, 2 AVX2, 1 SSE2, 0 portable */
+#ifndef FIXQ_TEST_TAKEN
+#define FIXQ_TEST_TAKEN(k) ((void)0)
+#endif
+
 void fixq_sums32(int ow, const FIXQ_MAC_T *x, size_t rowlen, int r0, int ns, int seg, int L, int step,
                  const void *w0, const void *w1, int w8, int32_t *d0, int32_t *d1) {
 #if FIXQ_AVX2
     if (sizeof(FIXQ_MAC_T) == 2u && L % 8 == 0 && FIXQ_HAS_AVX2()) { /* a load and a test */
+        FIXQ_TEST_TAKEN(2);
         if (w8) {
             sums32_avx2_w8(ow, (const int16_t *)(const void *)x, rowlen, r0, ns, seg, L, step, (const int8_t *)w0,
                            (const int8_t *)(w1 != NULL ? w1 : w0), d0, d1);
@@ -334,16 +340,18 @@ void fixq_sums32(int ow, const FIXQ_MAC_T *x, size_t rowlen, int r0, int ns, int
     }
 #endif
 #if FIXQ_SSE2
-    if (sizeof(FIXQ_MAC_T) == 2u && w8) {
-        sums32_sse2_w8(ow, (const int16_t *)(const void *)x, rowlen, r0, ns, seg, L, step, (const int8_t *)w0,
-                       (const int8_t *)(w1 != NULL ? w1 : w0), d0, d1);
-        return;
-    }
     if (sizeof(FIXQ_MAC_T) == 2u) {
-        sums32_sse2(ow, (const int16_t *)(const void *)x, rowlen, r0, ns, seg, L, step, (const int16_t *)w0,
-                    (const int16_t *)(w1 != NULL ? w1 : w0), d0, d1);
+        FIXQ_TEST_TAKEN(1);
+        if (w8) {
+            sums32_sse2_w8(ow, (const int16_t *)(const void *)x, rowlen, r0, ns, seg, L, step, (const int8_t *)w0,
+                           (const int8_t *)(w1 != NULL ? w1 : w0), d0, d1);
+        } else {
+            sums32_sse2(ow, (const int16_t *)(const void *)x, rowlen, r0, ns, seg, L, step, (const int16_t *)w0,
+                        (const int16_t *)(w1 != NULL ? w1 : w0), d0, d1);
+        }
         return;
     }
 #endif
+    FIXQ_TEST_TAKEN(0);
     sums32(ow, x, rowlen, r0, ns, seg, L, step, w0, w1, w8, d0, d1);
 }
