@@ -48,6 +48,9 @@ cd "$(dirname "$0")"
   for m in cifar10-resnet20 cifar10-resnet32 efficientnet-lite0; do
     [ -f results/paper_kmeans_$m.md ] && { echo; cat results/paper_kmeans_$m.md; }
   done
+  for m in cifar10-resnet20 cifar10-resnet32 efficientnet-lite0; do
+    [ -f results/paper_mixed_$m.md ] && { echo; cat results/paper_mixed_$m.md; }
+  done
   sec "Mobile-CNN ops: tables, squeeze-and-excitation, channel shuffle (issue 21)" results/mobile_ops.md
 } > RESULTS.md
 echo "wrote $(pwd)/RESULTS.md"

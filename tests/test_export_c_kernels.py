@@ -113,6 +113,7 @@ def test_int16_weights_and_int64_layers(tmp_path, wb, db, acc):
 # ---- fixq_sums32 alone: every kernel on operands at the edge of the int32 contract ----
 
 SUMS_HARNESS = r"""#include <stdio.h>
+#include <stdlib.h>
 static unsigned long fixq_test_taken[3];
 #define FIXQ_TEST_TAKEN(k) (fixq_test_taken[k]++)
 #include "fixq_rt_gemm.c"
@@ -125,43 +126,49 @@ static int rnd(int lo, int hi) { /* uniform in [lo, hi] (LCG), the extremes one 
     if (r % 4u == 1u) { return hi; }
     return lo + (int)((r >> 2) % (unsigned)(hi - lo + 1));
 }
-static int16_t X[8 * 4096]; static int16_t W16[2 * 4096]; static int8_t W8[2 * 4096];
-static int32_t D0[64], D1[64];
 int main(void) {
     /* ow, ns, seg, L, step, r0, w8, two rows: ring rows (hwc), im2col rows, one-row calls, tails */
     static const int cases[][8] = {
         {7, 5, 3, 24, 8, 2, 1, 1}, {9, 4, 3, 48, 16, 3, 0, 1}, {13, 3, 3, 9, 3, 1, 1, 1},
         {6, 1, 1, 144, 144, 0, 1, 1}, {5, 1, 1, 16, 16, 0, 0, 0}, {4, 1, 1, 504, 504, 0, 1, 1},
         {11, 6, 5, 40, 8, 4, 0, 1}, {3, 2, 2, 8, 8, 1, 1, 0}, {8, 1, 1, 378, 378, 0, 0, 1}};
-    int c, bad = 0;
-    for (c = 0; c < (int)(sizeof cases / sizeof cases[0]); c++) {
-        int ow = cases[c][0], ns = cases[c][1], seg = cases[c][2], L = cases[c][3], step = cases[c][4];
-        int r0 = cases[c][5], w8 = cases[c][6], two = cases[c][7], n = seg * L, i, ox, t, k;
-        size_t rowlen = (size_t)((ow - 1) * step + L);
-        /* every partial sum of |w| |x| stays below 2^31 (the acc32 proof), with |x| up to 2^15 */
-        long wmax = w8 ? 127 : 2147483647L / ((long)n * 32768L);
-        if (wmax > 32767) { wmax = 32767; }
-        for (i = 0; i < (int)(ns * rowlen); i++) { X[i] = (int16_t)rnd(-32768, 32767); }
-        for (i = 0; i < 2 * n; i++) {
-            int v = rnd(-(int)wmax - (w8 ? 1 : 0), (int)wmax);
-            if (w8) { W8[i] = (int8_t)v; } else { W16[i] = (int16_t)v; }
-        }
-        fixq_sums32(ow, X, rowlen, r0, ns, seg, L, step, w8 ? (const void *)W8 : (const void *)W16,
-                    two ? (w8 ? (const void *)(W8 + n) : (const void *)(W16 + n)) : NULL, w8, D0, D1);
-        for (i = 0; i < (two ? 2 : 1); i++) {
-            for (ox = 0; ox < ow; ox++) {
-                long long s = 0; /* the definition: int64, no blocking */
-                for (t = 0; t < seg; t++) {
-                    for (k = 0; k < L; k++) {
-                        long long w = w8 ? W8[i * n + t * L + k] : W16[i * n + t * L + k];
-                        s += w * X[(size_t)((r0 + t) % ns) * rowlen + (size_t)(ox * step + k)];
-                    }
-                }
-                if (s != (long long)(i ? D1[ox] : D0[ox])) { bad++; }
-                printf("%ld ", (long)(i ? D1[ox] : D0[ox]));
+    int c, extreme, bad = 0;
+    for (extreme = 0; extreme < 2; extreme++) {
+        for (c = 0; c < (int)(sizeof cases / sizeof cases[0]); c++) {
+            int ow = cases[c][0], ns = cases[c][1], seg = cases[c][2], L = cases[c][3], step = cases[c][4];
+            int r0 = cases[c][5], w8 = cases[c][6], two = cases[c][7], n = seg * L, i, ox, t, k;
+            size_t rowlen = (size_t)((ow - 1) * step + L), nx = (size_t)ns * rowlen;
+            /* the acc32 proof's bound: sum |w| |x| < 2^31 with |x| <= 2^15, so |w| <= B */
+            long B = 2147483647L / ((long)n * 32768L), wneg = B < (w8 ? 128 : 32768) ? B : (w8 ? 128 : 32768);
+            long wpos = wneg < (w8 ? 127 : 32767) ? wneg : (w8 ? 127 : 32767);
+            /* exact sizes (AddressSanitizer sees any read past them) */
+            int16_t *X = malloc(nx * sizeof *X), *W16 = malloc((size_t)(2 * n) * sizeof *W16);
+            int8_t *W8 = malloc((size_t)(2 * n));
+            int32_t *D0 = malloc((size_t)ow * sizeof *D0), *D1 = malloc((size_t)ow * sizeof *D1);
+            for (i = 0; i < (int)nx; i++) { X[i] = (int16_t)(extreme ? -32768 : rnd(-32768, 32767)); }
+            for (i = 0; i < 2 * n; i++) { /* extreme: row 0 all -wneg (sums n wneg 2^15, just below 2^31), row 1 +wpos */
+                int v = extreme ? (i < n ? (int)-wneg : (int)wpos) : rnd((int)-wneg, (int)wpos);
+                if (w8) { W8[i] = (int8_t)v; } else { W16[i] = (int16_t)v; }
             }
+            fixq_sums32(ow, X, rowlen, r0, ns, seg, L, step, w8 ? (const void *)W8 : (const void *)W16,
+                        two ? (w8 ? (const void *)(W8 + n) : (const void *)(W16 + n)) : NULL, w8, D0, D1);
+            for (i = 0; i < (two ? 2 : 1); i++) {
+                for (ox = 0; ox < ow; ox++) {
+                    long long s = 0; /* the definition: int64, no blocking */
+                    for (t = 0; t < seg; t++) {
+                        for (k = 0; k < L; k++) {
+                            long long w = w8 ? W8[i * n + t * L + k] : W16[i * n + t * L + k];
+                            s += w * X[(size_t)((r0 + t) % ns) * rowlen + (size_t)(ox * step + k)];
+                        }
+                    }
+                    if (s != (long long)(i ? D1[ox] : D0[ox])) { bad++; }
+                    printf("%ld ", (long)(i ? D1[ox] : D0[ox]));
+                }
+            }
+            if (extreme) { printf("| %lld", (long long)n * wneg * 32768); }
+            printf("\n");
+            free(X); free(W16); free(W8); free(D0); free(D1);
         }
-        printf("\n");
     }
     printf("taken %lu %lu %lu bad %d\n", fixq_test_taken[0], fixq_test_taken[1], fixq_test_taken[2], bad);
     return bad != 0;
@@ -171,11 +178,12 @@ int main(void) {
 
 def test_sums32_kernels_equal_the_definition_and_the_dispatch_is_taken(tmp_path):
     """fixq_sums32 alone, on ring and im2col shapes with row tails, one- and two-row calls,
-    int8 and int16 weights, operands at the extremes (x = -2^15 and 2^15 - 1, weights up to
-    the bound that keeps every partial sum of |w||x| below 2^31): each build equals an int64
-    sum written out in the harness, and each takes the kernel it should (counted by the
-    FIXQ_TEST_TAKEN hook): AVX2 for L % 8 == 0 where the CPU has it, else SSE2 on x86-64,
-    the portable loops with -DFIXQ_NO_SIMD."""
+    int8 and int16 weights, under AddressSanitizer and UBSan with exact-size buffers: random
+    operands with the extremes drawn often, then every x = -2^15 against weights at the acc32
+    bound (every partial sum of |w||x| below 2^31), so that the sums reach 2^31 - n 2^15 or
+    closer: each build equals an int64 sum written out in the harness, and each takes the
+    kernel it should (counted by the FIXQ_TEST_TAKEN hook): AVX2 for L % 8 == 0 where the CPU
+    has it, else SSE2 on x86-64, the portable loops with -DFIXQ_NO_SIMD."""
     from fixq.backends.export_c.emit import RUNTIME_DIR
     (tmp_path / "fixq_config.h").write_text(
         "#define FIXQ_ACT_T int16_t\n#define FIXQ_W_T int16_t\n#define FIXQ_W_WS FIXQ_WS_I16\n"
@@ -185,18 +193,25 @@ def test_sums32_kernels_equal_the_definition_and_the_dispatch_is_taken(tmp_path)
     outs = {}
     for tag, extra in (("default", []), ("sse2", ["-DFIXQ_NO_AVX2"]), ("portable", ["-DFIXQ_NO_SIMD"])):
         exe = tmp_path / tag
-        subprocess.run(["cc", *UBSAN_FLAGS.split(), "-Wno-unused-function", *extra, f"-I{tmp_path}",
+        subprocess.run(["cc", *UBSAN_FLAGS.replace("-fsanitize=undefined", "-fsanitize=address,undefined").split(),
+                        "-Wno-unused-function", *extra, f"-I{tmp_path}",
                         f"-I{RUNTIME_DIR}", str(tmp_path / "h.c"), "-o", str(exe)], check=True)
         r = subprocess.run([str(exe)], capture_output=True, text=True)
         assert r.returncode == 0, f"{tag}: {r.stdout[-300:]} {r.stderr[-800:]}"
         *rows, last = r.stdout.strip().splitlines()
         outs[tag] = rows
         taken = [int(v) for v in last.split()[1:4]]
-        assert last.endswith("bad 0") and sum(taken) == 9, (tag, last)
+        assert last.endswith("bad 0") and sum(taken) == 18, (tag, last)
         if tag == "portable" or not x86:
-            assert taken == [9, 0, 0], (tag, taken)
+            assert taken == [18, 0, 0], (tag, taken)
         elif tag == "sse2" or not host_has_avx2():
-            assert taken == [0, 9, 0], (tag, taken)
-        else:  # L % 8 == 0 in 7 of the 9 cases (L = 9 and 378 stay on SSE2)
-            assert taken == [0, 2, 7], (tag, taken)
+            assert taken == [0, 18, 0], (tag, taken)
+        else:  # L % 8 == 0 in 7 of the 9 shapes (L = 9 and 378 stay on SSE2), each run twice
+            assert taken == [0, 4, 14], (tag, taken)
     assert outs["default"] == outs["sse2"] == outs["portable"]
+    near = 0
+    for row in outs["default"][9:]:  # the extreme runs: row 0's sums are n wneg 2^15
+        sums, want = row.split("|")
+        assert int(sums.split()[0]) == int(want), row
+        near += int(want) > 0.98 * 2 ** 31
+    assert near == 5  # the int16 shapes and the int8 one of n = 504: within 2% of 2^31

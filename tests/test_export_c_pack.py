@@ -242,11 +242,26 @@ def test_div64_model_equals_the_engine(tmp_path):
     assert "#define FIXQ_DIV64 1" in (res.out / "fixq_config.h").read_text()
 
 
-def test_rows_per_pass_come_from_the_exporter():
-    """The arena's kernel scratch is sized for emit.HWC_ROWS output rows per pass: fixq_config.h
-    defines FIXQ_ROWS to it, and the runtime's fallback (hand-made configs) is the same value."""
+@needs_cc
+@pytest.mark.parametrize("rows", [1, 3, 8])
+def test_rows_per_pass_come_from_the_exporter(tmp_path, rows):
+    """The arena's kernel scratch is sized for ``hwc_rows`` output rows per pass and
+    fixq_config.h defines FIXQ_ROWS to it: other values than the default still equal the
+    engine under UBSan, and the runtime's fallback for hand-made configs is the exporter's
+    default."""
     from fixq.backends.export_c.emit import HWC_ROWS, RUNTIME_DIR
-    from fixq.backends.export_c.files import config_h
     src = (RUNTIME_DIR / "fixq_rt_conv.c").read_text()
     assert re.search(r"#ifndef FIXQ_ROWS\n#define FIXQ_ROWS (\d+)\n#endif", src).group(1) == str(HWC_ROWS)
-    assert f"#define FIXQ_ROWS {HWC_ROWS} " in config_h("m", "int8_t", "int8_t", [], rows=HWC_ROWS)
+    g, plan = _shrunk_4d_plan()
+    eng = Engine(g, plan)
+    torch.manual_seed(3)
+    q = eng.quantize_input(torch.randn(4, *SHAPE) * 1.5)
+    r = export_c(g, plan, tmp_path / "c", hwc_rows=rows)
+    assert f"#define FIXQ_ROWS {rows} " in (r.out / "fixq_config.h").read_text()
+    assert any(v.get("hwc") for v in r.layers.values())
+    build(r.out, cflags=UBSAN_FLAGS)
+    got, _ = run_c_program(r.out, q)
+    assert torch.equal(got, eng.run(q).reshape(4, -1))
+    if rows != HWC_ROWS:
+        default = export_c(g, plan, tmp_path / "d")
+        assert (r.arena_bytes > default.arena_bytes) == (rows > HWC_ROWS)

@@ -72,11 +72,22 @@ def _quiet_stdout() -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Run one ``fixq`` command; returns the exit code (0 ok, 2 user problem, 1 bug in fixq).
+    """Run one ``fixq`` command; returns the exit code (0 ok, 2 user problem, 1 bug in fixq,
+    141 when the reader of stdout went away, as a shell reports SIGPIPE: ``fixq ... | head``).
 
     >>> main(["models", "--json"])  # doctest: +SKIP
     0
     """
+    try:
+        code = _main(argv)
+        sys.stdout.flush()  # a closed pipe surfaces here, not in the interpreter's final flush
+        return code
+    except BrokenPipeError:  # stdout's reader went away: stop quietly (what was not printed is lost)
+        _quiet_stdout()
+        return 141
+
+
+def _main(argv: list[str] | None) -> int:
     parser = build_parser()
     try:
         args = parser.parse_args(argv)
@@ -92,9 +103,8 @@ def main(argv: list[str] | None = None) -> int:
         hint = _hint(e)
         print(f"fixq: error: {e}" + (f" (hint: {hint})" if hint else ""), file=sys.stderr)
         return 2
-    except BrokenPipeError:  # the reader of stdout went away (`fixq ... | head`): the outputs are written
-        _quiet_stdout()
-        return 141  # what a shell reports for a process ended by SIGPIPE
+    except BrokenPipeError:  # main() answers it (141)
+        raise
     except OSError as e:  # FileNotFoundError, PermissionError, NotADirectoryError, EROFS... on a named path
         if e.filename is None:
             return _bug(e)

@@ -57,6 +57,7 @@ class EmitCtx:
     rom: int = 0
     index: dict[str, int] = field(default_factory=dict)
     headers: set[str] = field(default_factory=set)  # extra runtime headers the calls need
+    hwc_rows: int = HWC_ROWS  # output rows per pass of the hwc nest (fixq_config.h FIXQ_ROWS)
     tables: list[dict] = field(default_factory=list)  # lookup tables (name, node, op, entries, bytes)
     w_type: str = "int8_t"
     act_type: str = "int8_t"
@@ -98,11 +99,11 @@ class EmitCtx:
         m = mac_bytes(self.act_type, self.w_type)
         W, kh, kw, sh, sw, pw, oh, ow = geo[2], geo[5], geo[6], geo[7], geo[8], geo[10], geo[-2], geo[-1]
         if hwc:  # a ring of the input rows of FIXQ_ROWS output rows
-            rows = kh + sh * (min(oh, HWC_ROWS) - 1)
+            rows = kh + sh * (min(oh, self.hwc_rows) - 1)
             col = a8(rows * max(pw + W, (ow - 1) * sw + kw) * mg * m)
         else:
             col = a8(K * ow * m) if mg > 1 else 0
-        self.scratch_bytes = max(self.scratch_bytes, col + (8 + 8 * HWC_ROWS) * ow + a8(2 * K * m))
+        self.scratch_bytes = max(self.scratch_bytes, col + (8 + 8 * self.hwc_rows) * ow + a8(2 * K * m))
 
     def buf(self, name: str) -> str:
         return f"act + {self.offsets[name]}"

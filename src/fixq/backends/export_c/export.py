@@ -47,10 +47,12 @@ def _cname(name: str) -> str:
 
 
 def export_c(graph: Graph, plan: QuantPlan, out: str | Path, meta: dict | None = None, name: str = "model",
-             pack: bool = True) -> ExportResult:
+             pack: bool = True, hwc_rows: int = HWC_ROWS) -> ExportResult:
     """Write the C99 model (tables + calls), the runtime, ``main.c`` and a ``Makefile``.
     ``name`` prefixes every symbol (``fixq_<name>_run``); ``pack`` stores weight layers whose
     codes fit 4 bits two per byte, mixed 4/8-bit 2D filters in nibbles or bytes (pack.py);
+    ``hwc_rows`` output rows per pass of the hwc loop nest (more rows: fewer weight-row
+    preparations, a larger arena; written to fixq_config.h as FIXQ_ROWS);
     ``meta['preprocess']`` (a Preprocess as a dict) adds the
     pixel-to-code table.
 
@@ -72,7 +74,7 @@ def export_c(graph: Graph, plan: QuantPlan, out: str | Path, meta: dict | None =
     w_bits = max(max(lp.weight.T, lp.kmeans.basis.T if lp.kmeans else 0) for lp in plan.layers.values())
     act_t, w_t = _storage_type(act_bits), _storage_type(w_bits)
     ctx = EmitCtx(graph, eng, offsets, index={n.name: k for k, n in enumerate(graph.nodes)}, w_type=w_t,
-                  act_type=act_t, pack=pack, rx_off=arena)
+                  act_type=act_t, pack=pack, rx_off=arena, hwc_rows=hwc_rows)
     calls = []
     for n in graph.nodes:
         if isinstance(n, Input):
@@ -107,7 +109,7 @@ def export_c(graph: Graph, plan: QuantPlan, out: str | Path, meta: dict | None =
     syms = runtime_symbols(RUNTIME_DIR)
     (out / "fixq_config.h").write_text(config_h(name, act_t, w_t, syms, ctx.div64,
                                                 any(v.get("weights") == P48_NAME for v in ctx.layers.values()),
-                                                HWC_ROWS))
+                                                ctx.hwc_rows))
     (out / "model.h").write_text(model_h(name, phash, plan.model, in_shape, out_size, arena_bytes, len(graph.nodes),
                                          (T_in, F_in), (T_out, F_out), pre))
     body = "\n".join(ctx.decls)

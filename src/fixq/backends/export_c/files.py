@@ -51,8 +51,7 @@ def prefixed(text: str, name: str) -> str:
     return text.replace("fixq_model_", f"fixq_{name}_").replace("FIXQ_MODEL_", f"FIXQ_{name.upper()}_")
 
 
-def config_h(name: str, act_t: str, w_t: str, symbols: list[str], div64: bool = True, p48: bool = True,
-             rows: int = 4) -> str:
+def config_h(name: str, act_t: str, w_t: str, symbols: list[str], div64: bool, p48: bool, rows: int) -> str:
     """FIXQ_DIV64 0 (every average pool proved to divide in 32 bits) leaves the 64-bit
     division out of the runtime: no ``__aeabi_ldivmod``/``__divdi3`` on 32-bit targets; a
     model that needs it refuses to compile with ``-DFIXQ_DIV64=0``. FIXQ_P48 0 (no layer

@@ -14,11 +14,12 @@ is ``row`` (``uint16[O]`` where every row starts below 2^16, else ``int32[O]``) 
 (bit ``f % 8`` of byte ``f / 8`` set when filter ``f = i * mg + j`` is narrow). It is chosen
 only when data + index + the descriptor (P48_STRUCT) save at least ``P48_MIN_SAVING`` of
 the int8 bytes; the runtime's unpacking is compiled only into models that use it (FIXQ_P48).
-Unpacking costs time: a row is unpacked once per pass of FIXQ_ROWS output rows (scalar, about
-4 cycles a code on x86-64), which is as much as the dot products of a small late layer: on
-ResNet-20's <8b,8b> 3D plan (a few narrow filters in 6 layers) P48 saved 633 bytes of 277 KB
-(0.2%) and its unpacking took 8-14% of the C's time. Layers where few filters are narrow
-therefore stay int8; mixed 8/4-bit plans (most low-energy filters narrow) still pack.
+Unpacking costs time (scalar): a row is unpacked once per pass of FIXQ_ROWS output rows in the
+hwc loop nest, once per output row in the im2col nest, once per channel in the depthwise one.
+On ResNet-20's <8b,8b> 3D plan (a few narrow filters in 6 layers) P48 saved 633 bytes of 277 KB
+(0.2%) and the unpacking took 13.6% of the C's perf samples (benchmarks/results/c_speed_notes.md).
+Layers where few filters are narrow therefore stay int8; mixed 8/4-bit plans (most low-energy
+filters narrow) still pack.
 
 >>> data, row, mask = p48_layout(torch.tensor([[[[1, -2]], [[100, 3]]]]))   # O=1, mg=2, 1x2
 >>> data, row, mask      # filter 0 narrow: nibbles 1, 0xE; filter 1: bytes 100, 3
