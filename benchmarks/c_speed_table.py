@@ -141,7 +141,7 @@ def main() -> None:
                             "C now img/s", "C now -march=native img/s", "C speed-up", "C before / int8", "C now / int8",
                             "C native / int8", "engine img/s",
                             "engine / float"], rows)
-    text = (f"Command: `python benchmarks/c_speed_table.py --models {' '.join(args.models)}`; "
+    text = ("# Generated C speed\n\n" f"Command: `python benchmarks/c_speed_table.py --models {' '.join(args.models)}`; "
             f"{time.strftime('%Y-%m-%d')}; {cpu_name()}, one thread for every column (torch.set_num_threads(1); "
             f"the C is single-threaded); rates are images per CPU second (user+sys, best of 2) because other "
             f"jobs share the 2 cores; wall time {time.time() - t_start:.0f} s.\n"

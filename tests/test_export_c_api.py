@@ -237,3 +237,23 @@ def test_cortex_m4_and_arm_linux_resnet20(tmp_path):
     for target in ("cortex-m4", "arm-linux"):
         got, _ = run_c_program(res.out, q, runner=runner_for(target), exe=build_target(res.out, target))
         assert torch.equal(got, want), target
+
+
+@pytest.mark.parametrize("target", ["cortex-m4", "arm-linux"])
+def test_cli_run_c_target_lenet_digits_equals_quantize(tmp_path, digits_dir, capsys, target):
+    """The trained digits LeNet through the CLI: `fixq run-c --target cortex-m4|arm-linux` on the
+    evaluation images of a `quantize --exact` run gives its logits exactly."""
+    if tools_missing(target):
+        pytest.skip(f"{target} needs {', '.join(tools_missing(target))}")
+    import numpy as np
+    from fixq.app.cli import main
+    q = tmp_path / "q"
+    assert main(["quantize", "--model", "lenet-digits", "--calib", str(digits_dir), "--calib-size", "64",
+                 "--eval", str(digits_dir), "--eval-size", "24", "--exact", "--quiet",
+                 "--save-logits", str(tmp_path / "q.npy"), "--out", str(q)]) == 0
+    assert main(["export-c", "--plan", str(q / "plan.json"), "--out", str(tmp_path / "c"), "--no-build"]) == 0
+    assert main(["run-c", str(tmp_path / "c"), "--data", str(digits_dir), "--images", str(q / "images.json"),
+                 "--target", target, "--out", str(tmp_path / "c.npy")]) == 0
+    assert f"({target})" in capsys.readouterr().out
+    a, b = np.load(tmp_path / "q.npy"), np.load(tmp_path / "c.npy")
+    assert a.shape == b.shape == (24, 10) and (a == b).all()
