@@ -153,6 +153,10 @@ def test_cli_mixed_paper_keeps_fc_layers_whole(capsys, tmp_path, digits_dir):
     assert "first and last layers kept at base bits (§5, Table 3)" in rep["paper"]["used"]
     plan = load_plan(tmp_path / "m" / "plan.json")
     assert plan.layers["fc1"].weight.granularity == "4D" and plan.layers["fc1"].weight.T == 8
+    names = list(plan.layers)  # §5: the first and the last layer stay at base bits, whatever the search did
+    for n in (names[0], names[-1]):
+        assert set(plan.layers[n].weight.bits().reshape(-1).tolist()) == {8}, n
+    assert any(4 in plan.layers[n].weight.bits().reshape(-1).tolist() for n in names[1:-1])  # the search did lower others
 
 
 def test_cli_kmeans_paper_table4_with_float_elsewhere(capsys, tmp_path, digits_dir):
