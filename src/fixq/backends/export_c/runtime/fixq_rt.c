@@ -193,10 +193,6 @@ static void word_limits(int word, int64_t *lo, int64_t *hi) {
     }
 }
 
-static int32_t asr32(int32_t v, int s) { /* floor(v / 2^s), 0 <= s <= 31 */
-    return v >= 0 ? v >> s : ~((~v) >> s);
-}
-
 /* one channel of fixq_add in int32, for activations of at most 16 bits, alignment shifts <= 14
  * and 0 <= os <= 29 (half_up or floor), lo <= 2^30 and hi >= -2^30: |a << sa| + |b << sb| <= 2^30
  * and stays within [-2^30, 2^30] after the clamp, the rounding offset is below 2^29, the bounds

@@ -462,10 +462,6 @@ static int epilogue_fast(const fixq_conv_t *p, int i, int oy, int n, const int64
     return 1;
 }
 
-static int32_t asr32(int32_t v, int s) { /* floor(v / 2^s), 0 <= s <= 31 */
-    return v >= 0 ? v >> s : ~((~v) >> s);
-}
-
 /* the loop of epilogue32: y[k] = clamp(asr(clamp(asr((d[k] << s) + c[0], as), c[3], c[4]) + c[5], os),
  * c[6], c[7]) for k < n, events outside [c[1], c[2]] (accumulator) into ev[0], outside [c[6], c[7]]
  * (data) into ev[1]; compiled twice where FIXQ_AVX2 (a plain one, and one vectorised for AVX2) */

@@ -45,6 +45,12 @@
 #define FIXQ_HAS_AVX2() __builtin_cpu_supports("avx2")
 #endif
 
+/* floor(v / 2^s) for 0 <= s <= 31, without >> of a negative number: the int32 requantization
+ * loops of fixq_rt.c (add32) and fixq_rt_conv.c (epilogue32) */
+static inline int32_t asr32(int32_t v, int s) {
+    return v >= 0 ? v >> s : ~((~v) >> s);
+}
+
 /* int32 sums of the output channels with weight rows w0 and w1 (w1 NULL: one channel), int8
  * codes (w8) or FIXQ_MAC_T, into d0[ox] (and d1[ox]) for ox < ow: seg segments of length L,
  * segment t of output ox at x + ((r0 + t) % ns) * rowlen + ox * step, weights w + t * L (the
