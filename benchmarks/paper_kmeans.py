@@ -30,27 +30,39 @@ KS = {"cifar10-resnet20": "layer1.0.conv1=1,layer1.0.conv2=1,layer1.1.conv1=2,la
       "layer3.2.conv2=1,linear=2"}
 
 
-def main() -> None:
+def paper_args(eval_size: int, work: str) -> argparse.ArgumentParser:
+    """The options of the paper_* scripts that run a fixq search twice (default, --paper)."""
     ap = argparse.ArgumentParser()
     ap.add_argument("--model", required=True, choices=list(SETUPS))
     ap.add_argument("--shared", default=str(Path(__file__).resolve().parents[2] / "shared"))
-    ap.add_argument("--eval-size", type=int, default=4000)
-    ap.add_argument("--work", default="/tmp/fixq-paper-kmeans")
+    ap.add_argument("--eval-size", type=int, default=eval_size)
+    ap.add_argument("--work", default=work)
     ap.add_argument("--out", default=str(Path(__file__).parent / "results"))
     ap.add_argument("--device", default="cpu")
-    ap.add_argument("--workers", type=int, default=None)
-    args = ap.parse_args()
+    return ap
+
+
+def fixq_argv(command: str, args) -> tuple[list[str], int]:
+    """``fixq <command>`` on the model's standard split (SETUPS), batch 256, JSON report;
+    returns (argv without --out, calibration images)."""
     if args.device == "cpu":
         torch.set_num_threads(2)
     data, weights, nc, _ = SETUPS[args.model]
     shared = Path(args.shared)
-    base = ["kmeans", "--model", args.model, "--calib", str(shared / data), "--calib-size", str(nc),
-            "--eval", str(shared / data), "--eval-size", str(args.eval_size), "--k", KS.get(args.model, "2"),
-            "--sensitivity-size", "128", "--batch-size", "256", "--quiet", "--json", "--device", args.device]
+    argv = [command, "--model", args.model, "--calib", str(shared / data), "--calib-size", str(nc),
+            "--eval", str(shared / data), "--eval-size", str(args.eval_size), "--batch-size", "256",
+            "--quiet", "--json", "--device", args.device]
+    return argv + (["--weights", str(shared / weights)] if weights else []), nc
+
+
+def main() -> None:
+    ap = paper_args(4000, "/tmp/fixq-paper-kmeans")
+    ap.add_argument("--workers", type=int, default=None)
+    args = ap.parse_args()
+    base, nc = fixq_argv("kmeans", args)
+    base += ["--k", KS.get(args.model, "2"), "--sensitivity-size", "128"]
     if args.workers is not None:
         base += ["--workers", str(args.workers)]
-    if weights:
-        base += ["--weights", str(shared / weights)]
     t0 = time.time()
     t4, t6 = [], []
     for setting in ("default", "--paper"):

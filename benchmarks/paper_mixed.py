@@ -9,16 +9,13 @@ Both settings run the same ``fixq mixed`` search (same target drop, trials, stra
 """
 from __future__ import annotations
 
-import argparse
 import json
 import sys
 import time
 from pathlib import Path
 
-import torch
-
 sys.path.insert(0, str(Path(__file__).parent))
-from ptq_table import SETUPS  # noqa: E402
+from paper_kmeans import fixq_argv, paper_args  # noqa: E402
 from search_table import machine  # noqa: E402
 
 from fixq.app.cli import main as fixq  # noqa: E402
@@ -26,23 +23,8 @@ from fixq.analysis.report import markdown_table  # noqa: E402
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser()
-    ap.add_argument("--model", required=True, choices=list(SETUPS))
-    ap.add_argument("--shared", default=str(Path(__file__).resolve().parents[2] / "shared"))
-    ap.add_argument("--eval-size", type=int, default=2000)
-    ap.add_argument("--work", default="/tmp/fixq-paper-mixed")
-    ap.add_argument("--out", default=str(Path(__file__).parent / "results"))
-    ap.add_argument("--device", default="cpu")
-    args = ap.parse_args()
-    if args.device == "cpu":
-        torch.set_num_threads(2)
-    data, weights, nc, _ = SETUPS[args.model]
-    shared = Path(args.shared)
-    base = ["mixed", "--model", args.model, "--calib", str(shared / data), "--calib-size", str(nc),
-            "--eval", str(shared / data), "--eval-size", str(args.eval_size), "--batch-size", "256",
-            "--quiet", "--json", "--device", args.device]
-    if weights:
-        base += ["--weights", str(shared / weights)]
+    args = paper_args(2000, "/tmp/fixq-paper-mixed").parse_args()
+    base, nc = fixq_argv("mixed", args)
     t0 = time.time()
     rows, search = [], []
     for setting in ("default", "--paper"):
