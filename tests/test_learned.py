@@ -227,6 +227,7 @@ def test_cli_learned_rounding_on_every_command(capsys, tmp_path, digits_dir, cmd
         import json
         rep = json.loads((out / "report.json").read_text())
         assert rep["coefficient_codes"]["layers"] and "Coefficient codes" in (out / "report.md").read_text()
+        assert rep["coefficient_codes"].get("in_search", False) == (cmd == "mixed")  # mixed trials use the codes
 
 
 def test_cli_refuses_contradictory_bias_flags(capsys, tmp_path, digits_dir):

@@ -214,9 +214,12 @@ def _decide(n, lp, x, y, opts: RoundingOptions, rounding: str, seed: int, show: 
     g = coeff_grid(n, lp)
     near = layer_codes(n, replace(lp, codes=None), rounding)
     bias = None if n.bias is None else n.bias.detach().double()
-    err_n, dsum, count = _layer_stats(n, x, y, g.values(near), bias)
-    row = {"layer": n.name, "nearest_error": err_n, "learned_error": None, "kept": "nearest", "changed_codes": 0}
-    up, notes = None, list(lp.notes)
+    # bias correction alone corrects the codes the plan has (decided ones are kept)
+    held = None if opts.learned or lp.codes is None else lp.codes.up
+    err_n, dsum, count = _layer_stats(n, x, y, g.values(near if held is None else layer_codes(n, lp, rounding)), bias)
+    row = {"layer": n.name, "nearest_error": err_n, "learned_error": None, "kept": "nearest" if held is None else "plan",
+           "changed_codes": 0}
+    up, notes = held, list(lp.notes)
     if opts.learned:
         cand = g.decided(_optimise(n, g, x, y, opts, seed, show))
         err_l, dsum_l, _ = _layer_stats(n, x, y, g.values(cand), bias)
@@ -249,18 +252,24 @@ def _up_bits(g, codes: torch.Tensor) -> torch.Tensor:
 
 
 def learn_rounding(graph: Graph, plan: QuantPlan, images: torch.Tensor, opts: RoundingOptions = RoundingOptions(),
-                   device: str | torch.device = "cpu", show_progress: bool = True) -> tuple[QuantPlan, list[dict]]:
+                   device: str | torch.device = "cpu", show_progress: bool = True,
+                   context: QuantPlan | None = None, only=None) -> tuple[QuantPlan, list[dict]]:
     """Decide every coefficient's rounding (and correct every bias) layer by layer on the
     calibration ``images``, in one pass through the graph (float and simulated side by
     side); returns the new plan (formats unchanged, codes stored) and one row per layer:
     output error (float64, calibration images) with nearest and learned codes, which was
-    kept, how many codes differ from nearest, seconds."""
+    kept, how many codes differ from nearest, seconds. ``context``: the layers' inputs come
+    from the simulation of that plan (same graph and data formats) instead of the plan being
+    decided, so each layer is decided as if it alone took ``plan``'s formats
+    (:class:`fixq.algorithms.learned_bank.CodeBank`). With ``opts.learned`` off, the plan's
+    decided round-up bits are kept and only the biases are corrected. ``only``: the names of the
+    layers to decide (default: every conv/linear layer with power-of-two coefficients)."""
     if plan.is_affine:
         raise PlanError("learned rounding and bias correction need power-of-two formats (not affine)")
     if images.shape[0] == 0:
         raise PlanError("learned rounding needs calibration images; none were given")
     device = torch.device(device)
-    sim = Simulator(graph, plan, exact=False, device=device)
+    sim = Simulator(graph, plan if context is None else context, exact=False, device=device)
     B = images.shape[0]
     x0 = images.to(device=device, dtype=torch.float32)
     envf = {graph.input: x0}
@@ -273,15 +282,17 @@ def learn_rounding(graph: Graph, plan: QuantPlan, images: torch.Tensor, opts: Ro
                 continue
             fa, qa = [envf[i] for i in n.inputs], [envq[i] for i in n.inputs]
             lp = layers.get(n.name)
-            if lp is not None and isinstance(lp.weight, Formats):
+            decide = lp is not None and isinstance(lp.weight, Formats)
+            k += decide  # a layer's seed is its place among these layers, with or without ``only``
+            if decide and (only is None or n.name in only):
                 y = _chunked(lambda t: pre_activation(n, t), fa, B)
                 with torch.enable_grad():
-                    lp, row = _decide(n, lp, qa[0], y, opts, plan.rounding, opts.seed * 1000003 + k, show_progress)
-                k += 1
+                    lp, row = _decide(n, lp, qa[0], y, opts, plan.rounding, opts.seed * 1000003 + k - 1, show_progress)
                 rows.append(row)
                 layers[n.name] = lp
                 cur = replace(cur, layers=dict(layers))
-                sim.update_layer(cur, n.name)
+                if context is None:
+                    sim.update_layer(cur, n.name)
                 envf[n.name] = apply_act(y, n.act)
             else:
                 envf[n.name] = _chunked(lambda *t: FLOAT_RULES[type(n)](n, *t), fa, B)

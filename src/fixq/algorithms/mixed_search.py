@@ -8,7 +8,7 @@ savings are relative to 2D-HQ with every filter at the base bits.
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import torch
 
@@ -16,6 +16,7 @@ from fixq.graph.ir import Linear
 from fixq.planning.plan import QuantConfig, QuantPlan
 from fixq.util.progress import progress
 from .learned import learn_rounding
+from .learned_bank import CodeBank
 from .mixed import (MixedError, Trial, TuneResult, eligible_layers, filter_bits, filter_energies, layer_thresholds,
                     tune_threshold)
 from .pipeline import Session
@@ -88,6 +89,7 @@ class MixedResult:
     seconds: dict
     learned: PlanScore | None = None  # the tuned plan with learned rounding / bias correction (``codes``)
     codes_rows: list | None = None
+    codes_in_search: bool = False     # trials ran with the learned low-bit codes (CodeBank)
 
 
 SENSITIVITY_CHUNK = 8  # one-layer-low plans measured together: their simulators are alive at once
@@ -103,8 +105,10 @@ def _low_pct(bits: dict, base: int) -> tuple[float, dict]:
 def search_mixed(session: Session, config: QuantConfig, opts: MixedOptions, codes=None) -> MixedResult:
     """Energies on probe images, then the tuning loop for each strategy, then the
     Conservative / tuned / Aggressive plans on the test images. ``codes`` (a
-    :class:`fixq.algorithms.learned.RoundingOptions`): the tuned plan's codes are then learned on the
-    calibration images (after the search, which ran with nearest rounding) and reported too.
+    :class:`fixq.algorithms.learned.RoundingOptions`): with learned rounding, every layer's low-bit
+    codes are learned once before the search (:class:`fixq.algorithms.learned_bank.CodeBank`) and
+    every trial, the sensitivity pass included, runs with them; with bias correction, the tuned
+    plan's biases are then corrected and that plan is reported too (``learned``).
 
     >>> res = search_mixed(session, QuantConfig(), MixedOptions(target_drop=1.0))  # doctest: +SKIP
     >>> res.tuned.savings_pct, res.tuned.top1_error                              # doctest: +SKIP
@@ -127,8 +131,16 @@ def search_mixed(session: Session, config: QuantConfig, opts: MixedOptions, code
     energies = filter_energies(g, probe, names, session.device, session.show_progress)
     t_energy = time.time() - t0
 
+    bank, t_bank = None, time.time()
+    if codes is not None and codes.learned:
+        low = {n: torch.full(tuple(energies[n].shape), opts.low_bits, dtype=torch.int64) for n in names}
+        bank = CodeBank(g, bench.plan(filter_bits=low), bench.base_plan, cal.tensor(), codes, names, session.device,
+                        session.show_progress)
+    t_bank = time.time() - t_bank
+
     def make_plan(bits: dict) -> QuantPlan:
-        return bench.plan(filter_bits=bits)
+        plan = bench.plan(filter_bits=bits)
+        return plan if bank is None else bank.apply(plan)
 
     def trial_for(strategy, fmap):
         def run(f: float) -> Trial:
@@ -153,7 +165,7 @@ def search_mixed(session: Session, config: QuantConfig, opts: MixedOptions, code
                 err, _, logits = got[name]  # one simulation gives both (same plan, same images)
                 sensitivity[name] = {"delta_top1": err - base_err, "output_noise": bench.logit_noise(logits, "tune")}
         fmaps["per-layer"] = lambda f: layer_thresholds({k: v["output_noise"] for k, v in sensitivity.items()}, f)
-    t_sens = time.time() - t0 - t_energy
+    t_sens = time.time() - t0 - t_energy - t_bank
     tuning: dict[str, TuneResult] = {}
     for s in opts.strategies:
         tuning[s] = tune_threshold(trial_for(s, fmaps[s]), target, opts.f0, opts.delta, opts.min_delta,
@@ -164,7 +176,7 @@ def search_mixed(session: Session, config: QuantConfig, opts: MixedOptions, code
                          "images: raise --target-drop / --target-error or use more base bits")
     # lowest complexity wins; at equal complexity the paper's single global threshold
     best, strategy = min(winners, key=lambda w: (w[0].rel_complexity_mmacs, w[1] != "global"))
-    t_tune = time.time() - t0 - t_energy - t_sens
+    t_tune = time.time() - t0 - t_energy - t_bank - t_sens
 
     def score(label, bits, plan=None) -> PlanScore:
         plan = plan or make_plan(bits)
@@ -178,14 +190,18 @@ def search_mixed(session: Session, config: QuantConfig, opts: MixedOptions, code
     tuned_bits = filter_bits(energies, thresholds, opts.base_bits, opts.low_bits)
     aggressive_bits = {n: torch.full(tuple(energies[n].shape), opts.low_bits, dtype=torch.int64) for n in names}
     cons = score(f"Conservative (all {opts.base_bits}b)", {})
-    tuned = score(f"Tuned ({strategy}, f={best.f:.4g})", tuned_bits)
-    aggr = score(f"Aggressive (eligible layers {opts.low_bits}b)", aggressive_bits)
-    learned, rows, t_codes = None, None, time.time()
-    if codes is not None:
-        plan, rows = learn_rounding(g, tuned.plan, session.calib_stream.tensor(), codes, session.device, session.show_progress)
+    banked = "" if bank is None else ", learned low-bit codes"
+    tuned = score(f"Tuned ({strategy}, f={best.f:.4g}{banked})", tuned_bits)
+    aggr = score(f"Aggressive (eligible layers {opts.low_bits}b{banked})", aggressive_bits)
+    learned, rows, t_codes = None, None if bank is None else bank.rows, time.time()
+    if codes is not None and codes.bias_correction:  # bank codes kept: only the biases change
+        plan, bc_rows = learn_rounding(g, tuned.plan, cal.tensor(), replace(codes, learned=False), session.device,
+                                       session.show_progress)
+        banked = {r["layer"]: r for r in rows or ()}
+        rows = [dict(banked[b["layer"]], bias=b["bias"]) if b["layer"] in banked else b for b in bc_rows]
         learned = score(f"Tuned + {codes.label()}", tuned_bits, plan)
-    t_codes = time.time() - t_codes
+    t_codes = time.time() - t_codes + t_bank
     return MixedResult(bench.float_tune, *bench.float_test, target, bench.n_tune, bench.n_test, cons, tuned, aggr, strategy,
                        tuning, sensitivity, thresholds,
                        {"energies_s": t_energy, "sensitivity_s": t_sens, "tuning_s": t_tune, "codes_s": t_codes,
-                        "total_s": time.time() - t0}, learned, rows)
+                        "total_s": time.time() - t0}, learned, rows, bank is not None)

@@ -74,7 +74,8 @@ def cmd_mixed(args) -> int:
               "timings": {**session.timings, **res.seconds},
               "options": {k: v for k, v in vars(args).items() if k != "func"}}
     if codes is not None:
-        report["coefficient_codes"] = {"method": codes.label(), "layers": res.codes_rows}
+        report["coefficient_codes"] = {"method": codes.label(), "layers": res.codes_rows,
+                                       "in_search": res.codes_in_search}
     write_json(out / "report.json", report)
     write_json(out / "images.json", {"calib_files": session.images["calib_files"],
                                      "eval_files": session.images["eval_files"]})
@@ -90,6 +91,12 @@ def cmd_mixed(args) -> int:
           f"\n\nWall time: energies {res.seconds['energies_s']:.1f} s, sensitivity {res.seconds['sensitivity_s']:.1f} s, "
           f"tuning {res.seconds['tuning_s']:.1f} s, coefficient codes {res.seconds['codes_s']:.1f} s, "
           f"total {res.seconds['total_s']:.1f} s.\n")
+    if res.codes_in_search:
+        md += ("\nEvery trial (the layer sensitivity included) ran with learned low-bit codes, decided once "
+               f"before the search for each eligible layer with all its filters at {opts.low_bits} bits and its "
+               f"input from the all-{opts.base_bits}-bit plan; a trial's low filters take those codes, its "
+               f"{opts.base_bits}-bit filters nearest rounding. The tuned plan holds exactly the codes the tuner "
+               "measured" + (" and its last row adds bias correction (the saved plan).\n" if res.learned else ".\n"))
     if codes is not None:
         md += "\n" + codes_markdown(codes, res.codes_rows)
     (out / "report.md").write_text(md)

@@ -1,0 +1,82 @@
+"""Learned low-bit codes decided once and reused by every trial of a mixed-precision search.
+
+Notation (DESIGN.md §2, §5; :mod:`fixq.algorithms.learned`): a coefficient ``X`` in its 2D
+filter's format ``Q(T, F)`` has the code ``sat_T(floor(X 2**F) + up)``. In an 8/4-bit plan
+(``fixq mixed``) a filter's format depends on that filter alone (2D-HQ: its own ``F`` at
+``T`` = base or low bits), so a low-bit filter has the same grid in every trial that takes
+it low.
+
+The bank learns, once, every eligible layer's codes with all its filters at the low bits,
+each layer fed by the all-base-bits plan's simulation (the state every trial is closest to:
+:func:`fixq.algorithms.learned.learn_rounding` with ``context``); no bias correction (a
+bias correction depends on which filters a trial takes low). :meth:`CodeBank.apply` gives a
+trial plan those codes for the coefficients it takes low (same ``T`` and ``F`` as in the
+bank) and the plan's rounding for the others, stored as the plan's round-up bits, so the
+tuner measures, and the saved plan holds, exactly the codes every backend runs.
+
+>>> bank = CodeBank(graph, low_plan, base_plan, calib_images, RoundingOptions(iters=300), ["conv2"])  # doctest: +SKIP
+>>> trial = bank.apply(bench.plan(filter_bits=bits))                                     # doctest: +SKIP
+"""
+from __future__ import annotations
+
+from dataclasses import replace
+
+import torch
+
+from fixq.graph.ir import Graph
+from fixq.planning.coeffs import coeff_grid, layer_codes, pack_bits, weights_digest
+from fixq.planning.plan import Formats, LayerCodes, QuantPlan
+from .learned import RoundingOptions, learn_rounding
+
+__all__ = ["CodeBank"]
+
+
+def _full(v, like: torch.Tensor) -> torch.Tensor:
+    """``v`` (a scalar or a tensor broadcasting over ``like``) as a tensor of ``like``'s shape."""
+    return torch.as_tensor(v).expand_as(like)
+
+
+class CodeBank:
+    """Low-bit codes of ``layers`` (those a search may take low, all low in ``low_plan``) learned
+    per layer (module docstring); ``rows``: learn_rounding's report rows."""
+
+    def __init__(self, graph: Graph, low_plan: QuantPlan, context: QuantPlan, images: torch.Tensor,
+                 opts: RoundingOptions, layers, device="cpu", show_progress: bool = True) -> None:
+        self.graph = graph
+        learned, self.rows = learn_rounding(graph, low_plan, images, replace(opts, learned=True, bias_correction=False),
+                                            device, show_progress, context=context, only=set(layers))
+        self.codes: dict[str, tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = {}
+        for name, lp in learned.layers.items():
+            if lp.codes is None or lp.codes.up is None:
+                continue  # nearest rounding was kept: trials need nothing from the bank
+            n = graph.node(name)
+            g = coeff_grid(n, lp)
+            self.codes[name] = (_full(g.F, g.x).clone(), _full(torch.as_tensor(g.T), g.x).clone(),
+                                layer_codes(n, lp, learned.rounding))
+        self.note = (f"coefficient codes: {replace(opts, bias_correction=False).label()} of the low-bit filters, "
+                     f"decided before the search on {images.shape[0]} calibration images, each layer with all its "
+                     "filters low and its input from the all-base-bits plan; other filters: nearest rounding")
+
+    def apply(self, plan: QuantPlan) -> QuantPlan:
+        """``plan`` with the bank's codes on every coefficient whose grid (``T``, ``F``) is the
+        bank's; the rest keep ``plan``'s rounding. Formats never change."""
+        layers, changed = dict(plan.layers), False
+        for name, (F, T, codes) in self.codes.items():
+            lp = layers.get(name)
+            if lp is None or not isinstance(lp.weight, Formats) or lp.codes is not None:
+                continue
+            n = self.graph.node(name)
+            g = coeff_grid(n, lp)
+            same = (_full(g.F, g.x) == F) & (_full(torch.as_tensor(g.T), g.x) == T)
+            if not bool(same.any()):
+                continue
+            near = g.nearest(plan.rounding)
+            chosen = torch.where(same, codes, near)
+            if torch.equal(chosen, near):
+                continue
+            up = (chosen.double() > torch.floor(g.scaled())).reshape(-1)
+            layers[name] = replace(lp, codes=LayerCodes(weights_digest(n), pack_bits(up), None))
+            changed = True
+        if not changed:
+            return plan
+        return replace(plan, layers=layers, notes=tuple(plan.notes) + (self.note,))

@@ -1,0 +1,116 @@
+"""Learned low-bit codes reused by the mixed-precision trials (CodeBank, issue #18): a layer's bank
+codes are what learned rounding decides for it alone with the rest at the base bits; a trial's
+low filters get exactly those codes, its base-bit filters nearest rounding, and the trial plan
+runs bit-exact in simulation and engine."""
+import torch
+import torch.nn as nn
+
+from fixq.algorithms.calibrate import observe, plan_from
+from fixq.algorithms.learned import RoundingOptions, learn_rounding
+from fixq.algorithms.learned_bank import CodeBank
+from fixq.backends.engine import Engine
+from fixq.backends.simulate import Simulator
+from fixq.graph.capture import capture
+from fixq.planning.coeffs import coeff_grid, layer_codes
+from fixq.planning.plan import LayerConfig, QuantConfig
+
+OPTS = RoundingOptions(iters=60, samples=2048, batch=256, bias_correction=False)
+
+
+class TwoConv(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.c1 = nn.Conv2d(3, 8, 3, padding=1)
+        self.c2 = nn.Conv2d(8, 6, 3, padding=1)
+        self.fc = nn.Linear(6 * 4 * 4, 4)
+
+    def forward(self, x):
+        x = torch.relu(self.c1(x))
+        x = torch.relu(self.c2(x))
+        return self.fc(torch.flatten(nn.functional.avg_pool2d(x, 2), 1))
+
+
+def _setup():
+    torch.manual_seed(0)
+    g = capture(TwoConv().eval(), torch.randn(2, 3, 8, 8))
+    x = torch.rand(48, 3, 8, 8) * 2 - 0.5
+    obs = observe(g, [(x, None)], show_progress=False)
+    cfg = QuantConfig(LayerConfig(coeff_bits=8, coeff_mode="2D"))
+
+    def plan(bits):
+        return plan_from(obs, cfg, filter_bits={k: torch.full(tuple(g.node(k).weight.shape[:2]), v, dtype=torch.int64)
+                                                if isinstance(v, int) else v for k, v in bits.items()})
+    return g, x, plan
+
+
+def test_bank_codes_are_each_layer_learned_alone_on_base_inputs():
+    g, x, plan = _setup()
+    base = plan({})
+    bank = CodeBank(g, plan({"c1": 4, "c2": 4}), base, x, OPTS, ["c1", "c2"], show_progress=False)
+    assert [r["layer"] for r in bank.rows] == ["c1", "c2"] and "c2" in bank.codes  # fc is not a bank layer
+    # c2 learned in a plan where c1 stays at 8 bits: its input is the base plan's, as in the bank
+    alone, _ = learn_rounding(g, plan({"c2": 4}), x, OPTS, show_progress=False, only={"c2"})
+    n = g.node("c2")
+    assert torch.equal(bank.codes["c2"][2], layer_codes(n, alone.layers["c2"], alone.rounding))
+    # while learning both layers in one plan feeds c2 from the 4-bit c1: other codes
+    both, _ = learn_rounding(g, plan({"c1": 4, "c2": 4}), x, OPTS, show_progress=False)
+    assert not torch.equal(bank.codes["c2"][2], layer_codes(n, both.layers["c2"], both.rounding))
+
+
+def test_trial_takes_bank_codes_on_low_filters_only_and_runs_bit_exact():
+    g, x, plan = _setup()
+    bank = CodeBank(g, plan({"c1": 4, "c2": 4}), plan({}), x, OPTS, ["c1", "c2"], show_progress=False)
+    mix = torch.full((6, 8), 8, dtype=torch.int64)
+    mix[::2] = 4  # every other output channel of c2 low
+    trial = plan({"c2": mix})
+    got = bank.apply(trial)
+    assert got.layers["c1"] == trial.layers["c1"]  # all 8-bit: nothing from the bank
+    n, lp = g.node("c2"), got.layers["c2"]
+    assert lp.weight == trial.layers["c2"].weight and lp.codes is not None  # formats unchanged
+    codes, near = layer_codes(n, lp, got.rounding), coeff_grid(n, trial.layers["c2"]).nearest(got.rounding)
+    low = (mix == 4)[:, :, None, None].expand_as(codes)
+    assert torch.equal(codes[low], bank.codes["c2"][2][low])
+    assert torch.equal(codes[~low], near[~low])
+    assert not torch.equal(codes, near)  # the bank changed something the trial measures
+    gr = coeff_grid(n, lp)
+    assert bool(((codes >= gr.lo) & (codes <= gr.hi)).all())
+    assert any("decided before the search" in s for s in got.notes)
+    xt = torch.randn(5, 3, 8, 8)
+    ys = Simulator(g, got, exact=True)(xt)
+    eng = Engine(g, got)
+    assert torch.equal(eng.dequantize(eng.run(eng.quantize_input(xt))), ys)
+    assert bank.apply(plan({})) is not None and bank.apply(plan({})).layers == plan({}).layers
+
+
+def test_bias_correction_alone_keeps_the_plans_codes():
+    g, x, plan = _setup()
+    bank = CodeBank(g, plan({"c1": 4, "c2": 4}), plan({}), x, OPTS, ["c1", "c2"], show_progress=False)
+    trial = bank.apply(plan({"c2": 4}))
+    bc, rows = learn_rounding(g, trial, x, RoundingOptions(learned=False), show_progress=False)
+    n = g.node("c2")
+    assert torch.equal(layer_codes(n, bc.layers["c2"], bc.rounding), layer_codes(n, trial.layers["c2"], trial.rounding))
+    assert bc.layers["c2"].codes.bias is not None
+    assert {r["layer"]: r["kept"] for r in rows}["c2"] == "plan"
+
+
+def test_bank_on_grouped_and_depthwise_layers_is_bit_exact():
+    from helpers import DepthwiseNet, make_graph
+    shape = (3, 16, 16)
+    g = make_graph(DepthwiseNet().eval(), shape)
+    torch.manual_seed(3)
+    x = torch.randn(24, *shape)
+    obs = observe(g, [(x, None)], show_progress=False)
+    cfg = QuantConfig(LayerConfig(coeff_bits=8, coeff_mode="2D"))
+    names = ["dw", "pw", "grp"]
+
+    def plan(v):
+        return plan_from(obs, cfg, filter_bits={k: torch.full(tuple(g.node(k).weight.shape[:2]), v, dtype=torch.int64)
+                                                for k in names})
+    bank = CodeBank(g, plan(4), plan(8), x, OPTS, names, show_progress=False)
+    assert [r["layer"] for r in bank.rows] == names and bank.codes  # learned codes to check below
+    got = bank.apply(plan(4))
+    for k in bank.codes:
+        assert torch.equal(layer_codes(g.node(k), got.layers[k], got.rounding), bank.codes[k][2])
+    xt = torch.randn(4, *shape)
+    eng = Engine(g, got)
+    assert torch.equal(eng.dequantize(eng.run(eng.quantize_input(xt))), Simulator(g, got, exact=True)(xt))
