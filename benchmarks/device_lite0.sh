@@ -13,7 +13,7 @@ if [ "$1" = learned ]; then
   L="--batch-size 256 --workers 5 --learned-rounding --rounding-iters 600"
   for c in mixed kmeans; do
     ( timeout 540 python3 benchmarks/search_table.py $c --model efficientnet-lite0 --device cuda --shared $S \
-        --tag -learned -- $L > "$O/$c.log" 2>&1; date -u +%T >> "$O/$c.log"
+        --tag=-learned -- $L > "$O/$c.log" 2>&1; date -u +%T >> "$O/$c.log"
       cp benchmarks/results/${c}_efficientnet-lite0-learned.md "$O"/ 2>/dev/null
       cp benchmarks/out/$c-efficientnet-lite0-learned/report.* "$O"/ 2>/dev/null ) &
   done

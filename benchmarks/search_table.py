@@ -42,7 +42,7 @@ def main() -> int:
     ap.add_argument("--model", required=True, choices=sorted(MODELS))
     ap.add_argument("--shared", default=str(HERE.parent.parent / "shared"))
     ap.add_argument("--device", default="cpu")
-    ap.add_argument("--tag", default="", help="suffix of the results file")
+    ap.add_argument("--tag", default="", help="suffix of the results file (--tag=-x for one that starts with -)")
     a, extra = ap.parse_known_args()  # everything after -- goes to fixq
     a.extra = [e for e in extra if e != "--"]
     weights, data, ncal = MODELS[a.model]
@@ -65,7 +65,7 @@ def main() -> int:
     shown = shown.replace(str(out), f"benchmarks/out/{out.name}")
     text = (f"### {a.command}: {a.model}{a.tag}\n\nCommand: `python -m fixq {a.command} {shown}` "
             f"(via `python benchmarks/search_table.py {a.command} --model {a.model}"
-            f"{' --device ' + a.device if a.device != 'cpu' else ''}{' -- ' + ' '.join(a.extra) if a.extra else ''}`)  \n"
+            f"{' --device ' + a.device if a.device != 'cpu' else ''}{' --tag=' + a.tag if a.tag else ''}{' -- ' + ' '.join(a.extra) if a.extra else ''}`)  \n"
             f"Date: {time.strftime('%Y-%m-%d')}; machine: {machine()}; wall time {wall:.0f} s "
             f"(search {rep['timings'].get('total_s', rep['timings'].get('search_s', 0)):.0f} s).\n\n## " + md)
     dest = HERE / "results" / f"{a.command}_{a.model}{a.tag}.md"

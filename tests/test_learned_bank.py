@@ -2,6 +2,8 @@
 codes are what learned rounding decides for it alone with the rest at the base bits; a trial's
 low filters get exactly those codes, its base-bit filters nearest rounding, and the trial plan
 runs bit-exact in simulation and engine."""
+from dataclasses import replace
+
 import torch
 import torch.nn as nn
 
@@ -114,3 +116,46 @@ def test_bank_on_grouped_and_depthwise_layers_is_bit_exact():
     xt = torch.randn(4, *shape)
     eng = Engine(g, got)
     assert torch.equal(eng.dequantize(eng.run(eng.quantize_input(xt))), Simulator(g, got, exact=True)(xt))
+
+
+def test_search_mixed_measures_and_saves_the_bank_codes(digits_dir, monkeypatch):
+    """search_mixed with learned rounding: every sensitivity and trial plan carries the bank's
+    codes, the tuned plan is exactly bank.apply of its bits, and the final bias correction keeps
+    those codes (only the biases change)."""
+    from fixq.algorithms import mixed_search
+    from fixq.algorithms.mixed_search import MixedOptions, search_mixed
+    from fixq.algorithms.pipeline import open_session
+    from fixq.algorithms.search import PlanBench
+    s = open_session("lenet-digits", str(digits_dir), str(digits_dir), calib_size=48, eval_size=120, batch_size=32,
+                     workers=0, show_progress=False)
+    banks, measured, each = [], [], PlanBench.measure_each
+    orig_bank, orig_measure = mixed_search.CodeBank, PlanBench.measure
+
+    def spy_bank(*a, **k):
+        banks.append(orig_bank(*a, **k))
+        return banks[-1]
+    monkeypatch.setattr(mixed_search, "CodeBank", spy_bank)
+    monkeypatch.setattr(PlanBench, "measure", lambda self, p, *a: (measured.append(p), orig_measure(self, p, *a))[1])
+    monkeypatch.setattr(PlanBench, "measure_each", lambda self, plans, *a: (measured.extend(plans.values()),
+                                                                            each(self, plans, *a))[1])
+    res = search_mixed(s, QuantConfig(), MixedOptions(low_bits=2, exclude="none", trials=3, target_drop=30.0,
+                                                      sensitivity_size=40),
+                       RoundingOptions(iters=30, samples=2048, batch=256))
+    bank = banks[0]
+    assert bank.codes and res.codes_in_search
+    low_plans = [p for p in measured if any(lp.weight.Tp is not None and min(lp.weight.bits().flatten().tolist()) < 8
+                                            for k, lp in p.layers.items() if k in bank.codes)]
+    assert low_plans and all(any(p.layers[k].codes is not None for k in bank.codes) for p in low_plans)
+    tuned = res.tuned.plan
+    for k in bank.codes:  # the saved codes are the bank's on low filters, nearest elsewhere
+        n, lp = s.graph.node(k), tuned.layers[k]
+        bare = replace(lp, codes=None)
+        assert torch.equal(layer_codes(n, lp, tuned.rounding),
+                           layer_codes(n, bank.apply(replace(tuned, layers={**tuned.layers, k: bare})).layers[k],
+                                       tuned.rounding))
+    final = res.learned.plan
+    for k, lp in tuned.layers.items():  # bias correction alone: the round-up bits are the tuned plan's
+        if lp.codes is not None:
+            assert final.layers[k].codes.up == lp.codes.up
+    assert res.learned.label == "Tuned + bias correction"
+    assert all("learned_in_bank" in r for r in res.codes_rows if r["layer"] in bank.codes)

@@ -268,6 +268,11 @@ def learn_rounding(graph: Graph, plan: QuantPlan, images: torch.Tensor, opts: Ro
         raise PlanError("learned rounding and bias correction need power-of-two formats (not affine)")
     if images.shape[0] == 0:
         raise PlanError("learned rounding needs calibration images; none were given")
+    if context is not None and context.tensors != plan.tensors:
+        raise PlanError("learned rounding: the context plan must have the plan's data formats (same calibration)")
+    unknown = sorted(set(only or ()) - {n.name for n in graph.layers()})
+    if unknown:
+        raise PlanError(f"learned rounding: no conv/linear layer named {', '.join(map(repr, unknown))}")
     device = torch.device(device)
     sim = Simulator(graph, plan if context is None else context, exact=False, device=device)
     B = images.shape[0]

@@ -2,9 +2,10 @@
 
 Notation (DESIGN.md §2, §5; :mod:`fixq.algorithms.learned`): a coefficient ``X`` in its 2D
 filter's format ``Q(T, F)`` has the code ``sat_T(floor(X 2**F) + up)``. In an 8/4-bit plan
-(``fixq mixed``) a filter's format depends on that filter alone (2D-HQ: its own ``F`` at
-``T`` = base or low bits), so a low-bit filter has the same grid in every trial that takes
-it low.
+(``fixq mixed``) a filter's format is its own ``F`` at ``T`` = base or low bits, so a low-bit
+filter has the same grid in every trial that takes it low, except where the layer's spread
+cap (DESIGN §5a, which depends on the other filters' ``T`` with ``mse`` ranges) moves its ``F``:
+such a filter then takes nearest rounding (``apply`` compares ``T`` and ``F`` per coefficient).
 
 The bank learns, once, every eligible layer's codes with all its filters at the low bits,
 each layer fed by the all-base-bits plan's simulation (the state every trial is closest to:
@@ -31,9 +32,9 @@ from .learned import RoundingOptions, learn_rounding
 __all__ = ["CodeBank"]
 
 
-def _full(v, like: torch.Tensor) -> torch.Tensor:
-    """``v`` (a scalar or a tensor broadcasting over ``like``) as a tensor of ``like``'s shape."""
-    return torch.as_tensor(v).expand_as(like)
+def _grid(g) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(F, T)`` of a coefficient grid as broadcastable tensors (per filter, not per coefficient)."""
+    return g.F.clone(), torch.as_tensor(g.T).clone()
 
 
 class CodeBank:
@@ -45,14 +46,12 @@ class CodeBank:
         self.graph = graph
         learned, self.rows = learn_rounding(graph, low_plan, images, replace(opts, learned=True, bias_correction=False),
                                             device, show_progress, context=context, only=set(layers))
-        self.codes: dict[str, tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = {}
+        self.codes: dict[str, tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = {}  # name -> (F, T, int16 codes)
         for name, lp in learned.layers.items():
             if lp.codes is None or lp.codes.up is None:
                 continue  # nearest rounding was kept: trials need nothing from the bank
             n = graph.node(name)
-            g = coeff_grid(n, lp)
-            self.codes[name] = (_full(g.F, g.x).clone(), _full(torch.as_tensor(g.T), g.x).clone(),
-                                layer_codes(n, lp, learned.rounding))
+            self.codes[name] = (*_grid(coeff_grid(n, lp)), layer_codes(n, lp, learned.rounding).to(torch.int16))
         self.note = (f"coefficient codes: {replace(opts, bias_correction=False).label()} of the low-bit filters, "
                      f"decided before the search on {images.shape[0]} calibration images, each layer with all its "
                      "filters low and its input from the all-base-bits plan; other filters: nearest rounding")
@@ -67,11 +66,12 @@ class CodeBank:
                 continue
             n = self.graph.node(name)
             g = coeff_grid(n, lp)
-            same = (_full(g.F, g.x) == F) & (_full(torch.as_tensor(g.T), g.x) == T)
+            Fg, Tg = _grid(g)
+            same = torch.broadcast_to((Fg == F) & (Tg == T), g.x.shape)
             if not bool(same.any()):
                 continue
             near = g.nearest(plan.rounding)
-            chosen = torch.where(same, codes, near)
+            chosen = torch.where(same, codes.long(), near)
             if torch.equal(chosen, near):
                 continue
             up = (chosen.double() > torch.floor(g.scaled())).reshape(-1)
@@ -80,3 +80,17 @@ class CodeBank:
         if not changed:
             return plan
         return replace(plan, layers=layers, notes=tuple(plan.notes) + (self.note,))
+
+    def report(self, plan: QuantPlan) -> list[dict]:
+        """The learning pass's rows (errors with all filters low, input from the base plan) with
+        ``changed_codes`` replaced by the codes of ``plan`` that differ from nearest rounding
+        and ``kept`` "learned" only where ``plan`` holds learned codes of that layer."""
+        out = []
+        for r in self.rows:
+            lp = plan.layers.get(r["layer"])
+            n = self.graph.node(r["layer"])
+            changed = 0 if lp is None or lp.codes is None or lp.codes.up is None else int(
+                (layer_codes(n, lp, plan.rounding) != layer_codes(n, replace(lp, codes=None), plan.rounding)).sum())
+            out.append(dict(r, changed_codes=changed, kept="learned" if changed else "nearest",
+                            learned_in_bank=r["kept"] == "learned"))
+        return out

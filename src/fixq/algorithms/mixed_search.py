@@ -193,15 +193,16 @@ def search_mixed(session: Session, config: QuantConfig, opts: MixedOptions, code
     banked = "" if bank is None else ", learned low-bit codes"
     tuned = score(f"Tuned ({strategy}, f={best.f:.4g}{banked})", tuned_bits)
     aggr = score(f"Aggressive (eligible layers {opts.low_bits}b{banked})", aggressive_bits)
-    learned, rows, t_codes = None, None if bank is None else bank.rows, time.time()
-    if codes is not None and codes.bias_correction:  # bank codes kept: only the biases change
+    learned, t_codes = None, time.time()
+    rows = None if bank is None else bank.report(tuned.plan)  # what the saved plan holds, per layer
+    if codes is not None and codes.bias_correction:  # the tuned plan's codes kept: only the biases change
         plan, bc_rows = learn_rounding(g, tuned.plan, cal.tensor(), replace(codes, learned=False), session.device,
                                        session.show_progress)
-        banked = {r["layer"]: r for r in rows or ()}
-        rows = [dict(banked[b["layer"]], bias=b["bias"]) if b["layer"] in banked else b for b in bc_rows]
-        learned = score(f"Tuned + {codes.label()}", tuned_bits, plan)
+        mine = {r["layer"]: r for r in rows or ()}
+        rows = [dict(mine[b["layer"]], bias=b["bias"]) if b["layer"] in mine else b for b in bc_rows]
+        learned = score("Tuned + bias correction", tuned_bits, plan)
     t_codes = time.time() - t_codes + t_bank
     return MixedResult(bench.float_tune, *bench.float_test, target, bench.n_tune, bench.n_test, cons, tuned, aggr, strategy,
                        tuning, sensitivity, thresholds,
                        {"energies_s": t_energy, "sensitivity_s": t_sens, "tuning_s": t_tune, "codes_s": t_codes,
-                        "total_s": time.time() - t0}, learned, rows, bank is not None)
+                        "total_s": time.time() - t0}, learned, rows, bank is not None and bool(bank.codes))

@@ -91,14 +91,23 @@ def cmd_mixed(args) -> int:
           f"\n\nWall time: energies {res.seconds['energies_s']:.1f} s, sensitivity {res.seconds['sensitivity_s']:.1f} s, "
           f"tuning {res.seconds['tuning_s']:.1f} s, coefficient codes {res.seconds['codes_s']:.1f} s, "
           f"total {res.seconds['total_s']:.1f} s.\n")
+    how = None
+    if any("learned_in_bank" in r for r in res.codes_rows or ()):
+        how = ("errors of the learning pass before the search (each layer with all its filters low, input from the "
+               "all-base-bits plan; the guard keeps nearest rounding when learned rounding is not lower); \"codes "
+               "changed\" counts the saved plan's codes that differ from nearest rounding")
     if res.codes_in_search:
-        md += ("\nEvery trial (the layer sensitivity included) ran with learned low-bit codes, decided once "
-               f"before the search for each eligible layer with all its filters at {opts.low_bits} bits and its "
-               f"input from the all-{opts.base_bits}-bit plan; a trial's low filters take those codes, its "
-               f"{opts.base_bits}-bit filters nearest rounding. The tuned plan holds exactly the codes the tuner "
-               "measured" + (" and its last row adds bias correction (the saved plan).\n" if res.learned else ".\n"))
+        near = [r["layer"] for r in res.codes_rows if "learned_in_bank" in r and not r["learned_in_bank"]]
+        md += ("\nThe trials (the layer sensitivity included) ran with learned low-bit codes, decided once before "
+               f"the search for each eligible layer with all its filters at {opts.low_bits} bits and its input from "
+               f"the all-{opts.base_bits}-bit plan; a trial's low filters take those codes, its {opts.base_bits}-bit "
+               "filters and the excluded layers nearest rounding"
+               + (f" (learned rounding did not lower the output error of {', '.join(near)}: nearest there too)"
+                  if near else "")
+               + ". The tuned plan holds exactly the codes the tuner measured"
+               + ("; the last row adds bias correction (the saved plan).\n" if res.learned else ".\n"))
     if codes is not None:
-        md += "\n" + codes_markdown(codes, res.codes_rows)
+        md += "\n" + codes_markdown(codes, res.codes_rows, how)
     (out / "report.md").write_text(md)
     if args.json:
         print(json.dumps({k: v for k, v in report.items() if k not in ("trials", "sensitivity")}, default=str))

@@ -180,12 +180,14 @@ def common_report(session: Session, args=None) -> dict:
             **({"paper": args.paper_info} if getattr(args, "paper_info", None) else {})}
 
 
-def codes_markdown(opts, rows: list[dict]) -> str:
-    """The report section of learned rounding / bias correction: one row per layer."""
+def codes_markdown(opts, rows: list[dict], how: str | None = None) -> str:
+    """The report section of learned rounding / bias correction: one row per layer; ``how``
+    replaces the sentence saying where the errors were measured (``fixq mixed``)."""
     kept = sum(r["kept"] == "learned" for r in rows)
+    how = how or ("per layer with the inputs of the already-decided earlier layers; a layer keeps nearest rounding "
+                  "when learned rounding is not lower")
     head = (f"## Coefficient codes\n\n{opts.label()}. Output error = sum of squared differences to the float "
-            "layer's output on the calibration images (float64), per layer with the inputs of the already-decided "
-            f"earlier layers; a layer keeps nearest rounding when learned rounding is not lower ({kept} of "
+            f"layer's output on the calibration images (float64), {how} ({kept} of "
             f"{len(rows)} layers use learned codes).\n\n")
     return head + markdown_table(["layer", "error nearest", "error learned", "kept", "codes changed", "bias", "s"],
                                  [[r["layer"], f"{r['nearest_error']:.4g}",
