@@ -135,7 +135,11 @@ def test_search_mixed_measures_and_saves_the_bank_codes(digits_dir, monkeypatch)
         banks.append(orig_bank(*a, **k))
         return banks[-1]
     monkeypatch.setattr(mixed_search, "CodeBank", spy_bank)
-    monkeypatch.setattr(PlanBench, "measure", lambda self, p, *a: (measured.append(p), orig_measure(self, p, *a))[1])
+    def spy_measure(self, p, *a):  # the bias-corrected plan is made to look worse: the guard must refuse it
+        measured.append(p)
+        e1, e5, lg = orig_measure(self, p, *a)
+        return (100.0, 100.0, lg) if any("bias correction on" in x for x in p.notes) else (e1, e5, lg)
+    monkeypatch.setattr(PlanBench, "measure", spy_measure)
     monkeypatch.setattr(PlanBench, "measure_each", lambda self, plans, *a: (measured.extend(plans.values()),
                                                                             each(self, plans, *a))[1])
     res = search_mixed(s, QuantConfig(), MixedOptions(low_bits=2, exclude="none", trials=3, target_drop=30.0,
@@ -158,4 +162,5 @@ def test_search_mixed_measures_and_saves_the_bank_codes(digits_dir, monkeypatch)
         if lp.codes is not None:
             assert final.layers[k].codes.up == lp.codes.up
     assert res.learned.label == "Tuned + bias correction"
+    assert res.bias_guard["tune_top1_corrected"] == 100.0 and not res.bias_guard["kept"] and res.saved is res.tuned
     assert all("learned_in_bank" in r for r in res.codes_rows if r["layer"] in bank.codes)

@@ -81,9 +81,19 @@ def test_tuner_never_returns_a_plan_missing_the_target():
                        max_trials=20)
     assert r.best is not None and r.best.top1_error <= 11.0 and r.best.meets_target
     assert r.best.f == max(t.f for t in r.trials if t.meets_target)
-    assert len(r.trials) <= 20
+    assert len(r.trials) <= 21 and r.trials[1].f == 1.0  # the budget, plus the probe at f = 1
     none = tune_threshold(lambda f: Trial(f, "global", 20.0, 1, 0, 0, False), target=11.0)
     assert none.best is None and len(none.trials) == 1
+
+
+def test_tuner_stops_at_once_when_the_top_of_the_range_meets_the_target():
+    seen = []
+
+    def ev(f):
+        seen.append(f)
+        return Trial(f, "global", 10.0, 100 * (1 - f), 100 * f, 100 * f, True)
+    r = tune_threshold(ev, target=11.0)
+    assert seen == [0.0, 1.0] and r.best.f == 1.0 and "top of the range" in r.stop_reason
 
 
 def _plan_with_bits(g, x, bits, **cfg):

@@ -76,4 +76,4 @@ def test_tuner_keeps_only_trials_the_rule_accepted():
                        max_trials=12)
     assert r.best is not None and r.best.f <= 0.1 and r.best.top1_error <= 11.0
     # thresholds above the first refused one are never kept, though their error is under the target
-    assert max(t.f for t in r.trials) > 0.1
+    assert max(t.f for t in r.trials if t.f < 1.0) > 0.1  # (f = 1 is the probe of the range's top)

@@ -178,8 +178,11 @@ def tune_threshold(evaluate: Callable[[float], Trial], target: float, f0: float 
                    show_progress: bool = False) -> TuneResult:
     """Paper Fig. 4: raise f by delta while the error meets ``target``; on a miss go back
     to the last f that met it and halve delta. Stops when delta < ``min_delta`` or after
-    ``max_trials`` evaluations (f = 0 counts as the first: the all-base plan). Returns the
-    lowest-complexity trial that met the target (None if even f = 0 did not).
+    ``max_trials`` evaluations (f = 0 counts as the first: the all-base plan). Before the
+    steps, f = 1 (the top of the range) is measured once, outside the budget: when it meets
+    the target no step can do better (e.g. with learned low-bit codes), otherwise it marks
+    the first miss. Returns the lowest-complexity trial that met the target (None if even
+    f = 0 did not).
 
     >>> r = tune_threshold(lambda f: Trial(f, "global", 10 + 10 * f, 1 - f, 100 * f, 100 * f, 10 + 10 * f <= 11), 11)
     >>> round(r.best.f, 3), r.best.meets_target
@@ -198,8 +201,10 @@ def tune_threshold(evaluate: Callable[[float], Trial], target: float, f0: float 
     t = run(0.0)
     if not t.meets_target:
         return TuneResult(None, tuple(trials), "the all-base plan (f = 0) already misses the target")
-    good, bad, f, reason = 0.0, float("inf"), f0, "trial budget spent"
-    while len(trials) < max_trials:
+    if run(1.0).meets_target:
+        return TuneResult(trials[-1], tuple(trials), "f = 1 (the top of the range) meets the target")
+    good, bad, f, reason = 0.0, 1.0, f0, "trial budget spent"
+    while len(trials) < max_trials + 1:  # the f = 1 probe is outside the budget
         f = min(f, 1.0)
         # a threshold at or above one that already missed is not re-measured: it counts as a miss
         met = f < bad and run(f).meets_target

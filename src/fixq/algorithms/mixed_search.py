@@ -90,6 +90,14 @@ class MixedResult:
     learned: PlanScore | None = None  # the tuned plan with learned rounding / bias correction (``codes``)
     codes_rows: list | None = None
     codes_in_search: bool = False     # trials ran with the learned low-bit codes (CodeBank)
+    bias_guard: dict | None = None    # tuning top-1 of the tuned plan with / without bias correction
+
+    @property
+    def saved(self) -> PlanScore:
+        """The plan ``fixq mixed`` saves: the bias-corrected one unless it raised the tuning error."""
+        if self.learned is not None and (self.bias_guard is None or self.bias_guard["kept"]):
+            return self.learned
+        return self.tuned
 
 
 SENSITIVITY_CHUNK = 8  # one-layer-low plans measured together: their simulators are alive at once
@@ -193,7 +201,7 @@ def search_mixed(session: Session, config: QuantConfig, opts: MixedOptions, code
     banked = "" if bank is None else ", learned low-bit codes"
     tuned = score(f"Tuned ({strategy}, f={best.f:.4g}{banked})", tuned_bits)
     aggr = score(f"Aggressive (eligible layers {opts.low_bits}b{banked})", aggressive_bits)
-    learned, t_codes = None, time.time()
+    learned, bias_guard, t_codes = None, None, time.time()
     rows = None if bank is None else bank.report(tuned.plan)  # what the saved plan holds, per layer
     if codes is not None and codes.bias_correction:  # the tuned plan's codes kept: only the biases change
         plan, bc_rows = learn_rounding(g, tuned.plan, cal.tensor(), replace(codes, learned=False), session.device,
@@ -201,8 +209,12 @@ def search_mixed(session: Session, config: QuantConfig, opts: MixedOptions, code
         mine = {r["layer"]: r for r in rows or ()}
         rows = [dict(mine[b["layer"]], bias=b["bias"]) if b["layer"] in mine else b for b in bc_rows]
         learned = score("Tuned + bias correction", tuned_bits, plan)
+        # a guard, as for learned rounding: kept only when it does not raise the tuning error
+        e_bc = bench.measure(plan)[0]
+        bias_guard = {"tune_top1_tuned": best.top1_error, "tune_top1_corrected": e_bc,
+                      "kept": e_bc <= best.top1_error + 1e-9}
     t_codes = time.time() - t_codes + t_bank
     return MixedResult(bench.float_tune, *bench.float_test, target, bench.n_tune, bench.n_test, cons, tuned, aggr, strategy,
                        tuning, sensitivity, thresholds,
                        {"energies_s": t_energy, "sensitivity_s": t_sens, "tuning_s": t_tune, "codes_s": t_codes,
-                        "total_s": time.time() - t0}, learned, rows, bank is not None and bool(bank.codes))
+                        "total_s": time.time() - t0}, learned, rows, bank is not None and bool(bank.codes), bias_guard)

@@ -44,7 +44,7 @@ def cmd_mixed(args) -> int:
     res = search_mixed(session, config, opts, codes)
     if not dist.is_main():  # torchrun: rank 0 writes the outputs
         return 0
-    final = res.learned or res.tuned  # the saved plan: the tuned one, with learned codes when asked
+    final = res.saved  # the tuned plan, bias-corrected when asked and that did not raise the tuning error
     final.plan.save(out / "plan.json")
     other = [s for s in res.tuning if s != res.strategy]
     trials = [t.to_json() for r in res.tuning.values() for t in r.trials]
@@ -75,7 +75,8 @@ def cmd_mixed(args) -> int:
               "options": {k: v for k, v in vars(args).items() if k != "func"}}
     if codes is not None:
         report["coefficient_codes"] = {"method": codes.label(), "layers": res.codes_rows,
-                                       "in_search": res.codes_in_search}
+                                       "in_search": res.codes_in_search, "bias_guard": res.bias_guard,
+                                       "saved": final.label}
     write_json(out / "report.json", report)
     write_json(out / "images.json", {"calib_files": session.images["calib_files"],
                                      "eval_files": session.images["eval_files"]})
@@ -104,8 +105,13 @@ def cmd_mixed(args) -> int:
                "filters and the excluded layers nearest rounding"
                + (f" (learned rounding did not lower the output error of {', '.join(near)}: nearest there too)"
                   if near else "")
-               + ". The tuned plan holds exactly the codes the tuner measured"
-               + ("; the last row adds bias correction (the saved plan).\n" if res.learned else ".\n"))
+               + ". The tuned plan holds exactly the codes the tuner measured.\n")
+    if res.bias_guard is not None:
+        bg = res.bias_guard
+        md += (f"\nBias correction of the tuned plan (last row): tuning top-1 {bg['tune_top1_corrected']:.2f}% vs "
+               f"{bg['tune_top1_tuned']:.2f}% without it, so the saved plan is "
+               + ("the bias-corrected one.\n" if bg["kept"] else "the tuned one (the correction raised the tuning "
+                  "error; kept only when it does not).\n"))
     if codes is not None:
         md += "\n" + codes_markdown(codes, res.codes_rows, how)
     (out / "report.md").write_text(md)
