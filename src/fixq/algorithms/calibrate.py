@@ -14,7 +14,7 @@ from dataclasses import replace
 
 import torch
 
-from fixq.backends.engine import check_plan
+from fixq.backends.lowering import check_plan
 from fixq.graph.ir import QUANT_POINTS, Concat, Conv, FloatOp, Graph, Linear, Table, nonnegative_nodes
 from fixq.numerics.ranges import EXP_LO, affine_params, ceil_log2, parse_method
 from fixq.planning.elementwise import MAX_SEGMENTED_BITS, table_ready

@@ -42,7 +42,7 @@ import torch
 
 import torch.nn.functional as Fn
 
-from fixq.backends.engine import check_plan
+from fixq.backends.lowering import check_plan
 from fixq.backends.simulate import SIM_RULES, Simulator
 from fixq.graph.ir import FLOAT_RULES, Conv, Graph, Input, apply_act, pre_activation
 from fixq.numerics.formats import exp2, round_values, saturate

@@ -15,7 +15,8 @@ from dataclasses import dataclass, replace
 
 import torch
 
-from fixq.backends.engine import Engine, compile_layer, exact_sum, layer_forward, residual_input
+from fixq.backends.engine import Engine, exact_sum, layer_forward, residual_input
+from fixq.backends.lowering import compile_layer
 from fixq.planning.partitions import accumulator_F
 
 __all__ = ["AccumulatorRow", "accumulator_table", "with_acc_bits"]

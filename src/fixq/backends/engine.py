@@ -21,7 +21,6 @@ makes every partial sum an exact integer; otherwise in int64, where every shift 
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
 from typing import Callable
 
 import torch
@@ -29,141 +28,18 @@ import torch.nn.functional as Fn
 
 from fixq.graph.ir import (AdaptiveAvgPool, Add, AvgPool, Clamp, Concat, Conv, Flatten, FloatOp, Graph, Input, Linear,
                            MaxPool, Pad, Slice, Table)
-from fixq.numerics.formats import (bound_codes, per_channel, quantize_codes, round_div, round_shift, round_shift_int,
-                                   saturate)
-from fixq.planning.coeffs import basis_grid, bias_codes, layer_codes
-from fixq.planning.elementwise import ENGINE_ELEMENTWISE, compile_table, prove_elementwise, table_ready, table_refusal
-from fixq.planning.partitions import filter_formats, layer_sum_format, propagate_formats
+from fixq.numerics.formats import bound_codes, quantize_codes, round_div, round_shift, saturate
+from fixq.planning.elementwise import ENGINE_ELEMENTWISE, table_ready, table_refusal
+from fixq.planning.partitions import propagate_formats
 from fixq.planning.plan import QuantPlan
-from fixq.planning.safety import check_headroom, check_shift, max_code, prove_layer, prove_op
 from .pooling import adaptive_windows, pool_divisors
 from .exact_sums import EngineError, bc, product_sum, windows
+from .lowering import BasisInts, LayerInts, check_plan, compile_layer, lower  # noqa: F401 (named here too)
 
 __all__ = ["Engine", "EngineError", "ENGINE_RULES", "LayerInts", "BasisInts", "compile_layer",
            "exact_sum", "residual_input", "layer_forward", "check_plan", "clamp_codes"]
-
-
-@dataclass(frozen=True)
-class LayerInts:
-    """Integer tables of one conv/linear layer: what the engine and the C code execute."""
-
-    w: torch.Tensor          # int64 (N, Mg, kh, kw) codes at Fw
-    wshift: torch.Tensor     # int64 (N, Mg): S - Fw - Fx >= 0
-    bias: torch.Tensor       # int64 (N,): bias codes aligned to S
-    acc_shift: torch.Tensor  # int64 (N,): S - Facc >= 0
-    A: int
-    overflow: str
-    lo: torch.Tensor | None  # int64 (N,) activation bounds at Facc
-    hi: torch.Tensor | None
-    out_shift: torch.Tensor  # int64 (N,): Facc - Fy
-    Ty: int
-    S: torch.Tensor
-    Facc: torch.Tensor
-    Fy: torch.Tensor
-    basis: "BasisInts | None" = None
-    bound: float = 0.0       # proved worst-case max_i |sum_i| at S (DESIGN §5a), < 2**62
-    rdata: "tuple | None" = None  # <4b,4b> K-means: (shift Fx - Fxr per input channel, word Tr)
-
-
-@dataclass(frozen=True)
-class BasisInts:
-    """K-means basis kernels of a layer (DESIGN §9): ``Sg[k] = max_j Fg[k,j] + Fx[j]``."""
-
-    w: torch.Tensor          # int64 (K, Mg, kh, kw) codes at Fg
-    wshift: torch.Tensor     # int64 (K, Mg): Sg - Fg - Fx >= 0
-    assign: torch.Tensor     # int64 (N,): l(i)
-    align: torch.Tensor      # int64 (N,): S[i] - Sg[l(i)] >= 0
-
-
-def compile_layer(n: Conv | Linear, plan: QuantPlan, fmts, rounding: str) -> LayerInts:
-    lp = plan.layers[n.name]
-    groups = n.groups if isinstance(n, Conv) else 1
-    w = n.weight.detach().double().cpu()
-    w4 = w if w.dim() == 4 else w[:, :, None, None]
-    N, Mg = w4.shape[:2]
-    Tx, Fx = fmts[n.inputs[0]]
-    km, basis, rdata = lp.kmeans, None, None
-    Fxr = Fx if km is None else km.residual_F(Fx)  # <4b,4b>: the residuals read their own data format
-    Fw2, Fxg = filter_formats(lp.weight.F_tensor(), Fxr, w4.shape, groups)  # residual formats for K-means
-    S = layer_sum_format(lp, Fx, w4.shape, groups)
-    wq = layer_codes(n, lp, rounding).reshape(w4.shape)  # the one place codes come from (fixq.planning.coeffs)
-    if km is not None:
-        Fg = basis_grid(km, Mg)
-        Fxb = filter_formats(Fg, Fx, (km.K, Mg), 1)[1]  # groups == 1: every kernel reads every input channel
-        if km.data is not None:
-            rsh = per_channel(Fx, Mg) - per_channel(Fxr, Mg)
-            check_shift(f"layer '{n.name}'", "residual data requantization (Fx - Fxr)", rsh)
-            rdata = (rsh, km.data.word)
-        Sg = (Fg + Fxb).amax(dim=1)
-        a = km.assign_tensor()
-        basis = BasisInts(km.basis_tensor(w4.shape[1:]), Sg[:, None] - Fg - Fxb, a, S - Sg[a])
-    wshift = S[:, None] - Fw2 - Fxg
-    check_shift(f"layer '{n.name}'", "weight (S - Fw - Fx)", wshift, 0)
-    bq = bias_codes(n, lp, rounding)
-    if bq is not None:
-        sh = (lp.bias.F_tensor() - S).tolist()  # exact in Python integers, any shift
-        aligned = [round_shift_int(int(b), int(s), rounding) for b, s in zip(bq.long().tolist(), sh)]
-        check_headroom(f"layer '{n.name}'", "bias aligned to S", float(max(abs(a) for a in aligned)),
-                       "the bias is far above the range of its weights times the data; rescale or drop it")
-        bias = torch.tensor(aligned, dtype=torch.int64)
-    else:
-        bias = torch.zeros(N, dtype=torch.int64)
-    Facc = torch.tensor(lp.acc_F, dtype=torch.int64)
-    Fy = per_channel(fmts[n.name][1], N)
-    lo, hi = (None, None) if n.act is None else bound_codes(n.act, Facc, N, rounding)
-    wq = wq.long()
-    bsum = None if basis is None else (basis.w.abs().sum(dim=(2, 3)), basis.wshift, basis.assign, basis.align)
-    if rdata is not None and max_code(rdata[1]) > max_code(Tx):  # |x|, |xr| <= the larger code: a valid bound
-        Tx = rdata[1]
-    bound = prove_layer(n.name, wq.abs().sum(dim=(2, 3)), wshift, Tx, bias, S - Facc, Facc - Fy, lp.acc_bits,
-                        (lo, hi), bsum)
-    return LayerInts(wq, wshift, bias, S - Facc, lp.acc_bits, lp.acc_overflow, lo, hi,
-                     Facc - Fy, fmts[n.name][0], S, Facc, Fy, basis, bound, rdata)
-
-
-def prove_ops(graph: Graph, fmts) -> None:
-    """DESIGN §5a rules 2-3 for the ops other than conv/linear (add, concat, average pools),
-    from the formats alone; nodes whose data are flp are skipped."""
-    for n in graph.nodes:
-        T, Fy = fmts.get(n.name, (None, None))
-        if T is None or Fy is None or not isinstance(n, (Add, Concat, AvgPool, AdaptiveAvgPool)):
-            continue
-        ins = [fmts[i] for i in n.inputs]
-        if any(t is None or f is None for t, f in ins):
-            continue
-        C = graph.shapes[n.name][0]
-        if isinstance(n, Add):
-            Fm = torch.maximum(per_channel(ins[0][1], C), per_channel(ins[1][1], C))
-            prove_op(n.name, [(max_code(t), Fm - per_channel(f, C)) for t, f in ins], Fm - per_channel(Fy, C))
-        elif isinstance(n, Concat):
-            c0, Fv = 0, per_channel(Fy, C)
-            for i, (t, f) in zip(n.inputs, ins):
-                c = graph.shapes[i][0]
-                prove_op(n.name, [(max_code(t), torch.zeros(1, dtype=torch.int64))], per_channel(f, c) - Fv[c0:c0 + c])
-                c0 += c
-        else:
-            Tx, Fx = ins[0]
-            K = int(pool_divisors(n, tuple(graph.shapes[n.inputs[0]][1:])).max())
-            sh = per_channel(Fy, C) - per_channel(Fx, C)
-            prove_op(n.name, [(K * max_code(Tx), sh.clamp(min=0))])  # numerator: window sum << (Fy - Fx)
-            prove_op(n.name, [(K, (-sh).clamp(min=0))])              # divisor: K << (Fx - Fy)
-    prove_elementwise(graph, fmts)
-
-
-def check_plan(graph: Graph, plan: QuantPlan) -> dict[str, float]:
-    """Prove DESIGN §5a for every integer layer and op of a plan (the plan-time refusal):
-    returns each conv/linear's proved worst-case |sum|; raises PlanError naming the node."""
-    if plan.is_affine:
-        return {}
-    fmts = propagate_formats(graph, plan.tensors)
-    out = {}
-    for n in graph.layers():
-        lp = plan.layers.get(n.name)
-        if lp is None or lp.acc_F is None or fmts[n.inputs[0]][1] is None or fmts[n.name][1] is None:
-            continue
-        out[n.name] = compile_layer(n, plan, fmts, plan.rounding).bound
-    prove_ops(graph, fmts)
-    return out
+# LayerInts, BasisInts, compile_layer, check_plan: defined in fixq.backends.lowering (the one
+# lowering every backend consumes), named here too for the engine's readers
 
 
 class Engine:
@@ -190,14 +66,18 @@ class Engine:
         if graph.input not in plan.tensors:
             raise EngineError("the plan keeps the input in floating point: the integer engine needs data bits")
         self.graph, self.plan, self.rounding = graph, plan, plan.rounding
-        self.fmts = propagate_formats(graph, plan.tensors)
+        fmts = propagate_formats(graph, plan.tensors)
         for n in graph.nodes:
-            if isinstance(n, Table) and not table_ready(n, self.fmts, plan.tensors):
-                raise EngineError(table_refusal(n, self.fmts, plan.tensors), hint="")
-        self.layers = {n.name: compile_layer(n, plan, self.fmts, self.rounding) for n in graph.layers()}
-        self.tables = {n.name: compile_table(n, self.fmts, graph.shapes[n.name][0], self.rounding)
-                       for n in graph.nodes if isinstance(n, Table)}
-        prove_ops(graph, self.fmts)
+            if isinstance(n, Table) and not table_ready(n, fmts, plan.tensors):
+                raise EngineError(table_refusal(n, fmts, plan.tensors), hint="")
+        self.program = lower(graph, plan)  # every table compiled and proved once (fixq.backends.lowering)
+        self.fmts = self.program.fmts
+        self.layers = self.program.layers
+        for n in graph.layers():
+            if n.name not in self.layers:  # its coefficients are fixed point but data it reads or writes is flp
+                raise EngineError(f"layer '{n.name}' reads or writes floating-point (flp) data in this plan: the "
+                                  "integer engine needs fixed-point formats for every tensor")
+        self.tables = self.program.tables
         self._sat: dict[str, dict[str, int]] = {}
 
     # -- helpers ---------------------------------------------------------------------

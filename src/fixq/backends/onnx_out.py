@@ -34,10 +34,11 @@ import torch
 from fixq.graph.ir import (AdaptiveAvgPool, Add, AvgPool, ChannelShuffle, Clamp, Concat, Conv, Flatten, FloatOp, Graph,
                            Input, Linear, MaxPool, Mul, Pad, Slice, Table)
 from fixq.numerics.formats import bound_codes, code_limits
-from fixq.planning.elementwise import compile_table, table_ready, table_refusal
+from fixq.planning.elementwise import table_ready, table_refusal
 from fixq.planning.partitions import filter_formats, propagate_formats
 from fixq.planning.plan import AffineFormats, QuantPlan
-from .engine import EngineError, check_plan, compile_layer
+from .engine import EngineError
+from .lowering import lower
 from .simulate import Simulator
 
 if TYPE_CHECKING:
@@ -59,7 +60,8 @@ class _B:
         from onnx import helper
         self.h, self.graph, self.plan = helper, graph, plan
         self.nodes, self.inits = [], []
-        self.fmts = propagate_formats(graph, plan.tensors)
+        self.program = lower(graph, plan)  # DESIGN §5a proved; the integer tables every backend uses
+        self.fmts = self.program.fmts
         self.k = 0
         self.out: dict[str, str] = {}
 
@@ -143,7 +145,10 @@ def _layer(b: _B, n, x: str) -> str:
     lp = b.plan.layers[n.name]
     if lp.weight is None or lp.acc_F is None or isinstance(lp.weight, AffineFormats):
         raise QDQError(f"layer '{n.name}' has no power-of-two fixed-point coefficients/data in the plan")
-    L = compile_layer(n, b.plan, b.fmts, b.plan.rounding)
+    L = b.program.layers.get(n.name)
+    if L is None:
+        raise QDQError(f"layer '{n.name}' keeps coefficients or data in floating point (flp): the QDQ export needs "
+                       "fixed-point formats for every conv/linear layer")
     groups = n.groups if isinstance(n, Conv) else 1
     Fr, _ = filter_formats(lp.weight.F_tensor(), b.fmts[n.inputs[0]][1], L.w.shape, groups)
     codes = L.w if isinstance(n, Conv) else L.w[:, :, 0, 0]
@@ -251,7 +256,7 @@ def _table(b: _B, n: Table, x: str) -> str:
         raise QDQError(table_refusal(n, b.fmts, b.plan.tensors))
     shape = b.graph.shapes[n.name]
     C = shape[0]
-    ti = compile_table(n, b.fmts, C, b.plan.rounding)
+    ti = b.program.tables[n.name]
     tables, _ = ti.dense()  # a segmented table (inputs > 10 bits) expanded: a Gather has no search
     size = tables.shape[1]
     bshape = (1, C) + (1,) * (len(shape) - 1)
@@ -301,10 +306,9 @@ def export_qdq(graph: Graph, plan: QuantPlan, path) -> "onnx.ModelProto":
     import onnx
     if plan.is_affine:
         raise QDQError("affine (TensorFlow-style) plans are not powers of two; the QDQ export writes 2**-F scales")
-    b = _B(graph, plan)
     if graph.input not in plan.tensors:
         raise QDQError("the plan keeps the input in floating point: the QDQ export needs data bits")
-    check_plan(graph, plan)  # DESIGN §5a: the bounds every integer program relies on
+    b = _B(graph, plan)  # lowers the plan: DESIGN §5a, the bounds every integer program relies on
     out = {graph.input: b.qdq("input", graph.input)}
     for n in graph.nodes:
         if isinstance(n, Input):

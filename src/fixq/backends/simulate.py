@@ -15,16 +15,16 @@ from typing import Callable
 import torch
 
 from fixq.graph.ir import (FLOAT_RULES, AdaptiveAvgPool, Add, AvgPool, Clamp, Concat, Conv, Flatten, FloatOp, Graph,
-                           Input, Linear, MaxPool, Pad, Slice, Table, apply_act, pre_activation)
+                           Input, Linear, MaxPool, Pad, Slice, apply_act, pre_activation)
 from fixq.numerics.formats import bound_codes, exp2, fake_quantize, per_channel, round_values
 from fixq.numerics.fused import fused_available, fused_fake_quantize
 from fixq.numerics.ranges import affine_quantize
 from fixq.planning.coeffs import bias_codes, coeff_grid, layer_codes, layer_values
-from fixq.planning.elementwise import SIM_ELEMENTWISE, compile_table, table_ready
-from fixq.planning.partitions import filter_formats, layer_sum_format, propagate_formats
+from fixq.planning.elementwise import SIM_ELEMENTWISE
+from fixq.planning.partitions import filter_formats, layer_sum_format
 from fixq.planning.plan import AffineFormats, Formats, PlanError, QuantPlan
 from fixq.planning.safety import F64_EXACT_BITS, max_code
-from .engine import check_plan, compile_layer
+from .lowering import lower, lower_layer
 from .pooling import pool_divisors, window_sum
 
 __all__ = ["Simulator", "SIM_RULES"]
@@ -55,27 +55,29 @@ class Simulator:
             torch.backends.cudnn.allow_tf32 = False
             torch.backends.cuda.matmul.allow_tf32 = False
         self.rounding = plan.rounding
-        self.formats = propagate_formats(graph, {k: v for k, v in plan.tensors.items()})
+        prog = lower(graph, plan)  # the engine's lowering: same formats, same refusals, same bounds (DESIGN §5a)
+        self.formats = prog.fmts
         self._sat: dict[str, dict[str, torch.Tensor]] = {}
         self._prep: dict[str, dict] = {}
-        self._bounds = check_plan(graph, plan)  # DESIGN §5a, the engine's proof: same refusals, same bounds
+        self._bounds = prog.bounds
         for n in graph.nodes:
             if isinstance(n, (Conv, Linear)):
                 self._prep[n.name] = self._prepare_layer(n)
         # DESIGN §5b: the engine's tables; a table op without an integer rule under this plan
         # (flp/affine data, input wider than MAX_SEGMENTED_BITS) runs in float between quantizers
-        self.elementwise_tables = {n.name: compile_table(n, self.formats, graph.shapes[n.name][0], self.rounding)
-                                   for n in graph.nodes if isinstance(n, Table) and not plan.is_affine
-                                   and table_ready(n, self.formats, plan.tensors)}
+        self.elementwise_tables = prog.tables  # (the layers' integer tables are not kept: memory)
 
     def update_layer(self, plan: QuantPlan, name: str) -> None:
         """Take ``plan``, which differs from the current one only in layer ``name``'s entry
         (its decided codes, :mod:`fixq.algorithms.learned`): that layer is proved and prepared again."""
         n = self.graph.node(name)
         self.plan = plan
-        lp = plan.layers.get(name)
-        if lp is not None and lp.acc_F is not None and name in self._bounds:
-            self._bounds[name] = compile_layer(n, plan, self.formats, self.rounding).bound
+        if name in self._bounds:  # the layer's proof again (DESIGN §5a) on its new codes
+            L = lower_layer(n, plan, self.formats)
+            if L is None:
+                del self._bounds[name]
+            else:
+                self._bounds[name] = L.bound
         self._prep[name] = self._prepare_layer(n)
 
     # ---- precomputation ----------------------------------------------------------------
