@@ -62,3 +62,30 @@ def test_the_lowering_refuses_an_unprovable_plan_naming_the_layer():
     bad = replace(lp, weight=replace(lp.weight, F=tuple([int(F[0]) + 80] + F[1:].tolist())))
     with pytest.raises(PlanError, match="pw"):
         lower(g, replace(plan, layers={**plan.layers, "pw": bad}))
+
+
+def test_proofs_keep_bounds_only_and_the_simulation_keeps_no_layer_tables(monkeypatch):
+    import gc
+    import fixq.backends.lowering as lowering
+    g, plan = _setup()
+    full, slim = lower(g, plan), lower(g, plan, keep=False)
+    assert slim.layers == {} and slim.bounds == full.bounds
+    calls = []
+    monkeypatch.setattr(lowering, "compile_table", lambda *a: calls.append(a))
+    assert lowering.check_plan(g, plan) == full.bounds and calls == []  # a proof compiles no tables
+    del full, slim
+    gc.collect()
+    sim = Simulator(g, plan)
+    gc.collect()
+    assert sim._bounds and not any(type(o) in (LayerInts, Program) for o in gc.get_objects())
+
+
+def test_with_layer_refuses_an_unknown_layer_or_other_data_formats():
+    g, plan = _setup()
+    prog = lower(g, plan)
+    with pytest.raises(KeyError, match="nope"):
+        prog.with_layer(plan, "nope")
+    k = next(iter(plan.tensors))
+    other = replace(plan, tensors={kk: v for kk, v in plan.tensors.items() if kk != k})
+    with pytest.raises(PlanError, match="other data formats"):
+        prog.with_layer(other, "pw")

@@ -74,7 +74,7 @@ class Engine:
         self.fmts = self.program.fmts
         self.layers = self.program.layers
         for n in graph.layers():
-            if n.name not in self.layers:  # its coefficients are fixed point but data it reads or writes is flp
+            if n.name not in self.layers:  # defensive: the checks above leave no such layer today
                 raise EngineError(f"layer '{n.name}' reads or writes floating-point (flp) data in this plan: the "
                                   "integer engine needs fixed-point formats for every tensor")
         self.tables = self.program.tables

@@ -20,6 +20,7 @@ re-lowers one layer (a plan that differs only there: learned rounding, searches)
 from __future__ import annotations
 
 from dataclasses import dataclass, replace
+from functools import cached_property
 
 import torch
 
@@ -28,7 +29,7 @@ from fixq.numerics.formats import bound_codes, per_channel, round_shift_int
 from fixq.planning.coeffs import basis_grid, bias_codes, layer_codes
 from fixq.planning.elementwise import compile_table, prove_elementwise, table_ready
 from fixq.planning.partitions import filter_formats, layer_sum_format, propagate_formats
-from fixq.planning.plan import QuantPlan
+from fixq.planning.plan import PlanError, QuantPlan
 from fixq.planning.safety import check_headroom, check_shift, max_code, prove_layer, prove_op
 from .pooling import pool_divisors
 
@@ -145,7 +146,7 @@ def prove_ops(graph: Graph, fmts) -> None:
 def check_plan(graph: Graph, plan: QuantPlan) -> dict[str, float]:
     """Prove DESIGN §5a for every integer layer and op of a plan (the plan-time refusal):
     returns each conv/linear's proved worst-case |sum|; raises PlanError naming the node."""
-    return lower(graph, plan).bounds
+    return lower(graph, plan, keep=False, tables=False).bounds
 
 
 @dataclass(frozen=True)
@@ -161,33 +162,41 @@ class Step:
 @dataclass(frozen=True)
 class Program:
     """The lowered plan: data formats per tensor (``fmts``: name -> (T, F)), the steps, and
-    each integer layer's proved worst-case |sum| (``bounds``)."""
+    each integer layer's proved worst-case |sum| (``bounds``). Lowered with ``keep=False``
+    (the simulation, :func:`check_plan`), the steps hold no layer tables: each layer was
+    compiled and proved, its bound kept, its tables dropped at once (memory)."""
 
     graph: Graph
     plan: QuantPlan
     fmts: dict
     steps: tuple[Step, ...]
+    bounds: dict
 
-    @property
+    @cached_property
     def layers(self) -> dict:
         """name -> :class:`LayerInts` of every conv/linear layer with integer formats."""
         return {s.node.name: s.ints for s in self.steps if isinstance(s.node, (Conv, Linear)) and s.ints is not None}
 
-    @property
+    @cached_property
     def tables(self) -> dict:
         """name -> integer table of every table op the plan gives integer formats."""
         return {s.node.name: s.ints for s in self.steps if isinstance(s.node, Table) and s.ints is not None}
 
-    @property
-    def bounds(self) -> dict[str, float]:
-        return {k: L.bound for k, L in self.layers.items()}
-
     def with_layer(self, plan: QuantPlan, name: str) -> "Program":
         """The program of ``plan``, which differs from this one's only in layer ``name``'s
-        entry (decided codes, bits): that layer alone is compiled and proved again."""
-        steps = tuple(replace(s, ints=lower_layer(s.node, plan, self.fmts)) if s.node.name == name else s
-                      for s in self.steps)
-        return replace(self, plan=plan, steps=steps)
+        entry (decided codes, bits; same data formats): that layer alone is compiled and
+        proved again; the other steps are reused."""
+        if plan.tensors != self.plan.tensors:
+            raise PlanError("Program.with_layer: the new plan has other data formats; lower it again")
+        i = next((k for k, s in enumerate(self.steps) if s.node.name == name), None)
+        if i is None or not isinstance(self.steps[i].node, (Conv, Linear)):
+            raise KeyError(f"no conv/linear layer named {name!r} in the program")
+        L = lower_layer(self.steps[i].node, plan, self.fmts)
+        bounds = {k: v for k, v in self.bounds.items() if k != name}
+        if L is not None:
+            bounds[name] = L.bound
+        steps = self.steps[:i] + (replace(self.steps[i], ints=L),) + self.steps[i + 1:]
+        return Program(self.graph, plan, self.fmts, steps, bounds)
 
 
 def _integer_layer(n, plan: QuantPlan, fmts) -> bool:
@@ -202,11 +211,13 @@ def lower_layer(n, plan: QuantPlan, fmts) -> LayerInts | None:
     return compile_layer(n, plan, fmts, plan.rounding) if _integer_layer(n, plan, fmts) else None
 
 
-def lower(graph: Graph, plan: QuantPlan) -> Program:
+def lower(graph: Graph, plan: QuantPlan, keep: bool = True, tables: bool = True) -> Program:
     """Lower ``plan`` on ``graph`` (module docstring); raises PlanError naming the node when
-    DESIGN §5a cannot be proved. Affine plans lower to formats only (no integer program)."""
+    DESIGN §5a cannot be proved. Affine plans lower to formats only (no integer program).
+    ``keep=False``: bounds only, no layer tables kept; ``tables=False``: table ops not
+    compiled (a proof needs neither: :func:`check_plan`)."""
     fmts = propagate_formats(graph, plan.tensors)
-    steps = []
+    steps, bounds = [], {}
     for n in graph.nodes:
         if isinstance(n, Input):
             continue
@@ -215,9 +226,12 @@ def lower(graph: Graph, plan: QuantPlan) -> Program:
             pass
         elif isinstance(n, (Conv, Linear)):
             ints = lower_layer(n, plan, fmts)
-        elif isinstance(n, Table) and table_ready(n, fmts, plan.tensors):
+            if ints is not None:
+                bounds[n.name] = ints.bound
+                ints = ints if keep else None
+        elif tables and isinstance(n, Table) and table_ready(n, fmts, plan.tensors):
             ints = compile_table(n, fmts, graph.shapes[n.name][0], plan.rounding)
         steps.append(Step(n, ints))
     if not plan.is_affine:
         prove_ops(graph, fmts)
-    return Program(graph, plan, fmts, tuple(steps))
+    return Program(graph, plan, fmts, tuple(steps), bounds)

@@ -55,7 +55,7 @@ class Simulator:
             torch.backends.cudnn.allow_tf32 = False
             torch.backends.cuda.matmul.allow_tf32 = False
         self.rounding = plan.rounding
-        prog = lower(graph, plan)  # the engine's lowering: same formats, same refusals, same bounds (DESIGN §5a)
+        prog = lower(graph, plan, keep=False)  # the engine's lowering: same formats, refusals, bounds (DESIGN §5a)
         self.formats = prog.fmts
         self._sat: dict[str, dict[str, torch.Tensor]] = {}
         self._prep: dict[str, dict] = {}
