@@ -51,7 +51,7 @@ from fixq.planning.plan import Formats, LayerCodes, PlanError, QuantPlan
 from fixq.util.progress import progress, set_status
 from .coeff_formats import bias_formats
 
-__all__ = ["RoundingOptions", "learn_rounding", "layer_output_error", "ZETA", "GAMMA"]
+__all__ = ["RoundingOptions", "learn_rounding", "up_bits", "layer_output_error", "ZETA", "GAMMA"]
 
 ZETA, GAMMA = 1.1, -0.1
 
@@ -226,7 +226,7 @@ def _decide(n, lp, x, y, opts: RoundingOptions, rounding: str, seed: int, show: 
         row["learned_error"] = err_l
         changed = int((cand != near).sum())
         if err_l <= err_n and changed:
-            up, dsum = pack_bits(_up_bits(g, cand)), dsum_l
+            up, dsum = pack_bits(up_bits(g, cand)), dsum_l
             row.update(kept="learned", changed_codes=changed)
         notes.append(f"learned rounding: {row['changed_codes']} of {near.numel()} codes differ from nearest; "
                      f"calibration output error {err_n:.4g} (nearest) -> {err_l:.4g} (learned), kept {row['kept']}")
@@ -246,7 +246,7 @@ def _decide(n, lp, x, y, opts: RoundingOptions, rounding: str, seed: int, show: 
     return replace(lp, bias=bf, codes=lc, notes=tuple(notes)), row
 
 
-def _up_bits(g, codes: torch.Tensor) -> torch.Tensor:
+def up_bits(g, codes: torch.Tensor) -> torch.Tensor:
     """Round-up bits that give ``codes`` (codes = sat(floor + up); saturated codes: up = 0)."""
     return (codes.double() > torch.floor(g.scaled())).reshape(-1)
 

@@ -27,7 +27,7 @@ import torch
 from fixq.graph.ir import Graph
 from fixq.planning.coeffs import coeff_grid, layer_codes, pack_bits, weights_digest
 from fixq.planning.plan import Formats, LayerCodes, QuantPlan
-from .learned import RoundingOptions, learn_rounding
+from .learned import RoundingOptions, learn_rounding, up_bits
 
 __all__ = ["CodeBank"]
 
@@ -74,8 +74,7 @@ class CodeBank:
             chosen = torch.where(same, codes.long(), near)
             if torch.equal(chosen, near):
                 continue
-            up = (chosen.double() > torch.floor(g.scaled())).reshape(-1)
-            layers[name] = replace(lp, codes=LayerCodes(weights_digest(n), pack_bits(up), None))
+            layers[name] = replace(lp, codes=LayerCodes(weights_digest(n), pack_bits(up_bits(g, chosen)), None))
             changed = True
         if not changed:
             return plan
