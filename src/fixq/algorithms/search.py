@@ -29,6 +29,8 @@ from fixq.backends.simulate import Simulator
 from fixq.data.stream import stream_map
 from fixq.errors import FixqError
 from fixq.planning.plan import QuantConfig, QuantPlan
+from fixq.util import distributed as dist
+from .bench_cache import PrefixCache, default_budget_mb, first_change
 from .calibrate import needs_histograms, plan_from
 from .pipeline import Session
 
@@ -107,13 +109,17 @@ def resolve_target(float_tune: float, drop: float | None, error: float | None) -
 @dataclass
 class PlanBench:
     """Plans from one calibration of ``session`` with ``config`` (2D-HQ at the base bits),
-    measured on the tuning or test images."""
+    measured on the tuning or test images. A trial computes only what its plan changes
+    (:mod:`fixq.algorithms.bench_cache`): a plan that computes as the all-base plan reuses its
+    measurement, and a plan that first differs at node ``k`` resumes the kept live tensors at
+    ``k`` (within ``cache_mb``; default ``FIXQ_SEARCH_CACHE_MB`` or 1024)."""
 
     session: Session
     config: QuantConfig
     tune_size: int | None = None
     seed: int = 0
     margin_z: float = Z_MARGIN
+    cache_mb: float | None = None
 
     def __post_init__(self) -> None:
         if not (math.isfinite(self.margin_z) and self.margin_z >= 0):
@@ -129,6 +135,9 @@ class PlanBench:
         self.float_test = topk_errors(s.float_logits[test], s.eval_y[test])
         self.obs = s.observations(needs_histograms(s.graph, [self.config]))
         self.base_plan = self.plan()
+        self._base_measured: dict = {}
+        self._prefix: dict = {}
+        self.cache_mb = default_budget_mb() if self.cache_mb is None else float(self.cache_mb)
         self.base_cost = analyze(s.graph, self.base_plan).rel_complexity_mmacs
 
     def plan(self, config: QuantConfig | None = None, **kw) -> QuantPlan:
@@ -148,11 +157,44 @@ class PlanBench:
         return x, y, ref
 
     def measure(self, plan: QuantPlan, part: str = "tune", limit: int | None = None):
-        """``(top1, top5, logits)`` of the fast simulation on the tuning or test images."""
+        """``(top1, top5, logits)`` of the fast simulation on the tuning or test images (the
+        same numbers with or without the reuse of the class docstring)."""
+        s = self.session
+        k = first_change(s.graph, plan, self.base_plan)
+        same = k == len(s.graph.nodes)
+        if same and (part, limit) in self._base_measured:
+            return self._base_measured[(part, limit)]
         x, y, ref = self._part(part, limit)
-        sim = Simulator(self.session.graph, plan, exact=False, device=self.session.device)
-        r = evaluate_quant(sim, x, y, ref, self.session.batch_size, sqnr_images=0, show_progress=False)
-        return r.top1_error, r.top5_error, r.logits
+        sim = Simulator(s.graph, plan, exact=False, device=s.device, fast_cpu=True)
+        cache = self._prefix.get((part, limit))
+        if cache is not None and cache.complete and cache.start <= k:
+            def resume(b, env):
+                return sim.run_from(cache.start, {n: v.to(s.device) for n, v in env.items()}).float().cpu()
+            logits = torch.cat(list(stream_map(cache, resume, "trial", False)))
+            out = (*topk_errors(logits, y), logits)
+        elif 0 < k < len(s.graph.nodes) and self.cache_mb > 0 and (cache is None or k < cache.start):
+            out = self._measure_keeping(sim, x, y, k, part, limit)
+        else:
+            r = evaluate_quant(sim, x, y, ref, s.batch_size, sqnr_images=0, show_progress=False)
+            out = (r.top1_error, r.top5_error, r.logits)
+        if same:
+            self._base_measured[(part, limit)] = out
+        return out
+
+    def _measure_keeping(self, sim: Simulator, x, y, k: int, part: str, limit: int | None):
+        """A trial from the images that keeps the live tensors at node ``k`` of every batch."""
+        stream = to_stream(x, self.session.batch_size)
+        cache = PrefixCache(k, [stream.batch_len(b) for b in range(stream.n_batches)], self.cache_mb,
+                            range(dist.rank(), stream.n_batches, dist.world()))
+
+        def one(b, xb):
+            def keep(i, env):
+                if i == k:
+                    cache.keep(b, env)
+            return sim.run(xb.to(sim.device), before=keep).float().cpu()
+        logits = torch.cat(list(stream_map(stream, one, "trial", False)))
+        self._prefix[(part, limit)] = cache
+        return (*topk_errors(logits, y), logits)
 
     def measure_each(self, plans: dict, part: str = "tune", limit: int | None = None) -> dict:
         """``{layer: measure(plan, part, limit)}`` for plans that each differ from the base plan
@@ -166,9 +208,9 @@ class PlanBench:
         x, y, _ = self._part(part, limit)
         index = {n.name: i for i, n in enumerate(s.graph.nodes)}
         base_json = self.base_plan.to_json()  # once, not once per plan
-        forks = {index[k]: (k, Simulator(s.graph, p, exact=False, device=s.device))
+        forks = {index[k]: (k, Simulator(s.graph, p, exact=False, device=s.device, fast_cpu=True))
                  for k, p in plans.items() if k in index and _only_differs_in(p.to_json(), base_json, k)}
-        base = Simulator(s.graph, self.base_plan, exact=False, device=s.device)
+        base = Simulator(s.graph, self.base_plan, exact=False, device=s.device, fast_cpu=True)
 
         def one(b, xb):
             got = {}

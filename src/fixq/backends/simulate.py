@@ -18,6 +18,7 @@ from fixq.graph.ir import (FLOAT_RULES, AdaptiveAvgPool, Add, AvgPool, Clamp, Co
                            Input, Linear, MaxPool, Pad, Slice, apply_act, pre_activation)
 from fixq.numerics.formats import bound_codes, exp2, fake_quantize, per_channel, round_values
 from fixq.numerics.fused import fused_available, fused_fake_quantize
+from fixq.numerics.fused_cpu import cpu_fused_available, cpu_fused_fake_quantize
 from fixq.numerics.ranges import affine_quantize
 from fixq.planning.coeffs import bias_codes, coeff_grid, layer_codes, layer_values
 from fixq.planning.elementwise import SIM_ELEMENTWISE
@@ -46,8 +47,12 @@ class Simulator:
     """
 
     def __init__(self, graph: Graph, plan: QuantPlan, exact: bool = False,
-                 device: str | torch.device = "cpu"):
+                 device: str | torch.device = "cpu", fast_cpu: bool = False):
         self.graph, self.plan = graph, plan
+        # fast mode on the CPU, for callers that run many passes (the plan searches): the compiled
+        # one-pass quantizer (fixq.numerics.fused_cpu) and channels-last images and kernels (faster
+        # convolutions; same formulas, float32 as before)
+        self.fast_cpu = fast_cpu and not exact and torch.device(device).type == "cpu"
         self.exact = exact
         self.dtype = torch.float64 if exact else torch.float32
         self.device = torch.device(device)
@@ -82,7 +87,8 @@ class Simulator:
 
     # ---- precomputation ----------------------------------------------------------------
     def _t(self, v) -> torch.Tensor:
-        return v.to(device=self.device, dtype=self.dtype)
+        v = v.to(device=self.device, dtype=self.dtype)
+        return v.contiguous(memory_format=torch.channels_last) if self.fast_cpu and v.dim() == 4 else v
 
     def _prepare_layer(self, n) -> dict:
         lp = self.plan.layers.get(n.name)
@@ -165,13 +171,21 @@ class Simulator:
 
     def fq(self, v: torch.Tensor, F: torch.Tensor, T: int, overflow: str = "saturate", relu: bool = False,
            inplace: bool = False):
-        """fake_quantize with F per channel; one fused pass on CUDA in the fast mode. ``inplace``:
+        """fake_quantize with F per channel; one fused pass on CUDA in the fast mode (and on the CPU
+        with ``fast_cpu``). ``inplace``:
         ``v`` is the caller's temporary (:meth:`requant`)."""
         if not self.exact and overflow == "saturate" and fused_available(v, self.rounding):
             key = ("scale", id(F))
             if key not in self._prep:
                 self._prep[key] = (F, exp2(F.to(v.device), v))
             return fused_fake_quantize(v, self._prep[key][1], T, self.rounding, relu)
+        if self.fast_cpu and overflow == "saturate" and cpu_fused_available(v, self.rounding):
+            key = ("cpu-scale", id(F), v.dim())
+            if key not in self._prep:
+                self._prep[key] = (F, _bc(exp2(F.to(v.device), v), v).contiguous())
+            got = cpu_fused_fake_quantize(v, self._prep[key][1], T, self.rounding, relu)
+            if got is not None:
+                return got
         if relu:
             v = v.clamp_(min=0) if inplace else torch.clamp(v, min=0)
         return fake_quantize(v, _bc(F.to(v.device), v), T, self.rounding, overflow, inplace=inplace)

@@ -1,0 +1,158 @@
+"""Searches that compute only what a trial changes (issue #16): the prefix rule, the kept
+prefix and the base reuse in PlanBench, and the fast CPU simulation (compiled one-pass
+quantizer, channels-last) against the torch formula: same values, same saturation counts."""
+from dataclasses import replace
+
+import pytest
+import torch
+
+from fixq.algorithms.bench_cache import PrefixCache, first_change
+from fixq.algorithms.calibrate import observe, plan_from
+from fixq.backends.simulate import Simulator
+from fixq.data.zoo import CifarResNet
+from fixq.numerics import fused_cpu
+from fixq.numerics.formats import Word, fake_quantize
+from fixq.planning.plan import LayerConfig, QuantConfig
+
+from helpers import make_graph, plan_for
+
+
+def _resnet_plans():
+    torch.manual_seed(0)
+    g = make_graph(CifarResNet(20).eval(), (3, 32, 32))
+    obs = observe(g, [(torch.randn(8, 3, 32, 32), None)], show_progress=False)
+    cfg = QuantConfig(LayerConfig(coeff_mode="2D"))
+    return g, obs, cfg, plan_from(obs, cfg)
+
+
+def test_first_change_names_the_first_node_a_plan_computes_differently():
+    g, obs, cfg, base = _resnet_plans()
+    index = {n.name: i for i, n in enumerate(g.nodes)}
+    N = len(g.nodes)
+    for name in ("layer1.0.conv1", "layer2.1.conv2", "linear"):
+        low = plan_from(obs, cfg, filter_bits={name: torch.full(tuple(g.node(name).weight.shape[:2]), 4)})
+        assert first_change(g, low, base) == index[name] and first_change(g, base, low) == index[name]
+    # notes (plan-wide or a layer's) and the model name change nothing computed
+    lp = base.layers["layer1.0.conv1"]
+    noted = replace(base, notes=("x",), model="other", layers={**base.layers, lp.name: replace(lp, notes=("y",))})
+    assert first_change(g, noted, base) == N
+    # a data format changed at an add: that node
+    add = next(n.name for n in g.nodes if n.name.startswith("add"))
+    t = base.tensors[add]
+    moved = replace(base, tensors={**base.tensors, add: replace(t, F=tuple(f + 1 for f in t.F))})
+    assert first_change(g, moved, base) == index[add]
+    # anything plan-wide: the first node
+    assert first_change(g, replace(base, config=replace(cfg, rounding="floor")), base) == 0
+    assert first_change(g, replace(base, float_ops=("linear",)), base) == 0
+    assert first_change(g, replace(base, tensors={**base.tensors, "nowhere": t}), base) == 0
+
+
+def test_prefix_cache_keeps_exact_values_and_respects_its_budget():
+    q = torch.tensor([3, -128, 127, 0], dtype=torch.float32) * 2.0 ** -7  # 8-bit codes: bfloat16-exact
+    wide = torch.tensor([1023.0, -4.0]) * 2.0 ** -3                       # 10 significant bits: kept as float32
+    c = PrefixCache(5, [4, 2], budget_mb=1)
+    c.keep(0, {"a": q})
+    assert not c.complete
+    c.keep(1, {"a": wide})
+    got = dict(c.local())
+    assert c.complete and got[0]["a"].dtype == torch.float32 and torch.equal(got[0]["a"], q)
+    assert torch.equal(got[1]["a"], wide) and c._env[0]["a"][0].dtype == torch.bfloat16
+    assert c._env[1]["a"][0].dtype == torch.float32
+    small = PrefixCache(5, [4], budget_mb=1e-6)
+    small.keep(0, {"a": q})
+    assert small.over and not small.complete
+
+
+def _bench(digits_dir, **kw):
+    from fixq.algorithms.pipeline import open_session
+    from fixq.algorithms.search import PlanBench, base_config
+    s = open_session("lenet-digits", str(digits_dir), str(digits_dir), calib_size=40, eval_size=96, batch_size=16,
+                     workers=0, show_progress=False)
+    return PlanBench(s, base_config(QuantConfig(), 8), **kw)
+
+
+def test_trials_resume_the_kept_prefix_with_the_numbers_of_a_full_run(digits_dir, monkeypatch):
+    from fixq.algorithms.mixed import eligible_layers
+    from fixq.data.stream import ImageStream
+    bench, plain = _bench(digits_dir), _bench(digits_dir, cache_mb=0)
+    g = bench.session.graph
+    names = [n.name for n in g.nodes if n.name in eligible_layers(g, ())]
+    low = {k: torch.full(tuple(g.node(k).weight.shape[:2]), 2, dtype=torch.int64) for k in names}
+    late = bench.plan(filter_bits={names[-1]: low[names[-1]]})
+    later_too = bench.plan(filter_bits={names[-1]: low[names[-1]][:, :1].expand_as(low[names[-1]]) * 0 + 3})
+    early = bench.plan(filter_bits={names[1]: low[names[1]]})
+    k_late, k_early = first_change(g, late, bench.base_plan), first_change(g, early, bench.base_plan)
+    assert 0 < k_early < k_late < len(g.nodes)
+    for p in (late, early, later_too):   # the first keeps at k_late, the second moves the cache to k_early
+        a, b = bench.measure(p), plain.measure(p)
+        assert (a[0], a[1]) == (b[0], b[1]) and torch.equal(a[2], b[2])
+    assert bench._prefix[("tune", None)].start == k_early and bench._prefix[("tune", None)].complete
+    assert ("tune", None) not in plain._prefix
+
+    reads = []
+    orig = ImageStream.local
+    monkeypatch.setattr(ImageStream, "local", lambda self: (reads.append(1), orig(self))[1])
+    for p in (late, early):  # resumed from the kept tensors: no image decoded
+        a, b = bench.measure(p), plain.measure(p)
+        assert torch.equal(a[2], b[2])
+    assert len(reads) == 2  # the plain bench's two passes only
+    base = bench.measure(bench.base_plan)
+    same = replace(bench.base_plan, notes=("mixed precision: 0 filters low",))
+    assert bench.measure(same) is base and len(reads) == 2  # the base's measurement, reused
+
+    tiny = _bench(digits_dir, cache_mb=1e-6)
+    a = tiny.measure(late)
+    assert torch.equal(a[2], plain.measure(late)[2]) and not tiny._prefix[("tune", None)].complete
+
+
+def test_cache_budget_comes_from_the_environment(monkeypatch):
+    from fixq.algorithms.bench_cache import default_budget_mb
+    monkeypatch.setenv("FIXQ_SEARCH_CACHE_MB", "12.5")
+    assert default_budget_mb() == 12.5
+    for bad in ("lots", "-1"):
+        monkeypatch.setenv("FIXQ_SEARCH_CACHE_MB", bad)
+        with pytest.raises(ValueError, match="FIXQ_SEARCH_CACHE_MB"):
+            default_budget_mb()
+
+
+def _ties(shape, F, T, seed=0):
+    """Values on and around rounding ties and past both saturation limits, for scale 2**F."""
+    g = torch.Generator().manual_seed(seed)
+    lo, hi = (0, 2 ** int(T) - 1) if not getattr(T, "signed", True) else (-2 ** (int(T) - 1), 2 ** (int(T) - 1) - 1)
+    k = torch.randint(lo - 20, hi + 20, shape, generator=g).float()
+    frac = torch.tensor([0.0, 0.5, -0.5, 0.25, 0.4999999, 0.5000001])[torch.randint(0, 6, shape, generator=g)]
+    return (k + frac) * torch.pow(2.0, -F)
+
+
+@pytest.mark.parametrize("rounding", ["half_up", "floor"])
+@pytest.mark.parametrize("relu", [False, True])
+@pytest.mark.parametrize("T", [8, Word(8, signed=False), 16])
+def test_compiled_cpu_quantizer_equals_the_torch_formula(rounding, relu, T):
+    C = 16
+    F = torch.randint(-2, 9, (C,)).float().reshape(1, C, 1, 1)
+    x = _ties((64, C, 16, 16), F, T)
+    assert x.numel() >= fused_cpu.MIN_NUMEL and fused_cpu.cpu_fused_available(x, rounding)
+    for xin, s in ((x, torch.pow(2.0, F)), (x.contiguous(memory_format=torch.channels_last), torch.pow(2.0, F)),
+                   (x, torch.tensor(16.0))):
+        got = fused_cpu.cpu_fused_fake_quantize(xin, s, T, rounding, relu)
+        assert got is not None, fused_cpu._WHY_NOT
+        ref = fake_quantize(torch.clamp(xin, min=0) if relu else xin, torch.log2(s), T, rounding)
+        assert torch.equal(got[0], ref[0]) and int(got[1]) == int(ref[1]) > 0
+
+
+@pytest.mark.parametrize("acc_bits", [32, 14])
+def test_fast_cpu_simulation_equals_the_plain_one(acc_bits, monkeypatch):
+    """Compiled quantizer + channels-last kernels: the same logits and saturation counts."""
+    import fixq.backends.simulate as simulate
+    g = make_graph(CifarResNet(20).eval(), (3, 32, 32))
+    plan = plan_for(g, (3, 32, 32), coeff_mode="2D", data_mode="3D", acc_bits=acc_bits)
+    x = torch.randn(48, 3, 32, 32) * 2
+    calls = []
+    orig = simulate.cpu_fused_fake_quantize
+    monkeypatch.setattr(simulate, "cpu_fused_fake_quantize", lambda *a: (calls.append(1), orig(*a))[1])
+    a, b = Simulator(g, plan), Simulator(g, plan, fast_cpu=True)
+    ya, yb = a(x), b(x)
+    assert calls and fused_cpu._WHY_NOT is None  # the compiled path ran
+    assert torch.equal(ya, yb) and a.saturations() == b.saturations()
+    assert any(v for d in a.saturations().values() for v in d.values())  # saturations were compared, not zeros
+    assert not Simulator(g, plan, exact=True, fast_cpu=True).fast_cpu  # never in the exact mode
