@@ -6,7 +6,7 @@ from dataclasses import replace
 import pytest
 import torch
 
-from fixq.algorithms.bench_cache import PrefixCache, first_change
+from fixq.algorithms.bench_cache import PrefixCache, changed_nodes, first_change
 from fixq.algorithms.calibrate import observe, plan_from
 from fixq.backends.simulate import Simulator
 from fixq.data.zoo import CifarResNet
@@ -32,10 +32,13 @@ def test_first_change_names_the_first_node_a_plan_computes_differently():
     for name in ("layer1.0.conv1", "layer2.1.conv2", "linear"):
         low = plan_from(obs, cfg, filter_bits={name: torch.full(tuple(g.node(name).weight.shape[:2]), 4)})
         assert first_change(g, low, base) == index[name] and first_change(g, base, low) == index[name]
+    two = plan_from(obs, cfg, filter_bits={k: torch.full(tuple(g.node(k).weight.shape[:2]), 4)
+                                           for k in ("layer1.0.conv1", "layer3.0.conv2")})
+    assert changed_nodes(g, two, base) == [index["layer1.0.conv1"], index["layer3.0.conv2"]]
     # notes (plan-wide or a layer's) and the model name change nothing computed
     lp = base.layers["layer1.0.conv1"]
     noted = replace(base, notes=("x",), model="other", layers={**base.layers, lp.name: replace(lp, notes=("y",))})
-    assert first_change(g, noted, base) == N
+    assert first_change(g, noted, base) == N and changed_nodes(g, noted, base) == []
     # a data format changed at an add: that node
     add = next(n.name for n in g.nodes if n.name.startswith("add"))
     t = base.tensors[add]
@@ -43,6 +46,7 @@ def test_first_change_names_the_first_node_a_plan_computes_differently():
     assert first_change(g, moved, base) == index[add]
     # anything plan-wide: the first node
     assert first_change(g, replace(base, config=replace(cfg, rounding="floor")), base) == 0
+    assert changed_nodes(g, replace(base, config=replace(cfg, rounding="floor")), base) is None
     assert first_change(g, replace(base, float_ops=("linear",)), base) == 0
     assert first_change(g, replace(base, tensors={**base.tensors, "nowhere": t}), base) == 0
 
@@ -60,7 +64,7 @@ def test_prefix_cache_keeps_exact_values_and_respects_its_budget():
     assert c._env[1]["a"][0].dtype == torch.float32
     small = PrefixCache(5, [4], budget_mb=1e-6)
     small.keep(0, {"a": q})
-    assert small.over and not small.complete
+    assert small.over and not small.complete and small.bytes == 0
 
 
 def _bench(digits_dir, **kw):
@@ -156,3 +160,48 @@ def test_fast_cpu_simulation_equals_the_plain_one(acc_bits, monkeypatch):
     assert torch.equal(ya, yb) and a.saturations() == b.saturations()
     assert any(v for d in a.saturations().values() for v in d.values())  # saturations were compared, not zeros
     assert not Simulator(g, plan, exact=True, fast_cpu=True).fast_cpu  # never in the exact mode
+
+
+def test_kept_prefixes_share_one_budget(digits_dir):
+    """The tuning and test parts' kept tensors together stay within cache_mb."""
+    from fixq.algorithms.mixed import eligible_layers
+    bench = _bench(digits_dir)
+    g = bench.session.graph
+    name = [n.name for n in g.nodes if n.name in eligible_layers(g, ())][-1]
+    plan = bench.plan(filter_bits={name: torch.full(tuple(g.node(name).weight.shape[:2]), 2, dtype=torch.int64)})
+    bench.measure(plan, "tune")
+    one = bench._prefix[("tune", None)].bytes
+    assert one > 0
+    tight = _bench(digits_dir, cache_mb=1.5 * one / 2 ** 20)
+    a, b = tight.measure(plan, "tune"), tight.measure(plan, "test")
+    kept = [c for c in tight._prefix.values() if c.complete]
+    assert len(kept) == 1 and sum(c.bytes for c in tight._prefix.values()) <= 1.5 * one
+    assert torch.equal(a[2], bench.measure(plan, "tune")[2]) and torch.equal(b[2], bench.measure(plan, "test")[2])
+
+
+@pytest.mark.parametrize("net,shape", [("depthwise", (3, 16, 16)), ("resnet20", (3, 32, 32))])
+def test_derived_simulator_equals_a_fresh_one(net, shape):
+    """Simulator.derive re-proves and re-prepares only the changed layers (and drops their
+    activation bounds at the old accumulator format): same outputs, counts and bounds as a
+    simulator built whole; the base simulator is left as it was."""
+    from helpers import DepthwiseNet
+    model = DepthwiseNet() if net == "depthwise" else CifarResNet(20)
+    g = make_graph(model.eval(), shape)
+    x = torch.randn(16, *shape) * 2
+    obs = observe(g, [(x, None)], show_progress=False)
+    cfg = QuantConfig(LayerConfig(coeff_mode="2D", acc_bits=16))
+    base = plan_from(obs, cfg)
+    bsim = Simulator(g, base)
+    y0 = bsim(x)  # caches activation bounds at the base plan's accumulator formats
+    moved_clamp = False
+    for n in [n for n in g.nodes if n.name in base.layers][:6]:
+        low = plan_from(obs, cfg, filter_bits={n.name: torch.full(tuple(n.weight.shape[:2]), 4, dtype=torch.int64)})
+        assert changed_nodes(g, low, base) == [g.nodes.index(n)]
+        d, f = bsim.derive(low, [n.name]), Simulator(g, low)
+        stale = [k for k in d._prep if isinstance(k, tuple) and k[:2] == ("act", n.name)]
+        assert not stale  # clamp bounds cached at the old accumulator format are not reused
+        assert torch.equal(d(x), f(x)) and d.saturations() == f.saturations() and d._bounds == f._bounds, n.name
+        moved_clamp |= n.act not in (None, (0.0, None)) and low.layers[n.name].acc_F != base.layers[n.name].acc_F
+    assert moved_clamp == (net == "depthwise")  # a ReLU6 layer whose accumulator format moved was checked
+    bsim.reset_counts()
+    assert torch.equal(bsim(x), y0) and bsim.plan is base

@@ -30,7 +30,7 @@ import torch
 
 from fixq.planning.plan import QuantPlan
 
-__all__ = ["first_change", "PrefixCache", "default_budget_mb"]
+__all__ = ["changed_nodes", "first_change", "PrefixCache", "default_budget_mb"]
 
 
 def default_budget_mb() -> float:
@@ -52,23 +52,33 @@ def _same_layer(x, y) -> bool:
     return all(getattr(x, f.name) == getattr(y, f.name) for f in fields(x) if f.name != "notes")
 
 
+def changed_nodes(graph, a: QuantPlan, b: QuantPlan) -> list[int] | None:
+    """Indices of the nodes of ``graph`` whose own plan entries differ between plans ``a`` and
+    ``b`` (notes, version and model name aside); ``None`` when anything plan-wide differs
+    (config, float ops, an entry for a node the graph does not have).
+
+    >>> changed_nodes(graph, plan, replace(plan, notes=("a note",)))   # doctest: +SKIP
+    []
+    """
+    if a.config != b.config or tuple(a.float_ops) != tuple(b.float_ops):
+        return None
+    names = {n.name for n in graph.nodes}
+    if any(k not in names for k in (set(a.layers) | set(b.layers) | set(a.tensors) | set(b.tensors))):
+        return None
+    return [i for i, n in enumerate(graph.nodes)
+            if not _same_layer(a.layers.get(n.name), b.layers.get(n.name)) or a.tensors.get(n.name) != b.tensors.get(n.name)]
+
+
 def first_change(graph, a: QuantPlan, b: QuantPlan) -> int:
     """The index of the first node of ``graph`` that plan ``a`` computes differently from plan
     ``b`` (``len(graph.nodes)`` when none does: they compute the same; 0 when anything
-    plan-wide differs). Notes, version and model name are not compared.
+    plan-wide differs).
 
     >>> first_change(graph, plan, replace(plan, notes=("a note",))) == len(graph.nodes)   # doctest: +SKIP
     True
     """
-    if a.config != b.config or tuple(a.float_ops) != tuple(b.float_ops):
-        return 0
-    names = {n.name for n in graph.nodes}
-    if any(k not in names for k in (set(a.layers) | set(b.layers) | set(a.tensors) | set(b.tensors))):
-        return 0  # an entry for no node of this graph: nothing can be assumed
-    for i, n in enumerate(graph.nodes):
-        if not _same_layer(a.layers.get(n.name), b.layers.get(n.name)) or a.tensors.get(n.name) != b.tensors.get(n.name):
-            return i
-    return len(graph.nodes)
+    ch = changed_nodes(graph, a, b)
+    return 0 if ch is None else (ch[0] if ch else len(graph.nodes))
 
 
 def _pack(v: torch.Tensor):
@@ -121,7 +131,7 @@ class PrefixCache:
         packed = {k: _pack(v) for k, v in env.items()}
         self.bytes += sum(t.numel() * t.element_size() for t, _ in packed.values())
         if self.bytes > self.budget:
-            self.over, self._env = True, {}
+            self.over, self._env, self.bytes = True, {}, 0
             return
         self._env[b] = packed
 

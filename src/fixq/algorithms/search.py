@@ -24,13 +24,14 @@ from dataclasses import dataclass, replace
 import torch
 
 from fixq.analysis.complexity import analyze
-from fixq.analysis.evaluate import evaluate_quant, to_stream, topk_errors
+from fixq.analysis.evaluate import to_stream, topk_errors
 from fixq.backends.simulate import Simulator
 from fixq.data.stream import stream_map
 from fixq.errors import FixqError
+from fixq.graph.ir import Conv, Linear
 from fixq.planning.plan import QuantConfig, QuantPlan
 from fixq.util import distributed as dist
-from .bench_cache import PrefixCache, default_budget_mb, first_change
+from .bench_cache import PrefixCache, changed_nodes, default_budget_mb, first_change
 from .calibrate import needs_histograms, plan_from
 from .pipeline import Session
 
@@ -120,6 +121,7 @@ class PlanBench:
     seed: int = 0
     margin_z: float = Z_MARGIN
     cache_mb: float | None = None
+    fast: bool = True  # the simulator's fast_cpu (compiled quantizer, channels-last); False: the plain formula
 
     def __post_init__(self) -> None:
         if not (math.isfinite(self.margin_z) and self.margin_z >= 0):
@@ -137,6 +139,7 @@ class PlanBench:
         self.base_plan = self.plan()
         self._base_measured: dict = {}
         self._prefix: dict = {}
+        self._base_sim = None
         self.cache_mb = default_budget_mb() if self.cache_mb is None else float(self.cache_mb)
         self.base_cost = analyze(s.graph, self.base_plan).rel_complexity_mmacs
 
@@ -156,6 +159,20 @@ class PlanBench:
             x, y, ref = self._heads[(part, limit)], y[:limit], ref[:limit]
         return x, y, ref
 
+    def simulator(self, plan: QuantPlan) -> Simulator:
+        """The fast simulator of ``plan``: derived from the base plan's (only the layers whose
+        entries differ are proved and prepared again) when the plan differs from the base
+        plan in conv/linear layer entries only, else built whole."""
+        s = self.session
+        if self._base_sim is None:
+            self._base_sim = Simulator(s.graph, self.base_plan, exact=False, device=s.device, fast_cpu=self.fast)
+        changed = changed_nodes(s.graph, plan, self.base_plan)
+        nodes = s.graph.nodes
+        if changed is not None and all(isinstance(nodes[i], (Conv, Linear)) and plan.tensors.get(nodes[i].name)
+                                       == self.base_plan.tensors.get(nodes[i].name) for i in changed):
+            return self._base_sim.derive(plan, [nodes[i].name for i in changed])
+        return Simulator(s.graph, plan, exact=False, device=s.device, fast_cpu=self.fast)
+
     def measure(self, plan: QuantPlan, part: str = "tune", limit: int | None = None):
         """``(top1, top5, logits)`` of the fast simulation on the tuning or test images (the
         same numbers with or without the reuse of the class docstring)."""
@@ -164,37 +181,32 @@ class PlanBench:
         same = k == len(s.graph.nodes)
         if same and (part, limit) in self._base_measured:
             return self._base_measured[(part, limit)]
-        x, y, ref = self._part(part, limit)
-        sim = Simulator(s.graph, plan, exact=False, device=s.device, fast_cpu=True)
-        cache = self._prefix.get((part, limit))
-        if cache is not None and cache.complete and cache.start <= k:
-            def resume(b, env):
+        x, y, _ = self._part(part, limit)
+        sim = self.simulator(plan)
+        key = (part, limit)
+        cache = self._prefix.get(key)
+        if cache is not None and cache.complete and cache.start <= k:  # resume at the kept prefix
+            def one(b, env):
                 return sim.run_from(cache.start, {n: v.to(s.device) for n, v in env.items()}).float().cpu()
-            logits = torch.cat(list(stream_map(cache, resume, "trial", False)))
-            out = (*topk_errors(logits, y), logits)
-        elif 0 < k < len(s.graph.nodes) and self.cache_mb > 0 and (cache is None or k < cache.start):
-            out = self._measure_keeping(sim, x, y, k, part, limit)
+            source = cache
         else:
-            r = evaluate_quant(sim, x, y, ref, s.batch_size, sqnr_images=0, show_progress=False)
-            out = (r.top1_error, r.top5_error, r.logits)
+            source, keep = to_stream(x, s.batch_size), None
+            if 0 < k < len(s.graph.nodes) and (cache is None or k < cache.start):
+                self._prefix.pop(key, None)  # an earlier start replaces the kept prefix
+                room = self.cache_mb - sum(c.bytes for c in self._prefix.values()) / 2 ** 20
+                if room > 0:
+                    keep = PrefixCache(k, [source.batch_len(b) for b in range(source.n_batches)], room,
+                                       range(dist.rank(), source.n_batches, dist.world()))
+                    self._prefix[key] = keep
+
+            def one(b, xb):  # every path yields the batch's logits: ranks may take different paths
+                hook = None if keep is None else (lambda i, env: keep.keep(b, env) if i == keep.start else None)
+                return sim.run(xb.to(s.device), before=hook).float().cpu()
+        logits = torch.cat(list(stream_map(source, one, "trial", False)))
+        out = (*topk_errors(logits, y), logits)
         if same:
-            self._base_measured[(part, limit)] = out
+            self._base_measured[key] = out
         return out
-
-    def _measure_keeping(self, sim: Simulator, x, y, k: int, part: str, limit: int | None):
-        """A trial from the images that keeps the live tensors at node ``k`` of every batch."""
-        stream = to_stream(x, self.session.batch_size)
-        cache = PrefixCache(k, [stream.batch_len(b) for b in range(stream.n_batches)], self.cache_mb,
-                            range(dist.rank(), stream.n_batches, dist.world()))
-
-        def one(b, xb):
-            def keep(i, env):
-                if i == k:
-                    cache.keep(b, env)
-            return sim.run(xb.to(sim.device), before=keep).float().cpu()
-        logits = torch.cat(list(stream_map(stream, one, "trial", False)))
-        self._prefix[(part, limit)] = cache
-        return (*topk_errors(logits, y), logits)
 
     def measure_each(self, plans: dict, part: str = "tune", limit: int | None = None) -> dict:
         """``{layer: measure(plan, part, limit)}`` for plans that each differ from the base plan
@@ -207,10 +219,9 @@ class PlanBench:
         s = self.session
         x, y, _ = self._part(part, limit)
         index = {n.name: i for i, n in enumerate(s.graph.nodes)}
-        base_json = self.base_plan.to_json()  # once, not once per plan
-        forks = {index[k]: (k, Simulator(s.graph, p, exact=False, device=s.device, fast_cpu=True))
-                 for k, p in plans.items() if k in index and _only_differs_in(p.to_json(), base_json, k)}
-        base = Simulator(s.graph, self.base_plan, exact=False, device=s.device, fast_cpu=True)
+        forks = {index[k]: (k, self.simulator(p))
+                 for k, p in plans.items() if k in index and changed_nodes(s.graph, p, self.base_plan) == [index[k]]}
+        base = self.simulator(self.base_plan)
 
         def one(b, xb):
             got = {}
@@ -263,13 +274,6 @@ class PlanBench:
         """``(complexity in M <8b,8b> MACs, savings % vs the all-base plan)``."""
         c = analyze(self.session.graph, plan).rel_complexity_mmacs
         return c, 100.0 * (1.0 - c / self.base_cost)
-
-
-def _only_differs_in(a: dict, b: dict, name: str) -> bool:
-    """Whether plan JSON ``a`` equals ``b`` everywhere but layer ``name``'s entry."""
-    return (a["tensors"] == b["tensors"] and a["float_ops"] == b["float_ops"]
-            and a["config"]["rounding"] == b["config"]["rounding"] and set(a["layers"]) == set(b["layers"])
-            and all(v == b["layers"][k] for k, v in a["layers"].items() if k != name))
 
 
 def base_config(config: QuantConfig, bits: int) -> QuantConfig:

@@ -72,17 +72,34 @@ class Simulator:
         # (flp/affine data, input wider than MAX_SEGMENTED_BITS) runs in float between quantizers
         self.elementwise_tables = prog.tables  # (the layers' integer tables are not kept: memory)
 
+    def derive(self, plan: QuantPlan, names) -> "Simulator":
+        """A simulator of ``plan``, which differs from this one's plan only in the layer entries
+        ``names`` (same config, data formats and float ops): those layers are proved and
+        prepared again, every other layer's prepared tensors are shared (a search trial
+        re-quantizes only what it changes). Same outputs as ``Simulator(graph, plan, ...)``.
+
+        >>> trial = base_sim.derive(trial_plan, ["layer2.0.conv1"])    # doctest: +SKIP
+        """
+        new = object.__new__(Simulator)
+        new.__dict__.update(self.__dict__)
+        new._sat, new._prep, new._bounds = {}, dict(self._prep), dict(self._bounds)
+        for name in names:
+            new.update_layer(plan, name)
+        new.plan = plan
+        return new
+
     def update_layer(self, plan: QuantPlan, name: str) -> None:
         """Take ``plan``, which differs from the current one only in layer ``name``'s entry
         (its decided codes, :mod:`fixq.algorithms.learned`): that layer is proved and prepared again."""
         n = self.graph.node(name)
         self.plan = plan
-        if name in self._bounds:  # the layer's proof again (DESIGN §5a) on its new codes
-            L = lower_layer(n, plan, self.formats)
-            if L is None:
-                del self._bounds[name]
-            else:
-                self._bounds[name] = L.bound
+        L = None if plan.is_affine else lower_layer(n, plan, self.formats)  # its proof again (DESIGN §5a)
+        if L is None:
+            self._bounds.pop(name, None)
+        else:
+            self._bounds[name] = L.bound
+        for key in [k for k in self._prep if isinstance(k, tuple) and k[:2] == ("act", name)]:
+            del self._prep[key]  # activation bounds at the layer's old accumulator format
         self._prep[name] = self._prepare_layer(n)
 
     # ---- precomputation ----------------------------------------------------------------
