@@ -87,11 +87,15 @@ def test_trials_resume_the_kept_prefix_with_the_numbers_of_a_full_run(digits_dir
     early = bench.plan(filter_bits={names[1]: low[names[1]]})
     k_late, k_early = first_change(g, late, bench.base_plan), first_change(g, early, bench.base_plan)
     assert 0 < k_early < k_late < len(g.nodes)
-    for p in (late, early, later_too):   # the first keeps at k_late, the second moves the cache to k_early
+    for p in (early, late, later_too):   # the first keeps at k_early, the others resume there
         a, b = bench.measure(p), plain.measure(p)
         assert (a[0], a[1]) == (b[0], b[1]) and torch.equal(a[2], b[2])
     assert bench._prefix[("tune", None)].start == k_early and bench._prefix[("tune", None)].complete
     assert ("tune", None) not in plain._prefix
+    other = _bench(digits_dir)  # a complete later prefix is not dropped for an earlier trial
+    for p in (late, early):
+        assert torch.equal(other.measure(p)[2], plain.measure(p)[2])
+    assert other._prefix[("tune", None)].start == k_late and other._prefix[("tune", None)].complete
 
     reads = []
     orig = ImageStream.local
@@ -119,6 +123,11 @@ def test_cache_budget_comes_from_the_environment(monkeypatch):
             default_budget_mb()
 
 
+def _compiler() -> bool:
+    import shutil
+    return any(shutil.which(c) for c in ("c++", "g++", "clang++"))
+
+
 def _ties(shape, F, T, seed=0):
     """Values on and around rounding ties and past both saturation limits, for scale 2**F."""
     g = torch.Generator().manual_seed(seed)
@@ -139,6 +148,8 @@ def test_compiled_cpu_quantizer_equals_the_torch_formula(rounding, relu, T):
     for xin, s in ((x, torch.pow(2.0, F)), (x.contiguous(memory_format=torch.channels_last), torch.pow(2.0, F)),
                    (x, torch.tensor(16.0))):
         got = fused_cpu.cpu_fused_fake_quantize(xin, s, T, rounding, relu)
+        if got is None and not _compiler():
+            pytest.skip(f"no C++ compiler for torch.compile here ({fused_cpu._WHY_NOT})")
         assert got is not None, fused_cpu._WHY_NOT
         ref = fake_quantize(torch.clamp(xin, min=0) if relu else xin, torch.log2(s), T, rounding)
         assert torch.equal(got[0], ref[0]) and int(got[1]) == int(ref[1]) > 0
@@ -156,10 +167,24 @@ def test_fast_cpu_simulation_equals_the_plain_one(acc_bits, monkeypatch):
     monkeypatch.setattr(simulate, "cpu_fused_fake_quantize", lambda *a: (calls.append(1), orig(*a))[1])
     a, b = Simulator(g, plan), Simulator(g, plan, fast_cpu=True)
     ya, yb = a(x), b(x)
-    assert calls and fused_cpu._WHY_NOT is None  # the compiled path ran
+    assert calls and (fused_cpu._WHY_NOT is None or not _compiler())  # the compiled path ran where it can
     assert torch.equal(ya, yb) and a.saturations() == b.saturations()
     assert any(v for d in a.saturations().values() for v in d.values())  # saturations were compared, not zeros
     assert not Simulator(g, plan, exact=True, fast_cpu=True).fast_cpu  # never in the exact mode
+    assert b.channels_last and all(b._prep[n.name]["cl"] == (b._bounds[n.name] < 2.0 ** 24)
+                                   for n in g.nodes if n.name in b._bounds and n.name.startswith("layer"))
+
+
+@pytest.mark.parametrize("data_bits", [16, None])
+def test_fast_cpu_keeps_the_standard_layout_where_float32_sums_can_round(data_bits):
+    """16-bit or float data: sums of the layers and pools may round in float32, and
+    channels-last would add in another order; the fast mode then keeps the layout (same
+    logits as the plain simulation, bit for bit)."""
+    g = make_graph(CifarResNet(20).eval(), (3, 32, 32))
+    plan = plan_for(g, (3, 32, 32), coeff_mode="2D", data_mode="3D", data_bits=data_bits)
+    x = torch.randn(48, 3, 32, 32) * 2
+    a, b = Simulator(g, plan), Simulator(g, plan, fast_cpu=True)
+    assert not b.channels_last and torch.equal(a(x), b(x)) and a.saturations() == b.saturations()
 
 
 def test_kept_prefixes_share_one_budget(digits_dir):

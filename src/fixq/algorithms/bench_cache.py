@@ -55,13 +55,13 @@ def _same_layer(x, y) -> bool:
 def changed_nodes(graph, a: QuantPlan, b: QuantPlan) -> list[int] | None:
     """Indices of the nodes of ``graph`` whose own plan entries differ between plans ``a`` and
     ``b`` (notes, version and model name aside); ``None`` when anything plan-wide differs
-    (config, float ops, an entry for a node the graph does not have).
+    (config, float ops, affine formats in one only, an entry for a node the graph does not have).
 
     >>> changed_nodes(graph, plan, replace(plan, notes=("a note",)))   # doctest: +SKIP
     []
     """
-    if a.config != b.config or tuple(a.float_ops) != tuple(b.float_ops):
-        return None
+    if a.config != b.config or tuple(a.float_ops) != tuple(b.float_ops) or a.is_affine != b.is_affine:
+        return None  # (an affine entry anywhere changes how every node lowers)
     names = {n.name for n in graph.nodes}
     if any(k not in names for k in (set(a.layers) | set(b.layers) | set(a.tensors) | set(b.tensors))):
         return None

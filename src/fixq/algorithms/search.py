@@ -191,8 +191,11 @@ class PlanBench:
             source = cache
         else:
             source, keep = to_stream(x, s.batch_size), None
-            if 0 < k < len(s.graph.nodes) and (cache is None or k < cache.start):
-                self._prefix.pop(key, None)  # an earlier start replaces the kept prefix
+            # keep at k when nothing is kept yet, or what is kept is unusable (over budget, or left
+            # unfinished by an error); a complete prefix that starts later is kept as it is
+            if 0 < k < len(s.graph.nodes) and (cache is None or (not cache.complete and (not cache.over
+                                                                                          or k < cache.start))):
+                self._prefix.pop(key, None)
                 room = self.cache_mb - sum(c.bytes for c in self._prefix.values()) / 2 ** 20
                 if room > 0:
                     keep = PrefixCache(k, [source.batch_len(b) for b in range(source.n_batches)], room,

@@ -30,6 +30,8 @@ from .pooling import pool_divisors, window_sum
 
 __all__ = ["Simulator", "SIM_RULES"]
 
+F32_EXACT_BITS = 24  # float32 holds every integer below 2**24 exactly
+
 
 def _bc(F: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
     """Broadcast a per-channel vector (or 0-d) over an (N, C, ...) tensor."""
@@ -50,9 +52,10 @@ class Simulator:
                  device: str | torch.device = "cpu", fast_cpu: bool = False):
         self.graph, self.plan = graph, plan
         # fast mode on the CPU, for callers that run many passes (the plan searches): the compiled
-        # one-pass quantizer (fixq.numerics.fused_cpu) and channels-last images and kernels (faster
-        # convolutions; same formulas, float32 as before)
+        # one-pass quantizer (fixq.numerics.fused_cpu), and channels-last images and kernels where
+        # that cannot change a float32 value (self.channels_last, set below)
         self.fast_cpu = fast_cpu and not exact and torch.device(device).type == "cpu"
+        self.channels_last = False
         self.exact = exact
         self.dtype = torch.float64 if exact else torch.float32
         self.device = torch.device(device)
@@ -65,6 +68,11 @@ class Simulator:
         self._sat: dict[str, dict[str, torch.Tensor]] = {}
         self._prep: dict[str, dict] = {}
         self._bounds = prog.bounds
+        # channels-last sums in another order than the standard layout: used only when every data
+        # tensor is fixed point of <= 8 bits (pool/add sums of codes are then exact in float32)
+        # and, per conv, only where the proved bound keeps every partial sum exact (< 2**24 at S)
+        self.channels_last = (self.fast_cpu and not plan.is_affine and not plan.float_ops
+                              and all(T is not None and int(T) <= 8 for T, _ in self.formats.values()))
         for n in graph.nodes:
             if isinstance(n, (Conv, Linear)):
                 self._prep[n.name] = self._prepare_layer(n)
@@ -103,16 +111,22 @@ class Simulator:
         self._prep[name] = self._prepare_layer(n)
 
     # ---- precomputation ----------------------------------------------------------------
-    def _t(self, v) -> torch.Tensor:
+    def _t(self, v, cl: bool = False) -> torch.Tensor:
         v = v.to(device=self.device, dtype=self.dtype)
-        return v.contiguous(memory_format=torch.channels_last) if self.fast_cpu and v.dim() == 4 else v
+        return v.contiguous(memory_format=torch.channels_last) if cl and v.dim() == 4 else v
+
+    def _cl(self, n) -> bool:
+        """Whether conv ``n`` runs channels-last: its float32 sums are exact in any order."""
+        return (self.channels_last and isinstance(n, Conv)
+                and self._bounds.get(n.name, float("inf")) < 2.0 ** F32_EXACT_BITS)
 
     def _prepare_layer(self, n) -> dict:
         lp = self.plan.layers.get(n.name)
         # plan-time arithmetic on the CPU; the prepared tensors then move to the device
         w = n.weight.detach().double().cpu()
         b = None if n.bias is None else n.bias.detach().double().cpu()
-        out = {"weight": self._t(w), "bias": None if b is None else self._t(b), "acc": None}
+        cl = self._cl(n)
+        out = {"weight": self._t(w), "bias": None if b is None else self._t(b), "acc": None, "cl": cl}
         if lp is None or lp.weight is None:
             return out
         wf = lp.weight
@@ -121,14 +135,14 @@ class Simulator:
         if isinstance(wf, AffineFormats):
             mu = torch.tensor(wf.mu, dtype=torch.float64).reshape(view)
             sigma = torch.tensor(wf.sigma, dtype=torch.float64).reshape(view)
-            out["weight"] = self._t(affine_quantize(w, mu, sigma, wf.T, self.rounding))
+            out["weight"] = self._t(affine_quantize(w, mu, sigma, wf.T, self.rounding), cl)
         elif lp.kmeans is not None and lp.kmeans.data is not None:  # <4b,4b>: two branches, two inputs
             km, g = lp.kmeans, coeff_grid(n, lp)
-            out["weight"] = self._t(g.offset)  # the quantized basis kernel of each output channel
-            out["rweight"] = self._t(g.steps(layer_codes(n, lp, self.rounding)))  # the codes every backend uses
+            out["weight"] = self._t(g.offset, cl)  # the quantized basis kernel of each output channel
+            out["rweight"] = self._t(g.steps(layer_codes(n, lp, self.rounding)), cl)  # the codes every backend uses
             out["rdata"] = (km.data.F_tensor().to(self.device), km.data.word)
         else:  # the codes every backend uses (fixq.planning.coeffs), times 2**-F (+ the K-means basis): exact
-            out["weight"] = self._t(layer_values(n, lp, self.rounding))
+            out["weight"] = self._t(layer_values(n, lp, self.rounding), cl)
         groups = n.groups if isinstance(n, Conv) else 1
         S = None if lp.acc_F is None else layer_sum_format(lp, self.formats[n.inputs[0]][1], n.weight.shape, groups)
         if b is not None and lp.bias is not None:
@@ -237,7 +251,7 @@ class Simulator:
         tensor is dropped once its last user has run: memory holds the live tensors only.
         ``before(i, env)`` is called before node ``i`` runs, with the live tensors (read only)."""
         g = self.graph
-        return self.run_from(0, {g.input: self.requant(g.input, self._t(x))}, keep, before)
+        return self.run_from(0, {g.input: self.requant(g.input, self._t(x, self.channels_last))}, keep, before)
 
     @torch.no_grad()
     def run_from(self, start: int, env: dict, keep: bool = False, before=None):
@@ -280,6 +294,10 @@ def _sim_layer(sim: Simulator, n, x):
         xr, ev = sim.fq(x, p["rdata"][0], p["rdata"][1])
         sim.count(n.name, "data", ev)
     sim.check_exact(n, x, xr)
+    if sim.channels_last and x.dim() == 4:  # this layer's layout (Simulator._cl): the other one's sums may differ
+        fmt = torch.channels_last if p["cl"] else torch.contiguous_format
+        x = x.contiguous(memory_format=fmt)
+        xr = None if xr is None else xr.contiguous(memory_format=fmt)
     y = pre_activation(n, x, p["weight"], p["bias"])
     if xr is not None:
         y = y + pre_activation(n, xr, p["rweight"], None)
