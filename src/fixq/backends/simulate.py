@@ -364,7 +364,10 @@ def _sim_concat(sim: Simulator, n: Concat, *xs):
         if isinstance(f, AffineFormats):
             out.append(sim.requant(n.name, x))
         else:
-            y, ev = sim.fq(x, F if F.dim() == 0 else F[c0:c0 + c], f.word)
+            key = ("concat", n.name, c0, c)  # one slice object per input: fq caches its scales by identity
+            if key not in sim._prep:
+                sim._prep[key] = F if F.dim() == 0 else F[c0:c0 + c]
+            y, ev = sim.fq(x, sim._prep[key], f.word)
             sim.count(n.name, "data", ev)
             out.append(y)
         c0 += c
