@@ -30,7 +30,7 @@ import torch
 
 from fixq.planning.plan import QuantPlan
 
-__all__ = ["changed_nodes", "first_change", "PrefixCache", "default_budget_mb"]
+__all__ = ["changed_nodes", "first_change", "first_of", "PrefixCache", "default_budget_mb"]
 
 
 def default_budget_mb() -> float:
@@ -77,8 +77,16 @@ def first_change(graph, a: QuantPlan, b: QuantPlan) -> int:
     >>> first_change(graph, plan, replace(plan, notes=("a note",))) == len(graph.nodes)   # doctest: +SKIP
     True
     """
-    ch = changed_nodes(graph, a, b)
-    return 0 if ch is None else (ch[0] if ch else len(graph.nodes))
+    return first_of(changed_nodes(graph, a, b), len(graph.nodes))
+
+
+def first_of(changed: list[int] | None, n_nodes: int) -> int:
+    """:func:`first_change` from :func:`changed_nodes`' answer (``n_nodes`` when it is empty).
+
+    >>> first_of([3, 7], 10), first_of([], 10), first_of(None, 10)
+    (3, 10, 0)
+    """
+    return 0 if changed is None else (changed[0] if changed else n_nodes)
 
 
 def _pack(v: torch.Tensor):

@@ -31,7 +31,7 @@ from fixq.errors import FixqError
 from fixq.graph.ir import Conv, Linear
 from fixq.planning.plan import QuantConfig, QuantPlan
 from fixq.util import distributed as dist
-from .bench_cache import PrefixCache, changed_nodes, default_budget_mb, first_change
+from .bench_cache import PrefixCache, changed_nodes, default_budget_mb, first_of
 from .calibrate import needs_histograms, plan_from
 from .pipeline import Session
 
@@ -140,6 +140,7 @@ class PlanBench:
         self._base_measured: dict = {}
         self._prefix: dict = {}
         self._base_sim = None
+        self._last_changes: tuple = (None, None)  # (plan, its changed_nodes vs the base plan)
         self.cache_mb = default_budget_mb() if self.cache_mb is None else float(self.cache_mb)
         self.base_cost = analyze(s.graph, self.base_plan).rel_complexity_mmacs
 
@@ -159,6 +160,13 @@ class PlanBench:
             x, y, ref = self._heads[(part, limit)], y[:limit], ref[:limit]
         return x, y, ref
 
+    def _changes(self, plan: QuantPlan) -> list[int] | None:
+        """``changed_nodes`` of ``plan`` vs the base plan, computed once for the plan in hand
+        (measure, simulator and measure_each all ask for the same plan in turn)."""
+        if self._last_changes[0] is not plan:
+            self._last_changes = (plan, changed_nodes(self.session.graph, plan, self.base_plan))
+        return self._last_changes[1]
+
     def simulator(self, plan: QuantPlan) -> Simulator:
         """The fast simulator of ``plan``: derived from the base plan's (only the layers whose
         entries differ are proved and prepared again) when the plan differs from the base
@@ -166,7 +174,7 @@ class PlanBench:
         s = self.session
         if self._base_sim is None:
             self._base_sim = Simulator(s.graph, self.base_plan, exact=False, device=s.device, fast_cpu=self.fast)
-        changed = changed_nodes(s.graph, plan, self.base_plan)
+        changed = self._changes(plan)
         nodes = s.graph.nodes
         if changed is not None and all(isinstance(nodes[i], (Conv, Linear)) and plan.tensors.get(nodes[i].name)
                                        == self.base_plan.tensors.get(nodes[i].name) for i in changed):
@@ -177,7 +185,7 @@ class PlanBench:
         """``(top1, top5, logits)`` of the fast simulation on the tuning or test images (the
         same numbers with or without the reuse of the class docstring)."""
         s = self.session
-        k = first_change(s.graph, plan, self.base_plan)
+        k = first_of(self._changes(plan), len(s.graph.nodes))
         same = k == len(s.graph.nodes)
         if same and (part, limit) in self._base_measured:
             return self._base_measured[(part, limit)]
@@ -223,7 +231,7 @@ class PlanBench:
         x, y, _ = self._part(part, limit)
         index = {n.name: i for i, n in enumerate(s.graph.nodes)}
         forks = {index[k]: (k, self.simulator(p))
-                 for k, p in plans.items() if k in index and changed_nodes(s.graph, p, self.base_plan) == [index[k]]}
+                 for k, p in plans.items() if k in index and self._changes(p) == [index[k]]}
         base = self.simulator(self.base_plan)
 
         def one(b, xb):

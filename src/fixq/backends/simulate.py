@@ -206,20 +206,23 @@ class Simulator:
         with ``fast_cpu``). ``inplace``:
         ``v`` is the caller's temporary (:meth:`requant`)."""
         if not self.exact and overflow == "saturate" and fused_available(v, self.rounding):
-            key = ("scale", id(F))
-            if key not in self._prep:
-                self._prep[key] = (F, exp2(F.to(v.device), v))
-            return fused_fake_quantize(v, self._prep[key][1], T, self.rounding, relu)
+            return fused_fake_quantize(v, self._scale(F, v, shaped=False), T, self.rounding, relu)
         if self.fast_cpu and overflow == "saturate" and cpu_fused_available(v, self.rounding):
-            key = ("cpu-scale", id(F), v.dim())
-            if key not in self._prep:
-                self._prep[key] = (F, _bc(exp2(F.to(v.device), v), v).contiguous())
-            got = cpu_fused_fake_quantize(v, self._prep[key][1], T, self.rounding, relu)
+            got = cpu_fused_fake_quantize(v, self._scale(F, v, shaped=True), T, self.rounding, relu)
             if got is not None:
                 return got
         if relu:
             v = v.clamp_(min=0) if inplace else torch.clamp(v, min=0)
         return fake_quantize(v, _bc(F.to(v.device), v), T, self.rounding, overflow, inplace=inplace)
+
+    def _scale(self, F: torch.Tensor, v: torch.Tensor, shaped: bool) -> torch.Tensor:
+        """``2**F`` for the fused quantizers, cached per F object (kept alive with it): as it is
+        (CUDA kernel), or broadcast over ``v``'s dims (CPU kernel)."""
+        key = ("scale", id(F), v.dim() if shaped else None)
+        if key not in self._prep:
+            s = exp2(F.to(v.device), v)
+            self._prep[key] = (F, _bc(s, v).contiguous() if shaped else s)
+        return self._prep[key][1]
 
     def check_exact(self, n, x: torch.Tensor, xr: torch.Tensor | None = None) -> None:
         """DESIGN §5a rule 4: float64 sums are exact while ``Σ|w||x| + |b| < 2**53`` at S
