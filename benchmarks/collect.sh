@@ -36,6 +36,9 @@ cd "$(dirname "$0")"
     for f in results/kmeans_$m*.md; do [ -f "$f" ] && { cat "$f"; echo; }; done
   done
   [ -f results/search_speed_notes.md ] && { cat results/search_speed_notes.md; echo; }
+  for m in cifar10-resnet20 cifar10-resnet32 efficientnet-lite0; do
+    [ -f results/search_speed_$m.md ] && { cat results/search_speed_$m.md; echo; }
+  done
   echo "## ONNX in / QDQ ONNX out (issue 8)"; echo
   [ -f results/onnx.md ] && cat results/onnx.md
   [ -f results/memory.md ] && { echo; echo "## Bounded memory: streaming (issue 14)"; echo; sed 1d results/memory.md; }

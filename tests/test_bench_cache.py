@@ -230,3 +230,42 @@ def test_derived_simulator_equals_a_fresh_one(net, shape):
     assert moved_clamp == (net == "depthwise")  # a ReLU6 layer whose accumulator format moved was checked
     bsim.reset_counts()
     assert torch.equal(bsim(x), y0) and bsim.plan is base
+
+
+@pytest.mark.parametrize("net,shape", [("depthwise", (3, 16, 16)), ("resnet20", (3, 32, 32))])
+@pytest.mark.parametrize("fc_mode", ["auto", "4D"])
+def test_replan_is_plan_from_for_the_layers_it_names(net, shape, fc_mode):
+    """A trial plan built as a transform of the base plan (replan: only the named layers
+    planned and proved again) equals plan_from's whole plan, as objects and as JSON bytes:
+    mixed bits (depthwise and fully connected layers included), K-means with and without
+    its own residual data format; and it refuses what plan_from refuses, naming the layer."""
+    import json
+    from fixq.algorithms.calibrate import replan
+    from fixq.algorithms.kmeans import cluster_kernels
+    from fixq.planning.plan import PlanError
+    from helpers import DepthwiseNet
+    model = DepthwiseNet() if net == "depthwise" else CifarResNet(20)
+    g = make_graph(model.eval(), shape)
+    obs = observe(g, [(torch.randn(16, *shape) * 2, None)], histograms=True, show_progress=False)
+    cfg = QuantConfig(LayerConfig(coeff_mode="2D", acc_bits=20, fc_mode=fc_mode))
+    base = plan_from(obs, cfg)
+    gen = torch.Generator().manual_seed(3)
+    layers = list(base.layers)
+    cases = [dict(filter_bits={layers[i]: torch.randint(3, 9, tuple(g.node(layers[i]).weight.shape[:2]), generator=gen)
+                               for i in (1, 2)})]
+    fc = layers[-1]
+    cases.append(dict(filter_bits={fc: torch.full(tuple(g.node(fc).weight.shape[:2]), 4, dtype=torch.int64)}))
+    km = next(k for k in layers[1:] if g.node(k).groups == 1 and g.node(k).weight.shape[0] >= 4)
+    cl = cluster_kernels(g.node(km).weight, 2, restarts=1)
+    cases += [dict(kmeans={km: cl}, kmeans_bits=(8, 4)), dict(kmeans={km: cl}, kmeans_bits=(8, 4, 4)), {}]
+    for kw in cases:
+        whole, part = plan_from(obs, cfg, **kw), replan(obs, base, **kw)
+        assert part == whole and json.dumps(part.to_json()) == json.dumps(whole.to_json()), kw
+        assert all(part.layers[k] is base.layers[k] for k in layers if k not in {**kw.get("filter_bits", {}),
+                                                                                 **kw.get("kmeans", {})})
+    bad = {layers[1]: torch.full((1, 1), 4, dtype=torch.int64)}
+    with pytest.raises(PlanError, match=layers[1]) as e1:
+        plan_from(obs, cfg, filter_bits=bad)
+    with pytest.raises(PlanError, match=layers[1]) as e2:
+        replan(obs, base, filter_bits=bad)
+    assert str(e1.value) == str(e2.value)

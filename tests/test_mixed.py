@@ -209,6 +209,33 @@ def test_resumed_simulation_equals_the_whole_run_on_a_residual_net():
         assert not torch.equal(got[i], base(x)), g.nodes[i].name  # the low layer changed the output
 
 
+def test_measure_each_shares_a_node_and_stops_after_its_last_fork(digits_dir, monkeypatch):
+    """Several plans on one node (K-means candidates: one per K) each get the numbers of their
+    own simulation; once the base plan's measurement is kept, a pass stops after its last
+    fork (the base run returns nothing) and the numbers are unchanged (issue #16)."""
+    from fixq.algorithms.pipeline import open_session
+    from fixq.algorithms.search import PlanBench, base_config
+    from fixq.backends.simulate import Simulator
+    s = open_session("lenet-digits", str(digits_dir), str(digits_dir), calib_size=40, eval_size=60, batch_size=16,
+                     workers=0, show_progress=False)
+    bench = PlanBench(s, base_config(QuantConfig(), 8))
+    first = eligible_layers(s.graph, ())[0]
+    shape = tuple(s.graph.node(first).weight.shape[:2])
+    plans = {(first, b): bench.plan(filter_bits={first: torch.full(shape, b, dtype=torch.int64)}) for b in (2, 4)}
+    returned, run = [], Simulator.run
+    monkeypatch.setattr(Simulator, "run", lambda self, *a, **k: (returned.append(run(self, *a, **k)), returned[-1])[1])
+    got = bench.measure_each(plans, "tune", 30)  # no base measurement kept yet: the base pass runs whole
+    assert returned and all(r is not None for r in returned) and ("tune", 30) in bench._base_measured
+    returned.clear()
+    again = bench.measure_each(plans, "tune", 30)
+    assert returned and all(r is None for r in returned)  # stopped after the first layer's forks
+    for k, p in plans.items():
+        e1, e5, lg = PlanBench.measure(bench, p, "tune", 30)
+        for res in (got[k], again[k]):
+            assert (res[0], res[1]) == (e1, e5) and torch.equal(res[2], lg), k
+    assert not torch.equal(got[(first, 2)][2], got[(first, 4)][2])
+
+
 def test_sensitivity_is_one_base_pass_and_equals_separate_measurements(capsys, tmp_path, digits_dir, monkeypatch):
     """Per-layer sensitivity resumes one base simulation per batch at each layer
     (PlanBench.measure_each) and gets the numbers separate simulations give; a plan that
@@ -230,6 +257,10 @@ def test_sensitivity_is_one_base_pass_and_equals_separate_measurements(capsys, t
     for k in names:
         e1, e5, lg = measure(bench, plans[k], "tune", 30)
         assert (got[k][0], got[k][1]) == (e1, e5) and torch.equal(got[k][2], lg), k
+    kept = bench._base_measured[("tune", 30)]  # the base pass's own result, kept as the base plan's
+    bench._base_measured.clear()
+    e1, e5, lg = measure(bench, bench.base_plan, "tune", 30)  # simulated again
+    assert (kept[0], kept[1]) == (e1, e5) and torch.equal(kept[2], lg)
     calls.clear()
     code, cap = _mixed(capsys, digits_dir, tmp_path / "m", "--low-bits", 2, "--trials", 2)
     assert code == 0, cap.err

@@ -14,7 +14,7 @@ from dataclasses import replace
 
 import torch
 
-from fixq.backends.lowering import check_plan
+from fixq.backends.lowering import check_plan, lower_layer
 from fixq.graph.ir import QUANT_POINTS, Concat, Conv, FloatOp, Graph, Linear, Table, nonnegative_nodes
 from fixq.numerics.ranges import EXP_LO, affine_params, ceil_log2, parse_method
 from fixq.planning.elementwise import MAX_SEGMENTED_BITS, table_ready
@@ -25,7 +25,7 @@ from .coeff_formats import bias_formats, weight_formats
 from .kmeans import KMeansError, kmeans_layer, residual_data_formats
 from .observe import CalibrationError, Observations, _data_F, _magnitude_T, _nonzero, needs_histograms, observe
 
-__all__ = ["calibrate", "observe", "plan_from", "Observations", "needs_histograms", "CalibrationError"]
+__all__ = ["calibrate", "observe", "plan_from", "replan", "Observations", "needs_histograms", "CalibrationError"]
 
 
 def calibrate(graph: Graph, loader, config: QuantConfig, model_name: str = "model",
@@ -97,6 +97,39 @@ def plan_from(obs: Observations, config: QuantConfig, model_name: str = "model",
                        kmeans_bits, rdata)
 
 
+def replan(obs: Observations, base: QuantPlan, filter_bits: dict | None = None, kmeans: dict | None = None,
+           kmeans_bits: tuple[int, ...] = (8, 4), fmts: dict | None = None) -> QuantPlan:
+    """``plan_from(obs, base.config, base.model, filter_bits, kmeans, kmeans_bits)`` for a
+    ``base`` that is ``plan_from(obs, base.config, base.model)``, as a plan -> plan transform:
+    only the layers named in ``filter_bits`` and ``kmeans`` are planned and proved again
+    (DESIGN §5a); the data formats, the notes and every other layer's entry are the base
+    plan's (the same objects). ``fmts``: ``propagate_formats(graph, base.tensors)`` if known.
+
+    >>> base = plan_from(obs, QuantConfig())                                       # doctest: +SKIP
+    >>> replan(obs, base, {"conv2": bits}) == plan_from(obs, QuantConfig(), filter_bits={"conv2": bits})  # doctest: +SKIP
+    True
+    """
+    graph, config = obs.graph, base.config
+    filter_bits, kmeans = filter_bits or {}, kmeans or {}
+    names = [n for n in graph.layers() if n.name in filter_bits or n.name in kmeans]
+    if not names:
+        return base
+    fmts = propagate_formats(graph, base.tensors) if fmts is None else fmts
+    cfgs = {n.name: config.for_layer(n.name) for n in graph.nodes}
+    rdata = {}
+    if kmeans and len(kmeans_bits) > 2 and kmeans_bits[2] is not None:
+        rdata = {n: residual_data_formats(obs, n, int(kmeans_bits[2]), cfgs[input_point(graph, n)], config.rounding,
+                                          base.tensors) for n in kmeans}
+    layers = dict(base.layers)
+    for n in names:
+        layers[n.name] = _layer_plan(n, cfgs[n.name], config, fmts, base.tensors, obs.acc, filter_bits, kmeans,
+                                     kmeans_bits, rdata)
+    plan = replace(base, layers=layers)
+    for n in names:  # the other layers and ops were proved with the base plan
+        lower_layer(n, plan, fmts)
+    return plan
+
+
 def _concat_keeps_formats(graph, cfgs, tensors) -> None:
     """With per-channel (3D) data, a concat keeps each input's own channel formats (an
     unsigned input's channels get ``F - 1`` in a signed concat: the same range)."""
@@ -120,70 +153,8 @@ def _build_plan(graph, config, cfgs, tensors, acc, model_name, filter_bits, kmea
     layers: dict[str, LayerPlan] = {}
     notes: list[str] = []
     for n in graph.layers():
-        cfg = cfgs[n.name]
-        lnotes = []
-        groups = n.groups if isinstance(n, Conv) else 1
-        mode = cfg.coeff_mode
-        bits = filter_bits.get(n.name)
-        if bits is not None:
-            mode = "2D"
-            bits = torch.as_tensor(bits, dtype=torch.int64)
-            if tuple(bits.shape) != tuple(n.weight.shape[:2]):
-                raise PlanError(f"layer '{n.name}': filter bits have shape {tuple(bits.shape)}, "
-                                f"the layer has {tuple(n.weight.shape[:2])} 2D filters")
-            if isinstance(n, Linear) and cfg.fc_mode == "4D":
-                if int(bits.min()) != int(bits.max()):
-                    raise PlanError(f"layer '{n.name}' is fully connected and fc_mode is 4D (one format per "
-                                    "layer, paper §3): it cannot mix word lengths per weight; exclude it "
-                                    "(--exclude) or use --fc-mode auto")
-                mode, bits, cfg = "4D", None, replace(cfg, coeff_bits=int(bits.max()))
-                lnotes.append(f"fully connected layer: 4D at {cfg.coeff_bits}b (fc_mode 4D, paper §3)")
-        if bits is not None:
-            lo = int((bits < bits.max()).sum())
-            lnotes.append(f"mixed precision: {lo} of {bits.numel()} 2D filters at {int(bits.min())}b")
-        elif isinstance(n, Linear) and cfg.fc_mode == "4D" and mode != "4D":
-            mode = "4D"
-            lnotes.append(f"fully connected layer: 4D (one format per layer; fc_mode 4D, paper §3) instead of "
-                          f"{cfg.coeff_mode}")
-        elif mode == "2D" and isinstance(n, Linear):
-            mode = "3D"
-            lnotes.append("2D asked on a fully connected layer: 3D (per output neuron) used")
-            warnings.warn(f"layer '{n.name}' is fully connected: 2D coefficient formats do not apply, "
-                          "3D (one format per output neuron) is used", stacklevel=2)
-        elif mode == "2D" and n.weight.shape[1] == 1:
-            lnotes.append("depthwise conv: 2D and 3D coincide")
-        if cfg.coeff_bits is None and bits is None:
-            layers[n.name] = LayerPlan(n.name, None, None, notes=tuple(lnotes))
-            continue
-        km = None
-        if n.name in kmeans:
-            if groups != 1:
-                raise KMeansError(f"layer '{n.name}' is a grouped conv (groups={groups}): a shared basis kernel "
-                                  "would read every group's inputs; leave it out of the K-means layers")
-            km, wf = kmeans_layer(n.weight, kmeans[n.name], kmeans_bits[0], kmeans_bits[1], mode, cfg.method,
-                                  config.rounding)
-            if n.name in rdata:
-                km = replace(km, data=rdata[n.name])
-            lnotes.append(f"K-means: K={km.K} basis kernels at {kmeans_bits[0]}b + residuals at {kmeans_bits[1]}b"
-                          + (f" reading {km.data.T}-bit data" if km.data is not None else ""))
-        else:
-            wf = weight_formats(n.weight, cfg.coeff_bits, mode, cfg.method, groups, config.rounding, bits)
-        bf = bias_formats(n.bias, cfg.bias_bits) if n.bias is not None else None
-        T_in, Fx = fmts[n.inputs[0]]
-        acc_F = None
-        A = None
-        if isinstance(wf, Formats) and Fx is not None and n.name in tensors:
-            A = cfg.acc_bits
-            S = layer_sum_format(LayerPlan(n.name, wf, None, kmeans=km), Fx, n.weight.shape, groups)
-            st = acc[n.name]
-            amax = st.amax.double() if st.amax is not None else torch.zeros(S.shape, dtype=torch.float64)
-            acc_I = ceil_log2(amax.cpu()).clamp(min=EXP_LO - 1)
-            acc_F = accumulator_F(S, acc_I, A)
-            if any(a < s for a, s in zip(acc_F, S.tolist())):
-                lnotes.append(f"accumulator range needs more than A={A} bits at the exact-sum format: "
-                              "partial sums are rounded into the accumulator")
-        layers[n.name] = LayerPlan(n.name, wf, bf, A, acc_F, cfg.acc_overflow, tuple(lnotes),
-                                   None if acc_F is None else tuple(int(v) for v in acc_I.tolist()), km)
+        layers[n.name] = _layer_plan(n, cfgs[n.name], config, fmts, tensors, acc, filter_bits, kmeans, kmeans_bits,
+                                     rdata)
     float_ops = tuple(n.name for n in graph.nodes if isinstance(n, FloatOp))
     float_tables = tuple(n.name for n in graph.nodes if isinstance(n, Table) and not table_ready(n, fmts, tensors))
     if float_ops:
@@ -196,3 +167,68 @@ def _build_plan(graph, config, cfgs, tensors, acc, model_name, filter_bits, kmea
     check_plan(graph, plan)  # DESIGN §5a: refuse at plan time what int64 cannot hold
     return plan
 
+
+def _layer_plan(n, cfg, config, fmts, tensors, acc, filter_bits, kmeans, kmeans_bits, rdata) -> LayerPlan:
+    """One conv/linear layer's entry of the plan (its coefficient, bias and accumulator formats)."""
+    lnotes = []
+    groups = n.groups if isinstance(n, Conv) else 1
+    mode = cfg.coeff_mode
+    bits = filter_bits.get(n.name)
+    if bits is not None:
+        mode = "2D"
+        bits = torch.as_tensor(bits, dtype=torch.int64)
+        if tuple(bits.shape) != tuple(n.weight.shape[:2]):
+            raise PlanError(f"layer '{n.name}': filter bits have shape {tuple(bits.shape)}, "
+                            f"the layer has {tuple(n.weight.shape[:2])} 2D filters")
+        if isinstance(n, Linear) and cfg.fc_mode == "4D":
+            if int(bits.min()) != int(bits.max()):
+                raise PlanError(f"layer '{n.name}' is fully connected and fc_mode is 4D (one format per "
+                                "layer, paper §3): it cannot mix word lengths per weight; exclude it "
+                                "(--exclude) or use --fc-mode auto")
+            mode, bits, cfg = "4D", None, replace(cfg, coeff_bits=int(bits.max()))
+            lnotes.append(f"fully connected layer: 4D at {cfg.coeff_bits}b (fc_mode 4D, paper §3)")
+    if bits is not None:
+        lo = int((bits < bits.max()).sum())
+        lnotes.append(f"mixed precision: {lo} of {bits.numel()} 2D filters at {int(bits.min())}b")
+    elif isinstance(n, Linear) and cfg.fc_mode == "4D" and mode != "4D":
+        mode = "4D"
+        lnotes.append(f"fully connected layer: 4D (one format per layer; fc_mode 4D, paper §3) instead of "
+                      f"{cfg.coeff_mode}")
+    elif mode == "2D" and isinstance(n, Linear):
+        mode = "3D"
+        lnotes.append("2D asked on a fully connected layer: 3D (per output neuron) used")
+        warnings.warn(f"layer '{n.name}' is fully connected: 2D coefficient formats do not apply, "
+                      "3D (one format per output neuron) is used", stacklevel=2)
+    elif mode == "2D" and n.weight.shape[1] == 1:
+        lnotes.append("depthwise conv: 2D and 3D coincide")
+    if cfg.coeff_bits is None and bits is None:
+        return LayerPlan(n.name, None, None, notes=tuple(lnotes))
+    km = None
+    if n.name in kmeans:
+        if groups != 1:
+            raise KMeansError(f"layer '{n.name}' is a grouped conv (groups={groups}): a shared basis kernel "
+                              "would read every group's inputs; leave it out of the K-means layers")
+        km, wf = kmeans_layer(n.weight, kmeans[n.name], kmeans_bits[0], kmeans_bits[1], mode, cfg.method,
+                              config.rounding)
+        if n.name in rdata:
+            km = replace(km, data=rdata[n.name])
+        lnotes.append(f"K-means: K={km.K} basis kernels at {kmeans_bits[0]}b + residuals at {kmeans_bits[1]}b"
+                      + (f" reading {km.data.T}-bit data" if km.data is not None else ""))
+    else:
+        wf = weight_formats(n.weight, cfg.coeff_bits, mode, cfg.method, groups, config.rounding, bits)
+    bf = bias_formats(n.bias, cfg.bias_bits) if n.bias is not None else None
+    T_in, Fx = fmts[n.inputs[0]]
+    acc_F = None
+    A = None
+    if isinstance(wf, Formats) and Fx is not None and n.name in tensors:
+        A = cfg.acc_bits
+        S = layer_sum_format(LayerPlan(n.name, wf, None, kmeans=km), Fx, n.weight.shape, groups)
+        st = acc[n.name]
+        amax = st.amax.double() if st.amax is not None else torch.zeros(S.shape, dtype=torch.float64)
+        acc_I = ceil_log2(amax.cpu()).clamp(min=EXP_LO - 1)
+        acc_F = accumulator_F(S, acc_I, A)
+        if any(a < s for a, s in zip(acc_F, S.tolist())):
+            lnotes.append(f"accumulator range needs more than A={A} bits at the exact-sum format: "
+                          "partial sums are rounded into the accumulator")
+    return LayerPlan(n.name, wf, bf, A, acc_F, cfg.acc_overflow, tuple(lnotes),
+                     None if acc_F is None else tuple(int(v) for v in acc_I.tolist()), km)

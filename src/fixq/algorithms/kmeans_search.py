@@ -26,7 +26,7 @@ from .kmeans import KMeansError, check_K, cluster_kernels, layer_savings
 from .learned import learn_rounding
 from .mixed import eligible_layers
 from .pipeline import Session
-from .search import PlanBench, base_config, resolve_target
+from .search import PlanBench, base_config, each_chunks, resolve_target
 
 __all__ = ["KMeansOptions", "KMeansResult", "kmeans_layers", "parse_k", "candidate_Ks", "search_kmeans",
            "input_point", "only_layer_config"]
@@ -193,8 +193,10 @@ def search_kmeans(session: Session, config: QuantConfig, opts: KMeansOptions, co
         jobs = [(n, K) for n in names for K in candidate_Ks(N[n])]
         if not jobs:
             raise KMeansError("no layer has enough kernels for K < N/2")
-        for n, K in progress(jobs, "K-means candidates", session.show_progress):
-            noise.setdefault(n, {})[K] = bench.output_noise(plan_for({n: K}), m)
+        for chunk in progress(each_chunks(jobs), "K-means candidates", session.show_progress):
+            got = bench.measure_each({(n, K): plan_for({n: K}) for n, K in chunk}, "tune", m)  # one base pass
+            for n, K in chunk:
+                noise.setdefault(n, {})[K] = bench.logit_noise(got[(n, K)][2], "tune")
 
         def ks_for(beta: float) -> dict:
             out = {}
@@ -235,8 +237,11 @@ def search_kmeans(session: Session, config: QuantConfig, opts: KMeansOptions, co
     tied = [n for n in pool if costs[n].macs >= 0.99 * top]
     if len(tied) > 1:  # equal cost (e.g. every ResNet-20 conv): the one plain 4 bits hurts most
         m = opts.sensitivity_size
-        low = {n: bench.output_noise(bench.plan(filter_bits={
-            n: torch.full(tuple(g.node(n).weight.shape[:2]), opts.residual_bits, dtype=torch.int64)}), m) for n in tied}
+        low = {}
+        for chunk in each_chunks(tied):
+            got = bench.measure_each({n: bench.plan(filter_bits={n: torch.full(
+                tuple(g.node(n).weight.shape[:2]), opts.residual_bits, dtype=torch.int64)}) for n in chunk}, "tune", m)
+            low.update({n: bench.logit_noise(got[n][2], "tune") for n in chunk})
         layer = max(tied, key=lambda n: low[n])
     else:
         layer = tied[0]

@@ -20,7 +20,7 @@ from .learned_bank import CodeBank
 from .mixed import (MixedError, Trial, TuneResult, eligible_layers, filter_bits, filter_energies, layer_thresholds,
                     tune_threshold)
 from .pipeline import Session
-from .search import PlanBench, base_config, resolve_target
+from .search import PlanBench, base_config, each_chunks, resolve_target
 
 __all__ = ["MixedOptions", "MixedResult", "PlanScore", "search_mixed"]
 
@@ -100,9 +100,6 @@ class MixedResult:
         return self.tuned
 
 
-SENSITIVITY_CHUNK = 8  # one-layer-low plans measured together: their simulators are alive at once
-
-
 def _low_pct(bits: dict, base: int) -> tuple[float, dict]:
     per = {k: 100.0 * float((b < base).double().mean()) for k, b in bits.items()}
     tot = sum(b.numel() for b in bits.values())
@@ -164,14 +161,15 @@ def search_mixed(session: Session, config: QuantConfig, opts: MixedOptions, code
     fmaps = {"global": lambda f: f}
     if "per-layer" in opts.strategies:
         m = opts.sensitivity_size
-        base_err = bench.measure(bench.base_plan, "tune", m)[0]
-        chunks = [names[i:i + SENSITIVITY_CHUNK] for i in range(0, len(names), SENSITIVITY_CHUNK)]
-        for chunk in progress(chunks, "layer sensitivity", session.show_progress):  # one base pass per chunk
-            got = bench.measure_each({name: make_plan({name: torch.full(tuple(energies[name].shape), opts.low_bits,
-                                                                       dtype=torch.int64)}) for name in chunk}, "tune", m)
-            for name in chunk:
-                err, _, logits = got[name]  # one simulation gives both (same plan, same images)
-                sensitivity[name] = {"delta_top1": err - base_err, "output_noise": bench.logit_noise(logits, "tune")}
+        got: dict = {}
+        for chunk in progress(each_chunks(names), "layer sensitivity", session.show_progress):
+            got.update(bench.measure_each({name: make_plan({name: torch.full(tuple(energies[name].shape), opts.low_bits,
+                                                                             dtype=torch.int64)}) for name in chunk},
+                                          "tune", m))
+        base_err = bench.measure(bench.base_plan, "tune", m)[0]  # kept by the first base pass
+        for name in names:
+            err, _, logits = got[name]  # one simulation gives both (same plan, same images)
+            sensitivity[name] = {"delta_top1": err - base_err, "output_noise": bench.logit_noise(logits, "tune")}
         fmaps["per-layer"] = lambda f: layer_thresholds({k: v["output_noise"] for k, v in sensitivity.items()}, f)
     t_sens = time.time() - t0 - t_energy - t_bank
     tuning: dict[str, TuneResult] = {}

@@ -29,16 +29,27 @@ from fixq.backends.simulate import Simulator
 from fixq.data.stream import stream_map
 from fixq.errors import FixqError
 from fixq.graph.ir import Conv, Linear
+from fixq.planning.partitions import propagate_formats
 from fixq.planning.plan import QuantConfig, QuantPlan
 from fixq.util import distributed as dist
 from .bench_cache import PrefixCache, changed_nodes, default_budget_mb, first_of
-from .calibrate import needs_histograms, plan_from
+from .calibrate import needs_histograms, plan_from, replan
 from .pipeline import Session
 
 __all__ = ["SearchError", "PlanBench", "split_eval", "resolve_target", "paired_drop", "accepts", "Z_MARGIN",
-           "acceptance_rule"]
+           "acceptance_rule", "each_chunks", "EACH_CHUNK"]
 
 Z_MARGIN = 1.0  # the one-standard-error rule
+EACH_CHUNK = 16  # plans measured in one base pass (measure_each): their plans and simulators are alive at once
+
+
+def each_chunks(items: list, size: int = EACH_CHUNK) -> list:
+    """``items`` (in graph order) in runs of ``size``: one :meth:`PlanBench.measure_each` pass each.
+
+    >>> each_chunks(list(range(5)), 2)
+    [[0, 1], [2, 3], [4]]
+    """
+    return [items[i:i + size] for i in range(0, len(items), size)]
 
 
 def acceptance_rule(z: float = Z_MARGIN) -> str:
@@ -136,7 +147,9 @@ class PlanBench:
         self.float_tune = topk_errors(s.float_logits[tune], s.eval_y[tune])[0]
         self.float_test = topk_errors(s.float_logits[test], s.eval_y[test])
         self.obs = s.observations(needs_histograms(s.graph, [self.config]))
+        self.base_plan = None
         self.base_plan = self.plan()
+        self._fmts = propagate_formats(s.graph, self.base_plan.tensors)
         self._base_measured: dict = {}
         self._prefix: dict = {}
         self._base_sim = None
@@ -146,9 +159,12 @@ class PlanBench:
 
     def plan(self, config: QuantConfig | None = None, **kw) -> QuantPlan:
         """``plan_from`` with this bench's calibration (and its config unless ``config``);
-        ``kw``: filter_bits, kmeans, kmeans_bits."""
+        ``kw``: filter_bits, kmeans, kmeans_bits. With the bench's config, a transform of the
+        base plan (``replan``: only the layers ``kw`` names are planned and proved again)."""
         with warnings.catch_warnings():  # "2D on a linear layer" is noted in the plan itself
             warnings.simplefilter("ignore")
+            if config is None and self.base_plan is not None:
+                return replan(self.obs, self.base_plan, fmts=self._fmts, **kw)
             return plan_from(self.obs, config or self.config, self.session.model_name, **kw)
 
     def _part(self, part: str, limit: int | None):
@@ -219,33 +235,46 @@ class PlanBench:
             self._base_measured[key] = out
         return out
 
-    def measure_each(self, plans: dict, part: str = "tune", limit: int | None = None) -> dict:
-        """``{layer: measure(plan, part, limit)}`` for plans that each differ from the base plan
-        in their own layer only: one base simulation per batch, resumed with each plan's
-        simulator at its layer (the unchanged prefix is computed once; same values as
-        ``measure``). A plan that differs elsewhere too is measured on its own.
+    def measure_each(self, plans: dict, part: str = "tune", limit: int | None = None,
+                     show_progress: bool = False) -> dict:
+        """``{key: measure(plan, part, limit)}`` for plans that each differ from the base plan in
+        one node only (several may share a node): one base simulation per batch, resumed with
+        each plan's simulator at its node (the unchanged prefix is computed once; same values
+        as ``measure``). The base pass stops after the last such node, unless the base plan's
+        own measurement is not kept yet: then it runs to the end and is kept, so
+        ``measure(base_plan, part, limit)`` simulates nothing. Any other plan is measured on its own.
 
         >>> bench.measure_each({"conv2": plan_with_conv2_low})["conv2"][0]  # top-1 %  # doctest: +SKIP
         """
         s = self.session
         x, y, _ = self._part(part, limit)
-        index = {n.name: i for i, n in enumerate(s.graph.nodes)}
-        forks = {index[k]: (k, self.simulator(p))
-                 for k, p in plans.items() if k in index and self._changes(p) == [index[k]]}
+        forks: dict = {}
+        for k, p in plans.items():
+            c = self._changes(p)
+            if c is not None and len(c) == 1:
+                forks.setdefault(c[0], []).append((k, self.simulator(p)))
         base = self.simulator(self.base_plan)
+        whole = (part, limit) not in self._base_measured
+        stop = None if whole or not forks else max(forks) + 1
 
         def one(b, xb):
             got = {}
 
             def fork(i, env):
-                if i in forks:
-                    got[forks[i][0]] = forks[i][1].run_from(i, env).float().cpu()
-            base.run(xb.to(s.device), before=fork)
-            return got
-        parts: dict = {k: [] for k, _ in forks.values()}
-        for got in stream_map(to_stream(x, s.batch_size), one, "sensitivity", False):
-            for k, v in got.items():
-                parts[k].append(v)
+                for k, sim in forks.get(i, ()):
+                    got[k] = sim.run_from(i, env).float().cpu()
+            out = base.run(xb.to(s.device), before=fork, stop=stop)
+            return (out.float().cpu() if whole else None), got  # a pair: ranks exchange it (pickled)
+        parts: dict = {}
+        lb = []
+        if forks or whole:
+            for mine, got in stream_map(to_stream(x, s.batch_size), one, "layer sensitivity", show_progress):
+                lb.append(mine)
+                for k, v in got.items():
+                    parts.setdefault(k, []).append(v)
+        if whole:
+            lb = torch.cat(lb)
+            self._base_measured[(part, limit)] = (*topk_errors(lb, y), lb)
         out = {}
         for k, p in plans.items():
             if k in parts:

@@ -249,15 +249,16 @@ class Simulator:
 
     # ---- running ---------------------------------------------------------------------
     @torch.no_grad()
-    def run(self, x: torch.Tensor, keep: bool = False, before=None):
+    def run(self, x: torch.Tensor, keep: bool = False, before=None, stop: int | None = None):
         """The dequantized output (``keep``: every node's output, a dict). Without ``keep`` a
         tensor is dropped once its last user has run: memory holds the live tensors only.
-        ``before(i, env)`` is called before node ``i`` runs, with the live tensors (read only)."""
+        ``before(i, env)`` is called before node ``i`` runs, with the live tensors (read only);
+        ``stop``: run no node from ``stop`` on (and return None) once ``before`` has seen it."""
         g = self.graph
-        return self.run_from(0, {g.input: self.requant(g.input, self._t(x, self.channels_last))}, keep, before)
+        return self.run_from(0, {g.input: self.requant(g.input, self._t(x, self.channels_last))}, keep, before, stop)
 
     @torch.no_grad()
-    def run_from(self, start: int, env: dict, keep: bool = False, before=None):
+    def run_from(self, start: int, env: dict, keep: bool = False, before=None, stop: int | None = None):
         """Run ``graph.nodes[start:]`` on ``env`` (a dict holding at least every tensor those
         nodes read; not changed): how a plan that differs from another only from node
         ``start`` on resumes the other's simulation of the same batch (same values as ``run``).
@@ -279,6 +280,8 @@ class Simulator:
                 continue
             if before is not None:
                 before(k, env)
+            if stop is not None and k >= stop:
+                return None
             env[n.name] = SIM_RULES[type(n)](self, n, *(env[i] for i in n.inputs))
             if left is not None:
                 for i in n.inputs:

@@ -350,5 +350,8 @@ def bound_codes(act, F: torch.Tensor, n: int, rounding: str = "half_up"):
     on the grid F (0-d or per channel), quantized exactly: ReLU6's 6 at F=4 is 96."""
     Fv = per_channel(F, n).tolist()
     lim = 2 ** 62  # every proved int64 value is below this (DESIGN §5a): clipping there changes nothing
-    return tuple(None if b is None else torch.tensor([max(-lim, min(lim, quantize_scalar(b, int(f), rounding)))
-                                                      for f in Fv], dtype=torch.int64) for b in act)
+
+    def codes(b):
+        at = {f: max(-lim, min(lim, quantize_scalar(b, int(f), rounding))) for f in set(Fv)}  # once per distinct F
+        return torch.tensor([at[f] for f in Fv], dtype=torch.int64)
+    return tuple(None if b is None else codes(b) for b in act)

@@ -13,6 +13,7 @@ from __future__ import annotations
 import fnmatch
 import json
 from dataclasses import asdict, dataclass, field, fields, replace
+from functools import cached_property
 from pathlib import Path
 
 import torch
@@ -199,7 +200,7 @@ class Formats:
         if self.Tp is not None:
             if len(self.Tp) != len(self.F):
                 raise PlanError(f"{len(self.Tp)} word lengths for {len(self.F)} partitions")
-            for t in self.Tp:
+            for t in dict.fromkeys(self.Tp):  # each distinct word length once, in order
                 check_bits(int(t), "coefficient bits")
             if max(self.Tp) != self.T:
                 raise PlanError(f"T={self.T} must be the largest per-partition word length {max(self.Tp)}")
@@ -209,14 +210,23 @@ class Formats:
         """``T`` with its signedness (what data saturation takes)."""
         return Word(self.T, self.signed)
 
+    @cached_property
+    def _F(self) -> torch.Tensor:  # built once per (frozen) object: a 2D layer has one F per filter
+        return torch.tensor(self.F, dtype=torch.int64).reshape(self.shape)
+
+    @cached_property
+    def _Tp(self) -> torch.Tensor:
+        return torch.tensor(self.Tp, dtype=torch.int64).reshape(self.shape)
+
     def F_tensor(self, device=None) -> torch.Tensor:
-        return torch.tensor(self.F, dtype=torch.int64, device=device).reshape(self.shape)
+        """``F`` per partition, int64, shaped ``shape`` (a new tensor: callers may change it)."""
+        return self._F.clone() if device is None else self._F.to(device, copy=True)
 
     def bits(self, device=None) -> torch.Tensor:
         """Word length per partition, shaped like ``F_tensor()``."""
         if self.Tp is None:
             return torch.full(self.shape, self.T, dtype=torch.int64, device=device)
-        return torch.tensor(self.Tp, dtype=torch.int64, device=device).reshape(self.shape)
+        return self._Tp.clone() if device is None else self._Tp.to(device, copy=True)
 
     def T_arg(self):
         """``T`` as the quantizers take it: an int, or a per-partition tensor when mixed."""
