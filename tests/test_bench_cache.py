@@ -269,19 +269,3 @@ def test_replan_is_plan_from_for_the_layers_it_names(net, shape, fc_mode):
     with pytest.raises(PlanError, match=layers[1]) as e2:
         replan(obs, base, filter_bits=bad)
     assert str(e1.value) == str(e2.value)
-
-
-def test_allocator_setting_is_glibc_only_and_can_be_turned_off(monkeypatch):
-    """fixq.util.alloc: FIXQ_MALLOC=0 leaves the allocator alone; on Linux with glibc the
-    setting is applied (mallopt accepts it); elsewhere nothing is done."""
-    import ctypes
-    import sys
-    from fixq.util.alloc import keep_freed_memory
-    monkeypatch.setenv("FIXQ_MALLOC", "0")
-    assert keep_freed_memory() is False
-    monkeypatch.delenv("FIXQ_MALLOC")
-    try:
-        glibc = sys.platform.startswith("linux") and hasattr(ctypes.CDLL("libc.so.6"), "mallopt")
-    except OSError:
-        glibc = False
-    assert keep_freed_memory() is glibc

@@ -8,7 +8,6 @@ from __future__ import annotations
 import sys
 
 from fixq.errors import FixqError, os_error_reason
-from fixq.util.alloc import keep_freed_memory
 from . import commands
 from .paper import apply_paper
 from .parser import build_parser, explicit_options
@@ -79,7 +78,6 @@ def main(argv: list[str] | None = None) -> int:
     >>> main(["models", "--json"])  # doctest: +SKIP
     0
     """
-    keep_freed_memory()  # large tensors reuse freed heap memory instead of fresh zeroed pages (fixq.util.alloc)
     try:
         code = _main(argv)
         sys.stdout.flush()  # a closed pipe surfaces here, not in the interpreter's final flush
