@@ -234,7 +234,7 @@ def test_derived_simulator_equals_a_fresh_one(net, shape):
 
 @pytest.mark.parametrize("net,shape", [("depthwise", (3, 16, 16)), ("resnet20", (3, 32, 32))])
 @pytest.mark.parametrize("fc_mode", ["auto", "4D"])
-def test_replan_is_plan_from_for_the_layers_it_names(net, shape, fc_mode):
+def test_replan_is_plan_from_for_the_layers_it_names(net, shape, fc_mode, monkeypatch):
     """A trial plan built as a transform of the base plan (replan: only the named layers
     planned and proved again) equals plan_from's whole plan, as objects and as JSON bytes:
     mixed bits (depthwise and fully connected layers included), K-means with and without
@@ -258,8 +258,14 @@ def test_replan_is_plan_from_for_the_layers_it_names(net, shape, fc_mode):
     km = next(k for k in layers[1:] if g.node(k).groups == 1 and g.node(k).weight.shape[0] >= 4)
     cl = cluster_kernels(g.node(km).weight, 2, restarts=1)
     cases += [dict(kmeans={km: cl}, kmeans_bits=(8, 4)), dict(kmeans={km: cl}, kmeans_bits=(8, 4, 4)), {}]
+    from fixq.algorithms import calibrate
+    proved, lower_layer = [], calibrate.lower_layer
+    monkeypatch.setattr(calibrate, "lower_layer", lambda n, *a: (proved.append(n.name), lower_layer(n, *a))[1])
     for kw in cases:
-        whole, part = plan_from(obs, cfg, **kw), replan(obs, base, **kw)
+        whole = plan_from(obs, cfg, **kw)
+        proved.clear()
+        part = replan(obs, base, **kw)
+        assert sorted(proved) == sorted({**kw.get("filter_bits", {}), **kw.get("kmeans", {})})  # those proved again
         assert part == whole and json.dumps(part.to_json()) == json.dumps(whole.to_json()), kw
         assert all(part.layers[k] is base.layers[k] for k in layers if k not in {**kw.get("filter_bits", {}),
                                                                                  **kw.get("kmeans", {})})

@@ -140,8 +140,8 @@ def test_search_mixed_measures_and_saves_the_bank_codes(digits_dir, monkeypatch)
         e1, e5, lg = orig_measure(self, p, *a)
         return (100.0, 100.0, lg) if any("bias correction on" in x for x in p.notes) else (e1, e5, lg)
     monkeypatch.setattr(PlanBench, "measure", spy_measure)
-    monkeypatch.setattr(PlanBench, "measure_each", lambda self, plans, *a: (measured.extend(plans.values()),
-                                                                            each(self, plans, *a))[1])
+    monkeypatch.setattr(PlanBench, "measure_each", lambda self, plans, *a, **k: (measured.extend(plans.values()),
+                                                                                 each(self, plans, *a, **k))[1])
     res = search_mixed(s, QuantConfig(), MixedOptions(low_bits=2, exclude="none", trials=3, target_drop=30.0,
                                                       sensitivity_size=40),
                        RoundingOptions(iters=30, samples=2048, batch=256))

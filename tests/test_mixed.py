@@ -210,30 +210,40 @@ def test_resumed_simulation_equals_the_whole_run_on_a_residual_net():
 
 
 def test_measure_each_shares_a_node_and_stops_after_its_last_fork(digits_dir, monkeypatch):
-    """Several plans on one node (K-means candidates: one per K) each get the numbers of their
-    own simulation; once the base plan's measurement is kept, a pass stops after its last
-    fork (the base run returns nothing) and the numbers are unchanged (issue #16)."""
+    """Several plans on one node (K-means candidates: one per K) and plans on other nodes each
+    get the numbers of their own simulation, none measured on its own; with ``base`` the
+    first pass runs whole and keeps the base plan's measurement, later passes (and passes
+    without ``base``) stop at their last fork: the base run returns nothing (issue #16)."""
     from fixq.algorithms.pipeline import open_session
     from fixq.algorithms.search import PlanBench, base_config
     from fixq.backends.simulate import Simulator
     s = open_session("lenet-digits", str(digits_dir), str(digits_dir), calib_size=40, eval_size=60, batch_size=16,
                      workers=0, show_progress=False)
     bench = PlanBench(s, base_config(QuantConfig(), 8))
-    first = eligible_layers(s.graph, ())[0]
-    shape = tuple(s.graph.node(first).weight.shape[:2])
-    plans = {(first, b): bench.plan(filter_bits={first: torch.full(shape, b, dtype=torch.int64)}) for b in (2, 4)}
-    returned, run = [], Simulator.run
+    names = eligible_layers(s.graph, ())
+    assert len(names) >= 2
+
+    def low(k, b):
+        return bench.plan(filter_bits={k: torch.full(tuple(s.graph.node(k).weight.shape[:2]), b, dtype=torch.int64)})
+    plans = {(names[0], 2): low(names[0], 2), (names[0], 4): low(names[0], 4), (names[1], 2): low(names[1], 2)}
+    returned, run, alone = [], Simulator.run, []
     monkeypatch.setattr(Simulator, "run", lambda self, *a, **k: (returned.append(run(self, *a, **k)), returned[-1])[1])
-    got = bench.measure_each(plans, "tune", 30)  # no base measurement kept yet: the base pass runs whole
+    measure = PlanBench.measure
+    monkeypatch.setattr(PlanBench, "measure", lambda self, p, *a: (alone.append(p), measure(self, p, *a))[1])
+    first = bench.measure_each(plans, "tune", 30)  # no base: stops at names[1]'s forks
+    assert returned and all(r is None for r in returned) and ("tune", 30) not in bench._base_measured
+    returned.clear()
+    got = bench.measure_each(plans, "tune", 30, base=True)  # the base pass runs whole and is kept
     assert returned and all(r is not None for r in returned) and ("tune", 30) in bench._base_measured
     returned.clear()
-    again = bench.measure_each(plans, "tune", 30)
-    assert returned and all(r is None for r in returned)  # stopped after the first layer's forks
+    again = bench.measure_each(plans, "tune", 30, base=True)
+    assert returned and all(r is None for r in returned)  # kept: stopped at the last fork
+    assert not alone  # every plan forked from the base pass; none measured on its own
     for k, p in plans.items():
-        e1, e5, lg = PlanBench.measure(bench, p, "tune", 30)
-        for res in (got[k], again[k]):
+        e1, e5, lg = measure(bench, p, "tune", 30)
+        for res in (first[k], got[k], again[k]):
             assert (res[0], res[1]) == (e1, e5) and torch.equal(res[2], lg), k
-    assert not torch.equal(got[(first, 2)][2], got[(first, 4)][2])
+    assert not torch.equal(got[(names[0], 2)][2], got[(names[0], 4)][2])
 
 
 def test_sensitivity_is_one_base_pass_and_equals_separate_measurements(capsys, tmp_path, digits_dir, monkeypatch):
@@ -252,7 +262,7 @@ def test_sensitivity_is_one_base_pass_and_equals_separate_measurements(capsys, t
     calls, measure = [], PlanBench.measure
     monkeypatch.setattr(PlanBench, "measure", lambda self, p, part="tune", limit=None: (
         calls.append((id(p), limit)), measure(self, p, part, limit))[1])
-    got = bench.measure_each(plans, "tune", 30)
+    got = bench.measure_each(plans, "tune", 30, base=True)
     assert calls == [(id(plans[names[0]]), 30)]  # only the plan that differs in two layers
     for k in names:
         e1, e5, lg = measure(bench, plans[k], "tune", 30)

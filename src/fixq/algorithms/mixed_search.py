@@ -165,7 +165,7 @@ def search_mixed(session: Session, config: QuantConfig, opts: MixedOptions, code
         for chunk in progress(each_chunks(names), "layer sensitivity", session.show_progress):
             got.update(bench.measure_each({name: make_plan({name: torch.full(tuple(energies[name].shape), opts.low_bits,
                                                                              dtype=torch.int64)}) for name in chunk},
-                                          "tune", m))
+                                          "tune", m, base=True))
         base_err = bench.measure(bench.base_plan, "tune", m)[0]  # kept by the first base pass
         for name in names:
             err, _, logits = got[name]  # one simulation gives both (same plan, same images)

@@ -236,13 +236,14 @@ class PlanBench:
         return out
 
     def measure_each(self, plans: dict, part: str = "tune", limit: int | None = None,
-                     show_progress: bool = False) -> dict:
+                     base: bool = False) -> dict:
         """``{key: measure(plan, part, limit)}`` for plans that each differ from the base plan in
         one node only (several may share a node): one base simulation per batch, resumed with
         each plan's simulator at its node (the unchanged prefix is computed once; same values
-        as ``measure``). The base pass stops after the last such node, unless the base plan's
-        own measurement is not kept yet: then it runs to the end and is kept, so
-        ``measure(base_plan, part, limit)`` simulates nothing. Any other plan is measured on its own.
+        as ``measure``). The base pass stops at the last such node, unless ``base`` asks for
+        the base plan's own measurement and it is not kept yet: then it runs to the end and is
+        kept, so ``measure(base_plan, part, limit)`` simulates nothing. Any other plan is
+        measured on its own.
 
         >>> bench.measure_each({"conv2": plan_with_conv2_low})["conv2"][0]  # top-1 %  # doctest: +SKIP
         """
@@ -253,9 +254,9 @@ class PlanBench:
             c = self._changes(p)
             if c is not None and len(c) == 1:
                 forks.setdefault(c[0], []).append((k, self.simulator(p)))
-        base = self.simulator(self.base_plan)
-        whole = (part, limit) not in self._base_measured
-        stop = None if whole or not forks else max(forks) + 1
+        sim = self.simulator(self.base_plan)
+        whole = base and (part, limit) not in self._base_measured
+        stop = None if whole or not forks else max(forks)  # before() runs the forks at a node, then it stops
 
         def one(b, xb):
             got = {}
@@ -263,12 +264,12 @@ class PlanBench:
             def fork(i, env):
                 for k, sim in forks.get(i, ()):
                     got[k] = sim.run_from(i, env).float().cpu()
-            out = base.run(xb.to(s.device), before=fork, stop=stop)
+            out = sim.run(xb.to(s.device), before=fork, stop=stop)
             return (out.float().cpu() if whole else None), got  # a pair: ranks exchange it (pickled)
         parts: dict = {}
         lb = []
         if forks or whole:
-            for mine, got in stream_map(to_stream(x, s.batch_size), one, "layer sensitivity", show_progress):
+            for mine, got in stream_map(to_stream(x, s.batch_size), one, "one-node plans", False):
                 lb.append(mine)
                 for k, v in got.items():
                     parts.setdefault(k, []).append(v)
