@@ -147,8 +147,7 @@ class PlanBench:
         self.float_tune = topk_errors(s.float_logits[tune], s.eval_y[tune])[0]
         self.float_test = topk_errors(s.float_logits[test], s.eval_y[test])
         self.obs = s.observations(needs_histograms(s.graph, [self.config]))
-        self.base_plan = None
-        self.base_plan = self.plan()
+        self.base_plan = self.plan(self.config)  # planned whole; trials are transforms of it
         self._fmts = propagate_formats(s.graph, self.base_plan.tensors)
         self._base_measured: dict = {}
         self._prefix: dict = {}
@@ -163,7 +162,7 @@ class PlanBench:
         base plan (``replan``: only the layers ``kw`` names are planned and proved again)."""
         with warnings.catch_warnings():  # "2D on a linear layer" is noted in the plan itself
             warnings.simplefilter("ignore")
-            if config is None and self.base_plan is not None:
+            if config is None:
                 return replan(self.obs, self.base_plan, fmts=self._fmts, **kw)
             return plan_from(self.obs, config or self.config, self.session.model_name, **kw)
 
@@ -262,8 +261,8 @@ class PlanBench:
             got = {}
 
             def fork(i, env):
-                for k, sim in forks.get(i, ()):
-                    got[k] = sim.run_from(i, env).float().cpu()
+                for k, fsim in forks.get(i, ()):
+                    got[k] = fsim.run_from(i, env).float().cpu()
             out = sim.run(xb.to(s.device), before=fork, stop=stop)
             return (out.float().cpu() if whole else None), got  # a pair: ranks exchange it (pickled)
         parts: dict = {}
