@@ -46,7 +46,7 @@ def main() -> int:
     energies = filter_energies(s.graph, probe, names, s.device, False)
     rows = []
     for label, plan in [("all-base (require_base)", before.base_plan)] + [
-            (f"f = {f:g}", before.plan(filter_bits=filter_bits(energies, float(f), 8, 4))) for f in a.fs.split(",")]:
+            (f"f = {f:g}", before.plan(filter_bits=filter_bits(energies, f, 8, 4))) for f in map(float, a.fs.split(","))]:
         t = {}
         for name, bench in (("before", before), ("after", after)):
             t0 = time.time()

@@ -246,6 +246,37 @@ def test_measure_each_shares_a_node_and_stops_after_its_last_fork(digits_dir, mo
     assert not torch.equal(got[(names[0], 2)][2], got[(names[0], 4)][2])
 
 
+def test_measure_many_builds_each_run_of_plans_when_it_comes(digits_dir, monkeypatch):
+    """measure_many builds at most ``size`` plans before each measure_each pass (not all of
+    them up front), passes every key through exactly once, keeps what ``keep`` returns, and
+    gets the numbers measure_each gives (issue #16)."""
+    from fixq.algorithms.pipeline import open_session
+    from fixq.algorithms.search import PlanBench, base_config
+    s = open_session("lenet-digits", str(digits_dir), str(digits_dir), calib_size=40, eval_size=60, batch_size=16,
+                     workers=0, show_progress=False)
+    bench = PlanBench(s, base_config(QuantConfig(), 8))
+    names = eligible_layers(s.graph, ())
+    keys = [(n, b) for n in names for b in (2, 3)]
+    built, runs, each = [], [], PlanBench.measure_each
+
+    def maker(k):
+        def make():
+            built.append(k)
+            return bench.plan(filter_bits={k[0]: torch.full(tuple(s.graph.node(k[0]).weight.shape[:2]), k[1],
+                                                            dtype=torch.int64)})
+        return make
+    monkeypatch.setattr(PlanBench, "measure_each", lambda self, plans, *a: (
+        runs.append((list(plans), list(built))), each(self, plans, *a))[1])
+    got = bench.measure_many({k: maker(k) for k in keys}, "tune", 30, keep=lambda r: (r[0], r[2].sum().item()),
+                             size=3)
+    assert [r[0] for r in runs] == [keys[i:i + 3] for i in range(0, len(keys), 3)]
+    assert all(b == keys[:i * 3 + len(r)] for i, (r, b) in enumerate(runs))  # built only when its run came
+    assert list(got) == keys
+    ref = each(bench, {k: maker(k)() for k in keys}, "tune", 30)
+    for k in keys:
+        assert got[k] == (ref[k][0], ref[k][2].sum().item()), k
+
+
 def test_sensitivity_is_one_base_pass_and_equals_separate_measurements(capsys, tmp_path, digits_dir, monkeypatch):
     """Per-layer sensitivity resumes one base simulation per batch at each layer
     (PlanBench.measure_each) and gets the numbers separate simulations give; a plan that

@@ -21,12 +21,11 @@ from fixq.analysis.complexity import analyze
 from fixq.graph.ir import Conv, Graph
 from fixq.planning.partitions import input_point
 from fixq.planning.plan import QuantConfig, QuantPlan
-from fixq.util.progress import progress
 from .kmeans import KMeansError, check_K, cluster_kernels, layer_savings
 from .learned import learn_rounding
 from .mixed import eligible_layers
 from .pipeline import Session
-from .search import PlanBench, base_config, each_chunks, resolve_target
+from .search import PlanBench, base_config, resolve_target
 
 __all__ = ["KMeansOptions", "KMeansResult", "kmeans_layers", "parse_k", "candidate_Ks", "search_kmeans",
            "input_point", "only_layer_config"]
@@ -193,10 +192,10 @@ def search_kmeans(session: Session, config: QuantConfig, opts: KMeansOptions, co
         jobs = [(n, K) for n in names for K in candidate_Ks(N[n])]
         if not jobs:
             raise KMeansError("no layer has enough kernels for K < N/2")
-        for chunk in progress(each_chunks(jobs), "K-means candidates", session.show_progress):
-            got = bench.measure_each({(n, K): plan_for({n: K}) for n, K in chunk}, "tune", m)  # one base pass
-            for n, K in chunk:
-                noise.setdefault(n, {})[K] = bench.logit_noise(got[(n, K)][2], "tune")
+        got = bench.measure_many({(n, K): (lambda n=n, K=K: plan_for({n: K})) for n, K in jobs}, "tune", m,
+                                 keep=lambda r: bench.logit_noise(r[2], "tune"), desc="K-means candidates")
+        for (n, K), v in got.items():
+            noise.setdefault(n, {})[K] = v
 
         def ks_for(beta: float) -> dict:
             out = {}
@@ -237,11 +236,9 @@ def search_kmeans(session: Session, config: QuantConfig, opts: KMeansOptions, co
     tied = [n for n in pool if costs[n].macs >= 0.99 * top]
     if len(tied) > 1:  # equal cost (e.g. every ResNet-20 conv): the one plain 4 bits hurts most
         m = opts.sensitivity_size
-        low = {}
-        for chunk in each_chunks(tied):
-            got = bench.measure_each({n: bench.plan(filter_bits={n: torch.full(
-                tuple(g.node(n).weight.shape[:2]), opts.residual_bits, dtype=torch.int64)}) for n in chunk}, "tune", m)
-            low.update({n: bench.logit_noise(got[n][2], "tune") for n in chunk})
+        low = bench.measure_many({n: (lambda n=n: bench.plan(filter_bits={n: torch.full(
+            tuple(g.node(n).weight.shape[:2]), opts.residual_bits, dtype=torch.int64)})) for n in tied}, "tune", m,
+            keep=lambda r: bench.logit_noise(r[2], "tune"))
         layer = max(tied, key=lambda n: low[n])
     else:
         layer = tied[0]

@@ -14,13 +14,12 @@ import torch
 
 from fixq.graph.ir import Linear
 from fixq.planning.plan import QuantConfig, QuantPlan
-from fixq.util.progress import progress
 from .learned import learn_rounding
 from .learned_bank import CodeBank
 from .mixed import (MixedError, Trial, TuneResult, eligible_layers, filter_bits, filter_energies, layer_thresholds,
                     tune_threshold)
 from .pipeline import Session
-from .search import PlanBench, base_config, each_chunks, resolve_target
+from .search import PlanBench, base_config, resolve_target
 
 __all__ = ["MixedOptions", "MixedResult", "PlanScore", "search_mixed"]
 
@@ -161,11 +160,9 @@ def search_mixed(session: Session, config: QuantConfig, opts: MixedOptions, code
     fmaps = {"global": lambda f: f}
     if "per-layer" in opts.strategies:
         m = opts.sensitivity_size
-        got: dict = {}
-        for chunk in progress(each_chunks(names), "layer sensitivity", session.show_progress):
-            got.update(bench.measure_each({name: make_plan({name: torch.full(tuple(energies[name].shape), opts.low_bits,
-                                                                             dtype=torch.int64)}) for name in chunk},
-                                          "tune", m, base=True))
+        got = bench.measure_many({name: (lambda name=name: make_plan({name: torch.full(
+            tuple(energies[name].shape), opts.low_bits, dtype=torch.int64)})) for name in names}, "tune", m,
+            base=True, desc="layer sensitivity")
         base_err = bench.measure(bench.base_plan, "tune", m)[0]  # kept by the first base pass
         for name in names:
             err, _, logits = got[name]  # one simulation gives both (same plan, same images)

@@ -32,6 +32,7 @@ from fixq.graph.ir import Conv, Linear
 from fixq.planning.partitions import propagate_formats
 from fixq.planning.plan import QuantConfig, QuantPlan
 from fixq.util import distributed as dist
+from fixq.util.progress import progress
 from .bench_cache import PrefixCache, changed_nodes, default_budget_mb, first_of
 from .calibrate import needs_histograms, plan_from, replan
 from .pipeline import Session
@@ -282,6 +283,24 @@ class PlanBench:
                 out[k] = (*topk_errors(logits, y), logits)
             else:
                 out[k] = self.measure(p, part, limit)
+        return out
+
+    def measure_many(self, makers: dict, part: str = "tune", limit: int | None = None, base: bool = False,
+                     keep=None, desc: str | None = None, size: int = EACH_CHUNK) -> dict:
+        """:meth:`measure_each` over any number of plans, ``size`` at a time (one base pass per
+        run of ``size``). ``makers`` maps a key to a function that builds its plan, called when its
+        run comes, so at most ``size`` plans and their simulators are alive at once; ``keep`` maps
+        each ``(top1, top5, logits)`` to what is kept (default: all of it); ``desc`` names a
+        progress bar over the runs.
+
+        >>> noise = bench.measure_many({k: (lambda k=k: plan_for(k)) for k in ks}, "tune", 256,
+        ...                            keep=lambda r: bench.logit_noise(r[2], "tune"))  # doctest: +SKIP
+        """
+        out: dict = {}
+        show = desc is not None and self.session.show_progress
+        for run in progress(each_chunks(list(makers), size), desc or "", show):
+            got = self.measure_each({k: makers[k]() for k in run}, part, limit, base)
+            out.update({k: got[k] if keep is None else keep(got[k]) for k in run})
         return out
 
     def judge(self, logits: torch.Tensor, target: float) -> tuple[bool, dict]:

@@ -16,7 +16,7 @@ from dataclasses import dataclass, replace
 import torch
 
 from fixq.backends.engine import Engine, exact_sum, layer_forward, residual_input
-from fixq.backends.lowering import compile_layer
+from fixq.backends.lowering import lower_layer
 from fixq.planning.partitions import accumulator_F
 
 __all__ = ["AccumulatorRow", "accumulator_table", "with_acc_bits"]
@@ -56,7 +56,7 @@ def accumulator_table(graph, plan, x: torch.Tensor, A_min: int = 8) -> list[Accu
         ident = 32
         for A in range(31, A_min - 1, -1):
             pa = with_acc_bits(plan, n.name, A, L.S)
-            LA = compile_layer(n, pa, eng.fmts, eng.rounding)
+            LA = lower_layer(n, pa, eng.fmts)  # the lowering of every backend, proved (DESIGN §5a)
             if not torch.equal(layer_forward(LA, n, xin, eng.rounding), ref):
                 break
             ident = A

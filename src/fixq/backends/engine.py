@@ -70,7 +70,7 @@ class Engine:
         for n in graph.nodes:
             if isinstance(n, Table) and not table_ready(n, fmts, plan.tensors):
                 raise EngineError(table_refusal(n, fmts, plan.tensors), hint="")
-        self.program = lower(graph, plan)  # every table compiled and proved once (fixq.backends.lowering)
+        self.program = lower(graph, plan, fmts=fmts)  # every table compiled and proved once (fixq.backends.lowering)
         self.fmts = self.program.fmts
         self.layers = self.program.layers
         for n in graph.layers():

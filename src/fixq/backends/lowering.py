@@ -211,12 +211,13 @@ def lower_layer(n, plan: QuantPlan, fmts) -> LayerInts | None:
     return compile_layer(n, plan, fmts, plan.rounding) if _integer_layer(n, plan, fmts) else None
 
 
-def lower(graph: Graph, plan: QuantPlan, keep: bool = True, tables: bool = True) -> Program:
+def lower(graph: Graph, plan: QuantPlan, keep: bool = True, tables: bool = True, fmts=None) -> Program:
     """Lower ``plan`` on ``graph`` (module docstring); raises PlanError naming the node when
     DESIGN §5a cannot be proved. Affine plans lower to formats only (no integer program).
     ``keep=False``: bounds only, no layer tables kept; ``tables=False``: table ops not
-    compiled (a proof needs neither: :func:`check_plan`)."""
-    fmts = propagate_formats(graph, plan.tensors)
+    compiled (a proof needs neither: :func:`check_plan`); ``fmts``: ``propagate_formats(graph,
+    plan.tensors)`` when the caller has it already."""
+    fmts = propagate_formats(graph, plan.tensors) if fmts is None else fmts
     steps, bounds = [], {}
     for n in graph.nodes:
         if isinstance(n, Input):

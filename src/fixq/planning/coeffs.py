@@ -1,7 +1,7 @@
 """The one place where a layer's float coefficients and bias become integer codes.
 
 Every backend takes its codes from here: the integer engine and everything built on its
-tables (:func:`fixq.backends.engine.compile_layer`: the C export, QDQ ONNX, the accumulator table),
+tables (:func:`fixq.backends.lowering.lower_layer`: the C export, QDQ ONNX, the accumulator table),
 both simulation precisions (:func:`layer_values`, the codes times ``2**-F``), and K-means
 residuals. A plan that stores decided codes (:class:`fixq.planning.plan.LayerCodes`: learned
 rounding, bias correction) is therefore consumed identically, bit for bit, everywhere.
