@@ -12,7 +12,8 @@ resident sets (``VmRSS``; an upper bound: pages shared after fork count in every
 whose tree passes ``--cap-gb`` is stopped (the machine is shared) and reported as such.
 Rows: CIFAR-10 ResNet-20 (256 calibration images, N evaluation images, batch 128) on the
 shared test set and on a larger ImageFolder of symlinks to it (``--big`` copies), and with
-``--lite0`` EfficientNet-Lite0 on the 1,000-image ImageNet sample (128 / 872, batch 32).
+``--lite0`` EfficientNet-Lite0 on the 1,000-image ImageNet sample (128 / 872, batch 32), and with
+``--lite0-copies K`` also on a folder of that sample linked K times (128 / 1000 K - 128).
 Writes benchmarks/results/memory.md.
 """
 from __future__ import annotations
@@ -107,6 +108,8 @@ def main() -> int:
                     "with --new)")
     ap.add_argument("--shared", default=str(Path(__file__).resolve().parents[2] / "shared"))
     ap.add_argument("--lite0", action="store_true", help="also EfficientNet-Lite0, 128/872 (minutes on 2 cores)")
+    ap.add_argument("--lite0-copies", type=int, default=0, help="with --lite0: also on a folder of the sample "
+                    "linked this many times (20: 20,000 images; about an hour on 2 cores)")
     ap.add_argument("--no-cifar", action="store_true", help="skip the ResNet-20 rows (keep those measured before)")
     ap.add_argument("--cap-gb", type=float, default=9.0)
     ap.add_argument("--which", default="before,after", help="which code to run (rows of the other are kept)")
@@ -141,12 +144,17 @@ def main() -> int:
                     r20(big, 10000 * args.big, which, src)
         if args.lite0:
             im = sh / "data" / "imagenet-sample"
-            for which, src in codes:
-                argv = ["quantize", "--model", "efficientnet-lite0", "--calib", str(im), "--calib-size", "128",
-                        "--eval", str(im), "--coeff-mode", "3D", "--batch-size", "32", "--quiet", "--out", f"{tmp}/o"]
-                m = measure(src, argv, args.cap_gb)
-                rows.append(["EfficientNet-Lite0", im.name, 872, which, m])
-                print(rows[-1], flush=True)
+            folders = [im] + ([big_folder(im, args.lite0_copies, Path(tmp) / f"imagenet-sample-x{args.lite0_copies}")]
+                              if args.lite0_copies else [])
+            for data in folders:
+                n = sum(1 for c in data.iterdir() for _ in c.iterdir()) - 128  # the rest of the calibration's folder
+                for which, src in codes:
+                    argv = ["quantize", "--model", "efficientnet-lite0", "--calib", str(data), "--calib-size", "128",
+                            "--eval", str(data), "--coeff-mode", "3D", "--batch-size", "32", "--quiet", "--out",
+                            f"{tmp}/o"]
+                    m = measure(src, argv, args.cap_gb)
+                    rows.append(["EfficientNet-Lite0", data.name, n, which, m])
+                    print(rows[-1], flush=True)
     store = Path(args.out).with_suffix(".json")  # rows of earlier runs (e.g. --no-cifar --lite0 later)
     old_rows = json.loads(store.read_text()) if store.exists() and not args.fresh else []
     key = (lambda r: (r[0], r[1], r[2], r[3]))

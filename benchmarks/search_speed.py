@@ -1,5 +1,5 @@
 """Search trial time side by side (issue 16): the same trial plans of ``fixq mixed``, measured
-on the same tuning images by a PlanBench as before (no reuse, plain torch formula) and by
+on the same tuning images by a PlanBench as before (no kept prefix, plain torch formula) and by
 the default one (base reuse, kept prefix, compiled quantizer, channels-last), alternating,
 in one process. Every trial's logits must be identical (checked); writes
 ``benchmarks/results/search_speed_<model>.md``.
@@ -64,14 +64,14 @@ def main() -> int:
           f"Date: {time.strftime('%Y-%m-%d')}; machine: {machine()}; "
           f"wall time {time.time() - t_all:.0f} s.", "",
           f"{before.n_tune} tuning images, batch {a.batch_size}; each trial plan measured by a PlanBench without "
-          "reuse and with the plain torch formula (before) and by the default one (after), one after the other "
+          "a kept prefix (cache_mb=0) and with the plain torch formula (before) and by the default one (after), one after the other "
           "in this process; the logits of every trial are identical (checked).", "",
           "| trial plan | before s | after s | ratio |", "|---|---|---|---|"]
-    md += [f"| {lb} | {b:.1f} | {af:.1f} | {b / max(af, 1e-9):.1f}x |" for lb, b, af in rows]
+    md += [f"| {lb} | {b:.1f} | {af:.1f} | {f'{b / af:.1f}x' if min(b, af) >= 0.05 else '-'} |" for lb, b, af in rows]
     md += [f"| trials after the base (sum) | {tb:.1f} | {ta:.1f} | {tb / max(ta, 1e-9):.1f}x |", "",
-           "The all-base row is the first measurement of the base plan in both (after: no reuse yet); "
-           "the after-bench then reuses it for f = 0, and its first trial with a change keeps the prefix "
-           "tensors the later trials resume from.", ""]
+           "The all-base row is the first measurement of the base plan in both; both benches then reuse "
+           "that measurement for f = 0 (the same plan: no ratio). The after-bench's first trial with a "
+           "change keeps the prefix tensors the later trials resume from.", ""]
     out = HERE / "results" / f"search_speed_{a.model}.md"
     out.write_text("\n".join(md))
     print("\n".join(md))

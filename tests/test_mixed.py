@@ -266,15 +266,21 @@ def test_measure_many_builds_each_run_of_plans_when_it_comes(digits_dir, monkeyp
                                                             dtype=torch.int64)})
         return make
     monkeypatch.setattr(PlanBench, "measure_each", lambda self, plans, *a: (
-        runs.append((list(plans), list(built))), each(self, plans, *a))[1])
+        runs.append((list(plans), list(built), a)), each(self, plans, *a))[1])
     got = bench.measure_many({k: maker(k) for k in keys}, "tune", 30, keep=lambda r: (r[0], r[2].sum().item()),
                              size=3)
     assert [r[0] for r in runs] == [keys[i:i + 3] for i in range(0, len(keys), 3)]
-    assert all(b == keys[:i * 3 + len(r)] for i, (r, b) in enumerate(runs))  # built only when its run came
+    assert all(b == keys[:i * 3 + len(r)] for i, (r, b, _) in enumerate(runs))  # built only when its run came
+    assert all(a == ("tune", 30, False) for _, _, a in runs)
     assert list(got) == keys
     ref = each(bench, {k: maker(k)() for k in keys}, "tune", 30)
     for k in keys:
         assert got[k] == (ref[k][0], ref[k][2].sum().item()), k
+    runs.clear()
+    whole = bench.measure_many({k: maker(k) for k in keys[:2]}, "tune", 30, base=True)  # keep=None: all of it
+    assert [a for _, _, a in runs] == [("tune", 30, True)] and ("tune", 30) in bench._base_measured
+    for k in keys[:2]:
+        assert whole[k][:2] == ref[k][:2] and torch.equal(whole[k][2], ref[k][2]), k
 
 
 def test_sensitivity_is_one_base_pass_and_equals_separate_measurements(capsys, tmp_path, digits_dir, monkeypatch):
