@@ -147,6 +147,7 @@ def test_bad_layers_and_empty_probe():
     g = make_graph(DepthwiseNet(), (3, 16, 16))
     assert eligible_layers(g) == ["dw", "pw", "grp"]
     assert eligible_layers(g, "first,pw") == ["dw", "grp", "fc"]
+    assert eligible_layers(g, "first,last,depthwise") == ["pw", "grp"]  # grp: 2 groups of 8 inputs, not depthwise
     with pytest.raises(MixedError, match="'nope'.*stem, dw, pw, grp, fc"):
         eligible_layers(g, "first,nope")
     with pytest.raises(MixedError, match="probe set is empty"):

@@ -127,8 +127,14 @@ def filter_bits(energies: dict, f: float | dict, base: int = 8, low: int = 4) ->
 
 def eligible_layers(graph: Graph, exclude: str | list | tuple = ("first", "last")) -> list[str]:
     """Conv/linear layers that may go low precision: all but ``exclude`` (names, or the
-    words ``first``/``last``; ``none`` for none)."""
-    names = [n.name for n in graph.layers()]
+    words ``first``/``last``, ``depthwise`` for every conv with one input channel per filter
+    and more than one group; ``none`` for none).
+
+    >>> eligible_layers(g, "first,last,depthwise")   # a MobileNet block: stem, dw, pw, fc  # doctest: +SKIP
+    ['pw']
+    """
+    layers = graph.layers()
+    names = [n.name for n in layers]
     items = [s.strip() for s in (exclude.split(",") if isinstance(exclude, str) else exclude) if s.strip()]
     drop = set()
     for it in items:
@@ -138,11 +144,13 @@ def eligible_layers(graph: Graph, exclude: str | list | tuple = ("first", "last"
             drop.add(names[0])
         elif it == "last":
             drop.add(names[-1])
+        elif it == "depthwise":
+            drop.update(n.name for n in layers if isinstance(n, Conv) and n.groups > 1 and n.weight.shape[1] == 1)
         elif it in names:
             drop.add(it)
         else:
-            raise MixedError(f"--exclude names layer {it!r}, which the model does not have; "
-                             f"its conv/linear layers are: {', '.join(names)}")
+            raise MixedError(f"--exclude names layer {it!r}, which the model does not have (words: first, last, "
+                             f"depthwise, none); its conv/linear layers are: {', '.join(names)}")
     out = [n for n in names if n not in drop]
     if not out:
         raise MixedError("no layer is left for low precision after --exclude")
