@@ -218,7 +218,8 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--target-error", type=float, help="absolute top-1 error target in percent")
     g.add_argument("--base-bits", type=int, default=8, help="coefficient bits of the high-energy filters")
     g.add_argument("--low-bits", type=int, default=4, help="coefficient bits of the low-energy filters")
-    g.add_argument("--exclude", default="first,last", help="layers kept at base bits: names, first, last, depthwise or none")
+    g.add_argument("--exclude", default="first,last,depthwise",
+                   help="layers kept at base bits: names, first, last, depthwise (every depthwise conv) or none")
     g.add_argument("--trials", type=int, default=12, help="evaluations per strategy (f = 0 included)")
     g.add_argument("--tune-size", type=int, help="evaluation images used for tuning (default half); the rest report")
     g.add_argument("--sensitivity-size", type=int, default=256, help="tuning images for per-layer sensitivity")
