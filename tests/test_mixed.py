@@ -148,6 +148,10 @@ def test_bad_layers_and_empty_probe():
     assert eligible_layers(g) == ["dw", "pw", "grp"]
     assert eligible_layers(g, "first,pw") == ["dw", "grp", "fc"]
     assert eligible_layers(g, "first,last,depthwise") == ["pw", "grp"]  # grp: 2 groups of 8 inputs, not depthwise
+    mult = make_graph(torch.nn.Sequential(torch.nn.Conv2d(3, 8, 1), torch.nn.Conv2d(8, 16, 3, groups=8),
+                                          torch.nn.Conv2d(16, 8, 1, groups=2)), (3, 8, 8))
+    assert len(eligible_layers(mult, "none")) == 3
+    assert [mult.node(n).groups for n in eligible_layers(mult, "depthwise")] == [1, 2]  # depth multiplier 2: dropped
     with pytest.raises(MixedError, match="'nope'.*stem, dw, pw, grp, fc"):
         eligible_layers(g, "first,nope")
     with pytest.raises(MixedError, match="probe set is empty"):

@@ -33,7 +33,7 @@ class MixedOptions:
     probe_size: int = 64
     tune_size: int | None = None        # default: half the evaluation images
     sensitivity_size: int = 256
-    exclude: str = "first,last,depthwise"  # depthwise 2D filters (one k x k kernel each) lose too much at 4 bits
+    exclude: str = "first,last,depthwise"  # a depthwise output channel is one 4-bit kernel, no sum over inputs
     trials: int = 12
     f0: float = 0.05
     delta: float = 0.05
