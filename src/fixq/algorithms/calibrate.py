@@ -111,19 +111,18 @@ def replan(obs: Observations, base: QuantPlan, filter_bits: dict | None = None, 
     """
     graph, config = obs.graph, base.config
     filter_bits, kmeans = filter_bits or {}, kmeans or {}
-    cfgs = {n.name: config.for_layer(n.name) for n in graph.nodes}
-    rdata = {}
+    rdata = {}  # configs looked up for the nodes a trial names only (a trial runs per search step)
     if kmeans and len(kmeans_bits) > 2 and kmeans_bits[2] is not None:  # as plan_from: every name it is given
-        rdata = {n: residual_data_formats(obs, n, int(kmeans_bits[2]), cfgs[input_point(graph, n)], config.rounding,
-                                          base.tensors) for n in kmeans}
+        rdata = {n: residual_data_formats(obs, n, int(kmeans_bits[2]), config.for_layer(input_point(graph, n)),
+                                          config.rounding, base.tensors) for n in kmeans}
     names = [n for n in graph.layers() if n.name in filter_bits or n.name in kmeans]
     if not names:
         return base
     fmts = propagate_formats(graph, base.tensors) if fmts is None else fmts
     layers = dict(base.layers)
     for n in names:
-        layers[n.name] = _layer_plan(n, cfgs[n.name], config, fmts, base.tensors, obs.acc, filter_bits, kmeans,
-                                     kmeans_bits, rdata)
+        layers[n.name] = _layer_plan(n, config.for_layer(n.name), config, fmts, base.tensors, obs.acc, filter_bits,
+                                     kmeans, kmeans_bits, rdata)
     plan = replace(base, layers=layers)
     for n in names if not plan.is_affine else ():  # as check_plan; the rest was proved with the base plan
         lower_layer(n, plan, fmts)

@@ -185,6 +185,9 @@ def search_kmeans(session: Session, config: QuantConfig, opts: KMeansOptions, co
     def plan_for(ks: dict, residual_bits: int | None = None) -> QuantPlan:
         return bench.plan(kmeans={n: clusters(n, K) for n, K in ks.items()}, kmeans_bits=opts.kbits(residual_bits))
 
+    def tune_noise(r) -> float:  # what measure_many keeps of a measurement on the tuning images
+        return bench.logit_noise(r[2], "tune")
+
     noise: dict = {}
     trials: list = []
     if given is None:
@@ -193,7 +196,7 @@ def search_kmeans(session: Session, config: QuantConfig, opts: KMeansOptions, co
         if not jobs:
             raise KMeansError("no layer has enough kernels for K < N/2")
         got = bench.measure_many({(n, K): (lambda n=n, K=K: plan_for({n: K})) for n, K in jobs}, "tune", m,
-                                 keep=lambda r: bench.logit_noise(r[2], "tune"), desc="K-means candidates")
+                                 keep=tune_noise, desc="K-means candidates")
         for (n, K), v in got.items():
             noise.setdefault(n, {})[K] = v
 
@@ -238,7 +241,7 @@ def search_kmeans(session: Session, config: QuantConfig, opts: KMeansOptions, co
         m = opts.sensitivity_size
         low = bench.measure_many({n: (lambda n=n: bench.plan(filter_bits={n: torch.full(
             tuple(g.node(n).weight.shape[:2]), opts.residual_bits, dtype=torch.int64)})) for n in tied}, "tune", m,
-            keep=lambda r: bench.logit_noise(r[2], "tune"))
+            keep=tune_noise)
         layer = max(tied, key=lambda n: low[n])
     else:
         layer = tied[0]
