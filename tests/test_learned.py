@@ -220,7 +220,7 @@ def test_cli_learned_rounding_on_every_command(capsys, tmp_path, digits_dir, cmd
     assert code == 0, cap.err
     plan = load_plan(out / plan_file)
     guard = None
-    if cmd == "mixed":  # the saved plan is bias-corrected unless that raised the tuning error
+    if cmd in ("mixed", "kmeans"):  # the saved plan is bias-corrected unless that raised the tuning error
         import json
         guard = json.loads((out / "report.json").read_text())["coefficient_codes"]["bias_guard"]
     assert any(lp.codes is not None and lp.codes.bias is not None
@@ -232,7 +232,9 @@ def test_cli_learned_rounding_on_every_command(capsys, tmp_path, digits_dir, cmd
         import json
         rep = json.loads((out / "report.json").read_text())
         assert rep["coefficient_codes"]["layers"] and "Coefficient codes" in (out / "report.md").read_text()
-        assert rep["coefficient_codes"].get("in_search", False) == (cmd == "mixed")  # mixed trials use the codes
+        # mixed and kmeans trials run with the codes learned before the search (kmeans: where they were kept)
+        banked = any(r.get("learned_in_bank") for r in rep["coefficient_codes"]["layers"])
+        assert rep["coefficient_codes"].get("in_search", False) == (cmd == "mixed" or banked)
 
 
 def test_cli_refuses_contradictory_bias_flags(capsys, tmp_path, digits_dir):

@@ -164,3 +164,103 @@ def test_search_mixed_measures_and_saves_the_bank_codes(digits_dir, monkeypatch)
     assert res.learned.label == "Tuned + bias correction"
     assert res.bias_guard["tune_top1_corrected"] == 100.0 and not res.bias_guard["kept"] and res.saved is res.tuned
     assert all("learned_in_bank" in r for r in res.codes_rows if r["layer"] in bank.codes)
+
+
+def _kmeans_setup():
+    from fixq.algorithms.kmeans import cluster_kernels
+    g, x, _ = _setup()
+    obs = observe(g, [(x, None)], show_progress=False)
+    cfg = QuantConfig(LayerConfig(coeff_bits=8, coeff_mode="2D"))
+
+    def plan(ks, bits=(8, 4)):
+        return plan_from(obs, cfg, kmeans={k: cluster_kernels(g.node(k).weight, K, 0, 2) for k, K in ks.items()},
+                         kmeans_bits=bits)
+    return g, x, plan
+
+
+def test_kmeans_bank_codes_are_each_candidate_learned_alone_on_base_inputs():
+    from fixq.algorithms.learned_bank import KMeansCodeBank
+    g, x, plan = _kmeans_setup()
+    base = plan({})
+    # two passes as search_kmeans makes them: every layer's first candidate K, then the second
+    bank = KMeansCodeBank(g, [(plan({"c1": 1, "c2": 1}), ["c1", "c2"]), (plan({"c2": 2}), ["c2"])], base, x, OPTS,
+                          show_progress=False)
+    assert sorted(bank.rows) == [("c1", 1), ("c2", 1), ("c2", 2)]
+    assert ("c2", 1) in bank.codes and ("c2", 2) in bank.codes  # learned codes to compare below
+    n = g.node("c2")
+    for K in (1, 2):  # c2 learned in a plan where c1 is not clustered: the bank's input is the base plan's
+        alone, _ = learn_rounding(g, plan({"c2": K}), x, OPTS, show_progress=False, only={"c2"})
+        lp = alone.layers["c2"]
+        assert bank.codes[("c2", K)][2].up == lp.codes.up
+        assert bank.codes[("c2", K)][0] == lp.kmeans  # the clustering the codes belong to
+    both, _ = learn_rounding(g, plan({"c1": 1, "c2": 1}), x, OPTS, show_progress=False)  # c2 fed by clustered c1
+    assert both.layers["c2"].codes.up != bank.codes[("c2", 1)][2].up
+
+
+def test_kmeans_trial_takes_bank_codes_only_for_its_clustering_and_runs_bit_exact():
+    from fixq.algorithms.learned_bank import KMeansCodeBank
+    g, x, plan = _kmeans_setup()
+    bank = KMeansCodeBank(g, [(plan({"c2": 2}), ["c2"])], plan({}), x, OPTS, show_progress=False)
+    assert ("c2", 2) in bank.codes
+    trial = plan({"c1": 1, "c2": 2})
+    got = bank.apply(trial)
+    n, lp = g.node("c2"), got.layers["c2"]
+    assert lp.weight == trial.layers["c2"].weight and lp.kmeans == trial.layers["c2"].kmeans  # formats unchanged
+    assert lp.codes == bank.codes[("c2", 2)][2] and got.layers["c1"] == trial.layers["c1"]  # c1 at K=1: not banked
+    codes, near = layer_codes(n, lp, got.rounding), coeff_grid(n, trial.layers["c2"]).nearest(got.rounding)
+    assert not torch.equal(codes, near)  # the bank changed what the trial measures
+    gr = coeff_grid(n, lp)
+    assert bool(((codes >= gr.lo) & (codes <= gr.hi)).all())
+    assert any("decided before the search" in s for s in got.notes)
+    assert [r["kept"] for r in bank.report(got)] == ["learned"] and bank.report(trial)[0]["kept"] == "nearest"
+    # another K, or other residual bits on the same K: another grid, so nearest rounding
+    assert bank.apply(plan({"c2": 3})).layers["c2"].codes is None
+    assert bank.apply(plan({"c2": 2}, (8, 3))).layers["c2"].codes is None
+    xt = torch.randn(5, 3, 8, 8)
+    eng = Engine(g, got)
+    assert torch.equal(eng.dequantize(eng.run(eng.quantize_input(xt))), Simulator(g, got, exact=True)(xt))
+
+
+def test_search_kmeans_measures_and_saves_the_bank_codes(digits_dir, monkeypatch):
+    """search_kmeans with learned rounding: the K candidates and the beta trials carry the bank's
+    residual codes, the saved plan holds them, and a bias correction that looks worse on the
+    tuning images is refused (the searched plan is saved)."""
+    from fixq.algorithms import kmeans_search
+    from fixq.algorithms.kmeans_search import KMeansOptions, search_kmeans
+    from fixq.algorithms.pipeline import open_session
+    from fixq.algorithms.search import PlanBench
+    s = open_session("lenet-digits", str(digits_dir), str(digits_dir), calib_size=48, eval_size=120, batch_size=32,
+                     workers=0, show_progress=False)
+    banks, measured, each = [], [], PlanBench.measure_each
+    orig_bank, orig_measure = kmeans_search.KMeansCodeBank, PlanBench.measure
+
+    def spy_bank(*a, **k):
+        banks.append(orig_bank(*a, **k))
+        return banks[-1]
+    monkeypatch.setattr(kmeans_search, "KMeansCodeBank", spy_bank)
+
+    def spy_measure(self, p, part="tune", *a):  # the search's measurements are on the tuning images
+        if part == "tune" and not any("bias correction on" in x for x in p.notes):
+            measured.append(p)
+        e1, e5, lg = orig_measure(self, p, part, *a)
+        return (100.0, 100.0, lg) if any("bias correction on" in x for x in p.notes) else (e1, e5, lg)
+    monkeypatch.setattr(PlanBench, "measure", spy_measure)
+    monkeypatch.setattr(PlanBench, "measure_each", lambda self, plans, *a, **k: (measured.extend(plans.values()),
+                                                                                 each(self, plans, *a, **k))[1])
+    res = search_kmeans(s, QuantConfig(), KMeansOptions(target_drop=30.0, sensitivity_size=40, restarts=1),
+                        RoundingOptions(iters=60, samples=2048, batch=256))
+    bank = banks[0]
+    assert bank.codes and res.codes_in_search and res.ks
+    # every candidate (layer, K) was learned, and each measured candidate whose K has codes carries them
+    assert set(bank.rows) == {(n, K) for n, d in res.noise.items() for K in d}
+    hits = [(k, lp) for p in measured for k, lp in p.layers.items()
+            if lp.kmeans is not None and (k, lp.kmeans.K) in bank.codes]
+    assert hits and all(lp.codes == bank.codes[(k, lp.kmeans.K)][2] for k, lp in hits)
+    assert not res.bias_guard["kept"] and res.bias_guard["tune_top1_corrected"] == 100.0
+    assert res.table6[res.saved]["plan"].endswith("learned residual codes") and res.saved == len(res.table6) - 2
+    for k, K in res.ks.items():  # the saved plan: the bank's codes, where the bank has them
+        lp = res.plan.layers[k]
+        assert lp.kmeans.K == K and (lp.codes == bank.codes[(k, K)][2] if (k, K) in bank.codes else lp.codes is None)
+    labels = [r["plan"] for r in res.table6]
+    assert any(x.endswith("nearest rounding") for x in labels) and labels[-1].endswith("+ bias correction")
+    assert all(r["kept"] in ("learned", "nearest") for r in res.codes_rows if "learned_in_bank" in r)

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import math
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 
@@ -23,6 +23,7 @@ from fixq.planning.partitions import input_point
 from fixq.planning.plan import QuantConfig, QuantPlan
 from .kmeans import KMeansError, check_K, cluster_kernels, layer_savings
 from .learned import learn_rounding
+from .learned_bank import KMeansCodeBank
 from .mixed import eligible_layers
 from .pipeline import Session
 from .search import PlanBench, base_config, resolve_target
@@ -83,6 +84,9 @@ class KMeansResult:
     trials: list             # beta search
     seconds: dict
     codes_rows: list | None = None   # learned rounding / bias correction of the final plan (``codes``)
+    saved: int = -1                  # index in table6 of the plan saved (``plan``)
+    codes_in_search: bool = False    # candidates and trials ran with learned residual codes (KMeansCodeBank)
+    bias_guard: dict | None = None   # bias correction of the searched plan: tuning errors and whether kept
 
 
 def kmeans_layers(graph: Graph, layers: str = "auto", exclude: str = "first") -> list[str]:
@@ -158,9 +162,12 @@ def only_layer_config(graph: Graph, config: QuantConfig, layer: str) -> QuantCon
 
 def search_kmeans(session: Session, config: QuantConfig, opts: KMeansOptions, codes=None) -> KMeansResult:
     """Cluster, choose K per layer (or take the given K), report Tables 4 and 6. ``codes`` (a
-    :class:`fixq.algorithms.learned.RoundingOptions`): the final plan's codes (K-means residuals
-    included) are then learned on the calibration images; Table 6 gets that row and the
-    result's plan is that one.
+    :class:`fixq.algorithms.learned.RoundingOptions`): with learned rounding, the residual codes of
+    every candidate (layer, K) are learned once before the search
+    (:class:`fixq.algorithms.learned_bank.KMeansCodeBank`) and every candidate and trial runs with
+    them; with bias correction, the searched plan's biases are then corrected and kept when that
+    does not raise the tuning error. Without learned rounding, the final plan's biases are
+    corrected. Table 6 gets those rows; ``saved`` says which plan the result holds.
 
     >>> res = search_kmeans(session, QuantConfig(), KMeansOptions(target_drop=2.0))   # doctest: +SKIP
     """
@@ -182,8 +189,20 @@ def search_kmeans(session: Session, config: QuantConfig, opts: KMeansOptions, co
             cache[(name, K)] = cluster_kernels(g.node(name).weight, K, opts.seed, opts.restarts, f"layer '{name}'")
         return cache[(name, K)]
 
-    def plan_for(ks: dict, residual_bits: int | None = None) -> QuantPlan:
+    def raw_plan(ks: dict, residual_bits: int | None = None) -> QuantPlan:  # nearest rounding
         return bench.plan(kmeans={n: clusters(n, K) for n, K in ks.items()}, kmeans_bits=opts.kbits(residual_bits))
+
+    bank, t_bank = None, time.time()
+    if codes is not None and codes.learned:
+        per = {n: [given[n]] if given is not None else candidate_Ks(N[n]) for n in names}
+        passes = [{n: Ks[j] for n, Ks in per.items() if len(Ks) > j} for j in range(max(map(len, per.values()), default=0))]
+        bank = KMeansCodeBank(g, [(raw_plan(ks), list(ks)) for ks in passes], bench.base_plan,
+                              session.calib_stream.tensor(), codes, session.device, session.show_progress)
+    t_bank = time.time() - t_bank
+
+    def plan_for(ks: dict, residual_bits: int | None = None) -> QuantPlan:  # with the bank's codes, if any
+        plan = raw_plan(ks, residual_bits)
+        return plan if bank is None else bank.apply(plan)
 
     def tune_noise(r) -> float:  # what measure_many keeps of a measurement on the tuning images
         return bench.logit_noise(r[2], "tune")
@@ -229,7 +248,7 @@ def search_kmeans(session: Session, config: QuantConfig, opts: KMeansOptions, co
     else:
         ks = given
     plan = plan_for(ks) if ks else bench.base_plan
-    t_search = time.time() - t0
+    t_search = time.time() - t0 - t_bank  # the bank's time is in codes_s
 
     # Table 4: the most expensive clustered (or eligible) layer; among equally expensive
     # ones, the one whose plain low-bit version adds the most output noise
@@ -259,8 +278,8 @@ def search_kmeans(session: Session, config: QuantConfig, opts: KMeansOptions, co
     else:
         plan4 = bench.plan
 
-        def kplan4(K, residual_bits=None):
-            return plan_for({layer: K}, residual_bits)
+        def kplan4(K, residual_bits=None):  # Table 4 is the paper's comparison: nearest rounding throughout
+            return raw_plan({layer: K}, residual_bits)
 
     def row(label, p, table4=True):
         e1, e5, logits = bench.measure(p, "test")
@@ -305,16 +324,37 @@ def search_kmeans(session: Session, config: QuantConfig, opts: KMeansOptions, co
 
     all_low = {n: torch.full(tuple(g.node(n).weight.shape[:2]), opts.residual_bits, dtype=torch.int64) for n in names}
     table6 = [row(f"2D-HQ <{opts.base_bits}b,8b>", bench.base_plan, False),
-              row(f"2D-HQ <{opts.residual_bits}b,8b> (clustered layers' set)", bench.plan(filter_bits=all_low), False),
-              row(f"K-means {opts.rlabel()} residuals ({len(ks)} layers)", plan, False)]
+              row(f"2D-HQ <{opts.residual_bits}b,8b> (clustered layers' set)", bench.plan(filter_bits=all_low), False)]
     if opts.residual_data_bits is not None and ks:
-        table6.insert(2, row(f"K-means <{opts.residual_bits}b,8b> residuals ({len(ks)} layers)",
-                             plan_for(ks, opts.residual_bits), False))
-    rows, t_codes = None, time.time()
-    if codes is not None:
-        plan, rows = learn_rounding(g, plan, session.calib_stream.tensor(), codes, session.device, session.show_progress)
-        table6.append(row(f"K-means {opts.rlabel()} residuals ({len(ks)} layers) + {codes.label()}", plan, False))
-    t_codes = time.time() - t_codes
+        table6.append(row(f"K-means <{opts.residual_bits}b,8b> residuals ({len(ks)} layers)",
+                          plan_for(ks, opts.residual_bits), False))
+    klabel = f"K-means {opts.rlabel()} residuals ({len(ks)} layers)"
+    rows, banked = (None, "") if bank is None else (bank.report(plan), ", nearest residual codes (learned not lower)")
+    if bank is not None and any(r["kept"] == "learned" for r in rows):
+        banked = ", learned residual codes"
+        table6.append(row(f"{klabel}, nearest rounding", raw_plan(ks), False))  # beside plain rounding: same K
+    if bank is not None and bank.note not in plan.notes:  # the plan says learned rounding was tried
+        plan = replace(plan, notes=tuple(plan.notes) + (bank.note + "; none of this plan's layers kept learned codes",))
+    table6.append(row(klabel + banked, plan, False))
+    saved, guard, t_codes = len(table6) - 1, None, time.time()
+    if codes is not None and (bank is None or codes.bias_correction):
+        # without the bank: the final plan's codes are learned (or only its biases corrected) after the
+        # search; with it: the searched plan's codes are kept and only its biases are corrected
+        cplan, crows = learn_rounding(g, plan, session.calib_stream.tensor(),
+                                      codes if bank is None else replace(codes, learned=False), session.device,
+                                      session.show_progress)
+        if bank is not None:
+            mine = {r["layer"]: r for r in rows}
+            crows = [dict(mine[b["layer"]], bias=b["bias"]) if b["layer"] in mine else b for b in crows]
+            e_bc, e_plan = bench.measure(cplan)[0], bench.measure(plan)[0]
+            guard = {"tune_top1_searched": e_plan, "tune_top1_corrected": e_bc, "kept": e_bc <= e_plan + 1e-9}
+        label = codes.label() if bank is None else replace(codes, learned=False).label()
+        table6.append(row(f"{klabel}{banked} + {label}", cplan, False))
+        rows = crows
+        if guard is None or guard["kept"]:
+            plan, saved = cplan, len(table6) - 1
+    t_codes = time.time() - t_codes + t_bank
     return KMeansResult(*bench.float_test, bench.float_tune, target, bench.n_tune, bench.n_test, plan, ks, table4,
                         table6, noise, trials, {"search_s": t_search, "codes_s": t_codes,
-                                                "total_s": time.time() - t0}, rows)
+                                                "total_s": time.time() - t0}, rows, saved,
+                        bank is not None and bool(bank.codes), guard)

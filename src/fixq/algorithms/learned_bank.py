@@ -17,6 +17,15 @@ tuner measures, and the saved plan holds, exactly the codes every backend runs.
 
 >>> bank = CodeBank(graph, low_plan, base_plan, calib_images, RoundingOptions(iters=300), ["conv2"])  # doctest: +SKIP
 >>> trial = bank.apply(bench.plan(filter_bits=bits))                                     # doctest: +SKIP
+
+:class:`KMeansCodeBank` does the same for ``fixq kmeans``: the residual codes of every candidate
+``(layer, K)`` are learned once, before the search, each layer clustered at that K alone (its
+input from the all-base-bits plan); a trial whose layer has exactly that clustering and those
+residual formats takes them.
+
+>>> kbank = KMeansCodeBank(graph, [(plan_k1, ["conv2"]), (plan_k2, ["conv2"])], base_plan, calib_images,
+...                        RoundingOptions(iters=300))                                     # doctest: +SKIP
+>>> trial = kbank.apply(bench.plan(kmeans={"conv2": clusters_k2}))                         # doctest: +SKIP
 """
 from __future__ import annotations
 
@@ -29,7 +38,7 @@ from fixq.planning.coeffs import coeff_grid, layer_codes, pack_bits, weights_dig
 from fixq.planning.plan import Formats, LayerCodes, QuantPlan
 from .learned import RoundingOptions, learn_rounding, up_bits
 
-__all__ = ["CodeBank"]
+__all__ = ["CodeBank", "KMeansCodeBank"]
 
 
 def _grid(g) -> tuple[torch.Tensor, torch.Tensor]:
@@ -92,4 +101,61 @@ class CodeBank:
                 (layer_codes(n, lp, plan.rounding) != layer_codes(n, replace(lp, codes=None), plan.rounding)).sum())
             out.append(dict(r, changed_codes=changed, kept="learned" if changed else "nearest",
                             learned_in_bank=r["kept"] == "learned"))
+        return out
+
+
+class KMeansCodeBank:
+    """Learned residual codes of K-means candidates (module docstring). ``plans``: pairs
+    ``(plan, layers)``, each plan clustering its ``layers`` (one K each); every pair is one
+    learning pass with ``context`` (the all-base-bits plan) feeding every layer. ``codes``:
+    ``(layer, K) -> (KMeansPlan, residual Formats, LayerCodes)`` where learned rounding was kept;
+    ``rows``: ``(layer, K) -> learn_rounding's row``."""
+
+    def __init__(self, graph: Graph, plans, context: QuantPlan, images: torch.Tensor, opts: RoundingOptions,
+                 device="cpu", show_progress: bool = True) -> None:
+        self.graph = graph
+        self.codes: dict = {}
+        self.rows: dict = {}
+        o = replace(opts, learned=True, bias_correction=False)
+        for plan, layers in plans:
+            learned, rows = learn_rounding(graph, plan, images, o, device, show_progress, context=context,
+                                           only=set(layers))
+            for r in rows:
+                lp = learned.layers[r["layer"]]
+                key = (r["layer"], lp.kmeans.K)
+                self.rows[key] = r
+                if lp.codes is not None and lp.codes.up is not None:
+                    self.codes[key] = (lp.kmeans, lp.weight, lp.codes)
+        self.note = (f"K-means residual codes: {o.label()}, decided before the search on {images.shape[0]} "
+                     "calibration images for each candidate (layer, K), the layer clustered alone and its input "
+                     "from the all-base-bits plan")
+
+    def apply(self, plan: QuantPlan) -> QuantPlan:
+        """``plan`` with the bank's residual codes on every K-means layer whose clustering and
+        residual formats are the bank's for that K (and that has no codes of its own)."""
+        layers, changed = dict(plan.layers), False
+        for name, lp in plan.layers.items():
+            if lp.kmeans is None or lp.codes is not None:
+                continue
+            hit = self.codes.get((name, lp.kmeans.K))
+            if hit is None or hit[0] != lp.kmeans or hit[1] != lp.weight:
+                continue
+            layers[name] = replace(lp, codes=hit[2])
+            changed = True
+        if not changed:
+            return plan
+        return replace(plan, layers=layers, notes=tuple(plan.notes) + (self.note,))
+
+    def report(self, plan: QuantPlan) -> list[dict]:
+        """The learning rows of ``plan``'s K-means layers at their K, ``kept`` "learned" only
+        where ``plan`` holds the bank's codes of that layer."""
+        out = []
+        for name, lp in plan.layers.items():
+            if lp.kmeans is None or (name, lp.kmeans.K) not in self.rows:
+                continue
+            r = self.rows[(name, lp.kmeans.K)]
+            hit = self.codes.get((name, lp.kmeans.K))
+            mine = hit is not None and lp.codes is not None and lp.codes.up == hit[2].up
+            out.append(dict(r, K=lp.kmeans.K, kept="learned" if mine else "nearest",
+                            changed_codes=r["changed_codes"] if mine else 0, learned_in_bank=hit is not None))
         return out

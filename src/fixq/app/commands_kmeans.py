@@ -63,7 +63,7 @@ def cmd_kmeans(args) -> int:
     layers = {n: {"k": K, "N": N[n], "layer_savings_pct": 100.0 * layer_savings(N[n], K, args.base_bits, args.residual_bits,
                                                                  residual_data_bits=args.residual_data_bits)}
               for n, K in res.ks.items()}
-    final = res.table6[-1]
+    final = res.table6[res.saved]
     report = {**common_report(session, args),
               "float": {"top1_error": res.float_top1_test, "top5_error": res.float_top5_test,
                         "top1_error_tune": res.float_top1_tune},
@@ -80,7 +80,9 @@ def cmd_kmeans(args) -> int:
               "n_tune": res.n_tune, "n_test": res.n_test, "timings": {**session.timings, **res.seconds},
               "options": {k: v for k, v in vars(args).items() if k != "func"}}
     if codes is not None:
-        report["coefficient_codes"] = {"method": codes.label(), "layers": res.codes_rows}
+        report["coefficient_codes"] = {"method": codes.label(), "layers": res.codes_rows,
+                                       "in_search": res.codes_in_search, "bias_guard": res.bias_guard,
+                                       "saved": final["plan"]}
     write_json(out / "report.json", report)
     write_json(out / "images.json", {"calib_files": session.images["calib_files"],
                                      "eval_files": session.images["eval_files"]})
@@ -107,8 +109,22 @@ def cmd_kmeans(args) -> int:
           f"over <{args.base_bits}b,8b> that K-means removes):\n\n{sweep_table(res)}\n\n"
           f"### Table 6 shape: network\n\n{t6}\n\n"
           f"K per layer: {ks}.\n\nWall time: search {res.seconds['search_s']:.1f} s, total {res.seconds['total_s']:.1f} s.\n")
+    how = None
+    if res.codes_in_search:
+        md += ("\nThe K candidates and the trials ran with learned residual codes, decided once before the search "
+               "for each candidate (layer, K) with that layer alone clustered and its input from the "
+               f"all-{args.base_bits}-bit plan (a candidate keeps nearest rounding where learned rounding did not lower "
+               "its output error); Table 4 and the \"nearest rounding\" row use nearest rounding. The saved plan is "
+               f"\"{final['plan']}\".\n")
+        how = ("errors of the learning pass before the search (the layer alone clustered at its K, input from the "
+               "all-base-bits plan); \"codes changed\" counts the saved plan's codes that differ from nearest rounding")
+    if res.bias_guard is not None:
+        bg = res.bias_guard
+        md += (f"\nBias correction of the searched plan: tuning top-1 {bg['tune_top1_corrected']:.2f}% vs "
+               f"{bg['tune_top1_searched']:.2f}% without it, so it was "
+               + ("kept.\n" if bg["kept"] else "not kept (it raised the tuning error; kept only when it does not).\n"))
     if codes is not None:
-        md += "\n" + codes_markdown(codes, res.codes_rows)
+        md += "\n" + codes_markdown(codes, res.codes_rows, how)
     (out / "report.md").write_text(md)
     if args.json:
         print(json.dumps({k: v for k, v in report.items() if k != "k_search"}, default=str))
