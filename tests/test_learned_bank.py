@@ -187,7 +187,7 @@ def test_kmeans_bank_codes_are_each_candidate_learned_alone_on_base_inputs():
                           show_progress=False)
     assert sorted(bank.rows) == [("c1", 1), ("c2", 1), ("c2", 2)]
     assert ("c2", 1) in bank.codes and ("c2", 2) in bank.codes  # learned codes to compare below
-    n = g.node("c2")
+
     for K in (1, 2):  # c2 learned in a plan where c1 is not clustered: the bank's input is the base plan's
         alone, _ = learn_rounding(g, plan({"c2": K}), x, OPTS, show_progress=False, only={"c2"})
         lp = alone.layers["c2"]
