@@ -164,6 +164,8 @@ def test_search_mixed_measures_and_saves_the_bank_codes(digits_dir, monkeypatch)
     assert res.learned.label == "Tuned + bias correction"
     assert res.bias_guard["tune_top1_corrected"] == 100.0 and not res.bias_guard["kept"] and res.saved is res.tuned
     assert all("learned_in_bank" in r for r in res.codes_rows if r["layer"] in bank.codes)
+    biases = [r["bias"] for r in res.codes_rows]  # the saved plan's biases are the model's: the rows say so
+    assert "corrected" not in biases and "corrected, not kept (guard)" in biases
 
 
 def _kmeans_setup():
@@ -264,3 +266,5 @@ def test_search_kmeans_measures_and_saves_the_bank_codes(digits_dir, monkeypatch
     labels = [r["plan"] for r in res.table6]
     assert any(x.endswith("nearest rounding") for x in labels) and labels[-1].endswith("+ bias correction")
     assert all(r["kept"] in ("learned", "nearest") for r in res.codes_rows if "learned_in_bank" in r)
+    biases = [r["bias"] for r in res.codes_rows]  # the saved plan's biases are the model's: the rows say so
+    assert "corrected" not in biases and "corrected, not kept (guard)" in biases

@@ -353,6 +353,8 @@ def search_kmeans(session: Session, config: QuantConfig, opts: KMeansOptions, co
         rows = crows
         if guard is None or guard["kept"]:
             plan, saved = cplan, len(table6) - 1
+        else:  # the rows describe the saved plan: its biases are the model's
+            rows = [dict(r, bias=f"{r['bias']}, not kept (guard)") if r.get("bias") == "corrected" else r for r in rows]
     t_codes = time.time() - t_codes + t_bank
     return KMeansResult(*bench.float_test, bench.float_tune, target, bench.n_tune, bench.n_test, plan, ks, table4,
                         table6, noise, trials, {"search_s": t_search, "codes_s": t_codes,

@@ -208,6 +208,8 @@ def search_mixed(session: Session, config: QuantConfig, opts: MixedOptions, code
         e_bc = bench.measure(plan)[0]
         bias_guard = {"tune_top1_tuned": best.top1_error, "tune_top1_corrected": e_bc,
                       "kept": e_bc <= best.top1_error + 1e-9}
+        if not bias_guard["kept"]:  # the rows describe the saved plan: its biases are the model's
+            rows = [dict(r, bias=f"{r['bias']}, not kept (guard)") if r.get("bias") == "corrected" else r for r in rows]
     t_codes = time.time() - t_codes + t_bank
     return MixedResult(bench.float_tune, *bench.float_test, target, bench.n_tune, bench.n_test, cons, tuned, aggr, strategy,
                        tuning, sensitivity, thresholds,
