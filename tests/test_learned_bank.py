@@ -4,6 +4,7 @@ low filters get exactly those codes, its base-bit filters nearest rounding, and 
 runs bit-exact in simulation and engine."""
 from dataclasses import replace
 
+import pytest
 import torch
 import torch.nn as nn
 
@@ -174,8 +175,8 @@ def _kmeans_setup():
     obs = observe(g, [(x, None)], show_progress=False)
     cfg = QuantConfig(LayerConfig(coeff_bits=8, coeff_mode="2D"))
 
-    def plan(ks, bits=(8, 4)):
-        return plan_from(obs, cfg, kmeans={k: cluster_kernels(g.node(k).weight, K, 0, 2) for k, K in ks.items()},
+    def plan(ks, bits=(8, 4), seed=0):
+        return plan_from(obs, cfg, kmeans={k: cluster_kernels(g.node(k).weight, K, seed, 2) for k, K in ks.items()},
                          kmeans_bits=bits)
     return g, x, plan
 
@@ -218,6 +219,10 @@ def test_kmeans_trial_takes_bank_codes_only_for_its_clustering_and_runs_bit_exac
     # another K, or other residual bits on the same K: another grid, so nearest rounding
     assert bank.apply(plan({"c2": 3})).layers["c2"].codes is None
     assert bank.apply(plan({"c2": 2}, (8, 3))).layers["c2"].codes is None
+    # the same K and residual formats with the kernels assigned to the other basis: another offset, another grid
+    km = trial.layers["c2"].kmeans
+    flipped = replace(trial.layers["c2"], kmeans=replace(km, assign=tuple(1 - a for a in km.assign)))
+    assert bank.apply(replace(trial, layers={**trial.layers, "c2": flipped})).layers["c2"].codes is None
     xt = torch.randn(5, 3, 8, 8)
     eng = Engine(g, got)
     assert torch.equal(eng.dequantize(eng.run(eng.quantize_input(xt))), Simulator(g, got, exact=True)(xt))
@@ -268,3 +273,45 @@ def test_search_kmeans_measures_and_saves_the_bank_codes(digits_dir, monkeypatch
     assert all(r["kept"] in ("learned", "nearest") for r in res.codes_rows if "learned_in_bank" in r)
     biases = [r["bias"] for r in res.codes_rows]  # the saved plan's biases are the model's: the rows say so
     assert "corrected" not in biases and "corrected, not kept (guard)" in biases
+
+
+def test_rounding_options_refuse_the_4b4b_residual_branch(digits_dir):
+    """<4b,4b> residuals read their own requantized input, which learned rounding and bias
+    correction do not model: refused (by the search before any work, and by learn_rounding)."""
+    from fixq.algorithms.kmeans import KMeansError
+    from fixq.algorithms.kmeans_search import KMeansOptions, search_kmeans
+    from fixq.planning.plan import PlanError
+    g, x, plan = _kmeans_setup()
+    with pytest.raises(PlanError, match="residual-data-bits"):
+        learn_rounding(g, plan({"c2": 2}, (8, 4, 4)), x, OPTS, show_progress=False)
+    with pytest.raises(KMeansError, match="residual-data-bits"):
+        search_kmeans(None, QuantConfig(), KMeansOptions(residual_data_bits=4), RoundingOptions(learned=False))
+
+
+@pytest.mark.parametrize("flag", ["--learned-rounding", "--bias-correction"])
+def test_cli_kmeans_saves_and_reports_the_plan_the_guard_kept(capsys, tmp_path, digits_dir, monkeypatch, flag):
+    """A bias correction that raises the tuning error is refused, with or without learned
+    rounding: plan.json has the model's biases and the report's headline is that plan's row."""
+    import json
+    from fixq.algorithms.search import PlanBench
+    from fixq.app.cli import main
+    from fixq.planning.plan_io import load_plan
+    orig = PlanBench.measure
+
+    def worse(self, p, *a):
+        e1, e5, lg = orig(self, p, *a)
+        return (100.0, 100.0, lg) if any("bias correction on" in x for x in p.notes) else (e1, e5, lg)
+    monkeypatch.setattr(PlanBench, "measure", worse)
+    out = tmp_path / "k"
+    argv = ["kmeans", "--model", "lenet-digits", "--calib", str(digits_dir), "--calib-size", "64", "--eval",
+            str(digits_dir), "--eval-size", "200", "--out", str(out), "--quiet", "--k", "conv2=3", flag,
+            "--rounding-iters", "20"]
+    assert main(argv) == 0, capsys.readouterr().err
+    rep = json.loads((out / "report.json").read_text())
+    cc, t6 = rep["coefficient_codes"], rep["table6"]
+    assert not cc["bias_guard"]["kept"] and t6[-1]["plan"].endswith("+ bias correction")
+    assert cc["saved"] == t6[-2]["plan"] and rep["quant"]["top1_error"] == t6[-2]["top1_error"]
+    assert rep["complexity"]["savings_pct"] == t6[-2]["network_savings_pct"]
+    plan = load_plan(out / "plan.json")
+    assert all(lp.codes is None or lp.codes.bias is None for lp in plan.layers.values())
+    assert "not kept" in (out / "report.md").read_text()

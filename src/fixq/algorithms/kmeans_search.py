@@ -165,13 +165,18 @@ def search_kmeans(session: Session, config: QuantConfig, opts: KMeansOptions, co
     :class:`fixq.algorithms.learned.RoundingOptions`): with learned rounding, the residual codes of
     every candidate (layer, K) are learned once before the search
     (:class:`fixq.algorithms.learned_bank.KMeansCodeBank`) and every candidate and trial runs with
-    them; with bias correction, the searched plan's biases are then corrected and kept when that
-    does not raise the tuning error. Without learned rounding, the final plan's biases are
-    corrected. Table 6 gets those rows; ``saved`` says which plan the result holds.
+    them; with bias correction (with or without learned rounding), the searched plan's biases are
+    then corrected and that is kept only when it does not raise the tuning error. Table 6 gets
+    those rows; ``saved`` says which plan the result holds. Neither goes with
+    ``residual_data_bits`` (refused).
 
     >>> res = search_kmeans(session, QuantConfig(), KMeansOptions(target_drop=2.0))   # doctest: +SKIP
     """
     t0 = time.time()
+    if codes is not None and opts.residual_data_bits is not None:  # refused before any work
+        raise KMeansError("--learned-rounding / --bias-correction with --residual-data-bits: the learned codes and "
+                          "corrected biases would be scored on the layer input, not on the <4b,4b> residual branch's "
+                          "own requantized input; drop one of them")
     g = session.graph
     names = kmeans_layers(g, opts.layers, opts.exclude)
     given = parse_k(opts.k, names, g)
@@ -329,7 +334,8 @@ def search_kmeans(session: Session, config: QuantConfig, opts: KMeansOptions, co
         table6.append(row(f"K-means <{opts.residual_bits}b,8b> residuals ({len(ks)} layers)",
                           plan_for(ks, opts.residual_bits), False))
     klabel = f"K-means {opts.rlabel()} residuals ({len(ks)} layers)"
-    rows, banked = (None, "") if bank is None else (bank.report(plan), ", nearest residual codes (learned not lower)")
+    rows = None if bank is None else bank.report(plan)
+    banked = "" if bank is None or not ks else ", nearest residual codes (learned not lower)"
     if bank is not None and any(r["kept"] == "learned" for r in rows):
         banked = ", learned residual codes"
         table6.append(row(f"{klabel}, nearest rounding", raw_plan(ks), False))  # beside plain rounding: same K
@@ -337,21 +343,17 @@ def search_kmeans(session: Session, config: QuantConfig, opts: KMeansOptions, co
         plan = replace(plan, notes=tuple(plan.notes) + (bank.note + "; none of this plan's layers kept learned codes",))
     table6.append(row(klabel + banked, plan, False))
     saved, guard, t_codes = len(table6) - 1, None, time.time()
-    if codes is not None and (bank is None or codes.bias_correction):
-        # without the bank: the final plan's codes are learned (or only its biases corrected) after the
-        # search; with it: the searched plan's codes are kept and only its biases are corrected
-        cplan, crows = learn_rounding(g, plan, session.calib_stream.tensor(),
-                                      codes if bank is None else replace(codes, learned=False), session.device,
-                                      session.show_progress)
-        if bank is not None:
-            mine = {r["layer"]: r for r in rows}
-            crows = [dict(mine[b["layer"]], bias=b["bias"]) if b["layer"] in mine else b for b in crows]
-            e_bc, e_plan = bench.measure(cplan)[0], bench.measure(plan)[0]
-            guard = {"tune_top1_searched": e_plan, "tune_top1_corrected": e_bc, "kept": e_bc <= e_plan + 1e-9}
-        label = codes.label() if bank is None else replace(codes, learned=False).label()
-        table6.append(row(f"{klabel}{banked} + {label}", cplan, False))
-        rows = crows
-        if guard is None or guard["kept"]:
+    if codes is not None and codes.bias_correction:
+        # the searched plan's codes are kept (learned ones come from the bank): only its biases are corrected,
+        # and that is kept only when it does not raise the tuning error (as in fixq mixed)
+        bc = replace(codes, learned=False)
+        cplan, crows = learn_rounding(g, plan, session.calib_stream.tensor(), bc, session.device, session.show_progress)
+        mine = {r["layer"]: r for r in rows or ()}
+        rows = [dict(mine[b["layer"]], bias=b["bias"]) if b["layer"] in mine else b for b in crows]
+        e_bc, e_plan = bench.measure(cplan)[0], bench.measure(plan)[0]
+        guard = {"tune_top1_searched": e_plan, "tune_top1_corrected": e_bc, "kept": e_bc <= e_plan + 1e-9}
+        table6.append(row(f"{klabel}{banked} + {bc.label()}", cplan, False))
+        if guard["kept"]:
             plan, saved = cplan, len(table6) - 1
         else:  # the rows describe the saved plan: its biases are the model's
             rows = [dict(r, bias=f"{r['bias']}, not kept (guard)") if r.get("bias") == "corrected" else r for r in rows]

@@ -266,6 +266,10 @@ def learn_rounding(graph: Graph, plan: QuantPlan, images: torch.Tensor, opts: Ro
     layers to decide (default: every conv/linear layer with power-of-two coefficients)."""
     if plan.is_affine:
         raise PlanError("learned rounding and bias correction need power-of-two formats (not affine)")
+    split = sorted(k for k, lp in plan.layers.items() if lp.kmeans is not None and lp.kmeans.data is not None)
+    if split:  # their residual branch reads its own requantized input, which the layer statistics do not model
+        raise PlanError(f"learned rounding and bias correction do not model the <4b,4b> residual branch's own data "
+                        f"format (layer {split[0]!r}): drop --residual-data-bits or the rounding options")
     if images.shape[0] == 0:
         raise PlanError("learned rounding needs calibration images; none were given")
     if context is not None and context.tensors != plan.tensors:
