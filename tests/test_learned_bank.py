@@ -119,30 +119,41 @@ def test_bank_on_grouped_and_depthwise_layers_is_bit_exact():
     assert torch.equal(eng.dequantize(eng.run(eng.quantize_input(xt))), Simulator(g, got, exact=True)(xt))
 
 
+def _spy_search(monkeypatch, digits_dir, module, bank_name, keep=lambda p, part: True):
+    """``(session, banks, measured)`` for a search on the digits: ``banks`` gets the bank the search
+    builds (``module.<bank_name>``), ``measured`` the plans it measures (of those measured one at a
+    time, the ones ``keep(plan, part)`` accepts; every plan of measure_each); a bias-corrected plan
+    is made to look worse, so the guard must refuse it."""
+    from fixq.algorithms.pipeline import open_session
+    from fixq.algorithms.search import PlanBench
+    s = open_session("lenet-digits", str(digits_dir), str(digits_dir), calib_size=48, eval_size=120, batch_size=32,
+                     workers=0, show_progress=False)
+    banks, measured, each = [], [], PlanBench.measure_each
+    orig_bank, orig_measure = getattr(module, bank_name), PlanBench.measure
+
+    def spy_bank(*a, **k):
+        banks.append(orig_bank(*a, **k))
+        return banks[-1]
+    monkeypatch.setattr(module, bank_name, spy_bank)
+
+    def spy_measure(self, p, part="tune", *a):
+        if keep(p, part):
+            measured.append(p)
+        e1, e5, lg = orig_measure(self, p, part, *a)
+        return (100.0, 100.0, lg) if any("bias correction on" in x for x in p.notes) else (e1, e5, lg)
+    monkeypatch.setattr(PlanBench, "measure", spy_measure)
+    monkeypatch.setattr(PlanBench, "measure_each", lambda self, plans, *a, **k: (measured.extend(plans.values()),
+                                                                                 each(self, plans, *a, **k))[1])
+    return s, banks, measured
+
+
 def test_search_mixed_measures_and_saves_the_bank_codes(digits_dir, monkeypatch):
     """search_mixed with learned rounding: every sensitivity and trial plan carries the bank's
     codes, the tuned plan is exactly bank.apply of its bits, and the final bias correction keeps
     those codes (only the biases change)."""
     from fixq.algorithms import mixed_search
     from fixq.algorithms.mixed_search import MixedOptions, search_mixed
-    from fixq.algorithms.pipeline import open_session
-    from fixq.algorithms.search import PlanBench
-    s = open_session("lenet-digits", str(digits_dir), str(digits_dir), calib_size=48, eval_size=120, batch_size=32,
-                     workers=0, show_progress=False)
-    banks, measured, each = [], [], PlanBench.measure_each
-    orig_bank, orig_measure = mixed_search.CodeBank, PlanBench.measure
-
-    def spy_bank(*a, **k):
-        banks.append(orig_bank(*a, **k))
-        return banks[-1]
-    monkeypatch.setattr(mixed_search, "CodeBank", spy_bank)
-    def spy_measure(self, p, *a):  # the bias-corrected plan is made to look worse: the guard must refuse it
-        measured.append(p)
-        e1, e5, lg = orig_measure(self, p, *a)
-        return (100.0, 100.0, lg) if any("bias correction on" in x for x in p.notes) else (e1, e5, lg)
-    monkeypatch.setattr(PlanBench, "measure", spy_measure)
-    monkeypatch.setattr(PlanBench, "measure_each", lambda self, plans, *a, **k: (measured.extend(plans.values()),
-                                                                                 each(self, plans, *a, **k))[1])
+    s, banks, measured = _spy_search(monkeypatch, digits_dir, mixed_search, "CodeBank")
     res = search_mixed(s, QuantConfig(), MixedOptions(low_bits=2, exclude="none", trials=3, target_drop=30.0,
                                                       sensitivity_size=40),
                        RoundingOptions(iters=30, samples=2048, batch=256))
@@ -234,26 +245,10 @@ def test_search_kmeans_measures_and_saves_the_bank_codes(digits_dir, monkeypatch
     tuning images is refused (the searched plan is saved)."""
     from fixq.algorithms import kmeans_search
     from fixq.algorithms.kmeans_search import KMeansOptions, search_kmeans
-    from fixq.algorithms.pipeline import open_session
-    from fixq.algorithms.search import PlanBench
-    s = open_session("lenet-digits", str(digits_dir), str(digits_dir), calib_size=48, eval_size=120, batch_size=32,
-                     workers=0, show_progress=False)
-    banks, measured, each = [], [], PlanBench.measure_each
-    orig_bank, orig_measure = kmeans_search.KMeansCodeBank, PlanBench.measure
-
-    def spy_bank(*a, **k):
-        banks.append(orig_bank(*a, **k))
-        return banks[-1]
-    monkeypatch.setattr(kmeans_search, "KMeansCodeBank", spy_bank)
-
-    def spy_measure(self, p, part="tune", *a):  # the search's measurements are on the tuning images
-        if part == "tune" and not any("bias correction on" in x for x in p.notes):
-            measured.append(p)
-        e1, e5, lg = orig_measure(self, p, part, *a)
-        return (100.0, 100.0, lg) if any("bias correction on" in x for x in p.notes) else (e1, e5, lg)
-    monkeypatch.setattr(PlanBench, "measure", spy_measure)
-    monkeypatch.setattr(PlanBench, "measure_each", lambda self, plans, *a, **k: (measured.extend(plans.values()),
-                                                                                 each(self, plans, *a, **k))[1])
+    # the search's own measurements, one at a time: on the tuning images, bias-corrected plans left out
+    s, banks, measured = _spy_search(monkeypatch, digits_dir, kmeans_search, "KMeansCodeBank",
+                                     lambda p, part: part == "tune" and not any("bias correction on" in x
+                                                                                for x in p.notes))
     res = search_kmeans(s, QuantConfig(), KMeansOptions(target_drop=30.0, sensitivity_size=40, restarts=1),
                         RoundingOptions(iters=60, samples=2048, batch=256))
     bank = banks[0]

@@ -22,8 +22,7 @@ from fixq.graph.ir import Conv, Graph
 from fixq.planning.partitions import input_point
 from fixq.planning.plan import QuantConfig, QuantPlan
 from .kmeans import KMeansError, check_K, cluster_kernels, layer_savings
-from .learned import learn_rounding
-from .learned_bank import KMeansCodeBank
+from .learned_bank import KMeansCodeBank, guarded_bias_correction
 from .mixed import eligible_layers
 from .pipeline import Session
 from .search import PlanBench, base_config, resolve_target
@@ -346,17 +345,14 @@ def search_kmeans(session: Session, config: QuantConfig, opts: KMeansOptions, co
     if codes is not None and codes.bias_correction:
         # the searched plan's codes are kept (learned ones come from the bank): only its biases are corrected,
         # and that is kept only when it does not raise the tuning error (as in fixq mixed)
-        bc = replace(codes, learned=False)
-        cplan, crows = learn_rounding(g, plan, session.calib_stream.tensor(), bc, session.device, session.show_progress)
-        mine = {r["layer"]: r for r in rows or ()}
-        rows = [dict(mine[b["layer"]], bias=b["bias"]) if b["layer"] in mine else b for b in crows]
-        e_bc, e_plan = bench.measure(cplan)[0], bench.measure(plan)[0]
-        guard = {"tune_top1_searched": e_plan, "tune_top1_corrected": e_bc, "kept": e_bc <= e_plan + 1e-9}
-        table6.append(row(f"{klabel}{banked} + {bc.label()}", cplan, False))
-        if guard["kept"]:
+        e_plan = bench.measure(plan)[0]
+        cplan, rows, e_bc, kept = guarded_bias_correction(g, plan, session.calib_stream.tensor(), codes, session.device,
+                                                          session.show_progress, rows, lambda p: bench.measure(p)[0],
+                                                          e_plan)
+        guard = {"tune_top1_searched": e_plan, "tune_top1_corrected": e_bc, "kept": kept}
+        table6.append(row(f"{klabel}{banked} + {replace(codes, learned=False).label()}", cplan, False))
+        if kept:
             plan, saved = cplan, len(table6) - 1
-        else:  # the rows describe the saved plan: its biases are the model's
-            rows = [dict(r, bias=f"{r['bias']}, not kept (guard)") if r.get("bias") == "corrected" else r for r in rows]
     t_codes = time.time() - t_codes + t_bank
     return KMeansResult(*bench.float_test, bench.float_tune, target, bench.n_tune, bench.n_test, plan, ks, table4,
                         table6, noise, trials, {"search_s": t_search, "codes_s": t_codes,

@@ -38,7 +38,7 @@ from fixq.planning.coeffs import coeff_grid, layer_codes, pack_bits, weights_dig
 from fixq.planning.plan import Formats, LayerCodes, QuantPlan
 from .learned import RoundingOptions, learn_rounding, up_bits
 
-__all__ = ["CodeBank", "KMeansCodeBank"]
+__all__ = ["CodeBank", "KMeansCodeBank", "guarded_bias_correction"]
 
 
 def _grid(g) -> tuple[torch.Tensor, torch.Tensor]:
@@ -159,3 +159,23 @@ class KMeansCodeBank:
             out.append(dict(r, K=lp.kmeans.K, kept="learned" if mine else "nearest",
                             changed_codes=r["changed_codes"] if mine else 0, learned_in_bank=hit is not None))
         return out
+
+
+def guarded_bias_correction(graph: Graph, plan: QuantPlan, images: torch.Tensor, opts: RoundingOptions, device,
+                            show_progress: bool, rows, measure, error: float):
+    """Bias correction of a searched plan, its codes kept (``fixq mixed`` and ``fixq kmeans``):
+    ``(corrected plan, rows, corrected tuning error, kept)``. ``rows``: the plan's codes rows
+    (or None), given the correction's bias column; ``measure(plan)``: its tuning top-1 error;
+    kept only when it is <= ``error`` (the plan's), else the rows say the biases were not kept.
+
+    >>> cplan, rows, e_bc, kept = guarded_bias_correction(g, plan, calib, opts, "cpu", False, rows,
+    ...                                                   lambda p: bench.measure(p)[0], e_plan)  # doctest: +SKIP
+    """
+    cplan, crows = learn_rounding(graph, plan, images, replace(opts, learned=False), device, show_progress)
+    mine = {r["layer"]: r for r in rows or ()}
+    rows = [dict(mine[b["layer"]], bias=b["bias"]) if b["layer"] in mine else b for b in crows]
+    e_bc = measure(cplan)
+    kept = e_bc <= error + 1e-9
+    if not kept:  # the rows describe the saved plan: its biases are the model's
+        rows = [dict(r, bias=f"{r['bias']}, not kept (guard)") if r.get("bias") == "corrected" else r for r in rows]
+    return cplan, rows, e_bc, kept

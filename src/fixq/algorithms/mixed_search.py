@@ -8,14 +8,13 @@ savings are relative to 2D-HQ with every filter at the base bits.
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 
 import torch
 
 from fixq.graph.ir import Linear
 from fixq.planning.plan import QuantConfig, QuantPlan
-from .learned import learn_rounding
-from .learned_bank import CodeBank
+from .learned_bank import CodeBank, guarded_bias_correction
 from .mixed import (MixedError, Trial, TuneResult, eligible_layers, filter_bits, filter_energies, layer_thresholds,
                     tune_threshold)
 from .pipeline import Session
@@ -199,17 +198,11 @@ def search_mixed(session: Session, config: QuantConfig, opts: MixedOptions, code
     learned, bias_guard, t_codes = None, None, time.time()
     rows = None if bank is None else bank.report(tuned.plan)  # what the saved plan holds, per layer
     if codes is not None and codes.bias_correction:  # the tuned plan's codes kept: only the biases change
-        plan, bc_rows = learn_rounding(g, tuned.plan, cal.tensor(), replace(codes, learned=False), session.device,
-                                       session.show_progress)
-        mine = {r["layer"]: r for r in rows or ()}
-        rows = [dict(mine[b["layer"]], bias=b["bias"]) if b["layer"] in mine else b for b in bc_rows]
+        plan, rows, e_bc, kept = guarded_bias_correction(g, tuned.plan, cal.tensor(), codes, session.device,
+                                                         session.show_progress, rows, lambda p: bench.measure(p)[0],
+                                                         best.top1_error)
         learned = score("Tuned + bias correction", tuned_bits, plan)
-        # a guard, as for learned rounding: kept only when it does not raise the tuning error
-        e_bc = bench.measure(plan)[0]
-        bias_guard = {"tune_top1_tuned": best.top1_error, "tune_top1_corrected": e_bc,
-                      "kept": e_bc <= best.top1_error + 1e-9}
-        if not bias_guard["kept"]:  # the rows describe the saved plan: its biases are the model's
-            rows = [dict(r, bias=f"{r['bias']}, not kept (guard)") if r.get("bias") == "corrected" else r for r in rows]
+        bias_guard = {"tune_top1_tuned": best.top1_error, "tune_top1_corrected": e_bc, "kept": kept}
     t_codes = time.time() - t_codes + t_bank
     return MixedResult(bench.float_tune, *bench.float_test, target, bench.n_tune, bench.n_test, cons, tuned, aggr, strategy,
                        tuning, sensitivity, thresholds,
