@@ -1,5 +1,6 @@
 """Learned low-bit codes reused by the mixed-precision trials (CodeBank, issue #18): a layer's bank
-codes are what learned rounding decides for it alone with the rest at the base bits; a trial's
+codes are what learned rounding decides for it with the earlier layers low and decided
+(``bank_inputs="sequential"``) or alone with the rest at the base bits (``"base"``); a trial's
 low filters get exactly those codes, its base-bit filters nearest rounding, and the trial plan
 runs bit-exact in simulation and engine."""
 from dataclasses import replace
@@ -46,18 +47,21 @@ def _setup():
     return g, x, plan
 
 
-def test_bank_codes_are_each_layer_learned_alone_on_base_inputs():
+@pytest.mark.parametrize("inputs", ["base", "sequential"])
+def test_bank_codes_are_each_layer_learned_on_its_inputs(inputs):
     g, x, plan = _setup()
-    base = plan({})
-    bank = CodeBank(g, plan({"c1": 4, "c2": 4}), base, x, OPTS, ["c1", "c2"], show_progress=False)
+    base, opts = plan({}), replace(OPTS, bank_inputs=inputs)
+    bank = CodeBank(g, plan({"c1": 4, "c2": 4}), base, x, opts, ["c1", "c2"], show_progress=False)
     assert [r["layer"] for r in bank.rows] == ["c1", "c2"] and "c2" in bank.codes  # fc is not a bank layer
-    # c2 learned in a plan where c1 stays at 8 bits: its input is the base plan's, as in the bank
+    # c2 learned in a plan where c1 stays at 8 bits: its input is the base plan's ("base")
     alone, _ = learn_rounding(g, plan({"c2": 4}), x, OPTS, show_progress=False, only={"c2"})
-    n = g.node("c2")
-    assert torch.equal(bank.codes["c2"][2], layer_codes(n, alone.layers["c2"], alone.rounding))
-    # while learning both layers in one plan feeds c2 from the 4-bit c1: other codes
+    # learning both layers in one plan feeds c2 from the 4-bit c1 with its learned codes ("sequential")
     both, _ = learn_rounding(g, plan({"c1": 4, "c2": 4}), x, OPTS, show_progress=False)
-    assert not torch.equal(bank.codes["c2"][2], layer_codes(n, both.layers["c2"], both.rounding))
+    n = g.node("c2")
+    mine, other = (alone, both) if inputs == "base" else (both, alone)
+    assert torch.equal(bank.codes["c2"][2], layer_codes(n, mine.layers["c2"], mine.rounding))
+    assert not torch.equal(bank.codes["c2"][2], layer_codes(n, other.layers["c2"], other.rounding))
+    assert ("earlier layers" in bank.note) == (inputs == "sequential")
 
 
 def test_trial_takes_bank_codes_on_low_filters_only_and_runs_bit_exact():
@@ -192,23 +196,24 @@ def _kmeans_setup():
     return g, x, plan
 
 
-def test_kmeans_bank_codes_are_each_candidate_learned_alone_on_base_inputs():
+@pytest.mark.parametrize("inputs", ["base", "sequential"])
+def test_kmeans_bank_codes_are_each_candidate_learned_on_its_inputs(inputs):
     from fixq.algorithms.learned_bank import KMeansCodeBank
     g, x, plan = _kmeans_setup()
-    base = plan({})
+    base, opts = plan({}), replace(OPTS, bank_inputs=inputs)
     # two passes as search_kmeans makes them: every layer's first candidate K, then the second
-    bank = KMeansCodeBank(g, [(plan({"c1": 1, "c2": 1}), ["c1", "c2"]), (plan({"c2": 2}), ["c2"])], base, x, OPTS,
+    bank = KMeansCodeBank(g, [(plan({"c1": 1, "c2": 1}), ["c1", "c2"]), (plan({"c2": 2}), ["c2"])], base, x, opts,
                           show_progress=False)
     assert sorted(bank.rows) == [("c1", 1), ("c2", 1), ("c2", 2)]
     assert ("c2", 1) in bank.codes and ("c2", 2) in bank.codes  # learned codes to compare below
 
-    for K in (1, 2):  # c2 learned in a plan where c1 is not clustered: the bank's input is the base plan's
+    for K in (1, 2):  # c2 learned in a plan where c1 is not clustered: the input of "base", and of pass 2
         alone, _ = learn_rounding(g, plan({"c2": K}), x, OPTS, show_progress=False, only={"c2"})
         lp = alone.layers["c2"]
-        assert bank.codes[("c2", K)][2].up == lp.codes.up
+        assert (bank.codes[("c2", K)][2].up == lp.codes.up) == (inputs == "base" or K == 2)
         assert bank.codes[("c2", K)][0] == lp.kmeans  # the clustering the codes belong to
     both, _ = learn_rounding(g, plan({"c1": 1, "c2": 1}), x, OPTS, show_progress=False)  # c2 fed by clustered c1
-    assert both.layers["c2"].codes.up != bank.codes[("c2", 1)][2].up
+    assert (both.layers["c2"].codes.up == bank.codes[("c2", 1)][2].up) == (inputs == "sequential")
 
 
 def test_kmeans_trial_takes_bank_codes_only_for_its_clustering_and_runs_bit_exact():
@@ -310,3 +315,17 @@ def test_cli_kmeans_saves_and_reports_the_plan_the_guard_kept(capsys, tmp_path, 
     plan = load_plan(out / "plan.json")
     assert all(lp.codes is None or lp.codes.bias is None for lp in plan.layers.values())
     assert "not kept" in (out / "report.md").read_text()
+
+
+def test_bank_inputs_option_reaches_the_searches_only():
+    from fixq.app.common import rounding_options
+    from fixq.app.parser import build_parser
+    from fixq.planning.plan import PlanError
+    p = build_parser()
+    base = ["--model", "lenet-digits", "--calib", "c", "--eval", "e", "--out", "o", "--learned-rounding"]
+    assert rounding_options(p.parse_args(["mixed", *base])).bank_inputs == "sequential"
+    assert rounding_options(p.parse_args(["kmeans", *base, "--bank-inputs", "base"])).bank_inputs == "base"
+    with pytest.raises(SystemExit):  # quantize learns every layer in sequence: it has no bank
+        p.parse_args(["quantize", *base, "--bank-inputs", "base"])
+    with pytest.raises(PlanError, match="bank_inputs"):
+        RoundingOptions(bank_inputs="float")

@@ -51,9 +51,10 @@ from fixq.planning.plan import Formats, LayerCodes, PlanError, QuantPlan
 from fixq.util.progress import progress, set_status
 from .coeff_formats import bias_formats
 
-__all__ = ["RoundingOptions", "learn_rounding", "up_bits", "layer_output_error", "ZETA", "GAMMA"]
+__all__ = ["RoundingOptions", "learn_rounding", "up_bits", "layer_output_error", "ZETA", "GAMMA", "BANK_INPUTS"]
 
 ZETA, GAMMA = 1.1, -0.1
+BANK_INPUTS = ("sequential", "base")  # RoundingOptions.bank_inputs (fixq.algorithms.learned_bank)
 
 
 @dataclass(frozen=True)
@@ -70,8 +71,11 @@ class RoundingOptions:
     warmup: float = 0.2      # share of the steps without the regulariser
     beta: tuple[float, float] = (20.0, 2.0)
     seed: int = 0
+    bank_inputs: str = "sequential"  # fixq mixed / kmeans code banks (learned_bank): each layer's input
 
     def __post_init__(self) -> None:
+        if self.bank_inputs not in BANK_INPUTS:
+            raise PlanError(f"bank_inputs must be one of {', '.join(BANK_INPUTS)}, got {self.bank_inputs!r}")
         if not (self.learned or self.bias_correction):
             raise PlanError("learn_rounding with neither learned rounding nor bias correction does nothing")
         if self.iters < 1 or self.batch < 1 or self.samples < 1:

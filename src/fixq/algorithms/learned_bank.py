@@ -7,10 +7,13 @@ filter has the same grid in every trial that takes it low, except where the laye
 cap (DESIGN §5a, which depends on the other filters' ``T`` with ``mse`` ranges) moves its ``F``:
 such a filter then takes nearest rounding (``apply`` compares ``T`` and ``F`` per coefficient).
 
-The bank learns, once, every eligible layer's codes with all its filters at the low bits,
-each layer fed by the all-base-bits plan's simulation (the state every trial is closest to:
-:func:`fixq.algorithms.learned.learn_rounding` with ``context``); no bias correction (a
-bias correction depends on which filters a trial takes low). :meth:`CodeBank.apply` gives a
+The bank learns, once, every eligible layer's codes with all its filters at the low bits
+(:func:`fixq.algorithms.learned.learn_rounding`); no bias correction (a bias correction depends
+on which filters a trial takes low). Each layer's input (``RoundingOptions.bank_inputs``):
+``"sequential"`` (default) the simulation of the all-low plan with the earlier layers' codes
+already decided, as AdaRound does, so a layer's codes also absorb the error its input carries
+from the earlier low layers; ``"base"`` the all-base-bits plan's simulation (``context``), each
+layer decided as if it alone were low. :meth:`CodeBank.apply` gives a
 trial plan those codes for the coefficients it takes low (same ``T`` and ``F`` as in the
 bank) and the plan's rounding for the others, stored as the plan's round-up bits, so the
 tuner measures, and the saved plan holds, exactly the codes every backend runs.
@@ -19,9 +22,10 @@ tuner measures, and the saved plan holds, exactly the codes every backend runs.
 >>> trial = bank.apply(bench.plan(filter_bits=bits))                                     # doctest: +SKIP
 
 :class:`KMeansCodeBank` does the same for ``fixq kmeans``: the residual codes of every candidate
-``(layer, K)`` are learned once, before the search, each layer clustered at that K alone (its
-input from the all-base-bits plan); a trial whose layer has exactly that clustering and those
-residual formats takes them.
+``(layer, K)`` are learned once, before the search, in one pass per candidate index ``j``
+(every candidate layer clustered at its ``j``-th K; ``"sequential"``: fed by the earlier ones
+already decided; ``"base"``: each layer alone clustered, fed by the all-base-bits plan); a
+trial whose layer has exactly that clustering and those residual formats takes them.
 
 >>> kbank = KMeansCodeBank(graph, [(plan_k1, ["conv2"]), (plan_k2, ["conv2"])], base_plan, calib_images,
 ...                        RoundingOptions(iters=300))                                     # doctest: +SKIP
@@ -38,7 +42,26 @@ from fixq.planning.coeffs import coeff_grid, layer_codes, pack_bits, weights_dig
 from fixq.planning.plan import Formats, LayerCodes, QuantPlan
 from .learned import RoundingOptions, learn_rounding, up_bits
 
-__all__ = ["CodeBank", "KMeansCodeBank", "guarded_bias_correction"]
+__all__ = ["CodeBank", "KMeansCodeBank", "guarded_bias_correction", "inputs_text", "kmeans_inputs_text"]
+
+
+def inputs_text(opts: RoundingOptions, low: str = "all its filters low") -> str:
+    """How a bank layer's input was made, for notes and reports.
+
+    >>> inputs_text(RoundingOptions(bank_inputs="base"))
+    'each layer with all its filters low and its input from the all-base-bits plan'
+    """
+    if opts.bank_inputs == "base":
+        return f"each layer with {low} and its input from the all-base-bits plan"
+    return f"each layer with {low} and its input from the earlier layers, low too, with their codes already decided"
+
+
+def kmeans_inputs_text(opts: RoundingOptions) -> str:
+    """:func:`inputs_text` for the K-means bank's passes."""
+    if opts.bank_inputs == "base":
+        return "the layer clustered alone at that K and its input from the all-base-bits plan"
+    return ("one pass per candidate index, every candidate layer clustered at that index's K and fed by the "
+            "earlier ones with their codes already decided")
 
 
 def _grid(g) -> tuple[torch.Tensor, torch.Tensor]:
@@ -48,13 +71,15 @@ def _grid(g) -> tuple[torch.Tensor, torch.Tensor]:
 
 class CodeBank:
     """Low-bit codes of ``layers`` (those a search may take low, all low in ``low_plan``) learned
-    per layer (module docstring); ``rows``: learn_rounding's report rows."""
+    per layer (module docstring); ``context``: the all-base-bits plan (the layers' inputs with
+    ``opts.bank_inputs == "base"``); ``rows``: learn_rounding's report rows."""
 
     def __init__(self, graph: Graph, low_plan: QuantPlan, context: QuantPlan, images: torch.Tensor,
                  opts: RoundingOptions, layers, device="cpu", show_progress: bool = True) -> None:
         self.graph = graph
         learned, self.rows = learn_rounding(graph, low_plan, images, replace(opts, learned=True, bias_correction=False),
-                                            device, show_progress, context=context, only=set(layers))
+                                            device, show_progress, only=set(layers),
+                                            context=context if opts.bank_inputs == "base" else None)
         self.codes: dict[str, tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = {}  # name -> (F, T, int16 codes)
         for name, lp in learned.layers.items():
             if lp.codes is None or lp.codes.up is None:
@@ -62,8 +87,8 @@ class CodeBank:
             n = graph.node(name)
             self.codes[name] = (*_grid(coeff_grid(n, lp)), layer_codes(n, lp, learned.rounding).to(torch.int16))
         self.note = (f"coefficient codes: {replace(opts, bias_correction=False).label()} of the low-bit filters, "
-                     f"decided before the search on {images.shape[0]} calibration images, each layer with all its "
-                     "filters low and its input from the all-base-bits plan; other filters: nearest rounding")
+                     f"decided before the search on {images.shape[0]} calibration images, {inputs_text(opts)}; "
+                     "other filters: nearest rounding")
 
     def apply(self, plan: QuantPlan) -> QuantPlan:
         """``plan`` with the bank's codes on every coefficient whose grid (``T``, ``F``) is the
@@ -107,7 +132,8 @@ class CodeBank:
 class KMeansCodeBank:
     """Learned residual codes of K-means candidates (module docstring). ``plans``: pairs
     ``(plan, layers)``, each plan clustering its ``layers`` (one K each); every pair is one
-    learning pass with ``context`` (the all-base-bits plan) feeding every layer. ``codes``:
+    learning pass, its layers fed by the plan itself (``"sequential"``) or by ``context`` (the
+    all-base-bits plan, ``"base"``). ``codes``:
     ``(layer, K) -> (KMeansPlan, residual Formats, LayerCodes)`` where learned rounding was kept;
     ``rows``: ``(layer, K) -> learn_rounding's row``."""
 
@@ -118,8 +144,8 @@ class KMeansCodeBank:
         self.rows: dict = {}
         o = replace(opts, learned=True, bias_correction=False)
         for plan, layers in plans:
-            learned, rows = learn_rounding(graph, plan, images, o, device, show_progress, context=context,
-                                           only=set(layers))
+            learned, rows = learn_rounding(graph, plan, images, o, device, show_progress, only=set(layers),
+                                           context=context if opts.bank_inputs == "base" else None)
             for r in rows:
                 lp = learned.layers[r["layer"]]
                 key = (r["layer"], lp.kmeans.K)
@@ -127,8 +153,7 @@ class KMeansCodeBank:
                 if lp.codes is not None and lp.codes.up is not None:
                     self.codes[key] = (lp.kmeans, lp.weight, lp.codes)
         self.note = (f"K-means residual codes: {o.label()}, decided before the search on {images.shape[0]} "
-                     "calibration images for each candidate (layer, K), the layer clustered alone and its input "
-                     "from the all-base-bits plan")
+                     f"calibration images for each candidate (layer, K), {kmeans_inputs_text(opts)}")
 
     def apply(self, plan: QuantPlan) -> QuantPlan:
         """``plan`` with the bank's residual codes on every K-means layer whose clustering and

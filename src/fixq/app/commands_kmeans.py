@@ -5,6 +5,7 @@ import json
 
 from fixq.algorithms.kmeans import layer_savings
 from fixq.algorithms.kmeans_search import KMeansOptions, search_kmeans
+from fixq.algorithms.learned_bank import kmeans_inputs_text
 from fixq.algorithms.search import acceptance_rule
 from fixq.analysis.report import markdown_table, write_json
 from fixq.util import distributed as dist
@@ -112,12 +113,12 @@ def cmd_kmeans(args) -> int:
     how = None
     if res.codes_in_search:
         md += ("\nThe K candidates and the trials ran with learned residual codes, decided once before the search "
-               "for each candidate (layer, K) with that layer alone clustered and its input from the "
-               f"all-{args.base_bits}-bit plan (a candidate keeps nearest rounding where learned rounding did not lower "
-               "its output error); Table 4 and the \"nearest rounding\" row use nearest rounding. The saved plan is "
+               f"for each candidate (layer, K), {kmeans_inputs_text(codes)} (a candidate keeps nearest rounding where "
+               "learned rounding did not lower its output error); Table 4 and the \"nearest rounding\" row use "
+               "nearest rounding. The saved plan is "
                f"\"{final['plan']}\".\n")
-        how = ("errors of the learning pass before the search (the layer alone clustered at its K, input from the "
-               "all-base-bits plan); \"codes changed\" counts the saved plan's codes that differ from nearest rounding")
+        how = (f"errors of the learning pass before the search ({kmeans_inputs_text(codes)}); \"codes changed\" "
+               "counts the saved plan's codes that differ from nearest rounding")
     if res.bias_guard is not None:
         bg = res.bias_guard
         md += (f"\nBias correction of the searched plan: tuning top-1 {bg['tune_top1_corrected']:.2f}% vs "

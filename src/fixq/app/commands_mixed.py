@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import json
 
+from fixq.algorithms.learned_bank import inputs_text
 from fixq.algorithms.mixed_search import MixedOptions, search_mixed
 from fixq.algorithms.search import acceptance_rule
 from fixq.analysis.report import markdown_table, write_json
@@ -94,14 +95,14 @@ def cmd_mixed(args) -> int:
           f"total {res.seconds['total_s']:.1f} s.\n")
     how = None
     if any("learned_in_bank" in r for r in res.codes_rows or ()):
-        how = ("errors of the learning pass before the search (each layer with all its filters low, input from the "
-               "all-base-bits plan; the guard keeps nearest rounding when learned rounding is not lower); \"codes "
-               "changed\" counts the saved plan's codes that differ from nearest rounding")
+        how = (f"errors of the learning pass before the search ({inputs_text(codes)}; the guard keeps nearest "
+               "rounding when learned rounding is not lower); \"codes changed\" counts the saved plan's codes that "
+               "differ from nearest rounding")
     if res.codes_in_search:
         near = [r["layer"] for r in res.codes_rows if "learned_in_bank" in r and not r["learned_in_bank"]]
         md += ("\nThe trials (the layer sensitivity included) ran with learned low-bit codes, decided once before "
-               f"the search for each eligible layer with all its filters at {opts.low_bits} bits and its input from "
-               f"the all-{opts.base_bits}-bit plan; a trial's low filters take those codes, its {opts.base_bits}-bit "
+               f"the search, {inputs_text(codes, f'all its filters at {opts.low_bits} bits')} (eligible layers); a "
+               f"trial's low filters take those codes, its {opts.base_bits}-bit "
                "filters and the excluded layers nearest rounding"
                + (f" (learned rounding did not lower the output error of {', '.join(near)}: nearest there too)"
                   if near else "")

@@ -122,7 +122,8 @@ def rounding_options(args):
     if not (learned or bc):
         return None
     return RoundingOptions(learned=learned, bias_correction=bc, iters=args.rounding_iters,
-                           batch=args.rounding_batch, seed=args.seed)
+                           batch=args.rounding_batch, seed=args.seed,
+                           bank_inputs=getattr(args, "bank_inputs", "sequential"))
 
 
 def device_for(name: str) -> str:

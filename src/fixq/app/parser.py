@@ -128,8 +128,9 @@ def _add_quant(p: argparse.ArgumentParser, multi: bool = False) -> None:
     g.add_argument("--paper", action="store_true", help=PAPER_HELP)
 
 
-def _add_codes(p: argparse.ArgumentParser) -> None:
-    """Learned rounding and bias correction of the coefficient codes (fixq.algorithms.learned)."""
+def _add_codes(p: argparse.ArgumentParser, search: bool = False) -> None:
+    """Learned rounding and bias correction of the coefficient codes (fixq.algorithms.learned);
+    ``search``: also the inputs of the code bank a search learns before its trials."""
     g = p.add_argument_group("coefficient codes (stored in the plan; every backend uses them)")
     g.add_argument("--learned-rounding", action="store_true",
                    help="choose each coefficient's rounding (down or up inside its Q(T,F) partition grid) so that "
@@ -142,6 +143,11 @@ def _add_codes(p: argparse.ArgumentParser) -> None:
     g.add_argument("--rounding-iters", type=int, default=1000, help="optimiser steps per layer of --learned-rounding")
     g.add_argument("--rounding-batch", type=int, default=1024,
                    help="sampled output pixels (of 32768 over all calibration images) per step of --learned-rounding")
+    if search:
+        g.add_argument("--bank-inputs", default="sequential", choices=["sequential", "base"],
+                       help="--learned-rounding learns the low-bit codes before the search, every eligible layer "
+                            "low: each layer fed by the earlier low layers with their codes decided (sequential) "
+                            "or by the all-base-bits plan (base)")
 
 
 def _add_output(p: argparse.ArgumentParser, out_required: bool = True) -> None:
@@ -228,7 +234,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--f0", type=float, default=0.05, help="first energy threshold tried")
     g.add_argument("--delta", type=float, default=0.05, help="first threshold step")
     _add_search_quant(g)
-    _add_codes(p)
+    _add_codes(p, search=True)
     _add_output(p)
 
     p = add("kmeans", help="K-means clustered kernels: 8-bit basis kernels plus 4-bit residuals")
@@ -253,7 +259,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="Table 4's other layers: quant (the 2D-HQ base plan) or flp (floating point, as the "
                         "paper's Table 4)")
     _add_search_quant(g)
-    _add_codes(p)
+    _add_codes(p, search=True)
     _add_output(p)
 
     p = add("models", help="list zoo models, their input size, preprocessing and weights")
