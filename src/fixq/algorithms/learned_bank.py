@@ -64,6 +64,12 @@ def kmeans_inputs_text(opts: RoundingOptions) -> str:
             "earlier ones with their codes already decided")
 
 
+def _inputs(opts: RoundingOptions, context: QuantPlan) -> QuantPlan | None:
+    """``learn_rounding``'s ``context`` for a bank: the all-base-bits plan with ``"base"``, none
+    (the plan being learned feeds its own layers) with ``"sequential"``."""
+    return context if opts.bank_inputs == "base" else None
+
+
 def _grid(g) -> tuple[torch.Tensor, torch.Tensor]:
     """``(F, T)`` of a coefficient grid as broadcastable tensors (per filter, not per coefficient)."""
     return g.F.clone(), torch.as_tensor(g.T).clone()
@@ -78,8 +84,7 @@ class CodeBank:
                  opts: RoundingOptions, layers, device="cpu", show_progress: bool = True) -> None:
         self.graph = graph
         learned, self.rows = learn_rounding(graph, low_plan, images, replace(opts, learned=True, bias_correction=False),
-                                            device, show_progress, only=set(layers),
-                                            context=context if opts.bank_inputs == "base" else None)
+                                            device, show_progress, only=set(layers), context=_inputs(opts, context))
         self.codes: dict[str, tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = {}  # name -> (F, T, int16 codes)
         for name, lp in learned.layers.items():
             if lp.codes is None or lp.codes.up is None:
@@ -145,7 +150,7 @@ class KMeansCodeBank:
         o = replace(opts, learned=True, bias_correction=False)
         for plan, layers in plans:
             learned, rows = learn_rounding(graph, plan, images, o, device, show_progress, only=set(layers),
-                                           context=context if opts.bank_inputs == "base" else None)
+                                           context=_inputs(opts, context))
             for r in rows:
                 lp = learned.layers[r["layer"]]
                 key = (r["layer"], lp.kmeans.K)

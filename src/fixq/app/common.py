@@ -123,7 +123,7 @@ def rounding_options(args):
         return None
     return RoundingOptions(learned=learned, bias_correction=bc, iters=args.rounding_iters,
                            batch=args.rounding_batch, seed=args.seed,
-                           bank_inputs=getattr(args, "bank_inputs", "sequential"))
+                           bank_inputs=getattr(args, "bank_inputs", RoundingOptions.bank_inputs))
 
 
 def device_for(name: str) -> str:
