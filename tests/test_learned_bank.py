@@ -317,6 +317,40 @@ def test_cli_kmeans_saves_and_reports_the_plan_the_guard_kept(capsys, tmp_path, 
     assert "not kept" in (out / "report.md").read_text()
 
 
+@pytest.mark.parametrize("command,module,search", [("mixed", "commands_mixed", "search_mixed"),
+                                                   ("kmeans", "commands_kmeans", "search_kmeans")])
+@pytest.mark.parametrize("flag,want", [([], "sequential"), (["--bank-inputs", "base"], "base"),
+                                       (["--bank-inputs", "sequential"], "sequential")])
+def test_bank_inputs_option_reaches_the_searches(command, module, search, flag, want, digits_dir, tmp_path,
+                                                 monkeypatch):
+    """The search itself receives the RoundingOptions with the bank inputs asked on the command line."""
+    import importlib
+
+    from fixq.app.cli import main
+    from fixq.planning.plan import PlanError
+    seen = []
+
+    def fake(session, config, opts, codes):
+        seen.append(codes)
+        raise PlanError("search reached")
+    monkeypatch.setattr(importlib.import_module(f"fixq.app.{module}"), search, fake)
+    argv = [command, "--model", "lenet-digits", "--calib", str(digits_dir), "--calib-size", "32", "--eval",
+            str(digits_dir), "--eval-size", "64", "--out", str(tmp_path / "o"), "--quiet", "--learned-rounding",
+            *flag]
+    assert main(argv) != 0
+    assert len(seen) == 1 and seen[0].learned and seen[0].bank_inputs == want
+
+
+@pytest.mark.parametrize("command", ["mixed", "kmeans"])
+def test_bank_inputs_without_learned_rounding_is_refused(command, capsys):
+    """--bank-inputs only means something for the learned code bank: alone it is an error naming the fix."""
+    from fixq.app.cli import main
+    argv = [command, "--model", "lenet-digits", "--calib", "c", "--eval", "e", "--out", "o", "--bank-inputs", "base"]
+    assert main(argv) != 0
+    err = capsys.readouterr().err
+    assert "--bank-inputs base" in err and "add --learned-rounding" in err
+
+
 def test_bank_inputs_option_reaches_the_searches_only():
     from fixq.app.common import rounding_options
     from fixq.app.parser import build_parser

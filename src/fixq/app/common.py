@@ -119,11 +119,15 @@ def rounding_options(args):
     bc = (getattr(args, "bias_correction", False) or learned) and not getattr(args, "no_bias_correction", False)
     if getattr(args, "no_bias_correction", False) and getattr(args, "bias_correction", False):
         raise PlanError("--bias-correction and --no-bias-correction contradict each other; give one")
+    bank = getattr(args, "bank_inputs", None)
+    if bank is not None and not learned:
+        raise PlanError(f"--bank-inputs {bank} sets the inputs of the code bank that --learned-rounding learns "
+                        "before the search; add --learned-rounding or drop --bank-inputs")
     if not (learned or bc):
         return None
     return RoundingOptions(learned=learned, bias_correction=bc, iters=args.rounding_iters,
                            batch=args.rounding_batch, seed=args.seed,
-                           bank_inputs=getattr(args, "bank_inputs", RoundingOptions.bank_inputs))
+                           bank_inputs=bank or RoundingOptions.bank_inputs)
 
 
 def device_for(name: str) -> str:

@@ -144,9 +144,9 @@ def _add_codes(p: argparse.ArgumentParser, search: bool = False) -> None:
     g.add_argument("--rounding-batch", type=int, default=1024,
                    help="sampled output pixels (of 32768 over all calibration images) per step of --learned-rounding")
     if search:
-        g.add_argument("--bank-inputs", default="sequential", choices=["sequential", "base"],
-                       help="--learned-rounding learns the low-bit codes before the search, every eligible layer "
-                            "low: each layer fed by the earlier low layers with their codes decided (sequential) "
+        g.add_argument("--bank-inputs", default=None, choices=["sequential", "base"],
+                       help="with --learned-rounding: the low-bit codes are learned before the search, each layer "
+                            "fed by the earlier low layers with their codes decided (sequential, the default) "
                             "or by the all-base-bits plan (base)")
 
 
