@@ -232,6 +232,8 @@ def test_cli_learned_rounding_on_every_command(capsys, tmp_path, digits_dir, cmd
         import json
         rep = json.loads((out / "report.json").read_text())
         assert rep["coefficient_codes"]["layers"] and "Coefficient codes" in (out / "report.md").read_text()
+        if cmd in ("mixed", "kmeans"):  # the report says which inputs the code bank was learned with
+            assert rep["coefficient_codes"]["bank_inputs"] == "sequential"
         if cmd != "kmeans":  # mixed trials run with the codes learned before the search (kmeans: test_learned_bank)
             assert rep["coefficient_codes"].get("in_search", False) == (cmd == "mixed")
 

@@ -341,14 +341,19 @@ def test_bank_inputs_option_reaches_the_searches(command, module, search, flag, 
     assert len(seen) == 1 and seen[0].learned and seen[0].bank_inputs == want
 
 
+@pytest.mark.parametrize("extra", [[], ["--bias-correction"]])
 @pytest.mark.parametrize("command", ["mixed", "kmeans"])
-def test_bank_inputs_without_learned_rounding_is_refused(command, capsys):
-    """--bank-inputs only means something for the learned code bank: alone it is an error naming the fix."""
+def test_bank_inputs_without_learned_rounding_is_refused(command, extra, capsys, tmp_path):
+    """--bank-inputs only means something for the learned code bank: alone (or with bias
+    correction only) it is an error naming the fix, before any output is written."""
     from fixq.app.cli import main
-    argv = [command, "--model", "lenet-digits", "--calib", "c", "--eval", "e", "--out", "o", "--bank-inputs", "base"]
-    assert main(argv) != 0
+    out = tmp_path / "o"
+    argv = [command, "--model", "lenet-digits", "--calib", "c", "--eval", "e", "--out", str(out),
+            "--bank-inputs", "base", *extra]
+    assert main(argv) == 2
     err = capsys.readouterr().err
-    assert "--bank-inputs base" in err and "add --learned-rounding" in err
+    assert "--bank-inputs base" in err and "add --learned-rounding" in err and "hint" not in err
+    assert not out.exists()
 
 
 def test_bank_inputs_option_reaches_the_searches_only():

@@ -76,6 +76,7 @@ def cmd_mixed(args) -> int:
               "options": {k: v for k, v in vars(args).items() if k != "func"}}
     if codes is not None:
         report["coefficient_codes"] = {"method": codes.label(), "layers": res.codes_rows,
+                                       "bank_inputs": codes.bank_inputs if codes.learned else None,
                                        "in_search": res.codes_in_search, "bias_guard": res.bias_guard,
                                        "saved": final.label}
     write_json(out / "report.json", report)

@@ -122,7 +122,7 @@ def rounding_options(args):
     bank = getattr(args, "bank_inputs", None)
     if bank is not None and not learned:
         raise PlanError(f"--bank-inputs {bank} sets the inputs of the code bank that --learned-rounding learns "
-                        "before the search; add --learned-rounding or drop --bank-inputs")
+                        "before the search; add --learned-rounding or drop --bank-inputs", hint="")
     if not (learned or bc):
         return None
     return RoundingOptions(learned=learned, bias_correction=bc, iters=args.rounding_iters,
