@@ -10,7 +10,7 @@ from fixq.algorithms.search import acceptance_rule
 from fixq.analysis.report import markdown_table, write_json
 from fixq.util import distributed as dist
 from .common import (codes_markdown, common_report, prepare_out, report_header, rounding_options, say, say_paper,
-                     search_config, session_for)
+                     search_codes_json, search_config, session_for)
 
 __all__ = ["cmd_kmeans", "table4", "sweep_table", "table6"]
 
@@ -81,10 +81,7 @@ def cmd_kmeans(args) -> int:
               "n_tune": res.n_tune, "n_test": res.n_test, "timings": {**session.timings, **res.seconds},
               "options": {k: v for k, v in vars(args).items() if k != "func"}}
     if codes is not None:
-        report["coefficient_codes"] = {"method": codes.label(), "layers": res.codes_rows,
-                                       "bank_inputs": codes.bank_inputs if codes.learned else None,
-                                       "in_search": res.codes_in_search, "bias_guard": res.bias_guard,
-                                       "saved": final["plan"]}
+        report["coefficient_codes"] = search_codes_json(codes, res, final["plan"])
     write_json(out / "report.json", report)
     write_json(out / "images.json", {"calib_files": session.images["calib_files"],
                                      "eval_files": session.images["eval_files"]})

@@ -30,7 +30,7 @@ from .parser import UsageError
 
 __all__ = ["prepare_out", "weights_label", "say", "say_paper", "resolve_preprocess", "make_config", "search_config",
            "rounding_options", "device_for", "session_for", "float_row", "report_header", "common_report",
-           "codes_markdown"]
+           "codes_markdown", "search_codes_json"]
 
 
 def prepare_out(path: str | Path, option: str = "--out") -> Path:
@@ -183,6 +183,16 @@ def common_report(session: Session, args=None) -> dict:
             "processes": dist.world(),
             "model_notes": list(session.graph.notes),
             **({"paper": args.paper_info} if getattr(args, "paper_info", None) else {})}
+
+
+def search_codes_json(codes, res, saved: str) -> dict:
+    """report.json's ``coefficient_codes`` of ``fixq mixed`` / ``fixq kmeans``: ``codes`` the
+    RoundingOptions, ``res`` the search result (its ``codes_rows``, ``codes_in_search`` and
+    ``bias_guard``), ``saved`` the label of the plan written to plan.json; ``bank_inputs`` is the
+    code bank's (None without learned rounding)."""
+    return {"method": codes.label(), "layers": res.codes_rows,
+            "bank_inputs": codes.bank_inputs if codes.learned else None,
+            "in_search": res.codes_in_search, "bias_guard": res.bias_guard, "saved": saved}
 
 
 def codes_markdown(opts, rows: list[dict], how: str | None = None) -> str:
