@@ -244,22 +244,44 @@ def test_kmeans_trial_takes_bank_codes_only_for_its_clustering_and_runs_bit_exac
     assert torch.equal(eng.dequantize(eng.run(eng.quantize_input(xt))), Simulator(g, got, exact=True)(xt))
 
 
-def test_search_kmeans_measures_and_saves_the_bank_codes(digits_dir, monkeypatch):
-    """search_kmeans with learned rounding: the K candidates and the beta trials carry the bank's
-    residual codes, the saved plan holds them, and a bias correction that looks worse on the
-    tuning images is refused (the searched plan is saved)."""
+@pytest.mark.parametrize("first_meets", [True, False])
+def test_search_kmeans_measures_and_saves_the_bank_codes(digits_dir, monkeypatch, first_meets):
+    """search_kmeans with learned rounding: the first trial (every layer at its smallest K) runs
+    with the first pass's codes, and when it meets the target it is kept with nothing else
+    learned or measured; when it misses, every candidate is learned and measured, and the K
+    candidates and the beta trials carry the bank's residual codes. The saved plan holds them,
+    and a bias correction that looks worse on the tuning images is refused."""
     from fixq.algorithms import kmeans_search
-    from fixq.algorithms.kmeans_search import KMeansOptions, search_kmeans
+    from fixq.algorithms.kmeans_search import KMeansOptions, candidate_Ks, search_kmeans
+    from fixq.algorithms.search import PlanBench
     # the search's own measurements, one at a time: on the tuning images, bias-corrected plans left out
     s, banks, measured = _spy_search(monkeypatch, digits_dir, kmeans_search, "KMeansCodeBank",
                                      lambda p, part: part == "tune" and not any("bias correction on" in x
                                                                                 for x in p.notes))
+    judged, judge = [], PlanBench.judge
+
+    def spy_judge(self, logits, target):  # the first trial is made to miss where the test says so
+        ok, d = judge(self, logits, target)
+        judged.append(ok)
+        return (ok and (first_meets or len(judged) > 1)), d
+    monkeypatch.setattr(PlanBench, "judge", spy_judge)
     res = search_kmeans(s, QuantConfig(), KMeansOptions(target_drop=30.0, sensitivity_size=40, restarts=1),
                         RoundingOptions(iters=60, samples=2048, batch=256))
     bank = banks[0]
-    assert bank.codes and res.codes_in_search and res.ks
-    # every candidate (layer, K) was learned, and each measured candidate whose K has codes carries them
-    assert set(bank.rows) == {(n, K) for n, d in res.noise.items() for K in d}
+    assert len(banks) == 1 and bank.codes and res.codes_in_search and res.ks
+    smallest = {n.name: candidate_Ks(n.weight.shape[0])[0] for n in s.graph.layers()
+                if n.name in res.trials[0]["ks"]}
+    assert res.trials[0]["beta"] is None and res.trials[0]["ks"] == smallest and len(smallest) == 3
+    assert judged[0], "the first trial must meet the 30-point target for this test to check both paths"
+    if first_meets:  # kept at once: only the first pass learned, no candidate measured alone
+        assert len(res.trials) == 1 and res.ks == smallest and res.noise == {}
+        assert set(bank.rows) == set(smallest.items())
+    else:
+        assert len(res.trials) > 1 and not res.trials[0]["meets_target"] and res.noise
+        assert all(t["beta"] is not None for t in res.trials[1:])
+        # every candidate (layer, K) was learned
+        assert set(bank.rows) == {(n, K) for n, d in res.noise.items() for K in d} > set(smallest.items())
+    # each measured plan whose layer K has codes carries them
     hits = [(k, lp) for p in measured for k, lp in p.layers.items()
             if lp.kmeans is not None and (k, lp.kmeans.K) in bank.codes]
     assert hits and all(lp.codes == bank.codes[(k, lp.kmeans.K)][2] for k, lp in hits)

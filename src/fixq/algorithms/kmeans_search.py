@@ -1,13 +1,14 @@
 """``fixq kmeans``: K chosen per layer under an accuracy budget, and the paper's Table 4
 (one layer) and Table 6 (network) comparisons (paper §6).
 
-Automatic K: for every eligible layer and candidate K (1, 2, 4, ... up to N/4: at least
-25% layer savings with 4-bit residuals) the output noise ``||logits - float||^2 /
-||float||^2`` with that layer alone clustered is measured on tuning images. A budget
-``beta`` gives each layer the smallest K whose noise is <= beta (or no clustering); the
-largest beta (by bisection over the measured noise values) whose whole-network plan meets
-the target top-1 error on the tuning images is kept. Reported errors come from the test
-images.
+Automatic K: candidates 1, 2, 4, ... up to N/4 (at least 25% layer savings with 4-bit
+residuals). The first trial clusters every eligible layer at its smallest K (the most savings);
+when it meets the target it is kept. Otherwise, for every eligible layer and candidate K the
+output noise ``||logits - float||^2 / ||float||^2`` with that layer alone clustered is
+measured on tuning images. A budget ``beta`` gives each layer the smallest K whose noise is
+<= beta (or no clustering); the largest beta (by bisection over the measured noise values)
+whose whole-network plan meets the target top-1 error on the tuning images is kept. Reported
+errors come from the test images.
 """
 from __future__ import annotations
 
@@ -162,7 +163,8 @@ def only_layer_config(graph: Graph, config: QuantConfig, layer: str) -> QuantCon
 def search_kmeans(session: Session, config: QuantConfig, opts: KMeansOptions, codes=None) -> KMeansResult:
     """Cluster, choose K per layer (or take the given K), report Tables 4 and 6. ``codes`` (a
     :class:`fixq.algorithms.learned.RoundingOptions`): with learned rounding, the residual codes of
-    every candidate (layer, K) are learned once before the search
+    every candidate (layer, K) are learned once (the smallest K's before the first trial, the
+    others only when the search needs them)
     (:class:`fixq.algorithms.learned_bank.KMeansCodeBank`) and every candidate and trial runs with
     them; with bias correction (with or without learned rounding), the searched plan's biases are
     then corrected and that is kept only when it does not raise the tuning error. Table 6 gets
@@ -196,13 +198,21 @@ def search_kmeans(session: Session, config: QuantConfig, opts: KMeansOptions, co
     def raw_plan(ks: dict, residual_bits: int | None = None) -> QuantPlan:  # nearest rounding
         return bench.plan(kmeans={n: clusters(n, K) for n, K in ks.items()}, kmeans_bits=opts.kbits(residual_bits))
 
-    bank, t_bank = None, time.time()
-    if codes is not None and codes.learned:
-        per = {n: [given[n]] if given is not None else candidate_Ks(N[n]) for n in names}
-        passes = [{n: Ks[j] for n, Ks in per.items() if len(Ks) > j} for j in range(max(map(len, per.values()), default=0))]
-        bank = KMeansCodeBank(g, [(raw_plan(ks), list(ks)) for ks in passes], bench.base_plan,
-                              session.calib_stream.tensor(), codes, session.device, session.show_progress)
-    t_bank = time.time() - t_bank
+    per = {n: [given[n]] if given is not None else candidate_Ks(N[n]) for n in names}
+    passes = [{n: Ks[j] for n, Ks in per.items() if len(Ks) > j} for j in range(max(map(len, per.values()), default=0))]
+    if given is None and not passes:
+        raise KMeansError("no layer has enough kernels for K < N/2")
+    bank, t_bank, learned = None, 0.0, codes is not None and codes.learned
+
+    def learn(js) -> None:  # the bank's passes js (candidate indices), learned when the search needs them
+        nonlocal bank, t_bank
+        t, pairs = time.time(), [(raw_plan(passes[j]), list(passes[j])) for j in js]
+        if bank is None:
+            bank = KMeansCodeBank(g, pairs, bench.base_plan, session.calib_stream.tensor(), codes, session.device,
+                                  session.show_progress)
+        else:
+            bank.learn(pairs)
+        t_bank += time.time() - t
 
     def plan_for(ks: dict, residual_bits: int | None = None) -> QuantPlan:  # with the bank's codes, if any
         plan = raw_plan(ks, residual_bits)
@@ -213,43 +223,57 @@ def search_kmeans(session: Session, config: QuantConfig, opts: KMeansOptions, co
 
     noise: dict = {}
     trials: list = []
+
+    def trial(ks: dict, beta) -> bool:
+        plan = plan_for(ks)
+        err, _, logits = bench.measure(plan)
+        ok, d = bench.judge(logits, target)
+        c, sv = bench.cost(plan)
+        trials.append({"beta": beta, "ks": ks, "top1_error": err, "rel_complexity_mmacs": c,
+                       "savings_pct": sv, "meets_target": ok, "drop_bound": d["bound"]})
+        return ok
+
     if given is None:
-        m = opts.sensitivity_size
-        jobs = [(n, K) for n in names for K in candidate_Ks(N[n])]
-        if not jobs:
-            raise KMeansError("no layer has enough kernels for K < N/2")
-        got = bench.measure_many({(n, K): (lambda n=n, K=K: plan_for({n: K})) for n, K in jobs}, "tune", m,
-                                 keep=tune_noise, desc="K-means candidates")
-        for (n, K), v in got.items():
-            noise.setdefault(n, {})[K] = v
+        # first the plan every beta tends to: each layer at its smallest K (the most savings); when it
+        # meets the target no smaller saving is worth searching for, and nothing else is measured
+        if learned:
+            learn([0])
+        if trial(passes[0], None):
+            ks = passes[0]
+        else:
+            if learned:
+                learn(range(1, len(passes)))
+            m = opts.sensitivity_size
+            jobs = [(n, K) for n in names for K in per[n]]
+            got = bench.measure_many({(n, K): (lambda n=n, K=K: plan_for({n: K})) for n, K in jobs}, "tune", m,
+                                     keep=tune_noise, desc="K-means candidates")
+            for (n, K), v in got.items():
+                noise.setdefault(n, {})[K] = v
 
-        def ks_for(beta: float) -> dict:
-            out = {}
-            for n, d in noise.items():
-                ok = [K for K in sorted(d) if d[K] <= beta]
-                if ok:
-                    out[n] = ok[0]
-            return out
+            def ks_for(beta: float) -> dict:
+                out = {}
+                for n, d in noise.items():
+                    ok = [K for K in sorted(d) if d[K] <= beta]
+                    if ok:
+                        out[n] = ok[0]
+                return out
 
-        betas = sorted({v for d in noise.values() for v in d.values()})
-        lo, hi, best = 0, len(betas) - 1, None
-        while lo <= hi:  # largest beta whose plan meets the target
-            mid = (lo + hi) // 2
-            ks = ks_for(betas[mid])
-            plan = plan_for(ks)
-            err, _, logits = bench.measure(plan)
-            ok, d = bench.judge(logits, target)
-            c, sv = bench.cost(plan)
-            trials.append({"beta": betas[mid], "ks": ks, "top1_error": err, "rel_complexity_mmacs": c,
-                           "savings_pct": sv, "meets_target": ok, "drop_bound": d["bound"]})
-            if ok:
-                if best is None or sv > best[1]:
-                    best = (ks, sv)
-                lo = mid + 1
-            else:
-                hi = mid - 1
-        ks = best[0] if best else {}
+            betas = sorted({v for d in noise.values() for v in d.values()})
+            lo, hi, best = 0, len(betas) - 2, None  # the largest beta's plan is passes[0]: measured above
+            while lo <= hi:  # largest beta whose plan meets the target
+                mid = (lo + hi) // 2
+                ks = ks_for(betas[mid])
+                if trial(ks, betas[mid]):
+                    sv = trials[-1]["savings_pct"]
+                    if best is None or sv > best[1]:
+                        best = (ks, sv)
+                    lo = mid + 1
+                else:
+                    hi = mid - 1
+            ks = best[0] if best else {}
     else:
+        if learned:
+            learn(range(len(passes)))
         ks = given
     plan = plan_for(ks) if ks else bench.base_plan
     t_search = time.time() - t0 - t_bank  # the bank's time is in codes_s

@@ -22,7 +22,7 @@ tuner measures, and the saved plan holds, exactly the codes every backend runs.
 >>> trial = bank.apply(bench.plan(filter_bits=bits))                                     # doctest: +SKIP
 
 :class:`KMeansCodeBank` does the same for ``fixq kmeans``: the residual codes of every candidate
-``(layer, K)`` are learned once, before the search, in one pass per candidate index ``j``
+``(layer, K)`` are learned once, before they are measured, in one pass per candidate index ``j``
 (every candidate layer clustered at its ``j``-th K; ``"sequential"``: fed by the earlier ones
 already decided; ``"base"``: each layer alone clustered, fed by the all-base-bits plan); a
 trial whose layer has exactly that clustering and those residual formats takes them.
@@ -144,21 +144,28 @@ class KMeansCodeBank:
 
     def __init__(self, graph: Graph, plans, context: QuantPlan, images: torch.Tensor, opts: RoundingOptions,
                  device="cpu", show_progress: bool = True) -> None:
-        self.graph = graph
+        self.graph, self.context, self.images, self.opts = graph, context, images, opts
+        self.device, self.show_progress = device, show_progress
         self.codes: dict = {}
         self.rows: dict = {}
         o = replace(opts, learned=True, bias_correction=False)
+        self.learn(plans)
+        self.note = (f"K-means residual codes: {o.label()}, decided before the search on {images.shape[0]} "
+                     f"calibration images for each candidate (layer, K), {kmeans_inputs_text(opts)}")
+
+    def learn(self, plans) -> None:
+        """More passes (pairs ``(plan, layers)`` as in the constructor), e.g. the other candidate
+        indices once the search needs them (``search_kmeans`` learns index 0 first)."""
+        o = replace(self.opts, learned=True, bias_correction=False)
         for plan, layers in plans:
-            learned, rows = learn_rounding(graph, plan, images, o, device, show_progress, only=set(layers),
-                                           context=_inputs(opts, context))
+            learned, rows = learn_rounding(self.graph, plan, self.images, o, self.device, self.show_progress,
+                                           only=set(layers), context=_inputs(self.opts, self.context))
             for r in rows:
                 lp = learned.layers[r["layer"]]
                 key = (r["layer"], lp.kmeans.K)
                 self.rows[key] = r
                 if lp.codes is not None and lp.codes.up is not None:
                     self.codes[key] = (lp.kmeans, lp.weight, lp.codes)
-        self.note = (f"K-means residual codes: {o.label()}, decided before the search on {images.shape[0]} "
-                     f"calibration images for each candidate (layer, K), {kmeans_inputs_text(opts)}")
 
     def apply(self, plan: QuantPlan) -> QuantPlan:
         """``plan`` with the bank's residual codes on every K-means layer whose clustering and

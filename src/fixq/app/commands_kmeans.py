@@ -12,7 +12,7 @@ from fixq.util import distributed as dist
 from .common import (codes_markdown, common_report, prepare_out, report_header, rounding_options, say, say_paper,
                      search_codes_json, search_config, session_for)
 
-__all__ = ["cmd_kmeans", "table4", "sweep_table", "table6"]
+__all__ = ["cmd_kmeans", "table4", "sweep_table", "table6", "search_text"]
 
 MIN_LOSS = 0.2  # top-1 points plain low bits must add before a recovery ratio means anything
 
@@ -43,6 +43,22 @@ def table6(res) -> str:
               r["network_savings_pct"]] for r in res.table6]
     return markdown_table(["plan", "top-1 err %", "top-5 err %", "logit SQNR dB", "complexity [M MACs <8b,8b>]",
                            "network savings %"], rows)
+
+
+def search_text(res) -> str:
+    """How K was chosen: the trials on the tuning images, first the all-smallest-K plan (none with a given K)."""
+    if not res.trials:
+        return "K given (`--k`): no search."
+    if res.trials[0]["meets_target"]:
+        head = ("K search on the tuning images: the first trial, every eligible layer at its smallest K, met the "
+                "target, so it was kept and no candidate was measured alone:")
+    else:
+        head = ("K search on the tuning images: the first trial, every eligible layer at its smallest K, missed the "
+                "target; then every candidate (layer, K) was measured alone and the budget beta bisected:")
+    rows = [["smallest K" if t["beta"] is None else f"{t['beta']:.4g}", len(t["ks"]), t["savings_pct"],
+             t["top1_error"], t["drop_bound"], "yes" if t["meets_target"] else "no"] for t in res.trials]
+    return head + "\n\n" + markdown_table(["beta", "layers clustered", "network savings %", "tuning top-1 err %",
+                                            "drop + margin (points)", "meets"], rows)
 
 
 def cmd_kmeans(args) -> int:
@@ -107,11 +123,12 @@ def cmd_kmeans(args) -> int:
           f"({args.residual_bits}-bit residuals; recovered = share of what plain <{args.residual_bits}b,8b> adds "
           f"over <{args.base_bits}b,8b> that K-means removes):\n\n{sweep_table(res)}\n\n"
           f"### Table 6 shape: network\n\n{t6}\n\n"
-          f"K per layer: {ks}.\n\nWall time: search {res.seconds['search_s']:.1f} s, total {res.seconds['total_s']:.1f} s.\n")
+          f"K per layer: {ks}.\n\n{search_text(res)}\n\nWall time: search {res.seconds['search_s']:.1f} s, "
+          f"total {res.seconds['total_s']:.1f} s.\n")
     how = None
     if res.codes_in_search:
-        md += ("\nThe K candidates and the trials ran with learned residual codes, decided once before the search "
-               f"for each candidate (layer, K), {kmeans_inputs_text(codes)} (a candidate keeps nearest rounding where "
+        md += ("\nThe K candidates and the trials ran with learned residual codes, decided once before they were "
+               f"measured for each candidate (layer, K), {kmeans_inputs_text(codes)} (a candidate keeps nearest rounding where "
                "learned rounding did not lower its output error); Table 4 and the \"nearest rounding\" row use "
                "nearest rounding. The saved plan is "
                f"\"{final['plan']}\".\n")
