@@ -363,19 +363,53 @@ def test_bank_inputs_option_reaches_the_searches(command, module, search, flag, 
     assert len(seen) == 1 and seen[0].learned and seen[0].bank_inputs == want
 
 
+@pytest.mark.parametrize("off", [["--no-learned-rounding"], ["--paper"]])
 @pytest.mark.parametrize("extra", [[], ["--bias-correction"]])
 @pytest.mark.parametrize("command", ["mixed", "kmeans"])
-def test_bank_inputs_without_learned_rounding_is_refused(command, extra, capsys, tmp_path):
-    """--bank-inputs only means something for the learned code bank: alone (or with bias
-    correction only) it is an error naming the fix, before any output is written."""
+def test_bank_inputs_without_learned_rounding_is_refused(command, extra, off, capsys, tmp_path):
+    """--bank-inputs only means something for the learned code bank: with learned rounding off
+    (or with bias correction only) it is an error naming the fix, before any output is written."""
     from fixq.app.cli import main
     out = tmp_path / "o"
     argv = [command, "--model", "lenet-digits", "--calib", "c", "--eval", "e", "--out", str(out),
-            "--bank-inputs", "base", *extra]
+            "--bank-inputs", "base", *off, *extra]
     assert main(argv) == 2
     err = capsys.readouterr().err
-    assert "--bank-inputs base" in err and "add --learned-rounding" in err and "hint" not in err
+    assert "--bank-inputs base" in err and "learned rounding is off" in err and "hint" not in err
     assert not out.exists()
+
+
+_FLAGS = [([], True), (["--learned-rounding"], True), (["--no-learned-rounding"], False), (["--paper"], False),
+          (["--paper", "--learned-rounding"], True)]
+
+
+@pytest.mark.parametrize("command,module,search,flag,learned",
+                         [("mixed", "commands_mixed", "search_mixed", *f) for f in _FLAGS]
+                         + [("kmeans", "commands_kmeans", "search_kmeans", *f)
+                            for f in _FLAGS + [(["--residual-data-bits", "4"], False)]])
+def test_searches_learn_rounding_by_default(command, module, search, flag, learned, digits_dir, tmp_path,
+                                           monkeypatch):
+    """fixq mixed and fixq kmeans learn their low-bit codes unless told not to (--no-learned-rounding,
+    --paper) or unable to (<4b,4b> residuals: off, not refused); the search receives exactly that."""
+    import importlib
+
+    from fixq.app.cli import main
+    from fixq.planning.plan import PlanError
+    seen = []
+
+    def fake(session, config, opts, codes):
+        seen.append(codes)
+        raise PlanError("search reached")
+    monkeypatch.setattr(importlib.import_module(f"fixq.app.{module}"), search, fake)
+    argv = [command, "--model", "lenet-digits", "--calib", str(digits_dir), "--calib-size", "32", "--eval",
+            str(digits_dir), "--eval-size", "64", "--out", str(tmp_path / "o"), "--quiet", *flag]
+    assert main(argv) != 0
+    assert len(seen) == 1
+    if learned:
+        assert seen[0].learned and seen[0].bias_correction and seen[0].iters == 600
+        assert seen[0].bank_inputs == "sequential"
+    else:
+        assert seen[0] is None  # nearest rounding, no bias correction: the plan is the paper's
 
 
 def test_bank_inputs_option_reaches_the_searches_only():

@@ -259,7 +259,9 @@ def search_kmeans(session: Session, config: QuantConfig, opts: KMeansOptions, co
                 return out
 
             betas = sorted({v for d in noise.values() for v in d.values()})
-            lo, hi, best = 0, len(betas) - 2, None  # the largest beta's plan is passes[0]: measured above
+            # the largest beta's plan is passes[0] (missed above); the bisection keeps its whole range, so
+            # after a missed first trial the search is the one before the first trial was added
+            lo, hi, best = 0, len(betas) - 1, None
             while lo <= hi:  # largest beta whose plan meets the target
                 mid = (lo + hi) // 2
                 ks = ks_for(betas[mid])

@@ -13,6 +13,7 @@ rounding                half_up                    the C-model's rounding (DESIG
 acc_bits                32                         §4: accumulators quantized to 32 bits
 acc_overflow            saturate                   clamp (DESIGN §2)
 bias_bits               8                          Table 3: "all biases are in 8-bits"
+learned_rounding        off                        eq. 4: every coefficient rounded (``round``)
 fc_mode                 4D                         §3: "Fully connected layers are only treated as 4D"
 exclude (mixed)         first,last                 §5 / Table 3: layers 1 and 18 stay <8b,8b>
 exclude (kmeans)        first                      §6 / Table 6: every layer but layer 1 clustered
@@ -47,6 +48,7 @@ PAPER_CHOICES: dict[str, tuple[object, str]] = {
     "acc_overflow": ("saturate", "saturating accumulators"),
     "bias_bits": (8, "8-bit biases (Table 3)"),
     "fc_mode": ("4D", "fully connected layers 4D (§3)"),
+    "learned_rounding": (False, "coefficients rounded to nearest, eq. 4 (no learned rounding)"),
 }
 _EXCLUDE = {"mixed": ("first,last", "first and last layers kept at base bits (§5, Table 3)"),
             "kmeans": ("first", "first layer not clustered (§6, Table 6)")}
@@ -66,6 +68,13 @@ def _flag(dest: str) -> str:
     return "--" + dest.replace("_", "-")
 
 
+def _given(dest: str, value) -> str:
+    """How a departure reads: ``--flag value``, or ``--flag`` / ``--no-flag`` for an on/off option."""
+    if isinstance(value, bool):
+        return _flag(dest) if value else "--no-" + dest.replace("_", "-")
+    return f"{_flag(dest)} {value}"
+
+
 def apply_paper(args, command: str, explicit: set[str]) -> dict:
     """Set the paper's value on every option of ``args`` the user did not give explicitly
     (``explicit``: argparse dests seen on the command line). Returns the report's
@@ -79,7 +88,7 @@ def apply_paper(args, command: str, explicit: set[str]) -> dict:
         if dest in explicit:
             if str(getattr(args, dest)).lower() != str(value).lower() and not (
                     dest == "data_method" and getattr(args, dest) is None):
-                departures.append(f"{_flag(dest)} {getattr(args, dest)}")
+                departures.append(_given(dest, getattr(args, dest)))
             continue
         setattr(args, dest, value)
         used.append(why)

@@ -132,20 +132,28 @@ def _add_codes(p: argparse.ArgumentParser, search: bool = False) -> None:
     """Learned rounding and bias correction of the coefficient codes (fixq.algorithms.learned);
     ``search``: also the inputs of the code bank a search learns before its trials."""
     g = p.add_argument_group("coefficient codes (stored in the plan; every backend uses them)")
-    g.add_argument("--learned-rounding", action="store_true",
-                   help="choose each coefficient's rounding (down or up inside its Q(T,F) partition grid) so that "
-                        "each layer's output on the calibration images matches the float layer's (AdaRound-style, "
-                        "seeded by --seed; a layer keeps nearest rounding when that is not worse)")
+    what = ("choose each coefficient's rounding (down or up inside its Q(T,F) partition grid) so that "
+            "each layer's output on the calibration images matches the float layer's (AdaRound-style, "
+            "seeded by --seed; a layer keeps nearest rounding when that is not worse)")
+    if search:  # on by default: measured better on every model we have (benchmarks/RESULTS.md, DESIGN §9a)
+        g.add_argument("--learned-rounding", action=argparse.BooleanOptionalAction, default=None,
+                       help=what + " (default: on, except with --residual-data-bits, whose <4b,4b> residual "
+                                   "branch the learning does not model); --no-learned-rounding: nearest rounding, "
+                                   "as the paper (and --paper)")
+    else:
+        g.add_argument("--learned-rounding", action="store_true", help=what)
     g.add_argument("--bias-correction", action="store_true",
                    help="fold each output channel's mean error on the calibration images into its bias "
                         "(quantized to the bias format); implied by --learned-rounding unless --no-bias-correction")
     g.add_argument("--no-bias-correction", action="store_true", help="--learned-rounding without bias correction")
-    g.add_argument("--rounding-iters", type=int, default=1000, help="optimiser steps per layer of --learned-rounding")
+    g.add_argument("--rounding-iters", type=int, default=600 if search else 1000,
+                   help="optimiser steps per layer of --learned-rounding" + (
+                       " (a search learns one layer per candidate)" if search else ""))
     g.add_argument("--rounding-batch", type=int, default=1024,
                    help="sampled output pixels (of 32768 over all calibration images) per step of --learned-rounding")
     if search:
         g.add_argument("--bank-inputs", default=None, choices=["sequential", "base"],
-                       help="with --learned-rounding: the low-bit codes are learned before the search, each layer "
+                       help="with learned rounding: the low-bit codes are learned before the trials, each layer "
                             "fed by the earlier low layers with their codes decided (sequential, the default) "
                             "or by the all-base-bits plan (base)")
 
