@@ -98,7 +98,8 @@ def test_kmeans_runs_in_c(tmp_path):
 
 def test_grouped_and_missing_layers_are_refused():
     g = make_graph(DepthwiseNet(), (3, 16, 16))
-    assert kmeans_layers(g) == ["pw", "fc"]  # stem excluded (first), dw and grp are grouped
+    assert kmeans_layers(g) == ["pw"]  # stem and fc excluded (first, last), dw and grp are grouped
+    assert kmeans_layers(g, exclude="first") == ["pw", "fc"]  # the paper's exclusion (--paper)
     with pytest.raises(KMeansError, match="'dw' is a grouped/depthwise conv"):
         kmeans_layers(g, "pw,dw")
     with pytest.raises(KMeansError, match="'nope'"):

@@ -38,7 +38,7 @@ class KMeansOptions:
     residual_bits: int = 4
     layers: str = "auto"            # "auto" or comma-separated names
     k: str = "auto"                 # "auto", "N" or "layer=K,..."
-    exclude: str = "first"
+    exclude: str = "first,last"
     target_drop: float | None = 2.0
     target_error: float | None = None
     tune_size: int | None = None
@@ -89,7 +89,7 @@ class KMeansResult:
     bias_guard: dict | None = None   # bias correction of the searched plan: tuning errors and whether kept
 
 
-def kmeans_layers(graph: Graph, layers: str = "auto", exclude: str = "first") -> list[str]:
+def kmeans_layers(graph: Graph, layers: str = "auto", exclude: str = "first,last") -> list[str]:
     """Layers to cluster: ``auto`` = every conv/linear of groups 1 except ``exclude``."""
     by = {n.name: n for n in graph.layers()}
     if layers == "auto":
@@ -225,6 +225,9 @@ def search_kmeans(session: Session, config: QuantConfig, opts: KMeansOptions, co
     trials: list = []
 
     def trial(ks: dict, beta) -> bool:
+        for t in trials:  # the bisection can reach a plan already measured (e.g. the first trial's)
+            if t["ks"] == ks:
+                return t["meets_target"]
         plan = plan_for(ks)
         err, _, logits = bench.measure(plan)
         ok, d = bench.judge(logits, target)

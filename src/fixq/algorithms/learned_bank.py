@@ -150,8 +150,9 @@ class KMeansCodeBank:
         self.rows: dict = {}
         o = replace(opts, learned=True, bias_correction=False)
         self.learn(plans)
-        self.note = (f"K-means residual codes: {o.label()}, decided before the search on {images.shape[0]} "
-                     f"calibration images for each candidate (layer, K), {kmeans_inputs_text(opts)}")
+        self.note = (f"K-means residual codes: {o.label()}, decided before they were measured on "
+                     f"{images.shape[0]} calibration images for each candidate (layer, K) the search tried, "
+                     f"{kmeans_inputs_text(opts)}")
 
     def learn(self, plans) -> None:
         """More passes (pairs ``(plan, layers)`` as in the constructor), e.g. the other candidate

@@ -127,12 +127,13 @@ def cmd_kmeans(args) -> int:
           f"total {res.seconds['total_s']:.1f} s.\n")
     how = None
     if res.codes_in_search:
-        md += ("\nThe K candidates and the trials ran with learned residual codes, decided once before they were "
-               f"measured for each candidate (layer, K), {kmeans_inputs_text(codes)} (a candidate keeps nearest rounding where "
+        what = ("The trials ran" if not res.noise else "The K candidates and the trials ran")
+        md += (f"\n{what} with learned residual codes, decided once before they were "
+               f"measured for each candidate (layer, K) tried, {kmeans_inputs_text(codes)} (a candidate keeps nearest rounding where "
                "learned rounding did not lower its output error); Table 4 and the \"nearest rounding\" row use "
                "nearest rounding. The saved plan is "
                f"\"{final['plan']}\".\n")
-        how = (f"errors of the learning pass before the search ({kmeans_inputs_text(codes)}); \"codes changed\" "
+        how = (f"errors of the learning pass before the trials ({kmeans_inputs_text(codes)}); \"codes changed\" "
                "counts the saved plan's codes that differ from nearest rounding")
     if res.bias_guard is not None:
         bg = res.bias_guard

@@ -118,15 +118,18 @@ def rounding_options(args):
     learned = getattr(args, "learned_rounding", False)
     if learned is None:  # a search's default: on, except for <4b,4b> residuals, which it cannot learn
         learned = not getattr(args, "residual_data_bits", None)
+        args.learned_rounding = learned  # the report's options say what ran
     bc = (getattr(args, "bias_correction", False) or learned) and not getattr(args, "no_bias_correction", False)
     if getattr(args, "no_bias_correction", False) and getattr(args, "bias_correction", False):
         raise PlanError("--bias-correction and --no-bias-correction contradict each other; give one")
     bank = getattr(args, "bank_inputs", None)
     if bank is not None and not learned:
+        why = ("--residual-data-bits (its <4b,4b> residual branch cannot be learned)"
+               if getattr(args, "residual_data_bits", None) else "--no-learned-rounding, or --paper")
         raise PlanError(f"--bank-inputs {bank} sets the inputs of the code bank that learned rounding learns "
-                        "before the search, and learned rounding is off (--no-learned-rounding, or --paper); "
-                        "drop --bank-inputs, or drop --no-learned-rounding (with --paper: add --learned-rounding)",
-                        hint="")
+                        f"before the search, and learned rounding is off ({why}); drop --bank-inputs"
+                        + ("" if getattr(args, "residual_data_bits", None) else
+                           ", or drop --no-learned-rounding (with --paper: add --learned-rounding)"), hint="")
     if not (learned or bc):
         return None
     return RoundingOptions(learned=learned, bias_correction=bc, iters=args.rounding_iters,

@@ -95,7 +95,8 @@ def _add_model(p: argparse.ArgumentParser, data: bool = True) -> None:
 
 PAPER_HELP = ("the paper's choices in one switch: maxabs ranges (eq. 6) for coefficients and data, signed Q(T,F) "
               "data, half-up rounding, 32-bit accumulators, 8-bit biases, fully connected layers 4D, the paper's "
-              "first/last-layer exclusions (and, for kmeans, Table 4 with every other layer in floating point); "
+              "first/last-layer exclusions, nearest coefficient rounding (the searches' learned rounding off) (and, "
+              "for kmeans, Table 4 with every other layer in floating point); "
               "options given explicitly win, wherever they appear, and the report names them as departures")
 
 
@@ -148,7 +149,8 @@ def _add_codes(p: argparse.ArgumentParser, search: bool = False) -> None:
     g.add_argument("--no-bias-correction", action="store_true", help="--learned-rounding without bias correction")
     g.add_argument("--rounding-iters", type=int, default=600 if search else 1000,
                    help="optimiser steps per layer of --learned-rounding" + (
-                       " (a search learns one layer per candidate)" if search else ""))
+                       " (a search learns its layers before its trials: mixed once per layer, kmeans once per "
+                       "candidate (layer, K) it measures)" if search else ""))
     g.add_argument("--rounding-batch", type=int, default=1024,
                    help="sampled output pixels (of 32768 over all calibration images) per step of --learned-rounding")
     if search:
@@ -256,7 +258,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="give the residual kernels their own data format of this many bits (4: the paper's "
                         "<4b,4b> residuals, eq. 9), calibrated like any data format; default: they read the "
                         "layer's data, <4b,8b>")
-    g.add_argument("--exclude", default="first", help="layers never clustered with --layers auto (first, last, names)")
+    g.add_argument("--exclude", default="first,last",
+                   help="layers never clustered with --layers auto (first, last, names, none; --paper: first, as "
+                        "the paper): the last layer's error goes straight into the logits, as in fixq mixed")
     t = g.add_mutually_exclusive_group()
     t.add_argument("--target-drop", type=float, default=2.0, help="allowed top-1 points over float")
     t.add_argument("--target-error", type=float, help="absolute top-1 error target in percent")
