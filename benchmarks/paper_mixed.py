@@ -5,7 +5,9 @@ written to benchmarks/results/paper_mixed_<model>.md (issue #20).
     python benchmarks/paper_mixed.py --model cifar10-resnet20 [--eval-size 2000]
 
 Both settings run the same ``fixq mixed`` search (same target drop, trials, strategies);
-``--paper`` changes only the paper's fixed choices (maxabs signed data, FC 4D, ...).
+``--paper`` changes only the paper's fixed choices (maxabs signed data, FC 4D, nearest
+coefficient rounding, ...). Since session 17 the default learns rounding, so the "default"
+row does too; results/paper_mixed_*.md were measured before, when it rounded to nearest.
 """
 from __future__ import annotations
 

@@ -143,14 +143,37 @@ def test_cli_kmeans_reports_tables(capsys, tmp_path, digits_dir):
     assert plan.layers["conv2"].kmeans.K == 3 and plan.layers["fc1"].kmeans.K == 2
 
 
-def test_cli_kmeans_auto_meets_target(capsys, tmp_path, digits_dir):
-    code, cap = _km(capsys, digits_dir, tmp_path / "k", "--target-drop", "1.0")
+@pytest.mark.parametrize("first_meets", [True, False])
+@pytest.mark.parametrize("codes", [[], ["--no-learned-rounding"]])
+def test_cli_kmeans_auto_meets_target(capsys, tmp_path, digits_dir, monkeypatch, codes, first_meets):
+    """The automatic K search, learned codes (default) or nearest: the first trial (every layer at
+    its smallest K) is kept when it meets the target; when it misses (made to here), every
+    candidate is measured and the bisection keeps a trial that met it; report.md lists them."""
+    from fixq.algorithms.search import PlanBench
+    judge, calls = PlanBench.judge, []
+
+    def spy(self, logits, target):
+        ok, d = judge(self, logits, target)
+        calls.append(ok)
+        return ok and (first_meets or len(calls) > 1), d
+    monkeypatch.setattr(PlanBench, "judge", spy)
+    code, cap = _km(capsys, digits_dir, tmp_path / "k", "--target-drop", "1.0", *codes)
     assert code == 0, cap.err
+    assert calls[0], "the first trial must meet the target on the digits for this test to check both paths"
     rep = json.loads((tmp_path / "k" / "report.json").read_text())
-    ok = [t for t in rep["k_search"]["trials"] if t["meets_target"]]
+    trials = rep["k_search"]["trials"]
+    ok = [t for t in trials if t["meets_target"]]
     assert all(t["top1_error"] <= rep["target"]["top1_error"] for t in ok)
     assert rep["layers"], "the auto-K search clustered no layer: nothing was checked"
     assert {n: d["k"] for n, d in rep["layers"].items()} in [t["ks"] for t in ok]
+    assert trials[0]["beta"] is None and len({json.dumps(t["ks"], sort_keys=True) for t in trials}) == len(trials)
+    md = (tmp_path / "k" / "report.md").read_text()
+    if first_meets:
+        assert len(trials) == 1 and rep["k_search"]["noise"] == {} and "met the target, so it was kept" in md
+    else:
+        assert len(trials) > 1 and rep["k_search"]["noise"] and "missed the target" in md
+    assert md.count("| smallest K ") == 1 and ("learned residual codes" in md) == (codes == [])
+    assert rep["options"]["learned_rounding"] is (codes == [])  # what ran, not the parser's None
 
 
 @pytest.mark.parametrize("extra,msg", [(["--k", "0"], "at least 1"), (["--k", "conv2=64"], "K=64"),

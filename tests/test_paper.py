@@ -92,6 +92,20 @@ def test_explicit_options_win_and_are_named():
                              "--acc-b", "24"]) >= {"paper", "acc_bits"}
 
 
+@pytest.mark.parametrize("command", ["mixed", "kmeans", "quantize"])
+def test_paper_turns_learned_rounding_off_unless_given(command):
+    """The searches learn rounding by default; --paper rounds to nearest (eq. 4) and says so,
+    and an explicit --learned-rounding wins and is named as a departure."""
+    a = argparse.Namespace(learned_rounding=None if command != "quantize" else False, paper=True)
+    info = apply_paper(a, command, set())
+    assert a.learned_rounding is False and any("rounded to nearest" in u for u in info["used"])
+    a = argparse.Namespace(learned_rounding=True, paper=True)
+    info = apply_paper(a, command, {"learned_rounding"})
+    assert a.learned_rounding is True and info["departures"] == ["--learned-rounding"]
+    assert explicit_options([command, "--model", "m", "--calib", "c", "--eval", "e", "--out", "o", "--paper",
+                             "--learned-rounding"]) >= {"paper", "learned_rounding"}
+
+
 def test_fc_mode_4d_and_its_json():
     g = make_graph(DepthwiseNet(), (3, 16, 16))
     x = torch.randn(16, 3, 16, 16)
