@@ -35,6 +35,7 @@ cd "$(dirname "$0")"
   for m in cifar10-resnet20 cifar10-resnet32 efficientnet-lite0; do
     for f in results/kmeans_$m*.md; do [ -f "$f" ] && { cat "$f"; echo; }; done
   done
+  [ -f results/kmeans_first_trial.md ] && { cat results/kmeans_first_trial.md; echo; }
   [ -f results/search_speed_notes.md ] && { cat results/search_speed_notes.md; echo; }
   for m in cifar10-resnet20 cifar10-resnet32 efficientnet-lite0; do
     [ -f results/search_speed_$m.md ] && { cat results/search_speed_$m.md; echo; }
