@@ -48,3 +48,17 @@ def plan_for(graph, shape, n=32, seed=1, **cfg):
     rounding = cfg.pop("rounding", "half_up")
     x = torch.randn(n, *shape)
     return calibrate(graph, [(x, None)], QuantConfig(LayerConfig(**cfg), rounding), show_progress=False)
+
+
+def spy_first_trial(monkeypatch, first_meets: bool) -> list:
+    """Record every acceptance decision of a search (``PlanBench.judge``) in the returned list,
+    and make the first one miss unless ``first_meets``; the others are the rule's own."""
+    from fixq.algorithms.search import PlanBench
+    judge, calls = PlanBench.judge, []
+
+    def spy(self, logits, target):
+        ok, d = judge(self, logits, target)
+        calls.append(ok)
+        return ok and (first_meets or len(calls) > 1), d
+    monkeypatch.setattr(PlanBench, "judge", spy)
+    return calls

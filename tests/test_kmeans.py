@@ -19,7 +19,7 @@ from fixq.planning.plan import LayerConfig, QuantConfig
 from fixq.backends.simulate import Simulator
 from fixq.data.zoo import CifarResNet
 
-from helpers import DepthwiseNet, make_graph
+from helpers import DepthwiseNet, make_graph, spy_first_trial
 
 
 def test_clustering_is_deterministic_for_a_seed():
@@ -149,14 +149,7 @@ def test_cli_kmeans_auto_meets_target(capsys, tmp_path, digits_dir, monkeypatch,
     """The automatic K search, learned codes (default) or nearest: the first trial (every layer at
     its smallest K) is kept when it meets the target; when it misses (made to here), every
     candidate is measured and the bisection keeps a trial that met it; report.md lists them."""
-    from fixq.algorithms.search import PlanBench
-    judge, calls = PlanBench.judge, []
-
-    def spy(self, logits, target):
-        ok, d = judge(self, logits, target)
-        calls.append(ok)
-        return ok and (first_meets or len(calls) > 1), d
-    monkeypatch.setattr(PlanBench, "judge", spy)
+    calls = spy_first_trial(monkeypatch, first_meets)
     code, cap = _km(capsys, digits_dir, tmp_path / "k", "--target-drop", "1.0", *codes)
     assert code == 0, cap.err
     assert calls[0], "the first trial must meet the target on the digits for this test to check both paths"

@@ -18,6 +18,8 @@ from fixq.graph.capture import capture
 from fixq.planning.coeffs import coeff_grid, layer_codes
 from fixq.planning.plan import LayerConfig, QuantConfig
 
+from helpers import spy_first_trial
+
 OPTS = RoundingOptions(iters=60, samples=2048, batch=256, bias_correction=False)
 
 
@@ -253,18 +255,11 @@ def test_search_kmeans_measures_and_saves_the_bank_codes(digits_dir, monkeypatch
     and a bias correction that looks worse on the tuning images is refused."""
     from fixq.algorithms import kmeans_search
     from fixq.algorithms.kmeans_search import KMeansOptions, candidate_Ks, search_kmeans
-    from fixq.algorithms.search import PlanBench
     # the search's own measurements, one at a time: on the tuning images, bias-corrected plans left out
     s, banks, measured = _spy_search(monkeypatch, digits_dir, kmeans_search, "KMeansCodeBank",
                                      lambda p, part: part == "tune" and not any("bias correction on" in x
                                                                                 for x in p.notes))
-    judged, judge = [], PlanBench.judge
-
-    def spy_judge(self, logits, target):  # the first trial is made to miss where the test says so
-        ok, d = judge(self, logits, target)
-        judged.append(ok)
-        return (ok and (first_meets or len(judged) > 1)), d
-    monkeypatch.setattr(PlanBench, "judge", spy_judge)
+    judged = spy_first_trial(monkeypatch, first_meets)  # the first trial is made to miss where the test says so
     res = search_kmeans(s, QuantConfig(), KMeansOptions(target_drop=30.0, sensitivity_size=40, restarts=1),
                         RoundingOptions(iters=60, samples=2048, batch=256))
     bank = banks[0]
@@ -337,90 +332,3 @@ def test_cli_kmeans_saves_and_reports_the_plan_the_guard_kept(capsys, tmp_path, 
     plan = load_plan(out / "plan.json")
     assert all(lp.codes is None or lp.codes.bias is None for lp in plan.layers.values())
     assert "not kept" in (out / "report.md").read_text()
-
-
-@pytest.mark.parametrize("command,module,search", [("mixed", "commands_mixed", "search_mixed"),
-                                                   ("kmeans", "commands_kmeans", "search_kmeans")])
-@pytest.mark.parametrize("flag,want", [([], "sequential"), (["--bank-inputs", "base"], "base"),
-                                       (["--bank-inputs", "sequential"], "sequential")])
-def test_bank_inputs_option_reaches_the_searches(command, module, search, flag, want, digits_dir, tmp_path,
-                                                 monkeypatch):
-    """The search itself receives the RoundingOptions with the bank inputs asked on the command line."""
-    import importlib
-
-    from fixq.app.cli import main
-    from fixq.planning.plan import PlanError
-    seen = []
-
-    def fake(session, config, opts, codes):
-        seen.append(codes)
-        raise PlanError("search reached")
-    monkeypatch.setattr(importlib.import_module(f"fixq.app.{module}"), search, fake)
-    argv = [command, "--model", "lenet-digits", "--calib", str(digits_dir), "--calib-size", "32", "--eval",
-            str(digits_dir), "--eval-size", "64", "--out", str(tmp_path / "o"), "--quiet", "--learned-rounding",
-            *flag]
-    assert main(argv) != 0
-    assert len(seen) == 1 and seen[0].learned and seen[0].bank_inputs == want
-
-
-@pytest.mark.parametrize("off", [["--no-learned-rounding"], ["--paper"]])
-@pytest.mark.parametrize("extra", [[], ["--bias-correction"]])
-@pytest.mark.parametrize("command", ["mixed", "kmeans"])
-def test_bank_inputs_without_learned_rounding_is_refused(command, extra, off, capsys, tmp_path):
-    """--bank-inputs only means something for the learned code bank: with learned rounding off
-    (or with bias correction only) it is an error naming the fix, before any output is written."""
-    from fixq.app.cli import main
-    out = tmp_path / "o"
-    argv = [command, "--model", "lenet-digits", "--calib", "c", "--eval", "e", "--out", str(out),
-            "--bank-inputs", "base", *off, *extra]
-    assert main(argv) == 2
-    err = capsys.readouterr().err
-    assert "--bank-inputs base" in err and "learned rounding is off" in err and "hint" not in err
-    assert not out.exists()
-
-
-_FLAGS = [([], True), (["--learned-rounding"], True), (["--no-learned-rounding"], False), (["--paper"], False),
-          (["--paper", "--learned-rounding"], True)]
-
-
-@pytest.mark.parametrize("command,module,search,flag,learned",
-                         [("mixed", "commands_mixed", "search_mixed", *f) for f in _FLAGS]
-                         + [("kmeans", "commands_kmeans", "search_kmeans", *f)
-                            for f in _FLAGS + [(["--residual-data-bits", "4"], False)]])
-def test_searches_learn_rounding_by_default(command, module, search, flag, learned, digits_dir, tmp_path,
-                                           monkeypatch):
-    """fixq mixed and fixq kmeans learn their low-bit codes unless told not to (--no-learned-rounding,
-    --paper) or unable to (<4b,4b> residuals: off, not refused); the search receives exactly that."""
-    import importlib
-
-    from fixq.app.cli import main
-    from fixq.planning.plan import PlanError
-    seen = []
-
-    def fake(session, config, opts, codes):
-        seen.append(codes)
-        raise PlanError("search reached")
-    monkeypatch.setattr(importlib.import_module(f"fixq.app.{module}"), search, fake)
-    argv = [command, "--model", "lenet-digits", "--calib", str(digits_dir), "--calib-size", "32", "--eval",
-            str(digits_dir), "--eval-size", "64", "--out", str(tmp_path / "o"), "--quiet", *flag]
-    assert main(argv) != 0
-    assert len(seen) == 1
-    if learned:
-        assert seen[0].learned and seen[0].bias_correction and seen[0].iters == 600
-        assert seen[0].bank_inputs == "sequential"
-    else:
-        assert seen[0] is None  # nearest rounding, no bias correction: the plan is the paper's
-
-
-def test_bank_inputs_option_reaches_the_searches_only():
-    from fixq.app.common import rounding_options
-    from fixq.app.parser import build_parser
-    from fixq.planning.plan import PlanError
-    p = build_parser()
-    base = ["--model", "lenet-digits", "--calib", "c", "--eval", "e", "--out", "o", "--learned-rounding"]
-    assert rounding_options(p.parse_args(["mixed", *base])).bank_inputs == "sequential"
-    assert rounding_options(p.parse_args(["kmeans", *base, "--bank-inputs", "base"])).bank_inputs == "base"
-    with pytest.raises(SystemExit):  # quantize learns every layer in sequence: it has no bank
-        p.parse_args(["quantize", *base, "--bank-inputs", "base"])
-    with pytest.raises(PlanError, match="bank_inputs"):
-        RoundingOptions(bank_inputs="float")

@@ -115,21 +115,21 @@ def search_config(args) -> QuantConfig:
 def rounding_options(args):
     """:class:`fixq.algorithms.learned.RoundingOptions` from ``--learned-rounding`` / ``--bias-correction``
     (None when neither is asked)."""
-    learned = getattr(args, "learned_rounding", False)
+    learned, residual44 = getattr(args, "learned_rounding", False), getattr(args, "residual_data_bits", None)
     if learned is None:  # a search's default: on, except for <4b,4b> residuals, which it cannot learn
-        learned = not getattr(args, "residual_data_bits", None)
+        learned = not residual44
         args.learned_rounding = learned  # the report's options say what ran
     bc = (getattr(args, "bias_correction", False) or learned) and not getattr(args, "no_bias_correction", False)
     if getattr(args, "no_bias_correction", False) and getattr(args, "bias_correction", False):
         raise PlanError("--bias-correction and --no-bias-correction contradict each other; give one")
     bank = getattr(args, "bank_inputs", None)
     if bank is not None and not learned:
-        why = ("--residual-data-bits (its <4b,4b> residual branch cannot be learned)"
-               if getattr(args, "residual_data_bits", None) else "--no-learned-rounding, or --paper")
+        why = ("--residual-data-bits (its <4b,4b> residual branch cannot be learned)" if residual44
+               else "--no-learned-rounding, or --paper")
         raise PlanError(f"--bank-inputs {bank} sets the inputs of the code bank that learned rounding learns "
                         f"before the search, and learned rounding is off ({why}); drop --bank-inputs"
-                        + ("" if getattr(args, "residual_data_bits", None) else
-                           ", or drop --no-learned-rounding (with --paper: add --learned-rounding)"), hint="")
+                        + ("" if residual44 else ", or drop --no-learned-rounding (with --paper: add "
+                                                 "--learned-rounding)"), hint="")
     if not (learned or bc):
         return None
     return RoundingOptions(learned=learned, bias_correction=bc, iters=args.rounding_iters,
