@@ -77,3 +77,18 @@ def test_tuner_keeps_only_trials_the_rule_accepted():
     assert r.best is not None and r.best.f <= 0.1 and r.best.top1_error <= 11.0
     # thresholds above the first refused one are never kept, though their error is under the target
     assert max(t.f for t in r.trials if t.f < 1.0) > 0.1  # (f = 1 is the probe of the range's top)
+
+
+def test_report_and_acceptance_count_tied_logits_alike():
+    # integer logits tie often; the reports' top-1 (topk_errors) and the acceptance rule
+    # (paired_drop, argmax) must call the same images right, or a trial's reported drop
+    # and the drop it was accepted on differ
+    from fixq.analysis.evaluate import topk_errors
+    g = torch.Generator().manual_seed(0)
+    y = torch.randint(0, 10, (2000,), generator=g)
+    ref = torch.nn.functional.one_hot(y, 10).float() * 5
+    q = torch.randint(0, 3, (2000, 10), generator=g).float()  # many ties at the top
+    assert int((q == q.max(1, keepdim=True).values).sum(1).gt(1).sum()) > 500
+    d = paired_drop(q, ref, y)["drop"]
+    assert math.isclose(topk_errors(q, y)[0] - topk_errors(ref, y)[0], d, abs_tol=1e-9)
+    assert math.isclose(topk_errors(q, y)[0], 100.0 * float((q.argmax(1) != y).double().mean()), abs_tol=1e-9)

@@ -23,9 +23,15 @@ def batches(x: torch.Tensor, y: torch.Tensor | None, batch_size: int):
 
 
 def topk_errors(logits: torch.Tensor, labels: torch.Tensor) -> tuple[float, float]:
-    """Top-1 and top-5 error in percent."""
+    """Top-1 and top-5 error in percent. Tied logits rank by class index (the first maximal
+    class is the top-1 class, as ``argmax`` and the searches' acceptance rule count it;
+    ``topk`` leaves the order of ties unspecified).
+
+    >>> topk_errors(torch.tensor([[1.0, 3.0, 3.0], [2.0, 2.0, 2.0]]), torch.tensor([1, 2]))
+    (50.0, 0.0)
+    """
     k = min(5, logits.shape[1])
-    top = logits.topk(k, dim=1).indices
+    top = torch.sort(logits, dim=1, descending=True, stable=True).indices[:, :k]
     hit1 = (top[:, 0] == labels).float().mean().item()
     hit5 = (top == labels[:, None]).any(dim=1).float().mean().item()
     return 100.0 * (1 - hit1), 100.0 * (1 - hit5)
