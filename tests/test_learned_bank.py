@@ -16,7 +16,7 @@ from fixq.backends.engine import Engine
 from fixq.backends.simulate import Simulator
 from fixq.graph.capture import capture
 from fixq.planning.coeffs import coeff_grid, layer_codes
-from fixq.planning.plan import Formats, LayerConfig, QuantConfig
+from fixq.planning.plan import LayerConfig, QuantConfig
 
 from helpers import spy_first_trial
 
@@ -161,10 +161,10 @@ def test_search_mixed_measures_and_saves_the_bank_codes(digits_dir, monkeypatch)
     from fixq.algorithms.mixed_search import MixedOptions, search_mixed
     s, banks, measured = _spy_search(monkeypatch, digits_dir, mixed_search, "CodeBank")
     res = search_mixed(s, QuantConfig(), MixedOptions(low_bits=2, exclude="none", trials=3, target_drop=30.0,
-                                                      sensitivity_size=40, bias_in_trials=False),
+                                                      sensitivity_size=40),
                        RoundingOptions(iters=30, samples=2048, batch=256))
     bank = banks[0]
-    assert bank.codes and res.codes_in_search and not res.bias_in_trials
+    assert bank.codes and res.codes_in_search
     low_plans = [p for p in measured if any(lp.weight.Tp is not None and min(lp.weight.bits().flatten().tolist()) < 8
                                             for k, lp in p.layers.items() if k in bank.codes)]
     assert low_plans and all(any(p.layers[k].codes is not None for k in bank.codes) for p in low_plans)
@@ -184,51 +184,6 @@ def test_search_mixed_measures_and_saves_the_bank_codes(digits_dir, monkeypatch)
     assert all("learned_in_bank" in r for r in res.codes_rows if r["layer"] in bank.codes)
     biases = [r["bias"] for r in res.codes_rows]  # the saved plan's biases are the model's: the rows say so
     assert "corrected" not in biases and "corrected, not kept (guard)" in biases
-
-
-def test_search_mixed_measures_every_trial_bias_corrected(digits_dir, monkeypatch):
-    """bias_in_trials (the default): every trial with low filters is measured with corrected
-    biases over the bank's codes, the sensitivity plans and the all-base plan are not, and the
-    saved plan is exactly the corrected plan the tuner measured (no guard, no second correction)."""
-    from fixq.algorithms import mixed_search
-    from fixq.algorithms.mixed_search import MixedOptions, search_mixed
-    from fixq.algorithms.pipeline import open_session
-    from fixq.algorithms.search import PlanBench
-    s = open_session("lenet-digits", str(digits_dir), str(digits_dir), calib_size=48, eval_size=120, batch_size=32,
-                     workers=0, show_progress=False)
-    banks, measured, sensed = [], [], []
-    orig_bank, orig_measure, orig_each = mixed_search.CodeBank, PlanBench.measure, PlanBench.measure_each
-    monkeypatch.setattr(mixed_search, "CodeBank", lambda *a, **k: (banks.append(orig_bank(*a, **k)), banks[-1])[1])
-    monkeypatch.setattr(PlanBench, "measure", lambda self, p, part="tune", *a: (measured.append((p, part)),
-                                                                               orig_measure(self, p, part, *a))[1])
-    monkeypatch.setattr(PlanBench, "measure_each", lambda self, plans, *a, **k: (sensed.extend(plans.values()),
-                                                                                 orig_each(self, plans, *a, **k))[1])
-    res = search_mixed(s, QuantConfig(), MixedOptions(low_bits=2, exclude="none", trials=3, target_drop=30.0,
-                                                      sensitivity_size=40),
-                       RoundingOptions(iters=30, samples=2048, batch=256))
-    bank = banks[0]
-    assert bank.codes and res.bias_in_trials and res.learned is None and res.bias_guard is None
-    assert res.saved is res.tuned
-
-    def low(p):
-        return any(int(lp.weight.bits().min()) < 8 for lp in p.layers.values() if isinstance(lp.weight, Formats))
-
-    def corrected(p):
-        return any("bias correction on" in x for x in p.notes) and all(
-            lp.codes is not None and lp.codes.bias is not None for k, lp in p.layers.items()
-            if s.graph.node(k).bias is not None)
-    trials = [p for p, part in measured if part == "tune" and low(p)]
-    assert trials and all(corrected(p) for p in trials)  # every tuning trial with low filters, corrected
-    assert sensed and any(low(p) for p in sensed) and not any(corrected(p) for p in sensed)  # sensitivity: not
-    assert all(not corrected(p) for p, part in measured if not low(p))  # the all-base plan keeps the model's biases
-    tuned = res.tuned.plan
-    assert low(tuned) and corrected(tuned) and "bias-corrected" in res.tuned.label
-    assert any(p.to_json() == tuned.to_json() for p, part in measured if part == "tune")  # saved = measured
-    for k in bank.codes:  # the corrected plan keeps the bank's round-up bits
-        lp = tuned.layers[k]
-        assert lp.codes.up == bank.apply(replace(tuned, layers={**tuned.layers, k: replace(lp, codes=None)}
-                                                 )).layers[k].codes.up
-    assert [r["bias"] for r in res.codes_rows] == ["corrected"] * len(res.codes_rows)
 
 
 def _kmeans_setup():

@@ -8,13 +8,12 @@ savings are relative to 2D-HQ with every filter at the base bits.
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 
 import torch
 
 from fixq.graph.ir import Linear
 from fixq.planning.plan import QuantConfig, QuantPlan
-from .learned import learn_rounding
 from .learned_bank import CodeBank, guarded_bias_correction
 from .mixed import (MixedError, Trial, TuneResult, eligible_layers, filter_bits, filter_energies, layer_thresholds,
                     tune_threshold)
@@ -41,7 +40,6 @@ class MixedOptions:
     strategies: tuple[str, ...] = ("global", "per-layer")
     seed: int = 0
     margin_z: float = 1.0               # acceptance margin in standard errors (fixq.algorithms.search)
-    bias_in_trials: bool = True         # with bias correction: every trial with low filters is measured corrected
 
     def __post_init__(self) -> None:
         if self.low_bits >= self.base_bits:
@@ -91,7 +89,6 @@ class MixedResult:
     codes_rows: list | None = None
     codes_in_search: bool = False     # trials ran with the learned low-bit codes (CodeBank)
     bias_guard: dict | None = None    # tuning top-1 of the tuned plan with / without bias correction
-    bias_in_trials: bool = False      # every trial with low filters was measured bias-corrected (saved as measured)
 
     @property
     def saved(self) -> PlanScore:
@@ -113,12 +110,8 @@ def search_mixed(session: Session, config: QuantConfig, opts: MixedOptions, code
     Conservative / tuned / Aggressive plans on the test images. ``codes`` (a
     :class:`fixq.algorithms.learned.RoundingOptions`): with learned rounding, every layer's low-bit
     codes are learned once before the search (:class:`fixq.algorithms.learned_bank.CodeBank`) and
-    every trial, the sensitivity pass included, runs with them. With bias correction and
-    ``opts.bias_in_trials`` (default), every trial with low filters is bias-corrected before it is
-    measured (every layer, in graph order, its codes kept; the sensitivity pass is not), so the
-    tuner accepts and the command saves the same corrected plan; without ``bias_in_trials`` the
-    tuned plan's biases are corrected after the search and kept when that does not raise its
-    tuning error (``learned``, ``bias_guard``).
+    every trial, the sensitivity pass included, runs with them; with bias correction, the tuned
+    plan's biases are then corrected and that plan is reported too (``learned``).
 
     >>> res = search_mixed(session, QuantConfig(), MixedOptions(target_drop=1.0))  # doctest: +SKIP
     >>> res.tuned.savings_pct, res.tuned.top1_error                              # doctest: +SKIP
@@ -148,16 +141,9 @@ def search_mixed(session: Session, config: QuantConfig, opts: MixedOptions, code
                         session.show_progress)
     t_bank = time.time() - t_bank
 
-    in_trials = codes is not None and codes.bias_correction and opts.bias_in_trials
-    last_rows: list = [None]  # the bias rows of the latest corrected trial plan
-
-    def make_plan(bits: dict, correct: bool = in_trials) -> QuantPlan:
+    def make_plan(bits: dict) -> QuantPlan:
         plan = bench.plan(filter_bits=bits)
-        plan = plan if bank is None else bank.apply(plan)
-        if correct and any(bool((b < opts.base_bits).any()) for b in bits.values()):
-            plan, last_rows[0] = learn_rounding(g, plan, cal.tensor(), replace(codes, learned=False), session.device,
-                                                False)
-        return plan
+        return plan if bank is None else bank.apply(plan)
 
     def trial_for(strategy, fmap):
         def run(f: float) -> Trial:
@@ -174,7 +160,7 @@ def search_mixed(session: Session, config: QuantConfig, opts: MixedOptions, code
     if "per-layer" in opts.strategies:
         m = opts.sensitivity_size
         got = bench.measure_many({name: (lambda name=name: make_plan({name: torch.full(
-            tuple(energies[name].shape), opts.low_bits, dtype=torch.int64)}, False)) for name in names}, "tune", m,
+            tuple(energies[name].shape), opts.low_bits, dtype=torch.int64)})) for name in names}, "tune", m,
             base=True, desc="layer sensitivity")
         base_err = bench.measure(bench.base_plan, "tune", m)[0]  # kept by the first base pass
         for name in names:
@@ -206,15 +192,12 @@ def search_mixed(session: Session, config: QuantConfig, opts: MixedOptions, code
     tuned_bits = filter_bits(energies, thresholds, opts.base_bits, opts.low_bits)
     aggressive_bits = {n: torch.full(tuple(energies[n].shape), opts.low_bits, dtype=torch.int64) for n in names}
     cons = score(f"Conservative (all {opts.base_bits}b)", {})
-    banked = ("" if bank is None else ", learned low-bit codes") + (", bias-corrected" if in_trials else "")
+    banked = "" if bank is None else ", learned low-bit codes"
     tuned = score(f"Tuned ({strategy}, f={best.f:.4g}{banked})", tuned_bits)
+    aggr = score(f"Aggressive (eligible layers {opts.low_bits}b{banked})", aggressive_bits)
     learned, bias_guard, t_codes = None, None, time.time()
     rows = None if bank is None else bank.report(tuned.plan)  # what the saved plan holds, per layer
-    if in_trials and last_rows[0] is not None and tuned.low_filters_pct > 0:  # the correction the tuned plan holds
-        mine = {r["layer"]: r for r in rows or ()}
-        rows = [dict(mine[b["layer"]], bias=b["bias"]) if b["layer"] in mine else b for b in last_rows[0]]
-    aggr = score(f"Aggressive (eligible layers {opts.low_bits}b{banked})", aggressive_bits)
-    if codes is not None and codes.bias_correction and not in_trials:  # the tuned plan's codes kept: only biases
+    if codes is not None and codes.bias_correction:  # the tuned plan's codes kept: only the biases change
         plan, rows, e_bc, kept = guarded_bias_correction(g, tuned.plan, cal.tensor(), codes, session.device,
                                                          session.show_progress, rows, lambda p: bench.measure(p)[0],
                                                          best.top1_error)
@@ -224,5 +207,4 @@ def search_mixed(session: Session, config: QuantConfig, opts: MixedOptions, code
     return MixedResult(bench.float_tune, *bench.float_test, target, bench.n_tune, bench.n_test, cons, tuned, aggr, strategy,
                        tuning, sensitivity, thresholds,
                        {"energies_s": t_energy, "sensitivity_s": t_sens, "tuning_s": t_tune, "codes_s": t_codes,
-                        "total_s": time.time() - t0}, learned, rows, bank is not None and bool(bank.codes), bias_guard,
-                       in_trials)
+                        "total_s": time.time() - t0}, learned, rows, bank is not None and bool(bank.codes), bias_guard)

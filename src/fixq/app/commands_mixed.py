@@ -37,7 +37,7 @@ def cmd_mixed(args) -> int:
                         sensitivity_size=args.sensitivity_size, exclude=args.exclude, trials=args.trials,
                         strategies=("global", "per-layer") if args.strategy == "both" else (args.strategy,),
                         seed=args.seed, f0=args.f0, delta=args.delta,
-                        margin_z=args.margin_z, bias_in_trials=args.bias_in_trials)
+                        margin_z=args.margin_z)
     config = search_config(args)
     codes = rounding_options(args)
     out = prepare_out(args.out)
@@ -105,10 +105,6 @@ def cmd_mixed(args) -> int:
                + (f" (learned rounding did not lower the output error of {', '.join(near)}: nearest there too)"
                   if near else "")
                + ". The tuned plan holds exactly the codes the tuner measured.\n")
-    if res.bias_in_trials:
-        md += ("\nBias correction ran inside the search: every trial with low filters was measured with every "
-               "layer's bias corrected (in graph order, its codes kept; the layer sensitivity was not), so the "
-               "saved plan is the corrected plan the tuner accepted.\n")
     if res.bias_guard is not None:
         bg = res.bias_guard
         md += (f"\nBias correction of the tuned plan (last row): tuning top-1 {bg['tune_top1_corrected']:.2f}% vs "

@@ -199,8 +199,7 @@ def search_codes_json(codes, res, saved: str) -> dict:
     code bank's (None without learned rounding)."""
     return {"method": codes.label(), "layers": res.codes_rows,
             "bank_inputs": codes.bank_inputs if codes.learned else None,
-            "in_search": res.codes_in_search, "bias_guard": res.bias_guard,
-            "bias_in_trials": getattr(res, "bias_in_trials", False), "saved": saved}
+            "in_search": res.codes_in_search, "bias_guard": res.bias_guard, "saved": saved}
 
 
 def codes_markdown(opts, rows: list[dict], how: str | None = None) -> str:

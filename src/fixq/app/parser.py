@@ -243,11 +243,6 @@ def build_parser() -> argparse.ArgumentParser:
                    help="one energy threshold for all layers, one scaled per layer by sensitivity, or both")
     g.add_argument("--f0", type=float, default=0.05, help="first energy threshold tried")
     g.add_argument("--delta", type=float, default=0.05, help="first threshold step")
-    g.add_argument("--bias-in-trials", action=argparse.BooleanOptionalAction, default=True,
-                   help="with bias correction (implied by learned rounding): every trial with low filters is "
-                        "measured bias-corrected, so the tuner accepts the plan that is saved (default); "
-                        "--no-bias-in-trials: the tuned plan is corrected after the search and kept when that "
-                        "does not raise its tuning error")
     _add_search_quant(g)
     _add_codes(p, search=True)
     _add_output(p)
