@@ -56,5 +56,6 @@ cd "$(dirname "$0")"
     [ -f results/paper_mixed_$m.md ] && { echo; cat results/paper_mixed_$m.md; }
   done
   sec "Mobile-CNN ops: tables, squeeze-and-excitation, channel shuffle (issue 21)" results/mobile_ops.md
+  sec "Ties at the top of 8-bit logits (session 18)" results/output_ties.md
 } > RESULTS.md
 echo "wrote $(pwd)/RESULTS.md"
