@@ -4,7 +4,7 @@ test halves (the split of ``fixq mixed`` / ``fixq kmeans``, seed 0). Top-1 is ar
 first largest logit); "ties" counts images with two or more classes at the largest logit.
 
     PYTHONPATH=src python benchmarks/output_ties.py benchmarks/results/kmeans_efficientnet-lite0-s17.md \\
-        benchmarks/out/kmeans-efficientnet-lite0-s17 --shared ../shared >> benchmarks/results/output_ties.md
+        benchmarks/out/kmeans-efficientnet-lite0-s17 --shared ../shared
 
 The first argument is a search's result file (its command line rebuilds the session), the second
 the folder with its ``plan.json``.
@@ -42,12 +42,15 @@ def main() -> None:
     def fmt(p, T, dF):
         g = p.tensors[out]
         return replace(p, tensors={**p.tensors, out: replace(g, T=T, F=tuple(x + dF for x in g.F))})
-    top = float(session.float_logits.max(1).values.max())
+    tops = session.float_logits.max(1).values
+    big = (2 ** (f.T - 1) - 1) * 2.0 ** -f.F[0]  # the planned format's largest value
     print(f"### {Path(a.result_md).name}: output `{out}` at Q({f.T},{f.F[0]})\n")
-    print(f"Plan: `{Path(a.run_dir) / 'plan.json'}`; largest float logit over the evaluation images {top:.2f}.\n")
+    print(f"Plan: `{Path(a.run_dir) / 'plan.json'}`; largest float logit over the {len(tops)} evaluation images "
+          f"{float(tops.max()):.2f}; {int((tops >= big).sum())} images have a top float logit at or above {big:g}.\n")
     print("| plan | output format | tune top-1 err % | tune ties | test top-1 err % | test ties |")
     print("|---|---|---|---|---|---|")
     for name, p in (("saved", plan), ("all 8-bit", bench.base_plan)):
+        f = p.tensors[out]  # each plan's own output format
         # twice the range at 8 bits; 8 more fractional bits; 8 more bits split 5 fraction / 3 range
         for lab, q in ((f"Q({f.T},{f.F[0]}) (planned)", p), (f"Q(8,{f.F[0] - 1})", fmt(p, 8, -1)),
                        (f"Q(16,{f.F[0] + 8})", fmt(p, 16, 8)), (f"Q(16,{f.F[0] + 5})", fmt(p, 16, 5))):
