@@ -14,7 +14,7 @@ from fixq.app.cli import main
 from fixq.analysis.complexity import analyze
 from fixq.backends.engine import Engine
 from fixq.algorithms.mixed import (MixedError, Trial, eligible_layers, filter_bits, filter_energies, low_precision_mask,
-                                   ranked_low_masks, tune_threshold)
+                                   tune_threshold)
 from fixq.planning.plan import LayerConfig, QuantConfig
 from fixq.backends.simulate import Simulator
 
@@ -72,28 +72,6 @@ def test_threshold_rule_hand_example():
     assert bits.tolist() == [[8, 4, 4], [4, 8, 8]]
     with pytest.raises(MixedError, match="threshold"):
         low_precision_mask(E, 1.5)
-
-
-def test_per_mac_ranking_hand_example():
-    """Predicted noise s_l E_ij / E_l per complexity saved c_l, ranked across layers."""
-    E = {"a": torch.tensor([[1.0, 3.0]]), "b": torch.tensor([[2.0, 2.0], [0.0, 4.0]]), "z": torch.zeros(1, 2)}
-    noise, saving = {"a": 2.0, "b": 1.0, "z": 5.0}, {"a": 1.0, "b": 0.5, "z": 1.0}
-    # predicted noise: a .5, 1.5; b .25, .25, 0, .5; z 0, 0 (total 3.0); noise per saving:
-    # a .5, 1.5; b .5, .5, 0, 1.0; z 0, 0 -> order (ties: layer, then index order)
-    # b[1,0], z0, z1, a0, b[0,0], b[0,1], b[1,1], a1; cumulative shares 0, 0, 0, .5/3, .75/3, 1/3, 1.5/3, 1
-    m = ranked_low_masks(E, noise, saving, 0.25)  # b[0,0] reaches exactly .25: not under f
-    assert m["a"].tolist() == [[True, False]] and m["b"].tolist() == [[False, False], [True, False]]
-    assert m["z"].tolist() == [[True, True]]
-    m = ranked_low_masks(E, noise, saving, 1 / 3)  # b[0,1] reaches exactly 1/3: not under f
-    assert m["b"].tolist() == [[True, False], [True, False]]
-    assert all(not v.any() for v in ranked_low_masks(E, noise, saving, 0.0).values())
-    assert all(v.all() for v in ranked_low_masks(E, noise, saving, 1.0).values())
-    # a layer whose filters save more complexity is taken first at the same noise
-    m = ranked_low_masks({"p": torch.ones(1, 2), "q": torch.ones(1, 2)}, {"p": 1.0, "q": 1.0},
-                         {"p": 1.0, "q": 2.0}, 0.6)
-    assert m["p"].tolist() == [[False, False]] and m["q"].tolist() == [[True, True]]
-    with pytest.raises(MixedError, match="threshold"):
-        ranked_low_masks(E, noise, saving, -0.1)
 
 
 def test_tuner_never_returns_a_plan_missing_the_target():
@@ -342,31 +320,3 @@ def test_sensitivity_is_one_base_pass_and_equals_separate_measurements(capsys, t
     assert code == 0, cap.err
     rep = json.loads((tmp_path / "m" / "report.json").read_text())
     assert len(rep["sensitivity"]) >= 2 and len([c for c in calls if c[1] is not None]) == 1  # the base, once
-
-
-def test_cli_mixed_per_mac_plan_is_the_ranking_at_the_tuned_f(capsys, tmp_path, digits_dir):
-    """--strategy per-mac: the saved plan's 8/4 bits are ranked_low_masks of the reported
-    sensitivities and energies at the tuned f, and every trial is judged by the same rule."""
-    from fixq.algorithms.pipeline import open_session
-    from fixq.algorithms.search import PlanBench, base_config
-    from fixq.algorithms.mixed_search import _filter_savings
-    code, cap = _mixed(capsys, digits_dir, tmp_path / "m", "--low-bits", 2, "--trials", 6, "--strategy", "per-mac",
-                       "--no-learned-rounding")
-    assert code == 0, cap.err
-    rep = json.loads((tmp_path / "m" / "report.json").read_text())
-    assert rep["strategy"] == "per-mac" and {t["strategy"] for t in rep["trials"]} == {"per-mac"}
-    best = [t for t in rep["trials"] if t["meets_target"]]
-    f = min(best, key=lambda t: (t["rel_complexity_mmacs"], t["top1_error"]))["f"]
-    s = open_session("lenet-digits", str(digits_dir), str(digits_dir), calib_size=64, eval_size=300, workers=0,
-                     show_progress=False)
-    names = eligible_layers(s.graph, "none")
-    probe = s.calib_stream.subset(range(min(64, len(s.calib_stream))), batch_size=32)
-    E = filter_energies(s.graph, probe, names, show_progress=False)
-    saving = _filter_savings(PlanBench(s, base_config(QuantConfig(), 8)), names, E, 2)
-    noise = {k: v["output_noise"] for k, v in rep["sensitivity"].items()}
-    want = ranked_low_masks(E, noise, saving, f)
-    plan = load_plan(tmp_path / "m" / "plan.json")
-    for k in names:
-        bits = plan.layers[k].weight.bits().reshape(E[k].shape)
-        assert torch.equal(bits == 2, want[k]), k
-    assert 0 < sum(int(m.sum()) for m in want.values())

@@ -23,11 +23,7 @@ from fixq.graph.ir import FLOAT_RULES, Conv, Graph, Input, Linear, apply_act, pr
 from fixq.util.progress import progress
 
 __all__ = ["MixedError", "filter_energies", "low_precision_mask", "filter_bits", "eligible_layers",
-           "Trial", "TuneResult", "tune_threshold", "layer_thresholds", "ranked_low_masks", "STRATEGIES"]
-
-# the threshold strategies of the tuning loop (DESIGN §8): one f for all layers (the paper's),
-# f scaled per layer by its sensitivity, and filters ranked across layers by noise per MAC saved
-STRATEGIES = ("global", "per-layer", "per-mac")
+           "Trial", "TuneResult", "tune_threshold", "layer_thresholds"]
 
 
 class MixedError(FixqError):
@@ -166,7 +162,7 @@ class Trial:
     """One evaluated threshold of the tuning loop."""
 
     f: float
-    strategy: str                 # one of STRATEGIES
+    strategy: str                 # "global" or "per-layer"
     top1_error: float             # on the tuning images
     rel_complexity_mmacs: float
     savings_pct: float            # vs <base,8b> everywhere
@@ -250,42 +246,3 @@ def layer_thresholds(sensitivity: dict, f: float, power: float = 0.5) -> dict:
     s = {k: max(float(v), eps) for k, v in sensitivity.items()}
     ref = float(torch.tensor(list(s.values()), dtype=torch.float64).log().mean().exp())
     return {k: min(1.0, f * (ref / v) ** power) for k, v in s.items()}
-
-
-def ranked_low_masks(energies: dict, noise: dict, saving: dict, f: float) -> dict:
-    """Low-precision 2D filters chosen across layers by predicted output noise per unit of
-    complexity saved (a greedy knapsack; DESIGN §8 "per-mac"). Filter ``(i, j)`` of layer l
-    predicts the noise ``s_l * E_ij / E_l`` (``s_l = noise[l]``, the output noise with all of
-    l's filters low, shared out by energy as in the paper's ordering) and saves ``c_l =
-    saving[l]`` (the complexity one low filter of l saves). Filters are taken in increasing
-    ``s_l E_ij / (E_l c_l)`` (ties: layer order, then index order) while the cumulative share
-    of the total predicted noise, their own included, stays ``< f``; ``f = 1`` takes every
-    filter. Within a layer this is the paper's lowest-energy-first order.
-
-    >>> m = ranked_low_masks({"a": torch.tensor([[1.0, 3.0]]), "b": torch.tensor([[1.0, 1.0]])},
-    ...                      {"a": 1.0, "b": 1.0}, {"a": 1.0, "b": 4.0}, 0.7)
-    >>> m["a"].tolist(), m["b"].tolist()
-    ([[True, False]], [[True, True]])
-    """
-    if not 0.0 <= f <= 1.0:
-        raise MixedError(f"energy threshold f must lie in [0, 1], got {f}")
-    names = list(energies)
-    pred, score = [], []
-    for name in names:
-        E = energies[name].reshape(-1).double()
-        tot = float(E.sum())
-        p = max(float(noise[name]), 0.0) * (E / tot if tot > 0 else torch.zeros_like(E))
-        pred.append(p)
-        score.append(p / max(float(saving[name]), 1e-300))
-    p_all, s_all = torch.cat(pred), torch.cat(score)
-    order = torch.sort(s_all, stable=True).indices
-    total = float(p_all.sum())
-    share = p_all[order].cumsum(0) / total if total > 0 else torch.zeros_like(p_all)
-    low = torch.zeros_like(p_all, dtype=torch.bool)
-    low[order] = share < f if f < 1.0 else torch.ones_like(share, dtype=torch.bool)
-    out, k = {}, 0
-    for name in names:
-        n = energies[name].numel()
-        out[name] = low[k:k + n].reshape(energies[name].shape)
-        k += n
-    return out

@@ -12,12 +12,11 @@ from dataclasses import dataclass, field
 
 import torch
 
-from fixq.analysis.complexity import analyze
 from fixq.graph.ir import Linear
 from fixq.planning.plan import QuantConfig, QuantPlan
 from .learned_bank import CodeBank, guarded_bias_correction
-from .mixed import (STRATEGIES, MixedError, Trial, TuneResult, eligible_layers, filter_bits, filter_energies,
-                    layer_thresholds, ranked_low_masks, tune_threshold)
+from .mixed import (MixedError, Trial, TuneResult, eligible_layers, filter_bits, filter_energies, layer_thresholds,
+                    tune_threshold)
 from .pipeline import Session
 from .search import PlanBench, base_config, resolve_target
 
@@ -51,9 +50,9 @@ class MixedOptions:
             raise MixedError("need 0 < f0 <= 1 and 0 < min_delta <= delta <= 1")
         if self.trials < 2:
             raise MixedError("--trials must be at least 2 (f = 0 and one threshold)")
-        bad = set(self.strategies) - set(STRATEGIES)
+        bad = set(self.strategies) - {"global", "per-layer"}
         if bad or not self.strategies:
-            raise MixedError(f"strategies are {', '.join(map(repr, STRATEGIES))}, got {sorted(bad) or 'none'}")
+            raise MixedError(f"strategies are 'global' and 'per-layer', got {sorted(bad) or 'none'}")
 
 
 @dataclass(frozen=True)
@@ -106,25 +105,6 @@ def _low_pct(bits: dict, base: int) -> tuple[float, dict]:
     return (100.0 * low / tot if tot else 0.0), per
 
 
-def _filter_savings(bench: PlanBench, names, energies: dict, low_bits: int) -> dict:
-    """Complexity (M <8b,8b> MACs) one 2D filter of each layer saves at ``low_bits``: the
-    layer's cost with all filters at the base bits minus all low, over its 2D filters."""
-    g = bench.session.graph
-    base = {c.name: c.rel_complexity_mmacs for c in analyze(g, bench.base_plan).layers}
-    low = {c.name: c.rel_complexity_mmacs for c in analyze(g, bench.base_plan, {
-        n: torch.full(tuple(energies[n].shape), low_bits, dtype=torch.int64) for n in names}).layers}
-    return {n: (base[n] - low[n]) / energies[n].numel() for n in names}
-
-
-def _low_energy_share(energies: dict, bits: dict, base_bits: int) -> dict:
-    """Per layer: the share of its filter energy held by its low-precision filters."""
-    out = {}
-    for n, E in energies.items():
-        tot = float(E.double().sum())
-        out[n] = float(E.double()[bits[n].reshape(E.shape) < base_bits].sum()) / tot if tot > 0 else 0.0
-    return out
-
-
 def search_mixed(session: Session, config: QuantConfig, opts: MixedOptions, codes=None) -> MixedResult:
     """Energies on probe images, then the tuning loop for each strategy, then the
     Conservative / tuned / Aggressive plans on the test images. ``codes`` (a
@@ -167,7 +147,7 @@ def search_mixed(session: Session, config: QuantConfig, opts: MixedOptions, code
 
     def trial_for(strategy, fmap):
         def run(f: float) -> Trial:
-            bits = fmap(f)
+            bits = filter_bits(energies, fmap(f), opts.base_bits, opts.low_bits)
             plan = make_plan(bits)
             err, _, logits = bench.measure(plan)
             ok, d = bench.judge(logits, target)
@@ -176,8 +156,8 @@ def search_mixed(session: Session, config: QuantConfig, opts: MixedOptions, code
         return run
 
     sensitivity: dict = {}
-    fmaps = {"global": lambda f: filter_bits(energies, f, opts.base_bits, opts.low_bits)}  # f -> bits per 2D filter
-    if {"per-layer", "per-mac"} & set(opts.strategies):
+    fmaps = {"global": lambda f: f}
+    if "per-layer" in opts.strategies:
         m = opts.sensitivity_size
         got = bench.measure_many({name: (lambda name=name: make_plan({name: torch.full(
             tuple(energies[name].shape), opts.low_bits, dtype=torch.int64)})) for name in names}, "tune", m,
@@ -186,11 +166,7 @@ def search_mixed(session: Session, config: QuantConfig, opts: MixedOptions, code
         for name in names:
             err, _, logits = got[name]  # one simulation gives both (same plan, same images)
             sensitivity[name] = {"delta_top1": err - base_err, "output_noise": bench.logit_noise(logits, "tune")}
-        noise = {k: v["output_noise"] for k, v in sensitivity.items()}
-        fmaps["per-layer"] = lambda f: filter_bits(energies, layer_thresholds(noise, f), opts.base_bits, opts.low_bits)
-        saving = _filter_savings(bench, names, energies, opts.low_bits)
-        fmaps["per-mac"] = lambda f: {n: torch.where(m, opts.low_bits, opts.base_bits).to(torch.int64)
-                                      for n, m in ranked_low_masks(energies, noise, saving, f).items()}
+        fmaps["per-layer"] = lambda f: layer_thresholds({k: v["output_noise"] for k, v in sensitivity.items()}, f)
     t_sens = time.time() - t0 - t_energy - t_bank
     tuning: dict[str, TuneResult] = {}
     for s in opts.strategies:
@@ -211,10 +187,9 @@ def search_mixed(session: Session, config: QuantConfig, opts: MixedOptions, code
         tot, per = _low_pct(bits, opts.base_bits) if bits else (0.0, {n: 0.0 for n in names})
         return PlanScore(label, plan, e1, e5, c, sv, tot, per)
 
-    tuned_bits = fmaps[strategy](best.f)
-    thresholds = {"global": lambda: {n: best.f for n in names},  # per layer: the f (per-mac: low energy share)
-                  "per-layer": lambda: layer_thresholds(noise, best.f),
-                  "per-mac": lambda: _low_energy_share(energies, tuned_bits, opts.base_bits)}[strategy]()
+    thresholds = fmaps[strategy](best.f)
+    thresholds = {n: thresholds for n in names} if not isinstance(thresholds, dict) else thresholds
+    tuned_bits = filter_bits(energies, thresholds, opts.base_bits, opts.low_bits)
     aggressive_bits = {n: torch.full(tuple(energies[n].shape), opts.low_bits, dtype=torch.int64) for n in names}
     cons = score(f"Conservative (all {opts.base_bits}b)", {})
     banked = "" if bank is None else ", learned low-bit codes"

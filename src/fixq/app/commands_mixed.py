@@ -5,7 +5,6 @@ import json
 
 from fixq.algorithms.learned_bank import inputs_text
 from fixq.algorithms.mixed_search import MixedOptions, search_mixed
-from fixq.algorithms.mixed import STRATEGIES
 from fixq.algorithms.search import acceptance_rule
 from fixq.analysis.report import markdown_table, write_json
 from fixq.util import distributed as dist
@@ -31,15 +30,12 @@ def _trials_table(res) -> str:
                            "savings %", "meets target"], rows)
 
 
-STRATEGY_SETS = {"both": ("global", "per-layer"), "all": STRATEGIES}  # --strategy words naming several
-
-
 def cmd_mixed(args) -> int:
     opts = MixedOptions(base_bits=args.base_bits, low_bits=args.low_bits,
                         target_drop=None if args.target_error is not None else args.target_drop,
                         target_error=args.target_error, probe_size=args.probe_size, tune_size=args.tune_size,
                         sensitivity_size=args.sensitivity_size, exclude=args.exclude, trials=args.trials,
-                        strategies=STRATEGY_SETS.get(args.strategy, (args.strategy,)),
+                        strategies=("global", "per-layer") if args.strategy == "both" else (args.strategy,),
                         seed=args.seed, f0=args.f0, delta=args.delta,
                         margin_z=args.margin_z)
     config = search_config(args)

@@ -239,10 +239,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--trials", type=int, default=12, help="evaluations per strategy (f = 0 included)")
     g.add_argument("--tune-size", type=int, help="evaluation images used for tuning (default half); the rest report")
     g.add_argument("--sensitivity-size", type=int, default=256, help="tuning images for per-layer sensitivity")
-    g.add_argument("--strategy", default="both", choices=["all", "both", "global", "per-layer", "per-mac"],
-                   help="global: one energy threshold for all layers (the paper); per-layer: one scaled per layer "
-                        "by its sensitivity; per-mac: filters ranked across layers by predicted output noise per "
-                        "MAC saved; both: global and per-layer; all: the three (the lowest complexity wins)")
+    g.add_argument("--strategy", default="both", choices=["both", "global", "per-layer"],
+                   help="one energy threshold for all layers, one scaled per layer by sensitivity, or both")
     g.add_argument("--f0", type=float, default=0.05, help="first energy threshold tried")
     g.add_argument("--delta", type=float, default=0.05, help="first threshold step")
     _add_search_quant(g)
