@@ -86,6 +86,19 @@ def test_tuner_never_returns_a_plan_missing_the_target():
     assert none.best is None and len(none.trials) == 1
 
 
+def test_tuner_never_measures_a_threshold_twice():
+    """0.025 + 0.0125 = 0.037500000000000006 and 0.03125 + 0.00625 = 0.0375: the second is the
+    threshold that already missed, so it counts as a miss without spending a trial."""
+    seen = []
+
+    def ev(f):
+        seen.append(f)
+        return Trial(f, "global", 10.0, 100 * (1 - f), 100 * f, 100 * f, f < 0.035)
+    r = tune_threshold(ev, target=11.0, max_trials=20)
+    assert sorted(round(f, 9) for f in seen) == sorted(set(round(f, 9) for f in seen)), seen
+    assert 0.03125 in seen and r.best.f < 0.035
+
+
 def test_tuner_stops_at_once_when_the_top_of_the_range_meets_the_target():
     seen = []
 

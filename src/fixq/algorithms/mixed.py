@@ -215,7 +215,8 @@ def tune_threshold(evaluate: Callable[[float], Trial], target: float, f0: float 
     while len(trials) < max_trials + 1:  # the f = 1 probe is outside the budget
         f = min(f, 1.0)
         # a threshold at or above one that already missed is not re-measured: it counts as a miss
-        met = f < bad and run(f).meets_target
+        # (compared within 1e-9: 0.025 + 0.0125 and 0.03125 + 0.00625 are both 0.0375, in two roundings)
+        met = f < bad - 1e-9 and run(f).meets_target
         if met:
             good = f
             if f >= 1.0:
