@@ -179,11 +179,20 @@ def test_cli_export_run_c_equals_quantize_logits(tmp_path, digits_dir, capsys):
                  "--eval", str(digits_dir), "--exact", "--coeff-mode", "2D", "--quiet",
                  "--save-logits", str(tmp_path / "q.npy"), "--out", str(q)]) == 0
     assert main(["export-c", "--plan", str(q / "plan.json"), "--out", str(tmp_path / "c")]) == 0
-    assert "ROM" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert "ROM" in out and "activations (int16_t)" in out  # LeNet's ReLU outputs are U(8,F)
+    assert "unsigned 8-bit" in out and "--data-sign signed" in out  # the export says why, and the fix
     assert main(["run-c", str(tmp_path / "c"), "--data", str(digits_dir), "--images", str(q / "images.json"),
                  "--out", str(tmp_path / "c.npy")]) == 0
     a, b = np.load(tmp_path / "q.npy"), np.load(tmp_path / "c.npy")
     assert a.shape == b.shape == (536, 10) and (a == b).all()
+    assert main(["quantize", "--model", "lenet-digits", "--calib", str(digits_dir), "--calib-size", "16",
+                 "--eval", str(digits_dir), "--eval-size", "8", "--data-sign", "signed", "--quiet",
+                 "--out", str(tmp_path / "s")]) == 0
+    assert main(["export-c", "--plan", str(tmp_path / "s" / "plan.json"), "--out", str(tmp_path / "cs"),
+                 "--no-build"]) == 0
+    out = capsys.readouterr().out
+    assert "activations (int8_t)" in out and "unsigned 8-bit" not in out
     assert main(["quantize", "--model", "lenet-digits", "--calib", str(digits_dir), "--calib-size", "16",
                  "--eval", str(digits_dir), "--eval-size", "8", "--method", "affine", "--quiet",
                  "--out", str(tmp_path / "aff")]) == 0
