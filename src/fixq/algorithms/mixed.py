@@ -236,14 +236,15 @@ def tune_threshold(evaluate: Callable[[float], Trial], target: float, f0: float 
 
 
 def layer_thresholds(sensitivity: dict, f: float, power: float = 0.5) -> dict:
-    """Per-layer thresholds from per-layer sensitivity ``s_l`` (error increase when layer l
-    alone goes low precision): ``f_l = min(1, f * (s_ref / s_l)**power)`` with ``s_ref`` the
-    geometric mean, so robust layers take more low-precision filters than fragile ones.
+    """Per-layer thresholds from per-layer sensitivity ``s_l`` (the output noise layer l adds
+    when it alone goes low precision): ``f_l = min(1, f * (s_ref / s_l)**power)`` with ``s_ref``
+    the geometric mean of the positive ``s_l``, so robust layers take more low-precision filters
+    than fragile ones; a layer that adds no noise takes every filter (f > 0).
 
-    >>> {k: round(v, 3) for k, v in layer_thresholds({"a": 1.0, "b": 4.0}, 0.2).items()}
-    {'a': 0.283, 'b': 0.141}
+    >>> {k: round(v, 3) for k, v in layer_thresholds({"a": 1.0, "b": 4.0, "c": 0.0}, 0.2).items()}
+    {'a': 0.283, 'b': 0.141, 'c': 1.0}
     """
-    eps = 1e-12
-    s = {k: max(float(v), eps) for k, v in sensitivity.items()}
-    ref = float(torch.tensor(list(s.values()), dtype=torch.float64).log().mean().exp())
-    return {k: min(1.0, f * (ref / v) ** power) for k, v in s.items()}
+    s = {k: float(v) for k, v in sensitivity.items()}
+    pos = [v for v in s.values() if v > 0]
+    ref = float(torch.tensor(pos, dtype=torch.float64).log().mean().exp()) if pos else 1.0
+    return {k: (min(1.0, f * (ref / v) ** power) if v > 0 else (1.0 if f > 0 else 0.0)) for k, v in s.items()}

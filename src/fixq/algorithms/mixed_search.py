@@ -82,7 +82,7 @@ class MixedResult:
     aggressive: PlanScore
     strategy: str
     tuning: dict                      # strategy -> TuneResult
-    sensitivity: dict                 # layer -> {"delta_top1": .., "output_noise": ..}
+    sensitivity: dict                 # layer -> {"delta_top1": .., "output_noise": .., "added_noise": ..}
     thresholds: dict                  # layer -> f used by the tuned plan
     seconds: dict
     learned: PlanScore | None = None  # the tuned plan with learned rounding / bias correction (``codes``)
@@ -162,11 +162,14 @@ def search_mixed(session: Session, config: QuantConfig, opts: MixedOptions, code
         got = bench.measure_many({name: (lambda name=name: make_plan({name: torch.full(
             tuple(energies[name].shape), opts.low_bits, dtype=torch.int64)})) for name in names}, "tune", m,
             base=True, desc="layer sensitivity")
-        base_err = bench.measure(bench.base_plan, "tune", m)[0]  # kept by the first base pass
+        base_err, _, base_logits = bench.measure(bench.base_plan, "tune", m)  # kept by the first base pass
         for name in names:
-            err, _, logits = got[name]  # one simulation gives both (same plan, same images)
-            sensitivity[name] = {"delta_top1": err - base_err, "output_noise": bench.logit_noise(logits, "tune")}
-        fmaps["per-layer"] = lambda f: layer_thresholds({k: v["output_noise"] for k, v in sensitivity.items()}, f)
+            err, _, logits = got[name]  # one simulation gives all three (same plan, same images)
+            sensitivity[name] = {"delta_top1": err - base_err, "output_noise": bench.logit_noise(logits, "tune"),
+                                 "added_noise": bench.logit_noise(logits, "tune", base_logits)}
+        # s_l: the noise layer l's low bits add to the all-base plan's output (the noise against float
+        # also holds the base plan's own, the same for every layer; DESIGN §8)
+        fmaps["per-layer"] = lambda f: layer_thresholds({k: v["added_noise"] for k, v in sensitivity.items()}, f)
     t_sens = time.time() - t0 - t_energy - t_bank
     tuning: dict[str, TuneResult] = {}
     for s in opts.strategies:

@@ -324,10 +324,13 @@ class PlanBench:
         """``||logits - float||^2 / ||float||^2`` on the first ``limit`` tuning images."""
         return self.logit_noise(self.measure(plan, "tune", limit)[2], "tune")
 
-    def logit_noise(self, logits: torch.Tensor, part: str = "test") -> float:
-        """``||logits - float||^2 / ||float||^2`` of logits measured on the first images of ``part``."""
+    def logit_noise(self, logits: torch.Tensor, part: str = "test", base: torch.Tensor | None = None) -> float:
+        """``||logits - float||^2 / ||float||^2`` of logits measured on the first images of ``part``;
+        with ``base`` (another plan's logits on the same images), ``||logits - base||^2 / ||float||^2``:
+        the noise one plan adds to the other."""
         ref = self.parts[part][2][:logits.shape[0]].double()
-        return float(((logits.double() - ref) ** 2).sum() / (ref ** 2).sum())
+        other = ref if base is None else base[:logits.shape[0]].double()
+        return float(((logits.double() - other) ** 2).sum() / (ref ** 2).sum())
 
     def cost(self, plan: QuantPlan) -> tuple[float, float]:
         """``(complexity in M <8b,8b> MACs, savings % vs the all-base plan)``."""
