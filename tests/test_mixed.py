@@ -335,33 +335,38 @@ def test_sensitivity_is_one_base_pass_and_equals_separate_measurements(capsys, t
     assert len(rep["sensitivity"]) >= 2 and len([c for c in calls if c[1] is not None]) == 1  # the base, once
 
 
-def test_per_layer_sensitivity_is_the_noise_a_layer_adds_to_the_base_plan(capsys, tmp_path, digits_dir):
-    """s_l = ||logits(l low) - logits(all base)||^2 / ||float||^2 (not the noise against float,
-    which also holds the base plan's own), and the per-layer thresholds come from it."""
+def test_per_layer_sensitivity_noises_and_thresholds(capsys, tmp_path, digits_dir):
+    """report.json's sensitivity: output_noise = ||logits(l low) - float||^2 / ||float||^2, which
+    the per-layer thresholds use, and added_noise = ||logits(l low) - logits(all base)||^2 /
+    ||float||^2, the part layer l adds (reported; DESIGN §8 says why it does not set f_l)."""
     from fixq.algorithms.mixed import layer_thresholds
     from fixq.algorithms.pipeline import open_session
     from fixq.algorithms.search import PlanBench, base_config
     code, cap = _mixed(capsys, digits_dir, tmp_path / "m", "--low-bits", 2, "--trials", 4, "--strategy", "per-layer",
-                       "--no-learned-rounding")
+                       "--no-learned-rounding", "--sensitivity-size", 64)  # fewer than the 150 tuning images
     assert code == 0, cap.err
     rep = json.loads((tmp_path / "m" / "report.json").read_text())
     s = open_session("lenet-digits", str(digits_dir), str(digits_dir), calib_size=64, eval_size=300, workers=0,
                      show_progress=False)
     bench = PlanBench(s, base_config(QuantConfig(), 8))
     names = eligible_layers(s.graph, "none")
-    base = bench.measure(bench.base_plan, "tune", 256)[2]
+    base = bench.measure(bench.base_plan, "tune", 64)[2]
     ref = bench.parts["tune"][2][:base.shape[0]].double()
-    added = {}
+    added, noise = {}, {}
     for k in names:
         lg = bench.measure(bench.plan(filter_bits={k: torch.full(tuple(s.graph.node(k).weight.shape[:2]), 2)}),
-                           "tune", 256)[2].double()
+                           "tune", 64)[2].double()
         added[k] = float(((lg - base.double()) ** 2).sum() / (ref ** 2).sum())
         got = rep["sensitivity"][k]
         assert got["added_noise"] == pytest.approx(added[k], rel=1e-9), k
-        assert got["output_noise"] == pytest.approx(float(((lg - ref) ** 2).sum() / (ref ** 2).sum()), rel=1e-9), k
-        assert got["added_noise"] < got["output_noise"], k  # the base plan's own noise is left out
+        noise[k] = float(((lg - ref) ** 2).sum() / (ref ** 2).sum())
+        assert got["output_noise"] == pytest.approx(noise[k], rel=1e-9), k
     best = [t for t in rep["trials"] if t["meets_target"]]
     f = min(best, key=lambda t: (t["rel_complexity_mmacs"], t["top1_error"]))["f"]
     assert rep["strategy"] == "per-layer" and 0 < f
-    want = layer_thresholds(added, f)
+    assert base.shape[0] == 64
+    want = layer_thresholds(noise, f)
+    assert want != pytest.approx(layer_thresholds(added, f), rel=1e-9)  # the two rules differ here
     assert rep["thresholds"] == pytest.approx(want, rel=1e-12)
+    with pytest.raises(MixedError, match="finite noise"):
+        layer_thresholds({"a": 1.0, "b": float("nan")}, 0.5)

@@ -11,6 +11,7 @@ dilation). A linear layer is a 1x1 conv on a 1x1 map.
 """
 from __future__ import annotations
 
+import math
 from dataclasses import asdict, dataclass
 from typing import Callable
 
@@ -220,7 +221,7 @@ def tune_threshold(evaluate: Callable[[float], Trial], target: float, f0: float 
         if met:
             good = f
             if f >= 1.0:
-                reason = "f = 1 (every eligible filter low precision) meets the target"
+                reason = "f = 1 (the top of the range) meets the target"
                 break
             f = f + delta
         else:
@@ -236,15 +237,18 @@ def tune_threshold(evaluate: Callable[[float], Trial], target: float, f0: float 
 
 
 def layer_thresholds(sensitivity: dict, f: float, power: float = 0.5) -> dict:
-    """Per-layer thresholds from per-layer sensitivity ``s_l`` (the output noise layer l adds
-    when it alone goes low precision): ``f_l = min(1, f * (s_ref / s_l)**power)`` with ``s_ref``
+    """Per-layer thresholds from per-layer sensitivity ``s_l`` (the output noise with layer l
+    alone at low precision): ``f_l = min(1, f * (s_ref / s_l)**power)`` with ``s_ref``
     the geometric mean of the positive ``s_l``, so robust layers take more low-precision filters
-    than fragile ones; a layer that adds no noise takes every filter (f > 0).
+    than fragile ones; a layer with no noise takes every filter (f > 0).
 
     >>> {k: round(v, 3) for k, v in layer_thresholds({"a": 1.0, "b": 4.0, "c": 0.0}, 0.2).items()}
     {'a': 0.283, 'b': 0.141, 'c': 1.0}
     """
     s = {k: float(v) for k, v in sensitivity.items()}
+    bad = {k: v for k, v in s.items() if not math.isfinite(v) or v < 0}
+    if bad:
+        raise MixedError(f"layer sensitivity must be a finite noise >= 0, got {bad} (overflowing logits?)")
     pos = [v for v in s.values() if v > 0]
     ref = float(torch.tensor(pos, dtype=torch.float64).log().mean().exp()) if pos else 1.0
     return {k: (min(1.0, f * (ref / v) ** power) if v > 0 else (1.0 if f > 0 else 0.0)) for k, v in s.items()}

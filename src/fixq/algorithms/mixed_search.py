@@ -167,9 +167,8 @@ def search_mixed(session: Session, config: QuantConfig, opts: MixedOptions, code
             err, _, logits = got[name]  # one simulation gives all three (same plan, same images)
             sensitivity[name] = {"delta_top1": err - base_err, "output_noise": bench.logit_noise(logits, "tune"),
                                  "added_noise": bench.logit_noise(logits, "tune", base_logits)}
-        # s_l: the noise layer l's low bits add to the all-base plan's output (the noise against float
-        # also holds the base plan's own, the same for every layer; DESIGN §8)
-        fmaps["per-layer"] = lambda f: layer_thresholds({k: v["added_noise"] for k, v in sensitivity.items()}, f)
+        # s_l: the noise against float (added_noise, without the base plan's own, measured worse; DESIGN §8)
+        fmaps["per-layer"] = lambda f: layer_thresholds({k: v["output_noise"] for k, v in sensitivity.items()}, f)
     t_sens = time.time() - t0 - t_energy - t_bank
     tuning: dict[str, TuneResult] = {}
     for s in opts.strategies:

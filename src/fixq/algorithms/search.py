@@ -330,6 +330,8 @@ class PlanBench:
         the noise one plan adds to the other."""
         ref = self.parts[part][2][:logits.shape[0]].double()
         other = ref if base is None else base[:logits.shape[0]].double()
+        if other.shape != logits.shape:
+            raise ValueError(f"logit_noise: logits {tuple(logits.shape)} vs base {tuple(other.shape)}")
         return float(((logits.double() - other) ** 2).sum() / (ref ** 2).sum())
 
     def cost(self, plan: QuantPlan) -> tuple[float, float]:

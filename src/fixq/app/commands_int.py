@@ -77,7 +77,8 @@ def wide_arena_reason(plan, act_type: str) -> str | None:
     >>> wide_arena_reason(plan_with_relu_outputs, "int16_t")   # doctest: +SKIP
     'note: activations are int16_t (2 bytes each) because 3 of 7 data tensors are unsigned 8-bit ...'
     """
-    words = [f for f in plan.tensors.values() if isinstance(f, Formats)]
+    words = [f for f in plan.tensors.values() if isinstance(f, Formats)] + [  # as export_c's act_bits
+        lp.kmeans.data for lp in plan.layers.values() if lp.kmeans is not None and lp.kmeans.data is not None]
     unsigned8 = [f for f in words if not f.signed and f.T == 8]
     if act_type != "int16_t" or not unsigned8 or any(f.T + (0 if f.signed else 1) > 9 for f in words):
         return None
