@@ -211,17 +211,13 @@ def test_accumulator_table(tmp_path):
 
 
 def test_wide_arena_note_only_when_unsigned_8_bit_words_cause_it():
-    """The export-c note blames U(8,F) tensors only when no wider word (a tensor, or a K-means
-    <4b,4b> residual branch's data, which export_c also counts) needs the int16_t arena."""
-    from types import SimpleNamespace as NS
+    """The export-c note blames U(8,F) words only when no wider word (a tensor, or a K-means
+    <4b,4b> residual branch's data, both in export_c's act_words) needs the int16_t arena."""
     from fixq.app.commands_int import wide_arena_reason
-    from fixq.planning.plan import Formats
-    u8, s8, s12 = Formats(8, "4D", (4,), signed=False), Formats(8, "4D", (5,)), Formats(12, "4D", (9,))
-    plain = NS(kmeans=None)
-    plan = NS(tensors={"x": s8, "r": u8}, layers={"c": plain})
-    assert "1 of 2 data tensors are unsigned 8-bit" in wide_arena_reason(plan, "int16_t")
-    assert wide_arena_reason(plan, "int8_t") is None
-    assert wide_arena_reason(NS(tensors={"x": s8, "r": u8, "w": s12}, layers={}), "int16_t") is None
-    km = NS(tensors={"x": s8, "r": u8}, layers={"c": NS(kmeans=NS(data=s12))})
-    assert wide_arena_reason(km, "int16_t") is None  # the 12-bit residual data needs int16_t anyway
-    assert wide_arena_reason(NS(tensors={"x": s8}, layers={"c": NS(kmeans=NS(data=None))}), "int16_t") is None
+    from fixq.numerics.formats import Word
+    u8, s8, s12 = Word(8, signed=False), Word(8), Word(12)
+    assert "1 of 2 data words are unsigned 8-bit" in wide_arena_reason([s8, u8], "int16_t")
+    assert wide_arena_reason([s8, u8], "int8_t") is None
+    assert wide_arena_reason([s8, u8, s12], "int16_t") is None  # e.g. 12-bit residual data needs int16_t anyway
+    assert wide_arena_reason([s8], "int16_t") is None
+

@@ -20,7 +20,6 @@ from fixq.data.images import scan_flat, select_subsets
 from fixq.data.zoo import Preprocess, build_model, require_weights
 from fixq.graph.capture import capture
 from fixq.numerics.formats import Word, quantize_codes
-from fixq.planning.plan import Formats
 from fixq.planning.plan_io import load_plan
 from fixq.planning.plan_schema import check_plan_graph
 from .common import device_for, prepare_out, resolve_preprocess
@@ -53,7 +52,7 @@ def cmd_export_c(args) -> int:
     print(f"wrote {res.out}/ (model.c, model.h: fixq_{res.name}_run, fixq_rt*.c/h, main.c, Makefile): "
           f"{res.n_calls} kernel calls, ROM {res.rom_bytes:,} bytes (weights and tables), RAM {res.ram_bytes:,} "
           f"bytes (caller-owned arena: {res.act_bytes:,} activations ({res.act_type}) + kernel scratch)")
-    why = wide_arena_reason(plan, res.act_type)
+    why = wide_arena_reason(res.act_words, res.act_type)
     if why:
         print(why)
     if res.tables:  # table functions (DESIGN §5b): each lookup table and its ROM
@@ -69,20 +68,19 @@ def cmd_export_c(args) -> int:
     return 0
 
 
-def wide_arena_reason(plan, act_type: str) -> str | None:
+def wide_arena_reason(words, act_type: str) -> str | None:
     """Why the C activations are ``int16_t`` when every data word is 8 bits (DESIGN §2): an
-    unsigned ``U(8,F)`` tensor needs 9 bits in a signed C type, and the arena has one type.
+    unsigned ``U(8,F)`` word needs 9 bits in a signed C type, and the arena has one type.
+    ``words``: the data words export_c chose the arena type from (``ExportResult.act_words``).
     None when the arena is not int16_t or a wider data word asked for it.
 
-    >>> wide_arena_reason(plan_with_relu_outputs, "int16_t")   # doctest: +SKIP
-    'note: activations are int16_t (2 bytes each) because 3 of 7 data tensors are unsigned 8-bit ...'
+    >>> wide_arena_reason([Word(8), Word(8, signed=False)], "int16_t")[:52]
+    'note: activations are int16_t (2 bytes each) because'
     """
-    words = [f for f in plan.tensors.values() if isinstance(f, Formats)] + [  # as export_c's act_bits
-        lp.kmeans.data for lp in plan.layers.values() if lp.kmeans is not None and lp.kmeans.data is not None]
-    unsigned8 = [f for f in words if not f.signed and f.T == 8]
-    if act_type != "int16_t" or not unsigned8 or any(f.T + (0 if f.signed else 1) > 9 for f in words):
+    unsigned8 = [w for w in words if not w.signed and int(w) == 8]
+    if act_type != "int16_t" or not unsigned8 or any(int(w) + (0 if w.signed else 1) > 9 for w in words):
         return None
-    return (f"note: activations are int16_t (2 bytes each) because {len(unsigned8)} of {len(words)} data tensors "
+    return (f"note: activations are int16_t (2 bytes each) because {len(unsigned8)} of {len(words)} data words "
             "are unsigned 8-bit, U(8,F) (outputs the graph proves >= 0, e.g. after ReLU: --data-sign auto), and "
             "0..255 needs 9 bits in a signed C type; a plan made with --data-sign signed keeps every tensor in "
             "int8_t (half the activation RAM, one bit less resolution on those tensors)")

@@ -37,6 +37,7 @@ class ExportResult:
     arena_bytes: int = 0     # activations + kernel scratch + K-means maps
     layers: dict = field(default_factory=dict)  # per conv struct: weight storage, accumulator
     tables: tuple = ()  # lookup tables of table functions: dicts with node, op, entries, bytes
+    act_words: tuple = ()  # the data words (one per node, K-means residual inputs) that set act_type
 
 
 def _cname(name: str) -> str:
@@ -138,4 +139,4 @@ def export_c(graph: Graph, plan: QuantPlan, out: str | Path, meta: dict | None =
     (out / "export.json").write_text(json.dumps(info, indent=1))
     plan.save(out / "plan.json")
     return ExportResult(out, ctx.rom, arena_bytes, act_t, w_t, len(calls), name, act_bytes, arena_bytes, ctx.layers,
-                        tuple(ctx.tables))
+                        tuple(ctx.tables), tuple(words))
