@@ -55,7 +55,6 @@ __all__ = ["RoundingOptions", "learn_rounding", "up_bits", "layer_output_error",
 
 ZETA, GAMMA = 1.1, -0.1
 BANK_INPUTS = ("sequential", "base")  # RoundingOptions.bank_inputs (fixq.algorithms.learned_bank)
-BANK_MASKS = ("all-low", "prefixes")  # RoundingOptions.bank_masks (fixq.algorithms.learned_bank)
 
 
 @dataclass(frozen=True)
@@ -73,13 +72,10 @@ class RoundingOptions:
     beta: tuple[float, float] = (20.0, 2.0)
     seed: int = 0
     bank_inputs: str = "sequential"  # fixq mixed / kmeans code banks (learned_bank): each layer's input
-    bank_masks: str = "all-low"      # fixq mixed's code bank: which filters are low while its codes are learned
 
     def __post_init__(self) -> None:
         if self.bank_inputs not in BANK_INPUTS:
             raise PlanError(f"bank_inputs must be one of {', '.join(BANK_INPUTS)}, got {self.bank_inputs!r}")
-        if self.bank_masks not in BANK_MASKS:
-            raise PlanError(f"bank_masks must be one of {', '.join(BANK_MASKS)}, got {self.bank_masks!r}")
         if not (self.learned or self.bias_correction):
             raise PlanError("learn_rounding with neither learned rounding nor bias correction does nothing")
         if self.iters < 1 or self.batch < 1 or self.samples < 1:
@@ -152,11 +148,8 @@ def _h(V: torch.Tensor) -> torch.Tensor:
     return torch.clamp(torch.sigmoid(V) * (ZETA - GAMMA) + GAMMA, 0.0, 1.0)
 
 
-def _optimise(n, g, x: torch.Tensor, y: torch.Tensor, opts: RoundingOptions, seed: int, show: bool,
-              alt=None) -> torch.Tensor:
-    """AdaRound on one layer (module docstring): the ``up`` decisions (bool, weight shape).
-    ``alt``: ``(values, rank)``, both weight-shaped: at each step a prefix ``rank < u`` (``u``
-    uniform in [0, 1), seeded) takes the soft codes and the rest the fixed ``values``."""
+def _optimise(n, g, x: torch.Tensor, y: torch.Tensor, opts: RoundingOptions, seed: int, show: bool) -> torch.Tensor:
+    """AdaRound on one layer (module docstring): the ``up`` decisions (bool, weight shape)."""
     dev = x.device
     gen = torch.Generator().manual_seed(seed)
     X, Y = _samples(n, x, y, opts, gen)
@@ -177,13 +170,12 @@ def _optimise(n, g, x: torch.Tensor, y: torch.Tensor, opts: RoundingOptions, see
     if dev.type == "cpu":  # small products: one thread is several times faster than contended ones
         torch.set_num_threads(1)
     try:
-        alt = None if alt is None else (alt[0].float().to(dev), alt[1].float().to(dev))
-        return _steps(n, bar, X, ya, V, fl, lo, hi, step, off, b, opts, gen, alt)
+        return _steps(n, bar, X, ya, V, fl, lo, hi, step, off, b, opts, gen)
     finally:
         torch.set_num_threads(threads)
 
 
-def _steps(n, bar, X, ya, V, fl, lo, hi, step, off, b, opts: RoundingOptions, gen, alt=None) -> torch.Tensor:
+def _steps(n, bar, X, ya, V, fl, lo, hi, step, off, b, opts: RoundingOptions, gen) -> torch.Tensor:
     N = n.weight.shape[0]
     groups = X.shape[1]
     dev = X.device
@@ -194,8 +186,6 @@ def _steps(n, bar, X, ya, V, fl, lo, hi, step, off, b, opts: RoundingOptions, ge
         h = _h(V)
         q = torch.minimum(torch.maximum(fl + h, lo), hi)
         w = q * step if off is None else off + q * step
-        if alt is not None:  # this step's low filters: a prefix of the rank order, the rest fixed
-            w = torch.where(alt[1] < torch.rand((), generator=gen).to(dev), w, alt[0])
         out = torch.einsum("pgk,gnk->pgn", X[idx], w.reshape(groups, N // groups, -1)).reshape(len(idx), N)
         if b is not None:
             out = out + b
@@ -222,7 +212,7 @@ def _bias_from(n, lp, dsum: torch.Tensor, count: int, rounding: str):
     return bf, tuple(int(v) for v in codes.tolist())
 
 
-def _decide(n, lp, x, y, opts: RoundingOptions, rounding: str, seed: int, show: bool, alt=None):
+def _decide(n, lp, x, y, opts: RoundingOptions, rounding: str, seed: int, show: bool):
     """One layer: ``(new LayerPlan, report row)``."""
     t0 = time.time()
     g = coeff_grid(n, lp)
@@ -235,7 +225,7 @@ def _decide(n, lp, x, y, opts: RoundingOptions, rounding: str, seed: int, show: 
            "changed_codes": 0}
     up, notes = held, list(lp.notes)
     if opts.learned:
-        cand = g.decided(_optimise(n, g, x, y, opts, seed, show, alt))
+        cand = g.decided(_optimise(n, g, x, y, opts, seed, show))
         err_l, dsum_l, _ = _layer_stats(n, x, y, g.values(cand), bias)
         row["learned_error"] = err_l
         changed = int((cand != near).sum())
@@ -267,7 +257,7 @@ def up_bits(g, codes: torch.Tensor) -> torch.Tensor:
 
 def learn_rounding(graph: Graph, plan: QuantPlan, images: torch.Tensor, opts: RoundingOptions = RoundingOptions(),
                    device: str | torch.device = "cpu", show_progress: bool = True,
-                   context: QuantPlan | None = None, only=None, alternatives=None) -> tuple[QuantPlan, list[dict]]:
+                   context: QuantPlan | None = None, only=None) -> tuple[QuantPlan, list[dict]]:
     """Decide every coefficient's rounding (and correct every bias) layer by layer on the
     calibration ``images``, in one pass through the graph (float and simulated side by
     side); returns the new plan (formats unchanged, codes stored) and one row per layer:
@@ -277,11 +267,7 @@ def learn_rounding(graph: Graph, plan: QuantPlan, images: torch.Tensor, opts: Ro
     decided, so each layer is decided as if it alone took ``plan``'s formats
     (:class:`fixq.algorithms.learned_bank.CodeBank`). With ``opts.learned`` off, the plan's
     decided round-up bits are kept and only the biases are corrected. ``only``: the names of the
-    layers to decide (default: every conv/linear layer with power-of-two coefficients).
-    ``alternatives``: ``{layer: (values, rank)}`` (weight-shaped; rank in [0, 1)): the optimiser
-    of that layer sees, at each step, only a random prefix of the rank order at ``plan``'s formats
-    and the rest at the fixed ``values`` (:class:`fixq.algorithms.learned_bank.CodeBank`); its guard
-    and report rows still compare with every coefficient at ``plan``'s formats."""
+    layers to decide (default: every conv/linear layer with power-of-two coefficients)."""
     if plan.is_affine:
         raise PlanError("learned rounding and bias correction need power-of-two formats (not affine)")
     split = sorted(k for k, lp in plan.layers.items() if lp.kmeans is not None and lp.kmeans.data is not None)
@@ -314,8 +300,7 @@ def learn_rounding(graph: Graph, plan: QuantPlan, images: torch.Tensor, opts: Ro
             if decide and (only is None or n.name in only):
                 y = _chunked(lambda t: pre_activation(n, t), fa, B)
                 with torch.enable_grad():
-                    lp, row = _decide(n, lp, qa[0], y, opts, plan.rounding, opts.seed * 1000003 + k - 1, show_progress,
-                                      (alternatives or {}).get(n.name))
+                    lp, row = _decide(n, lp, qa[0], y, opts, plan.rounding, opts.seed * 1000003 + k - 1, show_progress)
                 rows.append(row)
                 layers[n.name] = lp
                 cur = replace(cur, layers=dict(layers))

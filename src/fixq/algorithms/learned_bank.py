@@ -39,11 +39,10 @@ import torch
 
 from fixq.graph.ir import Graph
 from fixq.planning.coeffs import coeff_grid, layer_codes, pack_bits, weights_digest
-from fixq.planning.plan import Formats, LayerCodes, PlanError, QuantPlan
+from fixq.planning.plan import Formats, LayerCodes, QuantPlan
 from .learned import RoundingOptions, learn_rounding, up_bits
 
-__all__ = ["CodeBank", "KMeansCodeBank", "guarded_bias_correction", "inputs_text", "kmeans_inputs_text",
-           "prefix_alternatives"]
+__all__ = ["CodeBank", "KMeansCodeBank", "guarded_bias_correction", "inputs_text", "kmeans_inputs_text"]
 
 
 def inputs_text(opts: RoundingOptions, low: str = "all its filters low") -> str:
@@ -71,27 +70,6 @@ def _inputs(opts: RoundingOptions, context: QuantPlan) -> QuantPlan | None:
     return context if opts.bank_inputs == "base" else None
 
 
-def prefix_alternatives(graph: Graph, context: QuantPlan, energies: dict, layers) -> dict:
-    """``learn_rounding``'s ``alternatives`` for ``bank_masks="prefixes"``: per layer, the
-    base-bits values (``context``'s codes) and each coefficient's 2D-filter rank in energy
-    order over the number of filters (``low_precision_mask``'s order: a trial takes a prefix low).
-
-    >>> alt = prefix_alternatives(graph, base_plan, {"conv2": E}, ["conv2"])  # doctest: +SKIP
-    >>> alt["conv2"][1].shape == graph.node("conv2").weight.shape           # doctest: +SKIP
-    True
-    """
-    out = {}
-    for name in layers:
-        n, lp, E = graph.node(name), context.layers[name], energies[name]
-        g = coeff_grid(n, lp)
-        flat = E.reshape(-1).double()
-        rank = torch.empty(flat.numel(), dtype=torch.float64)
-        rank[torch.sort(flat, stable=True).indices] = torch.arange(flat.numel(), dtype=torch.float64) / flat.numel()
-        rank = rank.reshape(E.shape).reshape(E.shape + (1,) * (g.x.dim() - E.dim())).expand(g.x.shape)
-        out[name] = (g.values(layer_codes(n, lp, context.rounding)), rank)
-    return out
-
-
 def _grid(g) -> tuple[torch.Tensor, torch.Tensor]:
     """``(F, T)`` of a coefficient grid as broadcastable tensors (per filter, not per coefficient)."""
     return g.F.clone(), torch.as_tensor(g.T).clone()
@@ -103,16 +81,10 @@ class CodeBank:
     ``opts.bank_inputs == "base"``); ``rows``: learn_rounding's report rows."""
 
     def __init__(self, graph: Graph, low_plan: QuantPlan, context: QuantPlan, images: torch.Tensor,
-                 opts: RoundingOptions, layers, device="cpu", show_progress: bool = True, energies=None) -> None:
+                 opts: RoundingOptions, layers, device="cpu", show_progress: bool = True) -> None:
         self.graph = graph
-        alt = None
-        if opts.bank_masks == "prefixes":
-            if energies is None:
-                raise PlanError("bank_masks='prefixes' needs the filter energies (the order a search takes filters low)")
-            alt = prefix_alternatives(graph, context, energies, layers)
         learned, self.rows = learn_rounding(graph, low_plan, images, replace(opts, learned=True, bias_correction=False),
-                                            device, show_progress, only=set(layers), context=_inputs(opts, context),
-                                            alternatives=alt)
+                                            device, show_progress, only=set(layers), context=_inputs(opts, context))
         self.codes: dict[str, tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = {}  # name -> (F, T, int16 codes)
         for name, lp in learned.layers.items():
             if lp.codes is None or lp.codes.up is None:

@@ -138,7 +138,7 @@ def search_mixed(session: Session, config: QuantConfig, opts: MixedOptions, code
     if codes is not None and codes.learned:
         low = {n: torch.full(tuple(energies[n].shape), opts.low_bits, dtype=torch.int64) for n in names}
         bank = CodeBank(g, bench.plan(filter_bits=low), bench.base_plan, cal.tensor(), codes, names, session.device,
-                        session.show_progress, energies)
+                        session.show_progress)
     t_bank = time.time() - t_bank
 
     def make_plan(bits: dict) -> QuantPlan:

@@ -134,8 +134,7 @@ def rounding_options(args):
         return None
     return RoundingOptions(learned=learned, bias_correction=bc, iters=args.rounding_iters,
                            batch=args.rounding_batch, seed=args.seed,
-                           bank_inputs=bank or RoundingOptions.bank_inputs,
-                           bank_masks=getattr(args, "bank_masks", None) or RoundingOptions.bank_masks)
+                           bank_inputs=bank or RoundingOptions.bank_inputs)
 
 
 def device_for(name: str) -> str:

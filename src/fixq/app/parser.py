@@ -158,10 +158,6 @@ def _add_codes(p: argparse.ArgumentParser, search: bool = False) -> None:
                        help="with learned rounding: the low-bit codes are learned before the trials, each layer "
                             "fed by the earlier low layers with their codes decided (sequential, the default) "
                             "or by the all-base-bits plan (base)")
-        g.add_argument("--bank-masks", default=None, choices=["all-low", "prefixes"],
-                       help="fixq mixed with learned rounding: the low-bit codes are learned with every filter of "
-                            "a layer low (all-low) or, step by step, with a random prefix of the layer's energy "
-                            "order low and the rest at the base bits, the way trials take them (prefixes)")
 
 
 def _add_output(p: argparse.ArgumentParser, out_required: bool = True) -> None:
