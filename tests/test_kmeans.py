@@ -139,6 +139,9 @@ def test_cli_kmeans_reports_tables(capsys, tmp_path, digits_dir):
         assert r["layer_savings_pct"] == pytest.approx(100 * (0.5 * rep["table4"]["N"] - K) / rep["table4"]["N"])
         assert r["noise_recovered_pct"] == pytest.approx(100 * (n4 - r["logit_noise"]) / (n4 - n8))
     assert "candidate K" in (tmp_path / "k" / "report.md").read_text()
+    res = rep["target"]["resolution"]
+    assert res["n"] == rep["n_tune"] and res["image_points"] == pytest.approx(100 / rep["n_tune"])
+    assert "Resolution: one tuning image is" in (tmp_path / "k" / "report.md").read_text()
     plan = load_plan(tmp_path / "k" / "plan.json")
     assert plan.layers["conv2"].kmeans.K == 3 and plan.layers["fc1"].kmeans.K == 2
 

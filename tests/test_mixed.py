@@ -12,6 +12,7 @@ from fixq.planning.plan_io import load_plan
 from fixq.algorithms.calibrate import observe, plan_from
 from fixq.app.cli import main
 from fixq.analysis.complexity import analyze
+from fixq.algorithms.search import resolution, resolution_text
 from fixq.backends.engine import Engine
 from fixq.algorithms.mixed import (MixedError, Trial, eligible_layers, filter_bits, filter_energies, low_precision_mask,
                                    tune_threshold)
@@ -193,6 +194,12 @@ def test_cli_mixed_meets_target_on_tuning_images(capsys, tmp_path, digits_dir):
     assert "Conservative" in cap.out and "Aggressive" in cap.out
     plan = load_plan(tmp_path / "m" / "plan.json")
     assert any(lp.weight.Tp is not None for lp in plan.layers.values())
+    # what the tuning images resolve: from the all-base plan's drop (its f = 0 trial, no margin)
+    res, f0 = rep["target"]["resolution"], rep["trials"][0]
+    assert f0["f"] == 0 and res["n"] == rep["n_tune"] and res["base_drop"] == pytest.approx(f0["drop_bound"])
+    want = resolution(rep["n_tune"], f0["drop_bound"], rep["target"]["top1_error"] - rep["float"]["top1_error_tune"])
+    assert res["max_discordant"] == want["max_discordant"] >= 0
+    assert resolution_text(res, "the all-8-bit plan") in (tmp_path / "m" / "report.md").read_text()
 
 
 @pytest.mark.parametrize("extra,msg", [

@@ -6,7 +6,7 @@ import math
 import torch
 
 from fixq.algorithms.mixed import Trial, tune_threshold
-from fixq.algorithms.search import accepts, paired_drop
+from fixq.algorithms.search import accepts, paired_drop, resolution, resolution_text
 
 
 def _case(n, b, c, n_float_wrong=100):
@@ -92,3 +92,33 @@ def test_report_and_acceptance_count_tied_logits_alike():
     d = paired_drop(q, ref, y)["drop"]
     assert math.isclose(topk_errors(q, y)[0] - topk_errors(ref, y)[0], d, abs_tol=1e-9)
     assert math.isclose(topk_errors(q, y)[0], 100.0 * float((q.argmax(1) != y).double().mean()), abs_tol=1e-9)
+
+
+def _swapped(base, y, k):
+    """``base`` with ``k`` right and ``k`` wrong images swapped: the same top-1 error, ``2k``
+    images discordant with it."""
+    q = base.clone()
+    right = torch.nonzero(base.argmax(1) == y).flatten()[:k]
+    wrong = torch.nonzero(base.argmax(1) != y).flatten()[:k]
+    q[right], q[wrong] = q[right].flip(1), q[wrong].flip(1)
+    return q
+
+
+def test_resolution_is_the_acceptance_rules_boundary():
+    """resolution()'s max_discordant: a trial with the all-base plan's error is accepted exactly
+    when at most that many images are discordant with the all-base plan (any z and budget); the
+    sentence names the numbers."""
+    for n, b_base, allowed, z in ((436, 2, 1.0, 1.0), (1000, 3, 1.0, 1.0), (1000, 0, 0.5, 2.0), (300, 1, 2.0, 1.0)):
+        base, ref, y = _case(n, b=b_base, c=0)  # the all-base plan: b_base images worse than float
+        r = resolution(n, paired_drop(base, ref, y)["drop"], allowed, z)
+        k = r["max_discordant"]
+        assert 0 <= k < n - 2 * b_base
+        for m in range(0, k + 5, 2):  # equal error: an even number of discordant images
+            assert accepts(_swapped(base, y, m // 2), base, ref, y, allowed, z)[0] == (m <= k), (n, m, k)
+    r = resolution(436, 2 * 100 / 436, 1.0)
+    assert r["max_discordant"] == 5 and math.isclose(r["image_points"], 100 / 436)
+    text = resolution_text(r, "the all-8-bit plan")
+    assert "0.23 points" in text and "+0.46" in text and "at most 5 of the 436" in text
+    assert resolution(436, 0.46, 1.0, z=0.0)["max_discordant"] is None
+    assert resolution(436, 1.2, 1.0)["max_discordant"] == -1
+    assert "no trial" in resolution_text(resolution(436, 1.2, 1.0))

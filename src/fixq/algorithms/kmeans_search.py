@@ -87,6 +87,7 @@ class KMeansResult:
     saved: int = -1                  # index in table6 of the plan saved (``plan``)
     codes_in_search: bool = False    # candidates and trials ran with learned residual codes (KMeansCodeBank)
     bias_guard: dict | None = None   # bias correction of the searched plan: tuning errors and whether kept
+    resolution: dict | None = None   # what the tuning images resolve (fixq.algorithms.search.resolution)
 
 
 def kmeans_layers(graph: Graph, layers: str = "auto", exclude: str = "first,last") -> list[str]:
@@ -187,6 +188,7 @@ def search_kmeans(session: Session, config: QuantConfig, opts: KMeansOptions, co
     target = resolve_target(bench.float_tune, opts.target_drop, opts.target_error)
     if given is None:  # the K search needs a base plan that meets the target; a given K does not
         bench.require_base(target, "cluster", KMeansError)
+    resolution = bench.resolution(target)
     N = {n.name: n.weight.shape[0] for n in g.layers()}
     cache: dict = {}
 
@@ -386,4 +388,4 @@ def search_kmeans(session: Session, config: QuantConfig, opts: KMeansOptions, co
     return KMeansResult(*bench.float_test, bench.float_tune, target, bench.n_tune, bench.n_test, plan, ks, table4,
                         table6, noise, trials, {"search_s": t_search, "codes_s": t_codes,
                                                 "total_s": time.time() - t0}, rows, saved,
-                        bank is not None and bool(bank.codes), guard)
+                        bank is not None and bool(bank.codes), guard, resolution)

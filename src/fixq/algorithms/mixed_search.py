@@ -89,6 +89,7 @@ class MixedResult:
     codes_rows: list | None = None
     codes_in_search: bool = False     # trials ran with the learned low-bit codes (CodeBank)
     bias_guard: dict | None = None    # tuning top-1 of the tuned plan with / without bias correction
+    resolution: dict | None = None    # what the tuning images resolve (fixq.algorithms.search.resolution)
 
     @property
     def saved(self) -> PlanScore:
@@ -127,6 +128,7 @@ def search_mixed(session: Session, config: QuantConfig, opts: MixedOptions, code
     bench = PlanBench(session, base_config(config, opts.base_bits), opts.tune_size, opts.seed, opts.margin_z)
     target = resolve_target(bench.float_tune, opts.target_drop, opts.target_error)
     bench.require_base(target, "tune", MixedError)  # refuse before energies and sensitivity
+    resolution = bench.resolution(target)
     cal = session.calib_stream
     if len(cal) == 0:
         raise MixedError("the probe set is empty: no calibration images were loaded")
@@ -209,4 +211,5 @@ def search_mixed(session: Session, config: QuantConfig, opts: MixedOptions, code
     return MixedResult(bench.float_tune, *bench.float_test, target, bench.n_tune, bench.n_test, cons, tuned, aggr, strategy,
                        tuning, sensitivity, thresholds,
                        {"energies_s": t_energy, "sensitivity_s": t_sens, "tuning_s": t_tune, "codes_s": t_codes,
-                        "total_s": time.time() - t0}, learned, rows, bank is not None and bool(bank.codes), bias_guard)
+                        "total_s": time.time() - t0}, learned, rows, bank is not None and bool(bank.codes), bias_guard,
+                       resolution)

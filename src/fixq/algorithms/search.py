@@ -38,7 +38,7 @@ from .calibrate import needs_histograms, plan_from, replan
 from .pipeline import Session
 
 __all__ = ["SearchError", "PlanBench", "split_eval", "resolve_target", "paired_drop", "accepts", "Z_MARGIN",
-           "acceptance_rule", "each_chunks", "EACH_CHUNK"]
+           "acceptance_rule", "each_chunks", "EACH_CHUNK", "resolution", "resolution_text"]
 
 Z_MARGIN = 1.0  # the one-standard-error rule
 EACH_CHUNK = 16  # plans measured in one base pass (measure_each): their plans and simulators are alive at once
@@ -56,6 +56,46 @@ def each_chunks(items: list, size: int = EACH_CHUNK) -> list:
 def acceptance_rule(z: float = Z_MARGIN) -> str:
     return (f"top-1 drop vs float + {z:g} x the standard error of the trial's paired difference to the all-base "
             "plan, on the tuning images, <= the allowed drop")
+
+
+def resolution(n: int, base_drop: float, allowed: float, z: float = Z_MARGIN) -> dict:
+    """What ``n`` tuning images can resolve under the acceptance rule: one image is ``100 / n``
+    points; a trial with exactly the all-base plan's error (top-1 drop ``base_drop`` vs float, its
+    ``b - c`` equal to the base plan's) is accepted only when at most ``max_discordant`` images
+    change between it and the all-base plan: with ``b - c = 0`` against it, ``se = 100 sqrt(k) / n``
+    and ``base_drop + z se <= allowed``. ``None`` with ``z = 0`` (no margin: any number).
+
+    >>> resolution(436, 0.4587, 1.0)["max_discordant"]   # EfficientNet-Lite0, 436 tuning images
+    5
+    >>> resolution(5000, 0.2, 1.0)["max_discordant"]
+    1600
+    """
+    left = allowed - base_drop
+    if z <= 0:
+        k = None
+    elif left < -1e-9:  # the all-base plan itself misses (searches refuse before this)
+        k = -1
+    else:
+        k = min(n, math.floor((max(left, 0.0) * n / (100.0 * z)) ** 2 + 1e-9))
+    return {"n": n, "image_points": 100.0 / n, "base_drop": base_drop, "allowed": allowed, "left": left,
+            "margin_z": z, "max_discordant": k}
+
+
+def resolution_text(r: dict, base: str = "the all-base plan") -> str:
+    """One sentence for the reports (:func:`resolution`).
+
+    >>> resolution_text(resolution(436, 0.4587, 1.0), "the all-8-bit plan")[:52]
+    'Resolution: one tuning image is 0.23 points; the all'
+    """
+    head = (f"Resolution: one tuning image is {r['image_points']:.2f} points; {base} is {r['base_drop']:+.2f} points "
+            f"against float on the tuning images, of the {r['allowed']:.2f} allowed")
+    if r["max_discordant"] is None:
+        return head + " (no noise margin: --margin-z 0)."
+    if r["max_discordant"] < 0:
+        return head + ", so no trial with its error meets the target."
+    return (head + f", so a trial with its error is accepted only when at most {r['max_discordant']} of the "
+            f"{r['n']} images change between it and {base} (the margin: {r['margin_z']:g} standard error of that "
+            "paired difference). More evaluation images resolve finer differences.")
 
 
 class SearchError(FixqError):
@@ -310,6 +350,14 @@ class PlanBench:
         if self.base_logits is None:
             self.base_logits = self.measure(self.base_plan)[2]
         return accepts(logits, self.base_logits, ref, y, target - self.float_tune, self.margin_z)
+
+    def resolution(self, target: float) -> dict:
+        """:func:`resolution` of the tuning images for the absolute top-1 ``target``."""
+        _, y, ref = self.parts["tune"]
+        if self.base_logits is None:
+            self.base_logits = self.measure(self.base_plan)[2]
+        drop = paired_drop(self.base_logits, ref, y)["drop"]
+        return resolution(self.n_tune, drop, target - self.float_tune, self.margin_z)
 
     def require_base(self, target: float, what: str, error_cls) -> None:
         """Refuse at once when the all-base-bits plan misses the target (before any search)."""

@@ -6,7 +6,7 @@ import json
 from fixq.algorithms.kmeans import layer_savings
 from fixq.algorithms.kmeans_search import KMeansOptions, search_kmeans
 from fixq.algorithms.learned_bank import kmeans_inputs_text
-from fixq.algorithms.search import acceptance_rule
+from fixq.algorithms.search import acceptance_rule, resolution_text
 from fixq.analysis.report import markdown_table, write_json
 from fixq.util import distributed as dist
 from .common import (codes_markdown, common_report, prepare_out, report_header, rounding_options, say, say_paper,
@@ -91,7 +91,8 @@ def cmd_kmeans(args) -> int:
               "layers": layers, "table4": res.table4, "table6": res.table6,
               "target": {"top1_error": res.target, "drop": opts.target_drop, "absolute": opts.target_error,
                          "measured_on": f"{res.n_tune} tuning images (disjoint from the {res.n_test} test images)",
-                         "acceptance": acceptance_rule(opts.margin_z), "margin_z": opts.margin_z},
+                         "acceptance": acceptance_rule(opts.margin_z), "margin_z": opts.margin_z,
+                         "resolution": res.resolution},
               "k_search": {"noise": {n: {str(k): v for k, v in d.items()} for n, d in res.noise.items()},
                            "trials": res.trials},
               "n_tune": res.n_tune, "n_test": res.n_test, "timings": {**session.timings, **res.seconds},
@@ -118,7 +119,8 @@ def cmd_kmeans(args) -> int:
     ks = ", ".join(f"{n}: K={K}" for n, K in res.ks.items()) or "none (no K met the target)"
     md = (report_header(session, args=args) + f"\n## K-means clustered kernels (basis {args.base_bits}b + residuals "
           f"{args.residual_bits}b{' on ' + str(args.residual_data_bits) + '-bit data' if args.residual_data_bits else ''})\n\nTarget: top-1 error <= {res.target:.2f}% on {res.n_tune} tuning images "
-          f"(accepted when the {acceptance_rule(opts.margin_z)}); errors below are on the other {res.n_test} images.\n\n### Table 4 shape: layer `{res.table4['layer']}` "
+          f"(accepted when the {acceptance_rule(opts.margin_z)}); errors below are on the other {res.n_test} images.\n\n"
+          f"{resolution_text(res.resolution, f'the all-{args.base_bits}-bit plan')}\n\n### Table 4 shape: layer `{res.table4['layer']}` "
           f"(N={res.table4['N']}, K={res.table4['K']}{others})\n\n{t4}\n\n{rec_s}.\n\nThe same layer at every candidate K "
           f"({args.residual_bits}-bit residuals; recovered = share of what plain <{args.residual_bits}b,8b> adds "
           f"over <{args.base_bits}b,8b> that K-means removes):\n\n{sweep_table(res)}\n\n"

@@ -5,7 +5,7 @@ import json
 
 from fixq.algorithms.learned_bank import inputs_text
 from fixq.algorithms.mixed_search import MixedOptions, search_mixed
-from fixq.algorithms.search import acceptance_rule
+from fixq.algorithms.search import acceptance_rule, resolution_text
 from fixq.analysis.report import markdown_table, write_json
 from fixq.util import distributed as dist
 from .common import (codes_markdown, common_report, prepare_out, report_header, rounding_options, say, say_paper,
@@ -60,7 +60,8 @@ def cmd_mixed(args) -> int:
               "low_precision_filters_pct": {"overall": res.tuned.low_filters_pct, "layers": res.tuned.low_by_layer},
               "target": {"top1_error": res.target, "drop": opts.target_drop, "absolute": opts.target_error,
                          "measured_on": f"{res.n_tune} tuning images (disjoint from the {res.n_test} test images)",
-                         "acceptance": acceptance_rule(opts.margin_z), "margin_z": opts.margin_z},
+                         "acceptance": acceptance_rule(opts.margin_z), "margin_z": opts.margin_z,
+                         "resolution": res.resolution},
               "strategy": res.strategy,
               "strategies": {s: {"best_f": None if r.best is None else r.best.f,
                                  "best_tune_top1_error": None if r.best is None else r.best.top1_error,
@@ -86,7 +87,8 @@ def cmd_mixed(args) -> int:
           f"Target: top-1 error <= {res.target:.2f}% on {res.n_tune} tuning images (accepted when the "
           f"{acceptance_rule(opts.margin_z)}); reported below on the other "
           f"{res.n_test} evaluation images. The plan was produced by the **{res.strategy}** threshold strategy"
-          f"{' (better than ' + ', '.join(other) + ' at this target)' if other else ''}. {cmp}.\n\n" + t3 +
+          f"{' (better than ' + ', '.join(other) + ' at this target)' if other else ''}. {cmp}.\n\n"
+          f"{resolution_text(res.resolution, f'the all-{opts.base_bits}-bit plan')}\n\n" + t3 +
           "\n\n## Trials\n\n" + _trials_table(res) +
           f"\n\nWall time: energies {res.seconds['energies_s']:.1f} s, sensitivity {res.seconds['sensitivity_s']:.1f} s, "
           f"tuning {res.seconds['tuning_s']:.1f} s, coefficient codes {res.seconds['codes_s']:.1f} s, "
