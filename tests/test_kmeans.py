@@ -10,6 +10,7 @@ import torch
 from fixq.planning.plan_io import load_plan, plan_from_json
 from fixq.algorithms.calibrate import observe, plan_from
 from fixq.app.cli import main
+from fixq.algorithms.search import resolution, resolution_text
 from fixq.analysis.complexity import analyze
 from fixq.backends.engine import Engine
 from fixq.algorithms.kmeans import KMeansError, check_K, cluster_kernels, kmeans_layer, layer_savings
@@ -139,9 +140,8 @@ def test_cli_kmeans_reports_tables(capsys, tmp_path, digits_dir):
         assert r["layer_savings_pct"] == pytest.approx(100 * (0.5 * rep["table4"]["N"] - K) / rep["table4"]["N"])
         assert r["noise_recovered_pct"] == pytest.approx(100 * (n4 - r["logit_noise"]) / (n4 - n8))
     assert "candidate K" in (tmp_path / "k" / "report.md").read_text()
-    res = rep["target"]["resolution"]
-    assert res["n"] == rep["n_tune"] and res["image_points"] == pytest.approx(100 / rep["n_tune"])
-    assert "Resolution: one tuning image is" in (tmp_path / "k" / "report.md").read_text()
+    # a given K judges no trial: no resolution line (the auto search's: test_cli_kmeans_auto_meets_target)
+    assert rep["target"]["resolution"] is None and "Resolution:" not in (tmp_path / "k" / "report.md").read_text()
     plan = load_plan(tmp_path / "k" / "plan.json")
     assert plan.layers["conv2"].kmeans.K == 3 and plan.layers["fc1"].kmeans.K == 2
 
@@ -170,6 +170,11 @@ def test_cli_kmeans_auto_meets_target(capsys, tmp_path, digits_dir, monkeypatch,
         assert len(trials) > 1 and rep["k_search"]["noise"] and "missed the target" in md
     assert md.count("| smallest K ") == 1 and ("learned residual codes" in md) == (codes == [])
     assert rep["options"]["learned_rounding"] is (codes == [])  # what ran, not the parser's None
+    # what the tuning images resolve, from the all-base plan's tuning error (its drop vs float)
+    res, allowed = rep["target"]["resolution"], rep["target"]["top1_error"] - rep["float"]["top1_error_tune"]
+    assert res["n"] == rep["n_tune"] and res["allowed"] == pytest.approx(allowed) and res["margin_z"] == 1.0
+    assert res == resolution(rep["n_tune"], res["base_drop"], res["allowed"], 1.0)
+    assert resolution_text(res, "the all-8-bit plan") in md
 
 
 @pytest.mark.parametrize("extra,msg", [(["--k", "0"], "at least 1"), (["--k", "conv2=64"], "K=64"),

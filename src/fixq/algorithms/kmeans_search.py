@@ -188,7 +188,7 @@ def search_kmeans(session: Session, config: QuantConfig, opts: KMeansOptions, co
     target = resolve_target(bench.float_tune, opts.target_drop, opts.target_error)
     if given is None:  # the K search needs a base plan that meets the target; a given K does not
         bench.require_base(target, "cluster", KMeansError)
-    resolution = bench.resolution(target)
+    resolution = bench.resolution(target) if given is None else None  # a given K judges no trial
     N = {n.name: n.weight.shape[0] for n in g.layers()}
     cache: dict = {}
 

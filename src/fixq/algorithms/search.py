@@ -59,24 +59,35 @@ def acceptance_rule(z: float = Z_MARGIN) -> str:
 
 
 def resolution(n: int, base_drop: float, allowed: float, z: float = Z_MARGIN) -> dict:
-    """What ``n`` tuning images can resolve under the acceptance rule: one image is ``100 / n``
-    points; a trial with exactly the all-base plan's error (top-1 drop ``base_drop`` vs float, its
-    ``b - c`` equal to the base plan's) is accepted only when at most ``max_discordant`` images
-    change between it and the all-base plan: with ``b - c = 0`` against it, ``se = 100 sqrt(k) / n``
-    and ``base_drop + z se <= allowed``. ``None`` with ``z = 0`` (no margin: any number).
+    """What ``n`` tuning images can resolve under the acceptance rule (:func:`accepts`): one image
+    is ``100 / n`` points; a trial with the all-base plan's tuning error (top-1 drop ``base_drop``
+    vs float) has as many images right-to-wrong as wrong-to-right against it (``b = c``, an even
+    number ``k = b + c`` of discordant images, ``se = 100 sqrt(k) / n``), and is accepted only when
+    ``base_drop + z se <= allowed``: ``max_discordant`` is the largest such even ``k`` (at most
+    ``n``); -1 when even ``k = 0`` misses (the all-base plan misses the target); ``None`` when
+    ``z = 0`` (no margin: any number).
 
-    >>> resolution(436, 0.4587, 1.0)["max_discordant"]   # EfficientNet-Lite0, 436 tuning images
-    5
+    >>> resolution(436, 200 / 436, 1.0)["max_discordant"]   # EfficientNet-Lite0: 2 images over float
+    4
     >>> resolution(5000, 0.2, 1.0)["max_discordant"]
     1600
     """
     left = allowed - base_drop
-    if z <= 0:
-        k = None
-    elif left < -1e-9:  # the all-base plan itself misses (searches refuse before this)
+
+    def ok(k: int) -> bool:  # accepts()'s inequality for b = c = k / 2
+        return base_drop + z * (100.0 * math.sqrt((k / n) / n)) <= allowed + 1e-9
+
+    if not ok(0):
         k = -1
+    elif z <= 0:
+        k = None
     else:
-        k = min(n, math.floor((max(left, 0.0) * n / (100.0 * z)) ** 2 + 1e-9))
+        k = min(n, math.floor((left * n / (100.0 * z)) ** 2))
+        k -= k % 2
+        while k + 2 <= n and ok(k + 2):  # float rounding of the closed form: step on accepts()'s own test
+            k += 2
+        while k > 0 and not ok(k):
+            k -= 2
     return {"n": n, "image_points": 100.0 / n, "base_drop": base_drop, "allowed": allowed, "left": left,
             "margin_z": z, "max_discordant": k}
 
@@ -84,18 +95,20 @@ def resolution(n: int, base_drop: float, allowed: float, z: float = Z_MARGIN) ->
 def resolution_text(r: dict, base: str = "the all-base plan") -> str:
     """One sentence for the reports (:func:`resolution`).
 
-    >>> resolution_text(resolution(436, 0.4587, 1.0), "the all-8-bit plan")[:52]
-    'Resolution: one tuning image is 0.23 points; the all'
+    >>> resolution_text(resolution(436, 200 / 436, 1.0), "the all-8-bit plan")[:62]
+    'Resolution: one tuning image is 0.23 points; the all-8-bit pla'
     """
-    head = (f"Resolution: one tuning image is {r['image_points']:.2f} points; {base} is {r['base_drop']:+.2f} points "
-            f"against float on the tuning images, of the {r['allowed']:.2f} allowed")
-    if r["max_discordant"] is None:
-        return head + " (no noise margin: --margin-z 0)."
-    if r["max_discordant"] < 0:
-        return head + ", so no trial with its error meets the target."
-    return (head + f", so a trial with its error is accepted only when at most {r['max_discordant']} of the "
-            f"{r['n']} images change between it and {base} (the margin: {r['margin_z']:g} standard error of that "
-            "paired difference). More evaluation images resolve finer differences.")
+    d = r["base_drop"]
+    head = (f"Resolution: one tuning image is {r['image_points']:.2f} points; {base} is {abs(d):.2f} points "
+            f"{'worse' if d > 0 else 'better'} than float on the tuning images, of the {r['allowed']:.2f} allowed")
+    k = r["max_discordant"]
+    if k is not None and k < 0:
+        return head + ", so no trial with its tuning error meets the target."
+    if k is None or k >= r["n"] - 1:
+        return head + ", so a trial with the same tuning error is accepted however many images it changes."
+    return (head + f", so a trial with the same tuning error is accepted only when at most {k} of the {r['n']} "
+            f"images go from right to wrong or back between it and {base} (the margin: {r['margin_z']:g} x the "
+            "standard error of that paired difference). More evaluation images resolve finer differences.")
 
 
 class SearchError(FixqError):

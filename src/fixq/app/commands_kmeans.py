@@ -120,7 +120,8 @@ def cmd_kmeans(args) -> int:
     md = (report_header(session, args=args) + f"\n## K-means clustered kernels (basis {args.base_bits}b + residuals "
           f"{args.residual_bits}b{' on ' + str(args.residual_data_bits) + '-bit data' if args.residual_data_bits else ''})\n\nTarget: top-1 error <= {res.target:.2f}% on {res.n_tune} tuning images "
           f"(accepted when the {acceptance_rule(opts.margin_z)}); errors below are on the other {res.n_test} images.\n\n"
-          f"{resolution_text(res.resolution, f'the all-{args.base_bits}-bit plan')}\n\n### Table 4 shape: layer `{res.table4['layer']}` "
+          + (f"{resolution_text(res.resolution, f'the all-{args.base_bits}-bit plan')}\n\n" if res.resolution else "")
+          + f"### Table 4 shape: layer `{res.table4['layer']}` "
           f"(N={res.table4['N']}, K={res.table4['K']}{others})\n\n{t4}\n\n{rec_s}.\n\nThe same layer at every candidate K "
           f"({args.residual_bits}-bit residuals; recovered = share of what plain <{args.residual_bits}b,8b> adds "
           f"over <{args.base_bits}b,8b> that K-means removes):\n\n{sweep_table(res)}\n\n"
