@@ -36,9 +36,13 @@ class DepthwiseNet(nn.Module):
         return self.fc(torch.flatten(z, 1))
 
 
-def make_graph(model, shape, seed=0):
+def make_graph(model, shape, seed=0, bn_dtype=torch.float32):
+    """``model`` with BatchNorm statistics measured on seeded random inputs, captured.
+    ``bn_dtype=torch.float64``: statistics measured in float64 (then float32 weights), so their
+    last bits do not depend on the CPU's vector width (tests/test_golden.py)."""
     torch.manual_seed(seed)
-    set_bn_stats(model, torch.randn(16, *shape))
+    set_bn_stats(model.to(bn_dtype), torch.randn(16, *shape).to(bn_dtype))
+    model.float()
     x = torch.randn(2, *shape)
     return capture(model, x)
 
