@@ -10,7 +10,7 @@ import torch
 from fixq.planning.plan_io import load_plan, plan_from_json
 from fixq.algorithms.calibrate import observe, plan_from
 from fixq.app.cli import main
-from fixq.algorithms.search import resolution, resolution_text
+from fixq.algorithms.acceptance import resolution, resolution_text
 from fixq.analysis.complexity import analyze
 from fixq.backends.engine import Engine
 from fixq.algorithms.kmeans import KMeansError, check_K, cluster_kernels, kmeans_layer, layer_savings

@@ -12,7 +12,7 @@ from fixq.planning.plan_io import load_plan
 from fixq.algorithms.calibrate import observe, plan_from
 from fixq.app.cli import main
 from fixq.analysis.complexity import analyze
-from fixq.algorithms.search import resolution, resolution_text
+from fixq.algorithms.acceptance import resolution, resolution_text
 from fixq.backends.engine import Engine
 from fixq.algorithms.mixed import (MixedError, Trial, eligible_layers, filter_bits, filter_energies, low_precision_mask,
                                    tune_threshold)

@@ -6,7 +6,7 @@ import math
 import torch
 
 from fixq.algorithms.mixed import Trial, tune_threshold
-from fixq.algorithms.search import accepts, paired_drop, resolution, resolution_text
+from fixq.algorithms.acceptance import accepts, paired_drop, resolution, resolution_text
 
 
 def _case(n, b, c, n_float_wrong=100):

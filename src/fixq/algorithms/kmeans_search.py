@@ -45,7 +45,7 @@ class KMeansOptions:
     sensitivity_size: int = 256
     restarts: int = 4
     seed: int = 0
-    margin_z: float = 1.0  # acceptance margin in standard errors (fixq.algorithms.search)
+    margin_z: float = 1.0  # acceptance margin in standard errors (fixq.algorithms.acceptance)
     table4_others: str = "quant"    # Table 4's other layers: quant (the base plan) or flp (the paper's Table 4)
     residual_data_bits: int | None = None  # <4b,4b>: the residuals read their own data format (None: 8-bit x)
 
@@ -87,7 +87,7 @@ class KMeansResult:
     saved: int = -1                  # index in table6 of the plan saved (``plan``)
     codes_in_search: bool = False    # candidates and trials ran with learned residual codes (KMeansCodeBank)
     bias_guard: dict | None = None   # bias correction of the searched plan: tuning errors and whether kept
-    resolution: dict | None = None   # what the tuning images resolve (fixq.algorithms.search.resolution)
+    resolution: dict | None = None   # what the tuning images resolve (fixq.algorithms.acceptance.resolution)
 
 
 def kmeans_layers(graph: Graph, layers: str = "auto", exclude: str = "first,last") -> list[str]:

@@ -168,7 +168,7 @@ class Trial:
     rel_complexity_mmacs: float
     savings_pct: float            # vs <base,8b> everywhere
     low_filters_pct: float        # of all 2D filters of the eligible layers
-    meets_target: bool            # under the search's acceptance rule (fixq.algorithms.search)
+    meets_target: bool            # under the search's acceptance rule (fixq.algorithms.acceptance)
     drop_bound: float | None = None  # top-1 drop vs float + the noise margin (points)
 
     def to_json(self) -> dict:

@@ -39,7 +39,7 @@ class MixedOptions:
     min_delta: float = 0.005
     strategies: tuple[str, ...] = ("global", "per-layer")
     seed: int = 0
-    margin_z: float = 1.0               # acceptance margin in standard errors (fixq.algorithms.search)
+    margin_z: float = 1.0               # acceptance margin in standard errors (fixq.algorithms.acceptance)
 
     def __post_init__(self) -> None:
         if self.low_bits >= self.base_bits:
@@ -89,7 +89,7 @@ class MixedResult:
     codes_rows: list | None = None
     codes_in_search: bool = False     # trials ran with the learned low-bit codes (CodeBank)
     bias_guard: dict | None = None    # tuning top-1 of the tuned plan with / without bias correction
-    resolution: dict | None = None    # what the tuning images resolve (fixq.algorithms.search.resolution)
+    resolution: dict | None = None    # what the tuning images resolve (fixq.algorithms.acceptance.resolution)
 
     @property
     def saved(self) -> PlanScore:

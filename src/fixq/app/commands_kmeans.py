@@ -6,7 +6,7 @@ import json
 from fixq.algorithms.kmeans import layer_savings
 from fixq.algorithms.kmeans_search import KMeansOptions, search_kmeans
 from fixq.algorithms.learned_bank import kmeans_inputs_text
-from fixq.algorithms.search import acceptance_rule, resolution_text
+from fixq.algorithms.acceptance import acceptance_rule, resolution_text
 from fixq.analysis.report import markdown_table, write_json
 from fixq.util import distributed as dist
 from .common import (codes_markdown, common_report, prepare_out, report_header, rounding_options, say, say_paper,

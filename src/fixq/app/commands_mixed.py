@@ -5,7 +5,7 @@ import json
 
 from fixq.algorithms.learned_bank import inputs_text
 from fixq.algorithms.mixed_search import MixedOptions, search_mixed
-from fixq.algorithms.search import acceptance_rule, resolution_text
+from fixq.algorithms.acceptance import acceptance_rule, resolution_text
 from fixq.analysis.report import markdown_table, write_json
 from fixq.util import distributed as dist
 from .common import (codes_markdown, common_report, prepare_out, report_header, rounding_options, say, say_paper,
