@@ -14,8 +14,8 @@ from fixq.app.cli import main
 from fixq.analysis.complexity import analyze
 from fixq.algorithms.acceptance import resolution, resolution_text
 from fixq.backends.engine import Engine
-from fixq.algorithms.mixed import (MixedError, Trial, eligible_layers, filter_bits, filter_energies, low_precision_mask,
-                                   tune_threshold)
+from fixq.algorithms.mixed import (MixedError, Trial, eligible_layers, energies_from_grams, filter_bits, filter_energies,
+                                   filter_grams, low_precision_mask, tune_threshold)
 from fixq.planning.plan import LayerConfig, QuantConfig
 from fixq.backends.simulate import Simulator
 
@@ -59,6 +59,64 @@ def test_energies_equal_brute_force():
     torch.testing.assert_close(E["b"], brute_energy(m.b, h), rtol=1e-6, atol=1e-9)
     want_fc = (m.fc.weight.detach().double() ** 2) * (flat.double() ** 2).sum(dim=0)
     torch.testing.assert_close(E["fc"], want_fc, rtol=1e-6, atol=1e-9)
+
+
+def test_noise_energy_of_a_coefficient_change_equals_brute_force():
+    """``energies_from_grams`` with a weight change dW: the energy of dW's partial maps (the noise a
+    filter's low-bit codes add, --order noise); layers without a change keep their own energy."""
+    torch.manual_seed(0)
+    m = Small().eval()
+    g = make_graph(m, (4, 8, 8))
+    x = torch.randn(5, 4, 8, 8)
+    grams = filter_grams(g, [x], show_progress=False)
+    change = nn.Conv2d(4, 6, 3, stride=2, padding=1)
+    with torch.no_grad():
+        change.weight.copy_(torch.randn_like(m.a.weight) * 1e-2)
+    N = energies_from_grams(g, grams, {"a": change.weight.detach()})
+    torch.testing.assert_close(N["a"], brute_energy(change, x), rtol=1e-9, atol=0)
+    assert torch.equal(N["b"], energies_from_grams(g, grams)["b"])
+    assert not torch.allclose(N["a"], energies_from_grams(g, grams)["a"])
+
+
+@pytest.mark.parametrize("order", ["noise", "energy"])
+def test_order_noise_takes_the_filters_that_add_least_noise_first(order, digits_dir, monkeypatch):
+    """--order noise (the default): every trial's low filters are chosen on each 2D
+    filter's noise energy ``dW^T R dW``, dW the change from the all-base plan's coefficients to the
+    all-low plan's (the learned bank's codes included), so the tuned plan's low filters add less
+    noise than its base ones. --order energy with the same learned codes: the filters' energies."""
+    from fixq.algorithms import mixed_search
+    from fixq.algorithms.learned import RoundingOptions
+    from fixq.algorithms.pipeline import open_session
+    from fixq.planning.coeffs import layer_values
+    s = open_session("lenet-digits", str(digits_dir), str(digits_dir), calib_size=48, eval_size=120, batch_size=32,
+                     workers=0, show_progress=False)
+    keys, orig = [], mixed_search.filter_bits
+    monkeypatch.setattr(mixed_search, "filter_bits", lambda E, f, *a: (keys.append(E), orig(E, f, *a))[1])
+    opts = mixed_search.MixedOptions(low_bits=2, exclude="none", trials=4, target_drop=5.0, strategies=("global",),
+                                     order=order)
+    res = mixed_search.search_mixed(s, QuantConfig(), opts, RoundingOptions(iters=30, samples=2048, batch=256))
+    assert res.order == order and mixed_search.MixedOptions().order == "noise"
+    g, lo, hi = s.graph, res.aggressive.plan, res.conservative.plan
+    assert any(lp.codes is not None for lp in lo.layers.values())  # bank codes are part of dW
+    cal = s.calib_stream  # the probe: the first calibration images
+    grams = filter_grams(g, cal.subset(range(min(opts.probe_size, len(cal))), batch_size=32), show_progress=False)
+    dW = {k: layer_values(g.node(k), lo.layers[k], lo.rounding) - layer_values(g.node(k), hi.layers[k], hi.rounding)
+          for k in keys[0]}
+    N, E = energies_from_grams(g, grams, dW), energies_from_grams(g, grams)
+    want = N if res.order == "noise" else E
+    assert keys and all(set(k) == set(want) for k in keys)
+    for k in want:
+        assert all(torch.equal(key[k], keys[0][k]) for key in keys)
+        torch.testing.assert_close(keys[0][k], want[k], rtol=1e-9, atol=0)
+    assert any(not torch.equal(torch.argsort(N[k].flatten(), stable=True), torch.argsort(E[k].flatten(), stable=True))
+               for k in N)  # the two orders differ here
+    partly = 0
+    for k, lp in res.tuned.plan.layers.items():
+        low = lp.weight.bits().reshape(want[k].shape) < 8 if k in want else None
+        if low is not None and low.any() and (~low).any():
+            assert want[k][low].max() <= want[k][~low].min()
+            partly += 1
+    assert partly >= 1  # some layer is partly low: the order decided which filters
 
 
 def test_threshold_rule_hand_example():
@@ -170,6 +228,9 @@ def test_bad_layers_and_empty_probe():
         eligible_layers(g, "first,nope")
     with pytest.raises(MixedError, match="probe set is empty"):
         filter_energies(g, [torch.zeros(0, 3, 16, 16)], show_progress=False)
+    from fixq.algorithms.mixed_search import MixedOptions
+    with pytest.raises(MixedError, match="--order is 'noise' or 'energy', got 'bad'"):
+        MixedOptions(order="bad")
 
 
 def _mixed(capsys, digits_dir, out, *extra):
@@ -187,6 +248,7 @@ def test_cli_mixed_meets_target_on_tuning_images(capsys, tmp_path, digits_dir):
     assert code == 0, cap.err
     rep = json.loads((tmp_path / "m" / "report.json").read_text())
     assert {"float", "quant", "complexity", "low_precision_filters_pct", "trials"} <= set(rep)
+    assert rep["order"] == "noise" and "add the least noise energy go low first" in (tmp_path / "m" / "report.md").read_text()
     best = [t for t in rep["trials"] if t["strategy"] == rep["strategy"] and t["meets_target"]]
     assert best and all(t["top1_error"] <= rep["target"]["top1_error"] for t in best)
     assert rep["complexity"]["savings_pct"] == max(t["savings_pct"] for t in best)

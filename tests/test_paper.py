@@ -165,6 +165,7 @@ def test_cli_mixed_paper_keeps_fc_layers_whole(capsys, tmp_path, digits_dir):
     assert main(argv) == 0, capsys.readouterr().err
     rep = json.loads((tmp_path / "m" / "report.json").read_text())
     assert "first and last layers kept at base bits (§5, Table 3)" in rep["paper"]["used"]
+    assert rep["order"] == "energy" and "lowest-energy 2D filters low first (§5)" in rep["paper"]["used"]
     plan = load_plan(tmp_path / "m" / "plan.json")
     assert plan.layers["fc1"].weight.granularity == "4D" and plan.layers["fc1"].weight.T == 8
     names = list(plan.layers)  # §5: the first and the last layer stay at base bits, whatever the search did
@@ -218,6 +219,20 @@ def test_paper_residual_data_formats_are_eq6_at_4_bits():
         d = plan.layers[name].kmeans.data
         assert (d.T, d.signed, d.granularity) == (4, True, "4D"), name
         assert d.F == (_eq6(m, 4),) and plan.tensors[q].F == (_eq6(m, 8),), (name, m)
+
+
+def test_mixed_order_noise_by_default_energy_under_paper():
+    """--order: noise by default, the paper's energy order under --paper unless given explicitly."""
+    from fixq.app.parser import build_parser
+    base = ["mixed", "--model", "m", "--calib", "c", "--eval", "e", "--out", "o"]
+    assert build_parser().parse_args(base).order == "noise"
+    a = argparse.Namespace(order="noise", paper=True)
+    assert apply_paper(a, "mixed", set())["used"] == ["lowest-energy 2D filters low first (§5)"] and a.order == "energy"
+    a = argparse.Namespace(order="noise", paper=True)
+    assert apply_paper(a, "mixed", {"order"})["departures"] == ["--order noise"] and a.order == "noise"
+    a = argparse.Namespace(order="noise", paper=True)
+    apply_paper(a, "kmeans", set())
+    assert a.order == "noise"  # kmeans has no order
 
 
 def test_kmeans_paper_excludes_the_first_layer(capsys, tmp_path, digits_dir):

@@ -84,3 +84,19 @@ def test_bank_inputs_option_reaches_the_searches_only():
         p.parse_args(["quantize", *base, "--bank-inputs", "base"])
     with pytest.raises(PlanError, match="bank_inputs"):
         RoundingOptions(bank_inputs="float")
+
+
+@pytest.mark.parametrize("flags,want", [([], "noise"), (["--order", "noise"], "noise"), (["--order", "energy"], "energy"),
+                                        (["--paper"], "energy"), (["--paper", "--order", "noise"], "noise")])
+def test_mixed_order_option_reaches_the_search(flags, want, digits_dir, tmp_path, monkeypatch):
+    """fixq mixed hands --order to its search (noise by default; the paper's energy order under --paper
+    unless --order is given)."""
+    seen = []
+
+    def fake(session, config, opts, codes):
+        seen.append(opts.order)
+        raise PlanError("search reached")
+    monkeypatch.setattr(importlib.import_module("fixq.app.commands_mixed"), "search_mixed", fake)
+    argv = ["mixed", "--model", "lenet-digits", "--calib", str(digits_dir), "--calib-size", "32", "--eval",
+            str(digits_dir), "--eval-size", "64", "--out", str(tmp_path / "o"), "--quiet", *flags]
+    assert main(argv) != 0 and seen == [want]

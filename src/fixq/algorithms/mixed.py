@@ -23,7 +23,7 @@ from fixq.errors import FixqError
 from fixq.graph.ir import FLOAT_RULES, Conv, Graph, Input, Linear, apply_act, pre_activation
 from fixq.util.progress import progress
 
-__all__ = ["MixedError", "filter_energies", "low_precision_mask", "filter_bits", "eligible_layers",
+__all__ = ["MixedError", "filter_grams", "energies_from_grams", "filter_energies", "low_precision_mask", "filter_bits", "eligible_layers",
            "Trial", "TuneResult", "tune_threshold", "layer_thresholds"]
 
 
@@ -43,9 +43,10 @@ def _gram(n, x: torch.Tensor) -> torch.Tensor:
     return torch.einsum("bckl,bcml->ckm", cols, cols)
 
 
-def _energy_from_gram(n, R: torch.Tensor) -> torch.Tensor:
-    """``E[i, j] = w_ij^T R_j w_ij`` for kernel i's input channels j (its group's)."""
-    w = n.weight.detach().double().to(R.device)
+def _energy_from_gram(n, R: torch.Tensor, w: torch.Tensor | None = None) -> torch.Tensor:
+    """``E[i, j] = w_ij^T R_j w_ij`` for kernel i's input channels j (its group's); ``w``
+    (weight shape) instead of the layer's weights, e.g. a coefficient change."""
+    w = (n.weight.detach() if w is None else w).double().to(R.device)
     N, Mg = w.shape[:2]
     w = w.reshape(N, Mg, -1)
     groups = n.groups if isinstance(n, Conv) else 1
@@ -54,14 +55,14 @@ def _energy_from_gram(n, R: torch.Tensor) -> torch.Tensor:
 
 
 @torch.no_grad()
-def filter_energies(graph: Graph, loader, layers=None, device="cpu", show_progress: bool = True) -> dict:
-    """Energy of every 2D filter of ``layers`` (default: all conv/linear) over the probe
-    images ``loader`` yields (``(images, labels)`` or images). Returns ``{layer: (N, M/groups)}``
-    float64 tensors.
+def filter_grams(graph: Graph, loader, layers=None, device="cpu", show_progress: bool = True) -> dict:
+    """``R_j`` of every input channel of ``layers`` (default: all conv/linear) over the probe
+    images ``loader`` yields (``(images, labels)`` or images), float activations. Returns
+    ``{layer: (C, kh*kw, kh*kw)}`` float64 tensors.
 
-    >>> E = filter_energies(graph, [torch.randn(4, 1, 8, 8)])     # doctest: +SKIP
-    >>> E["conv1"].shape                                          # doctest: +SKIP
-    torch.Size([6, 1])
+    >>> R = filter_grams(graph, [torch.randn(4, 1, 8, 8)])        # doctest: +SKIP
+    >>> R["conv1"].shape                                          # 1 input channel, 5x5 kernel  # doctest: +SKIP
+    torch.Size([1, 25, 25])
     """
     wanted = {n.name for n in graph.layers()} if layers is None else set(layers)
     stream = as_stream(loader)
@@ -94,7 +95,32 @@ def filter_energies(graph: Graph, loader, layers=None, device="cpu", show_progre
         for name, R in out.items():
             R = R.to(device)
             grams[name] = R if name not in grams else grams[name] + R
-    return {n.name: _energy_from_gram(n, grams[n.name]).cpu() for n in graph.layers() if n.name in grams}
+    return grams
+
+
+def energies_from_grams(graph: Graph, grams: dict, weights: dict | None = None) -> dict:
+    """``{layer: (N, M/groups)}`` energies ``w_ij^T R_j w_ij`` of the layers in ``grams``; with
+    ``weights`` (``{layer: tensor of the weight's shape}``) those tensors instead of the layers'
+    weights: ``weights = {l: W_low - W_base}`` gives each 2D filter's added noise energy.
+
+    >>> energies_from_grams(graph, grams, {"conv1": dw})["conv1"].shape   # doctest: +SKIP
+    torch.Size([6, 1])
+    """
+    weights = weights or {}
+    return {n.name: _energy_from_gram(n, grams[n.name], weights.get(n.name)).cpu() for n in graph.layers()
+            if n.name in grams}
+
+
+def filter_energies(graph: Graph, loader, layers=None, device="cpu", show_progress: bool = True) -> dict:
+    """Energy of every 2D filter of ``layers`` (default: all conv/linear) over the probe
+    images ``loader`` yields (``(images, labels)`` or images). Returns ``{layer: (N, M/groups)}``
+    float64 tensors.
+
+    >>> E = filter_energies(graph, [torch.randn(4, 1, 8, 8)])     # doctest: +SKIP
+    >>> E["conv1"].shape                                          # doctest: +SKIP
+    torch.Size([6, 1])
+    """
+    return energies_from_grams(graph, filter_grams(graph, loader, layers, device, show_progress))
 
 
 def low_precision_mask(E: torch.Tensor, f: float) -> torch.Tensor:

@@ -13,10 +13,11 @@ from dataclasses import dataclass, field
 import torch
 
 from fixq.graph.ir import Linear
+from fixq.planning.coeffs import layer_values
 from fixq.planning.plan import QuantConfig, QuantPlan
 from .learned_bank import CodeBank, guarded_bias_correction
-from .mixed import (MixedError, Trial, TuneResult, eligible_layers, filter_bits, filter_energies, layer_thresholds,
-                    tune_threshold)
+from .mixed import (MixedError, Trial, TuneResult, eligible_layers, energies_from_grams, filter_bits, filter_grams,
+                    layer_thresholds, tune_threshold)
 from .pipeline import Session
 from .search import PlanBench, base_config, resolve_target
 
@@ -40,6 +41,7 @@ class MixedOptions:
     strategies: tuple[str, ...] = ("global", "per-layer")
     seed: int = 0
     margin_z: float = 1.0               # acceptance margin in standard errors (fixq.algorithms.acceptance)
+    order: str = "noise"                # which filters go low first: "noise" (DESIGN §8) or "energy" (the paper)
 
     def __post_init__(self) -> None:
         if self.low_bits >= self.base_bits:
@@ -50,6 +52,8 @@ class MixedOptions:
             raise MixedError("need 0 < f0 <= 1 and 0 < min_delta <= delta <= 1")
         if self.trials < 2:
             raise MixedError("--trials must be at least 2 (f = 0 and one threshold)")
+        if self.order not in ("noise", "energy"):
+            raise MixedError(f"--order is 'noise' or 'energy', got {self.order!r}")
         bad = set(self.strategies) - {"global", "per-layer"}
         if bad or not self.strategies:
             raise MixedError(f"strategies are 'global' and 'per-layer', got {sorted(bad) or 'none'}")
@@ -90,6 +94,7 @@ class MixedResult:
     codes_in_search: bool = False     # trials ran with the learned low-bit codes (CodeBank)
     bias_guard: dict | None = None    # tuning top-1 of the tuned plan with / without bias correction
     resolution: dict | None = None    # what the tuning images resolve (fixq.algorithms.acceptance.resolution)
+    order: str = "noise"              # the order the trials used
 
     @property
     def saved(self) -> PlanScore:
@@ -133,19 +138,31 @@ def search_mixed(session: Session, config: QuantConfig, opts: MixedOptions, code
     if len(cal) == 0:
         raise MixedError("the probe set is empty: no calibration images were loaded")
     probe = cal.subset(range(min(opts.probe_size, len(cal))), batch_size=32)  # the first calibration images
-    energies = filter_energies(g, probe, names, session.device, session.show_progress)
+    grams = filter_grams(g, probe, names, session.device, session.show_progress)
+    energies = energies_from_grams(g, grams)
     t_energy = time.time() - t0
+    aggressive_bits = {n: torch.full(tuple(energies[n].shape), opts.low_bits, dtype=torch.int64) for n in names}
 
     bank, t_bank = None, time.time()
     if codes is not None and codes.learned:
-        low = {n: torch.full(tuple(energies[n].shape), opts.low_bits, dtype=torch.int64) for n in names}
-        bank = CodeBank(g, bench.plan(filter_bits=low), bench.base_plan, cal.tensor(), codes, names, session.device,
-                        session.show_progress)
+        bank = CodeBank(g, bench.plan(filter_bits=aggressive_bits), bench.base_plan, cal.tensor(), codes, names,
+                        session.device, session.show_progress)
     t_bank = time.time() - t_bank
 
     def make_plan(bits: dict) -> QuantPlan:
         plan = bench.plan(filter_bits=bits)
         return plan if bank is None else bank.apply(plan)
+
+    order = opts.order
+    if order == "noise":  # rank filters by the noise energy their low-bit codes add (bank codes included)
+        t_noise = time.time()
+        low_plan = make_plan(aggressive_bits)
+        base = bench.base_plan
+        deltas = {n: layer_values(g.node(n), low_plan.layers[n], low_plan.rounding)
+                  - layer_values(g.node(n), base.layers[n], base.rounding) for n in names}
+        energies = energies_from_grams(g, grams, deltas)
+        t_energy += time.time() - t_noise
+    del grams
 
     def trial_for(strategy, fmap):
         def run(f: float) -> Trial:
@@ -161,9 +178,8 @@ def search_mixed(session: Session, config: QuantConfig, opts: MixedOptions, code
     fmaps = {"global": lambda f: f}
     if "per-layer" in opts.strategies:
         m = opts.sensitivity_size
-        got = bench.measure_many({name: (lambda name=name: make_plan({name: torch.full(
-            tuple(energies[name].shape), opts.low_bits, dtype=torch.int64)})) for name in names}, "tune", m,
-            base=True, desc="layer sensitivity")
+        got = bench.measure_many({name: (lambda name=name: make_plan({name: aggressive_bits[name]})) for name in names},
+                                 "tune", m, base=True, desc="layer sensitivity")
         base_err, _, base_logits = bench.measure(bench.base_plan, "tune", m)  # kept by the first base pass
         for name in names:
             err, _, logits = got[name]  # one simulation gives all three (same plan, same images)
@@ -194,7 +210,6 @@ def search_mixed(session: Session, config: QuantConfig, opts: MixedOptions, code
     thresholds = fmaps[strategy](best.f)
     thresholds = {n: thresholds for n in names} if not isinstance(thresholds, dict) else thresholds
     tuned_bits = filter_bits(energies, thresholds, opts.base_bits, opts.low_bits)
-    aggressive_bits = {n: torch.full(tuple(energies[n].shape), opts.low_bits, dtype=torch.int64) for n in names}
     cons = score(f"Conservative (all {opts.base_bits}b)", {})
     banked = "" if bank is None else ", learned low-bit codes"
     tuned = score(f"Tuned ({strategy}, f={best.f:.4g}{banked})", tuned_bits)
@@ -212,4 +227,4 @@ def search_mixed(session: Session, config: QuantConfig, opts: MixedOptions, code
                        tuning, sensitivity, thresholds,
                        {"energies_s": t_energy, "sensitivity_s": t_sens, "tuning_s": t_tune, "codes_s": t_codes,
                         "total_s": time.time() - t0}, learned, rows, bank is not None and bool(bank.codes), bias_guard,
-                       resolution)
+                       resolution, order)

@@ -14,6 +14,14 @@ from .common import (codes_markdown, common_report, prepare_out, report_header, 
 __all__ = ["cmd_mixed", "table3"]
 
 
+_ORDER_TEXT = {
+    "energy": "In each layer the filters of lowest energy go low first (the paper; f: their share of the layer's "
+              "energy).",
+    "noise": "In each layer the filters whose low-bit codes add the least noise energy go low first (--order noise, "
+             "the default; f: their share of the noise the layer adds with every filter low).",
+}
+
+
 def table3(res) -> str:
     """The paper's Table 3 shape: Conservative, tuned and Aggressive plans on the test images."""
     rows = [["<flp,flp>", res.float_top1_test, res.float_top5_test, "-", "-", "-"]]
@@ -37,7 +45,7 @@ def cmd_mixed(args) -> int:
                         sensitivity_size=args.sensitivity_size, exclude=args.exclude, trials=args.trials,
                         strategies=("global", "per-layer") if args.strategy == "both" else (args.strategy,),
                         seed=args.seed, f0=args.f0, delta=args.delta,
-                        margin_z=args.margin_z)
+                        margin_z=args.margin_z, order=args.order)
     config = search_config(args)
     codes = rounding_options(args)
     out = prepare_out(args.out)
@@ -62,7 +70,7 @@ def cmd_mixed(args) -> int:
                          "measured_on": f"{res.n_tune} tuning images (disjoint from the {res.n_test} test images)",
                          "acceptance": acceptance_rule(opts.margin_z), "margin_z": opts.margin_z,
                          "resolution": res.resolution},
-              "strategy": res.strategy,
+              "strategy": res.strategy, "order": res.order,
               "strategies": {s: {"best_f": None if r.best is None else r.best.f,
                                  "best_tune_top1_error": None if r.best is None else r.best.top1_error,
                                  "best_savings_pct": None if r.best is None else r.best.savings_pct,
@@ -87,7 +95,8 @@ def cmd_mixed(args) -> int:
           f"Target: top-1 error <= {res.target:.2f}% on {res.n_tune} tuning images (accepted when the "
           f"{acceptance_rule(opts.margin_z)}); reported below on the other "
           f"{res.n_test} evaluation images. The plan was produced by the **{res.strategy}** threshold strategy"
-          f"{' (better than ' + ', '.join(other) + ' at this target)' if other else ''}. {cmp}.\n\n"
+          f"{' (better than ' + ', '.join(other) + ' at this target)' if other else ''}. {cmp}. "
+          f"{_ORDER_TEXT[res.order]}\n\n"
           f"{resolution_text(res.resolution, f'the all-{opts.base_bits}-bit plan')}\n\n" + t3 +
           "\n\n## Trials\n\n" + _trials_table(res) +
           f"\n\nWall time: energies {res.seconds['energies_s']:.1f} s, sensitivity {res.seconds['sensitivity_s']:.1f} s, "

@@ -16,6 +16,7 @@ bias_bits               8                          Table 3: "all biases are in 8
 learned_rounding        off                        eq. 4: every coefficient rounded (``round``)
 fc_mode                 4D                         §3: "Fully connected layers are only treated as 4D"
 exclude (mixed)         first,last                 §5 / Table 3: layers 1 and 18 stay <8b,8b>
+order (mixed)           energy                     §5: the lowest-energy 2D filters go low first
 exclude (kmeans)        first                      §6 / Table 6: every layer but layer 1 clustered
 table4_others (kmeans)  flp                        Table 4: "all other layers are kept in <flp,flp>"
 ======================  =========================  ==============================================
@@ -53,6 +54,7 @@ PAPER_CHOICES: dict[str, tuple[object, str]] = {
 _EXCLUDE = {"mixed": ("first,last", "first and last layers kept at base bits (§5, Table 3)"),
             "kmeans": ("first", "first layer not clustered (§6, Table 6)")}
 _TABLE4 = ("flp", "Table 4 with every other layer in floating point")
+_ORDER = ("energy", "lowest-energy 2D filters low first (§5)")
 
 
 def _choices(command: str) -> dict:
@@ -61,6 +63,8 @@ def _choices(command: str) -> dict:
         out["exclude"] = _EXCLUDE[command]
     if command == "kmeans":
         out["table4_others"] = _TABLE4
+    if command == "mixed":
+        out["order"] = _ORDER
     return out
 
 

@@ -240,9 +240,14 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--tune-size", type=int, help="evaluation images used for tuning (default half); the rest report")
     g.add_argument("--sensitivity-size", type=int, default=256, help="tuning images for per-layer sensitivity")
     g.add_argument("--strategy", default="both", choices=["both", "global", "per-layer"],
-                   help="one energy threshold for all layers, one scaled per layer by sensitivity, or both")
-    g.add_argument("--f0", type=float, default=0.05, help="first energy threshold tried")
+                   help="one threshold f for all layers, one scaled per layer by sensitivity, or both")
+    g.add_argument("--f0", type=float, default=0.05, help="first threshold f tried (a share of energy or noise: "
+                                                          "--order)")
     g.add_argument("--delta", type=float, default=0.05, help="first threshold step")
+    g.add_argument("--order", default="noise", choices=["noise", "energy"],
+                   help="which 2D filters of a layer go low first: those whose low-bit codes add the least noise "
+                        "energy (default), or those of lowest energy (the paper; --paper); f is the share of that "
+                        "quantity")
     _add_search_quant(g)
     _add_codes(p, search=True)
     _add_output(p)
