@@ -153,8 +153,8 @@ def search_mixed(session: Session, config: QuantConfig, opts: MixedOptions, code
         plan = bench.plan(filter_bits=bits)
         return plan if bank is None else bank.apply(plan)
 
-    order = opts.order
-    if order == "noise":  # rank filters by the noise energy their low-bit codes add (bank codes included)
+    low_plan = None  # the all-low plan, made once when the order needs it (the Aggressive row reuses it)
+    if opts.order == "noise":  # rank filters by the noise energy their low-bit codes add (bank codes included)
         t_noise = time.time()
         low_plan = make_plan(aggressive_bits)
         base = bench.base_plan
@@ -213,7 +213,7 @@ def search_mixed(session: Session, config: QuantConfig, opts: MixedOptions, code
     cons = score(f"Conservative (all {opts.base_bits}b)", {})
     banked = "" if bank is None else ", learned low-bit codes"
     tuned = score(f"Tuned ({strategy}, f={best.f:.4g}{banked})", tuned_bits)
-    aggr = score(f"Aggressive (eligible layers {opts.low_bits}b{banked})", aggressive_bits)
+    aggr = score(f"Aggressive (eligible layers {opts.low_bits}b{banked})", aggressive_bits, low_plan)
     learned, bias_guard, t_codes = None, None, time.time()
     rows = None if bank is None else bank.report(tuned.plan)  # what the saved plan holds, per layer
     if codes is not None and codes.bias_correction:  # the tuned plan's codes kept: only the biases change
@@ -227,4 +227,4 @@ def search_mixed(session: Session, config: QuantConfig, opts: MixedOptions, code
                        tuning, sensitivity, thresholds,
                        {"energies_s": t_energy, "sensitivity_s": t_sens, "tuning_s": t_tune, "codes_s": t_codes,
                         "total_s": time.time() - t0}, learned, rows, bank is not None and bool(bank.codes), bias_guard,
-                       resolution, order)
+                       resolution, opts.order)
